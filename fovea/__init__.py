@@ -1,0 +1,1 @@
+"""fovea: serve and train vision-language models."""
