@@ -1,1 +1,23 @@
-"""fovea: serve and train vision-language models."""
+"""fovea: serve and train vision-language models.
+
+    from fovea import LLM, SamplingParams
+"""
+import importlib
+
+_EXPORTS = {
+    "LLM": "fovea.engine.llm",
+    "SamplingParams": "fovea.sampling_params",
+    "RequestOutput": "fovea.outputs",
+    "CompletionOutput": "fovea.outputs",
+    "Logprob": "fovea.outputs",
+}
+
+
+def __getattr__(name: str):
+    # imported on first use, so `import fovea.layers...` does not pull in torch-heavy engine modules
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'fovea' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

@@ -1,0 +1,90 @@
+"""EngineConfig: every engine option in one validated dataclass.
+
+`LLM(model=..., **options)` builds it; an unknown option is an error that lists the valid names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    """Directory written by `save_pretrained` (config.json, *.safetensors, tokenizer, processor config)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to `model`."""
+    dtype: str = "auto"
+    """Weights and activations: "auto" (the checkpoint's torch_dtype, float16 promoted to bfloat16 on CPU),
+    "float32", "bfloat16" or "float16"."""
+    max_model_len: int | None = None
+    """Longest prompt + output; defaults to the language model's max_position_embeddings."""
+    max_num_seqs: int = 128
+    """Most requests in one running batch."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step; defaults to 2048 with chunked prefill, else max_model_len."""
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    kv_cache_memory_bytes: int | None = None
+    """Memory for the KV cache. None: sized from `memory_utilization` after a worst-case profiling pass."""
+    memory_utilization: float = 0.5
+    """Fraction of the machine's available memory (after weights and the profiled peak) given to the KV cache."""
+    num_kv_blocks: int | None = None
+    """Exact number of KV blocks (overrides the memory sizing; useful to force preemption in tests)."""
+    limit_mm_per_prompt: dict[str, int] | None = None
+    """Most items of each modality in one prompt; defaults to the model's own limits."""
+    mm_processor_kwargs: dict[str, Any] | None = None
+    """Preprocessing options for every request (a request's own `mm_processor_kwargs` override them)."""
+    max_num_encoder_input_tokens: int | None = None
+    """Encoder budget of one step, in encoder output tokens; defaults to max(max_num_batched_tokens, largest item)."""
+    encoder_cache_size: int | None = None
+    """Encoder outputs kept, in tokens; defaults to the encoder budget."""
+    seed: int = 0
+    """Seed of the global RNG used by unseeded random sampling."""
+    num_threads: int | None = None
+    """torch intra-op threads; None leaves torch's default."""
+
+    def __post_init__(self) -> None:
+        path = Path(self.model)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model={self.model!r}: no config.json there; pass a directory written by save_pretrained")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
+        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks",
+                     "max_num_encoder_input_tokens", "encoder_cache_size", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive integer or None")
+        for name in ("max_num_seqs", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not 0.0 < self.memory_utilization <= 1.0:
+            raise ValueError(f"memory_utilization={self.memory_utilization!r} must be in (0, 1]")
+        if self.limit_mm_per_prompt is not None:
+            for modality, count in self.limit_mm_per_prompt.items():
+                if not isinstance(count, int) or count < 0:
+                    raise ValueError(f"limit_mm_per_prompt[{modality!r}]={count!r} must be an integer >= 0")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> "EngineConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(names))}")
+        return cls(model=str(model), **kwargs)
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    def read_json(self, name: str) -> dict | None:
+        path = Path(self.model) / name
+        return json.loads(path.read_text()) if path.is_file() else None
