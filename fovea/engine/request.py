@@ -72,6 +72,8 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
+        # prefix-cache hashes of the full blocks of all_token_ids, extended incrementally by the KV cache manager
+        self.block_hashes: list[bytes] = []
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,0 +1,433 @@
+"""Token-budget scheduler in the style of vLLM v1: no prefill or decode phases.
+
+Every step each request's `num_computed_tokens` catches up with its `num_tokens` (prompt + outputs so far)
+as far as the budgets allow; a prompt chunk, a decode step and a prefix-cache hit are the same mechanism.
+
+One step:  out = scheduler.schedule();  sampled = runner.run(out);  scheduler.update_from_output(out, sampled)
+
+- Running requests go first, in admission order. When the KV pool is short, the most recently admitted
+  running request is preempted (blocks and encoder references freed, `num_computed_tokens = 0`, front of the
+  waiting queue) and later resumes by recomputing prompt + outputs ("recompute" preemption; the prefix cache
+  may cover part of it). A step that preempted admits no one.
+- Waiting requests are then admitted first-come first-served while the token budget, `max_num_seqs` and the
+  pool allow; the first that does not fit stops admission (no overtaking).
+- A multimodal item is encoded whole, once, in the step whose chunk first overlaps its placeholders; it is
+  charged to the step's encoder budget and to the encoder cache, and the chunk stops just before an item
+  that does not fit. Its output is released once the request has computed all of its placeholders.
+- Nothing is ever dropped: a request that could never fit the pool or the encoder limits is refused by
+  `add_request` (ValueError), because that is a configuration error, not a load problem.
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fovea.engine.encoder_cache import EncoderCacheManager
+from fovea.engine.kv_cache import KVCacheManager
+from fovea.engine.request import Request, RequestStatus
+
+
+@dataclass(slots=True, kw_only=True)
+class SchedulerConfig:
+    num_blocks: int  # KV blocks in the pool, including the reserved null block 0 (num_blocks - 1 usable)
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # running requests at once
+    max_num_batched_tokens: int = 2048  # tokens scheduled per step, over all requests
+    max_model_len: int = 2048  # prompt + outputs of one request
+    enable_chunked_prefill: bool = True  # False: a request's remaining tokens are scheduled in one step or not at all
+    enable_prefix_caching: bool = True
+    max_tokens_per_mm_item: int = 0  # the model's largest multimodal item in encoder tokens (0: text only)
+    # per-step encoder compute budget, in encoder tokens; None = max(max_num_batched_tokens, max_tokens_per_mm_item)
+    max_num_encoder_input_tokens: int | None = None
+    encoder_cache_size: int | None = None  # encoder outputs kept, in encoder tokens; None: as above
+
+    def __post_init__(self) -> None:
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be a positive int, got {value!r}")
+        for name in ("enable_chunked_prefill", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SchedulerConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.num_blocks < 2:
+            raise ValueError(f"SchedulerConfig.num_blocks must be >= 2 (block 0 is reserved), got {self.num_blocks}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"SchedulerConfig.max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) without chunked prefill, or a long prompt could never be scheduled"
+            )
+        if self.max_tokens_per_mm_item < 0:
+            raise ValueError(f"SchedulerConfig.max_tokens_per_mm_item must be >= 0, got {self.max_tokens_per_mm_item}")
+        default = max(self.max_num_batched_tokens, self.max_tokens_per_mm_item)
+        if self.max_num_encoder_input_tokens is None:
+            self.max_num_encoder_input_tokens = default
+        if self.encoder_cache_size is None:
+            self.encoder_cache_size = default
+        for name in ("max_num_encoder_input_tokens", "encoder_cache_size"):
+            if getattr(self, name) < self.max_tokens_per_mm_item:
+                raise ValueError(
+                    f"SchedulerConfig.{name} ({getattr(self, name)}) must be >= max_tokens_per_mm_item "
+                    f"({self.max_tokens_per_mm_item}), or the largest item could never be encoded"
+                )
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    # before this step: the runner computes all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
+    num_computed_tokens: int
+    num_new_tokens: int
+    block_ids: list[int]  # the request's whole block table after allocation
+    # indices into request.mm_features to encode this step, whole. Outputs are keyed by mm_hash: an item not
+    # listed here but overlapping the chunk is cached, or encoded this step for another request or item.
+    encoder_inputs: list[int]
+    is_new: bool  # first scheduled, or resumed after preemption: the runner (re)builds its per-request state
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # running requests first, then newly admitted
+    num_scheduled_tokens: int
+    preempted_request_ids: list[str]
+    finished_request_ids: list[str]  # finished or aborted since the last schedule(): drop their state
+    freed_mm_hashes: list[str]  # encoder outputs the runner may delete (before encoding this step's inputs)
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """One per request that got a token or finished in `update_from_output`."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    status: RequestStatus
+    stop_reason: int | str | None
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # since start
+    kv_cache_usage: float  # fraction of usable blocks in use
+    prefix_cache_queries: int  # tokens of admitted requests looked up, since start
+    prefix_cache_hits: int  # of those, tokens served from the cache
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.kv_cache_manager = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.encoder_cache_manager = EncoderCacheManager(config.encoder_cache_size)
+        self.requests: dict[str, Request] = {}  # unfinished ones
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order; the tail is preempted first
+        self.finished_request_ids: list[str] = []  # since the last schedule()
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError if it could never be served under this configuration."""
+        self._check_request(request)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def _check_request(self, request: Request) -> None:
+        cfg, rid = self.config, request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise ValueError(f"request {rid!r} has an empty prompt")
+        if num_prompt > cfg.max_model_len:
+            raise ValueError(f"request {rid!r}: {num_prompt} prompt tokens exceed max_model_len {cfg.max_model_len}")
+        # the last sampled token is never fed back, so the KV holds at most this many tokens
+        max_tokens = request.sampling_params.max_tokens
+        max_len = cfg.max_model_len if max_tokens is None else min(num_prompt + max_tokens, cfg.max_model_len)
+        max_kv_tokens = max(num_prompt, max_len - 1)
+        num_blocks = -(-max_kv_tokens // cfg.block_size)
+        if num_blocks > self.kv_cache_manager.num_usable_blocks:
+            raise ValueError(
+                f"request {rid!r} may need {num_blocks} KV blocks ({max_kv_tokens} tokens) but the pool has "
+                f"{self.kv_cache_manager.num_usable_blocks}; raise num_blocks or lower max_tokens / max_model_len"
+            )
+        encoder_limit = min(cfg.max_num_encoder_input_tokens, cfg.encoder_cache_size)
+        end, per_hash = 0, {}
+        for f in request.mm_features:
+            if f.offset < end or f.length < 1 or f.offset + f.length > num_prompt:
+                raise ValueError(f"request {rid!r}: multimodal placeholders must be sorted, disjoint and in the prompt")
+            end = f.offset + f.length
+            if f.num_encoder_tokens > encoder_limit:
+                raise ValueError(
+                    f"request {rid!r}: a {f.modality} item of {f.num_encoder_tokens} encoder tokens exceeds "
+                    f"max_num_encoder_input_tokens / encoder_cache_size ({encoder_limit})"
+                )
+            per_hash[f.mm_hash] = f.num_encoder_tokens
+        if not cfg.enable_chunked_prefill and sum(per_hash.values()) > encoder_limit:
+            raise ValueError(
+                f"request {rid!r}: without chunked prefill all its items ({sum(per_hash.values())} encoder tokens) "
+                f"are encoded in one step, over max_num_encoder_input_tokens / encoder_cache_size ({encoder_limit})"
+            )
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish requests from outside (abort, or a stop string found by the detokenizer). Unknown or already
+        finished ids are ignored. Their blocks and encoder references are freed now."""
+        if not status.is_finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status.name}")
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        was_running = False
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                was_running = True
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free_request(request)
+        if was_running:
+            self.running = [r for r in self.running if not r.is_finished]
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.encoder_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_request_ids.append(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        cfg, kv = self.config, self.kv_cache_manager
+        token_budget = cfg.max_num_batched_tokens
+        encoder_budget = cfg.max_num_encoder_input_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted_ids: list[str] = []
+
+        index = 0
+        while index < len(self.running) and token_budget > 0:
+            request = self.running[index]
+            num_remaining = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_remaining, token_budget)
+            num_new, to_encode, to_share = self._plan_encoder(
+                request, request.num_computed_tokens, num_new, encoder_budget
+            )
+            if num_new == 0 or (not cfg.enable_chunked_prefill and num_new < num_remaining):
+                index += 1
+                continue
+            while (new_blocks := kv.allocate_slots(request, num_new)) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            if new_blocks is None:
+                break
+            scheduled.append(self._commit(request, num_new, to_encode, to_share, is_new=False))
+            encoder_budget -= sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
+            token_budget -= num_new
+            index += 1
+
+        while not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < cfg.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_computed = kv.get_computed_blocks(request)
+            num_remaining = request.num_tokens - num_computed
+            num_new = min(num_remaining, token_budget)
+            if not cfg.enable_chunked_prefill and num_new < num_remaining:
+                break
+            num_new, to_encode, to_share = self._plan_encoder(request, num_computed, num_new, encoder_budget)
+            if (
+                num_new == 0
+                or (not cfg.enable_chunked_prefill and num_new < num_remaining)
+                or kv.allocate_slots(request, num_new, computed_blocks) is None
+            ):
+                self.encoder_cache_manager.free(request)  # references taken while planning
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_prompt_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_computed
+            self.running.append(request)
+            scheduled.append(self._commit(request, num_new, to_encode, to_share, is_new=True))
+            encoder_budget -= sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
+            token_budget -= num_new
+
+        finished_ids, self.finished_request_ids = self.finished_request_ids, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_scheduled_tokens=cfg.max_num_batched_tokens - token_budget,
+            preempted_request_ids=preempted_ids,
+            finished_request_ids=finished_ids,
+            freed_mm_hashes=self.encoder_cache_manager.get_freed_mm_hashes(),
+        )
+
+    def _plan_encoder(
+        self, request: Request, num_computed: int, num_new: int, encoder_budget: int
+    ) -> tuple[int, list[int], list[int]]:
+        """Which items the chunk [num_computed, num_computed + num_new) must encode, shrinking it before the
+        first item that does not fit. Returns (num_new, items to encode, items sharing an output encoded by
+        an earlier item of this chunk). Items already cached are referenced right away (as vLLM does), so a
+        preemption later in this step cannot free them under us."""
+        to_encode: list[int] = []
+        to_share: list[int] = []
+        if not request.mm_features:
+            return num_new, to_encode, to_share
+        encoder_cache = self.encoder_cache_manager
+        end = num_computed + num_new
+        planned_hashes: set[str] = set()
+        num_planned = 0
+        for idx, f in enumerate(request.mm_features):
+            if f.offset >= end:
+                break
+            if f.offset + f.length <= num_computed:
+                continue  # fully computed: its embeddings are in the KV cache already
+            if encoder_cache.check_and_update_cache(request, idx):
+                continue
+            if f.mm_hash in planned_hashes:
+                to_share.append(idx)
+                continue
+            if not encoder_cache.can_allocate(request, idx, encoder_budget - num_planned, num_planned):
+                return max(0, f.offset - num_computed), to_encode, to_share
+            to_encode.append(idx)
+            planned_hashes.add(f.mm_hash)
+            num_planned += f.num_encoder_tokens
+        return num_new, to_encode, to_share
+
+    def _commit(
+        self, request: Request, num_new: int, to_encode: list[int], to_share: list[int], is_new: bool
+    ) -> ScheduledRequest:
+        for idx in to_encode:
+            self.encoder_cache_manager.allocate(request, idx)
+        for idx in to_share:
+            self.encoder_cache_manager.check_and_update_cache(request, idx)
+        out = ScheduledRequest(
+            request=request,
+            num_computed_tokens=request.num_computed_tokens,
+            num_new_tokens=num_new,
+            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+            encoder_inputs=to_encode,
+            is_new=is_new,
+        )
+        request.num_computed_tokens += num_new  # as vLLM v1: the step is taken as done once scheduled
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.encoder_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]
+    ) -> list[RequestUpdate]:
+        """Take the runner's tokens for the step `scheduler_output` described (one call per schedule()).
+
+        Only requests whose chunk reached their last known token sample; entries for requests still in the
+        middle of their prompt are ignored.
+        """
+        updates: list[RequestUpdate] = []
+        any_finished = False
+        for scheduled in scheduler_output.scheduled:
+            request = scheduled.request
+            if request.is_finished:
+                continue  # finished from outside after schedule()
+            self._free_computed_encoder_inputs(request)
+            if request.num_computed_tokens < request.num_tokens:
+                continue
+            token_ids = sampled_token_ids.get(request.request_id)
+            if token_ids is None:
+                raise ValueError(f"no sampled token for request {request.request_id!r}, whose chunk ended its tokens")
+            new_token_ids = []
+            for token_id in token_ids:
+                request.append_output_token_ids(token_id)
+                new_token_ids.append(token_id)
+                if self._check_stop(request):
+                    break
+            if request.is_finished:
+                self._free_request(request)
+                any_finished = True
+            if new_token_ids or request.is_finished:
+                updates.append(
+                    RequestUpdate(
+                        request_id=request.request_id,
+                        new_token_ids=new_token_ids,
+                        finished=request.is_finished,
+                        status=request.status,
+                        stop_reason=request.stop_reason,
+                    )
+                )
+        if any_finished:
+            self.running = [r for r in self.running if not r.is_finished]
+        return updates
+
+    def _free_computed_encoder_inputs(self, request: Request) -> None:
+        encoder_cache = self.encoder_cache_manager
+        for idx in encoder_cache.get_cached_input_ids(request):
+            f = request.mm_features[idx]
+            if f.offset + f.length <= request.num_computed_tokens:
+                encoder_cache.free_encoder_input(request, idx)
+
+    def _check_stop(self, request: Request) -> bool:
+        """Stop checks after each appended token, in this order: max_tokens; EOS or a stop token id (only
+        once min_tokens are out); max_model_len. Sets status and stop_reason."""
+        params = request.sampling_params
+        num_output = request.num_output_tokens
+        if params.max_tokens is not None and num_output >= params.max_tokens:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        if num_output >= (params.min_tokens or 0):
+            last = request.output_token_ids[-1]
+            if not params.ignore_eos and request.eos_token_id is not None and last == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = None
+                return True
+            if params.stop_token_ids and last in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = last
+                return True
+        if request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    # ---- metrics ---------------------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_cache_manager.usage
+
+    def get_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            num_preemptions=self.num_preemptions,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
