@@ -1,0 +1,339 @@
+"""BLIP-2 (Li et al. 2023): a ViT, a Q-Former reading it through learned queries, and an OPT decoder.
+
+An image becomes `num_query_tokens` rows in the language model's input: ViT patches -> Q-Former
+(queries self-attend, cross-attend to the patches every `cross_attention_frequency` layers) ->
+`language_projection`. The prompt holds that many placeholder tokens (transformers' processor puts them
+before BOS) and `embed_input_ids` puts the rows there. Only the language model is paged; the encoders see
+whole images and use SDPA directly.
+
+Parameter names follow transformers' `Blip2ForConditionalGeneration`, so its checkpoints load as they are.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, PretrainedConfig
+
+from fovea.layers.activations import get_activation
+from fovea.layers.linear import copy_checked, set_weight_loader
+from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
+from fovea.models.opt import OPTForCausalLM
+from fovea.multimodal.registry import MULTIMODAL_REGISTRY
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- vision
+
+
+class BlipVisionEmbeddings(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        dim, patch = config.hidden_size, config.patch_size
+        num_patches = (config.image_size // patch) ** 2
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.patch_embedding = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, dim))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W]
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, P, D)
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding  # (B, 1 + P, D)
+
+
+def _load_qkv_bias(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
+    """BLIP's qkv bias is [q_bias, 0, v_bias]: keys get none (it would cancel in the softmax anyway).
+
+    transformers 5 saves it fused as `qkv.bias`; checkpoints written before store `q_bias` and `v_bias`.
+    """
+    dim = param.shape[0] // 3
+    if shard_id is None:
+        copy_checked(param.data, loaded)
+        return
+    start = 0 if shard_id == "q_bias" else 2 * dim
+    copy_checked(param.data[start:start + dim], loaded)
+    if shard_id == "q_bias":
+        param.data[dim:2 * dim].zero_()
+
+
+class BlipVisionAttention(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = dim // self.num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
+        if self.qkv.bias is not None:
+            set_weight_loader(self.qkv.bias, _load_qkv_bias, packed_shards=("q_bias", "v_bias"))
+        self.projection = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # (B, nh, T, hs)
+        return self.projection(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class BlipMLP(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = get_activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class BlipVisionLayer(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = BlipVisionAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = BlipMLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class BlipVisionEncoder(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(BlipVisionLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class BlipVisionModel(nn.Module):
+    def __init__(self, config: Blip2VisionConfig):
+        super().__init__()
+        self.embeddings = BlipVisionEmbeddings(config)
+        self.encoder = BlipVisionEncoder(config)
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 1 + P, D]
+        return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+
+
+# ---------------------------------------------------------------------------------------------- Q-Former
+
+
+class QFormerMultiHeadAttention(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool):
+        super().__init__()
+        dim = config.hidden_size
+        kv_dim = config.encoder_hidden_size if is_cross_attention else dim
+        self.num_heads = config.num_attention_heads
+        self.head_dim = dim // self.num_heads
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(kv_dim, dim)
+        self.value = nn.Linear(kv_dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x [B, Q, D] attends to context [B, T, kv_dim] (x itself for self-attention); no mask
+        batch, num_q, dim = x.shape
+        q = self.query(x).view(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, Q, hs)
+        k = self.key(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = self.value(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
+        return out.transpose(1, 2).reshape(batch, num_q, dim)
+
+
+class QFormerResidualOutput(nn.Module):
+    """dense, then post-norm with the residual: LayerNorm(dense(x) + residual)."""
+
+    def __init__(self, config: Blip2QFormerConfig, in_features: int):
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class QFormerAttention(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention)
+        self.output = QFormerResidualOutput(config, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.output(self.attention(x, x if context is None else context), x)
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = get_activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig, layer_idx: int):
+        super().__init__()
+        self.attention = QFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(config, is_cross_attention=True)
+        if config.use_qformer_text_input:
+            # the text branch's FFN: in the checkpoint, never run when generating (queries only)
+            self.intermediate = QFormerIntermediate(config)
+            self.output = QFormerResidualOutput(config, config.intermediate_size)
+        self.intermediate_query = QFormerIntermediate(config)
+        self.output_query = QFormerResidualOutput(config, config.intermediate_size)
+
+    def forward(self, queries: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        x = self.attention(queries)
+        if self.has_cross_attention:
+            x = self.crossattention(x, image_features)
+        return self.output_query(self.intermediate_query(x), x)
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_hidden_layers))
+
+
+class Blip2QFormerModel(nn.Module):
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = QFormerEncoder(config)
+
+    def forward(self, query_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        # query_embeds [B, Q, D], image_features [B, T, encoder_hidden_size] -> [B, Q, D]
+        x = self.layernorm(query_embeds)
+        for layer in self.encoder.layer:
+            x = layer(x, image_features)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------- glue
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    Blip2MultiModalProcessor, info=Blip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder
+)
+class Blip2ForConditionalGeneration(nn.Module):
+    supports_multimodal = True
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
+        "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias
+    }
+    # transformers keeps these in float32 whatever the model dtype; a runner casting the model should too
+    keep_in_fp32_modules = ("query_tokens", "qformer")
+
+    def __init__(self, config: Blip2Config):
+        super().__init__()
+        text_config = config.text_config
+        if text_config.model_type != "opt":
+            raise ValueError(f"fovea's BLIP-2 runs OPT language models, not {text_config.model_type!r}")
+        self.config = config
+        self.num_query_tokens = config.num_query_tokens
+        self.image_token_index = config.image_token_index
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_config.hidden_size)
+        self.language_model = OPTForCausalLM(text_config)
+        self.embed_dim = text_config.word_embed_proj_dim
+        if self.embed_dim > text_config.hidden_size:
+            raise ValueError(  # transformers' masked_scatter runs out of feature values and fails too
+                f"BLIP-2 needs word_embed_proj_dim <= hidden_size, got {self.embed_dim} > {text_config.hidden_size}"
+            )
+        if self.embed_dim != text_config.hidden_size:
+            logger.warning(
+                "BLIP-2 with word_embed_proj_dim %d != hidden_size %d: image rows are made as transformers makes "
+                "them (its masked_scatter refills the %d-wide embedding rows from the flattened %d-wide features)",
+                self.embed_dim, text_config.hidden_size, self.embed_dim, text_config.hidden_size,
+            )
+
+    def get_text_config(self) -> PretrainedConfig:
+        return self.config.text_config
+
+    def rename_checkpoint_weight(self, name: str) -> str | None:
+        prefix = "language_model."
+        if name.startswith(prefix):
+            inner = self.language_model.rename_checkpoint_weight(name[len(prefix):])
+            return None if inner is None else prefix + inner
+        return name
+
+    # ------------------------------------------------------------------ images
+
+    def _image_rows(self, projected: torch.Tensor) -> torch.Tensor:
+        """[B, Q, hidden] features -> [B, Q, embed_dim] rows for the LM's input embedding.
+
+        Equal widths (every released BLIP-2): unchanged. Otherwise transformers' masked_scatter fills the Q
+        placeholder rows with the first Q * embed_dim values of each image's flattened features; we do the same.
+        """
+        batch, num_q, hidden = projected.shape
+        if hidden == self.embed_dim:
+            return projected
+        return projected.reshape(batch, -1)[:, : num_q * self.embed_dim].reshape(batch, num_q, self.embed_dim)
+
+    def _encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        size = self.config.vision_config.image_size
+        expected = (3, size, size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"pixel_values must be [num_images, 3, {size}, {size}], got {list(pixel_values.shape)}")
+        vision_dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        image_features = self.vision_model(pixel_values.to(vision_dtype))  # (B, 1 + P, Dv)
+        qformer_dtype = self.qformer.layernorm.weight.dtype
+        queries = self.query_tokens.expand(image_features.shape[0], -1, -1).to(qformer_dtype)
+        query_output = self.qformer(queries, image_features.to(qformer_dtype))  # (B, Q, Dq)
+        return self.language_projection(query_output.to(vision_dtype))  # (B, Q, hidden)
+
+    def embed_multimodal(
+        self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """One [num_query_tokens, hidden] tensor per image, from pixels or from precomputed `image_embeds`.
+
+        pixel_values [num_images, 3, image_size, image_size]; image_embeds are language_projection outputs,
+        [num_images, num_query_tokens, hidden] or [num_query_tokens, hidden].
+        """
+        if pixel_values is not None and image_embeds is not None:
+            raise ValueError("give pixel_values or image_embeds, not both")
+        if pixel_values is not None:
+            projected = self._encode_pixels(pixel_values)
+        elif image_embeds is not None:
+            hidden = self.config.text_config.hidden_size
+            embeds = image_embeds.unsqueeze(0) if image_embeds.dim() == 2 else image_embeds
+            if embeds.dim() != 3 or tuple(embeds.shape[1:]) != (self.num_query_tokens, hidden):
+                raise ValueError(
+                    f"image_embeds must be [num_images, {self.num_query_tokens}, {hidden}] or "
+                    f"[{self.num_query_tokens}, {hidden}], got {list(image_embeds.shape)}"
+                )
+            projected = embeds.to(self.language_projection.weight.dtype)
+        else:
+            return []
+        return list(self._image_rows(projected).unbind(0))
+
+    # ------------------------------------------------------------------ language model
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        mm_embeds: list[torch.Tensor] | None = None,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.language_model.embed_input_ids(input_ids, mm_embeds, is_multimodal)
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.language_model(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden_states)

@@ -1,0 +1,143 @@
+"""OPT (Zhang et al. 2022), the language model of the released BLIP-2 checkpoints.
+
+Parameter names follow transformers' `OPTForCausalLM` (`model.decoder.layers.N...`), except that each
+layer's q/k/v projections are packed into `qkv_proj` (one matmul instead of three).
+
+Particular to OPT: learned absolute positions stored with an offset of 2; optional `project_in`/`project_out`
+when `word_embed_proj_dim` differs from `hidden_size`; pre-norm layers, or post-norm ones
+(`do_layer_norm_before=False`, as OPT-350m) which also have no final layer norm.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import OPTConfig
+
+from fovea.layers.activations import get_activation
+from fovea.layers.attention import Attention
+from fovea.layers.linear import PackedLinear
+from fovea.models.utils import merge_multimodal_embeddings
+
+POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0 (a fairseq leftover)
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        num_heads = config.num_attention_heads
+        if hidden % num_heads:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}")
+        head_dim = hidden // num_heads
+        shards = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden}
+        self.qkv_proj = PackedLinear(hidden, shards, bias=config.enable_bias)
+        self.out_proj = nn.Linear(hidden, hidden, bias=config.enable_bias)
+        self.attn = Attention(num_heads, head_dim, scale=head_dim**-0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [N, hidden]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
+        return self.out_proj(self.attn(q, k, v))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        affine = config.layer_norm_elementwise_affine
+        self.do_layer_norm_before = config.do_layer_norm_before
+        self.self_attn = OPTAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.fc1 = nn.Linear(hidden, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = nn.Linear(config.ffn_dim, hidden, bias=config.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
+        self.act = get_activation(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden]
+        if self.do_layer_norm_before:
+            x = x + self.self_attn(self.self_attn_layer_norm(x))
+            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        x = self.self_attn_layer_norm(x + self.self_attn(x))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
+        # token embeddings (and lm_head) live in word_embed_proj_dim; the layers in hidden_size
+        self.project_in = nn.Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
+        self.project_out = nn.Linear(hidden, embed_dim, bias=False) if embed_dim != hidden else None
+        has_final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
+        self.final_layer_norm = (
+            nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine) if has_final_norm else None
+        )
+        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # inputs_embeds [N, word_embed_proj_dim], positions [N] 0-based within each request
+        x = inputs_embeds if self.project_in is None else self.project_in(inputs_embeds)
+        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        for layer in self.layers:
+            x = layer(x)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x  # [N, word_embed_proj_dim]
+
+
+class OPTModel(nn.Module):
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.decoder = OPTDecoder(config)
+
+
+class OPTForCausalLM(nn.Module):
+    supports_multimodal = False
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+
+    def __init__(self, config: OPTConfig):
+        super().__init__()
+        self.config = config
+        self.model = OPTModel(config)
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(config.tie_word_embeddings)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+
+    def get_text_config(self) -> OPTConfig:
+        return self.config
+
+    def rename_checkpoint_weight(self, name: str) -> str | None:
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return None  # the same tensor as embed_tokens; older checkpoints store both
+        if name.startswith("decoder."):  # facebook/opt-* files name the base model's weights without "model."
+            return "model." + name
+        return name
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        mm_embeds: list[torch.Tensor] | None = None,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeds = self.model.decoder.embed_tokens(input_ids)  # [N, word_embed_proj_dim]
+        if is_multimodal is None:
+            if mm_embeds:
+                raise ValueError("mm_embeds given without is_multimodal")
+            return embeds
+        return merge_multimodal_embeddings(embeds, mm_embeds or [], is_multimodal)
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids or inputs_embeds")
+            inputs_embeds = self.model.decoder.embed_tokens(input_ids)
+        return self.model.decoder(inputs_embeds, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, word_embed_proj_dim]
+        return self.lm_head(hidden_states)  # [n, vocab]

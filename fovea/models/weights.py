@@ -1,0 +1,130 @@
+"""Load a Hugging Face checkpoint's safetensors into a fovea model, as the files are, strictly.
+
+A model says how checkpoint names map onto its parameters with two class-level hooks:
+
+- `packed_modules_mapping: dict[str, list[str]]`: a packed name and the checkpoint names it stacks, each a
+  dotted-path segment (a module such as `q_proj` or a parameter such as `q_bias`). A checkpoint tensor whose
+  name has the segment `q_proj` goes to the same name with `qkv_proj` in its place, as shard `"q_proj"`.
+- `rename_checkpoint_weight(name) -> str | None` (optional): applied first; None means the tensor is
+  deliberately not loaded (e.g. `lm_head.weight` when it is tied to the input embedding).
+
+Parameters may carry a `weight_loader` (see `fovea.layers.linear`); the default copies the whole tensor.
+Every tensor must land in exactly one place and every parameter must be filled, with exactly matching
+shapes; anything else is a ValueError naming the tensor.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from fovea.layers.linear import copy_checked
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(slots=True, frozen=True)
+class WeightTarget:
+    param: str  # fovea parameter name
+    shard: str | None  # slice of a packed parameter; None = the whole parameter
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: str | None) -> None:
+    if shard_id is not None:
+        raise ValueError(f"parameter is not packed, but got shard {shard_id!r}")
+    copy_checked(param.data, loaded)
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory; pickled weights are refused, never opened."""
+    model_dir = Path(model_dir)
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    if (model_dir / INDEX_FILE).is_file():
+        weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise ValueError(f"{INDEX_FILE} in {model_dir} lists {path.name}, which does not exist")
+        return files
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in model_dir.glob(pattern))
+    if pickled:
+        raise ValueError(
+            f"{model_dir} has only pickled weights ({', '.join(pickled)}); fovea does not load pickled weights, "
+            f"safetensors is required (convert with `save_pretrained(..., safe_serialization=True)`)"
+        )
+    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
+
+
+def map_checkpoint_name(model: nn.Module, name: str) -> WeightTarget | None:
+    rename = getattr(model, "rename_checkpoint_weight", None)
+    if rename is not None:
+        name = rename(name)
+        if name is None:
+            return None
+    parts = name.split(".")
+    for packed, shards in getattr(model, "packed_modules_mapping", {}).items():
+        for shard in shards:
+            if shard in parts:
+                i = parts.index(shard)
+                return WeightTarget(".".join(parts[:i] + [packed] + parts[i + 1:]), shard)
+    return WeightTarget(name, None)
+
+
+def _shard_name(param_name: str, shard: str, packed_mapping: dict[str, list[str]]) -> str:
+    """The checkpoint name a missing shard would have had (qkv_proj.weight, shard k_proj -> k_proj.weight)."""
+    for packed, shards in packed_mapping.items():
+        if shard in shards and f".{packed}." in f".{param_name}.":
+            return f".{param_name}.".replace(f".{packed}.", f".{shard}.", 1).strip(".")
+    return f"{param_name} (shard {shard})"
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`, converting to each one's dtype."""
+    params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    loaded: dict[str, set[str | None]] = {}
+    packed_mapping = getattr(model, "packed_modules_mapping", {})
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                target = map_checkpoint_name(model, name)
+                if target is None:
+                    continue
+                param = params.get(target.param)
+                if param is None:
+                    raise ValueError(
+                        f"unexpected tensor {name!r} in {path.name}: {type(model).__name__} has no parameter "
+                        f"{target.param!r}"
+                    )
+                done = loaded.setdefault(target.param, set())
+                if target.shard in done or (None in done) or (target.shard is None and done):
+                    raise ValueError(f"tensor {name!r} in {path.name} fills {target.param!r} a second time")
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                try:
+                    loader(param, f.get_tensor(name), target.shard)
+                except ValueError as e:
+                    raise ValueError(f"tensor {name!r} in {path.name} -> {target.param!r}: {e}") from None
+                done.add(target.shard)
+    missing = []
+    for param_name, param in params.items():
+        done = loaded.get(param_name, set())
+        shards = getattr(param, "packed_shards", ())
+        if None in done or (shards and done >= set(shards)):
+            continue
+        if not shards:
+            missing.append(param_name)
+        elif done:
+            missing += [_shard_name(param_name, s, packed_mapping) for s in shards if s not in done]
+        else:
+            alternatives = ", ".join(_shard_name(param_name, s, packed_mapping) for s in shards)
+            missing.append(f"{param_name} (or {alternatives})")
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:10])
+        if len(missing) > 10:
+            shown += f" and {len(missing) - 10} more"
+        raise ValueError(f"missing tensor(s) in {model_dir}: {shown}")
