@@ -1,0 +1,104 @@
+"""Prompt + media -> Request: tokenize, load and preprocess media, expand placeholders, hash items.
+
+Everything a request can get wrong is found here, before it reaches the scheduler, and raised as a
+ValueError naming the problem; nothing else in the engine is touched by a bad request.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fovea.engine.request import Request
+from fovea.multimodal.hashing import hash_mm_item
+from fovea.multimodal.media import load_image
+from fovea.multimodal.processing import BaseMultiModalProcessor
+from fovea.sampling_params import SamplingParams
+
+PromptType = str | list[int] | Mapping[str, Any]
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
+
+
+class InputProcessor:
+    def __init__(self, *, tokenizer: Any, processor: BaseMultiModalProcessor | None, max_model_len: int,
+                 vocab_size: int, mm_limits: Mapping[str, int], mm_processor_kwargs: Mapping[str, Any] | None,
+                 eos_token_id: int | None, max_tokens_per_item: Mapping[str, int] | None = None):
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.mm_limits = dict(mm_limits)
+        self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
+        self.eos_token_id = eos_token_id
+        self.max_tokens_per_item = dict(max_tokens_per_item or {})
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_index: int = 0) -> Request:
+        text, token_ids, mm_data, mm_kwargs = self._parse(prompt)
+        mm_items = self._load_media(mm_data)
+        kwargs = {**self.mm_processor_kwargs, **mm_kwargs}
+        if mm_items:
+            if self.processor is None:
+                raise ValueError(f"this model takes text only; got {', '.join(mm_items)} input")
+            hashes = {m: [hash_mm_item(m, item, **kwargs) for item in items] for m, items in mm_items.items()}
+            inputs = self.processor.apply(text if text is not None else token_ids, mm_items, hashes, kwargs)
+            token_ids, features = inputs.prompt_token_ids, inputs.mm_features
+        else:
+            if token_ids is None:
+                token_ids = list(self.tokenizer(text).input_ids)
+            features = []
+        self._check_tokens(token_ids, params)
+        return Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
+                       eos_token_id=self.eos_token_id, mm_features=features, prompt=text, arrival_index=arrival_index)
+
+    def _parse(self, prompt: PromptType):
+        if isinstance(prompt, str):
+            return prompt, None, {}, {}
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt), {}, {}
+        if not isinstance(prompt, Mapping):
+            raise ValueError(f"a prompt must be a str, a list of token ids or a dict; got {type(prompt).__name__}")
+        unknown = set(prompt) - _PROMPT_KEYS
+        if unknown:
+            raise ValueError(f"unknown prompt key(s) {sorted(unknown)}; valid keys: {sorted(_PROMPT_KEYS)}")
+        text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        if (text is None) == (token_ids is None):
+            raise ValueError("a prompt dict needs exactly one of 'prompt' (text) or 'prompt_token_ids'")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"'prompt' must be a str; got {type(text).__name__}")
+        return text, (list(token_ids) if token_ids is not None else None), \
+            dict(prompt.get("multi_modal_data") or {}), dict(prompt.get("mm_processor_kwargs") or {})
+
+    def _load_media(self, mm_data: Mapping[str, Any]) -> dict[str, list[Any]]:
+        items: dict[str, list[Any]] = {}
+        for modality, value in mm_data.items():
+            if modality not in self.mm_limits:
+                allowed = ", ".join(self.mm_limits) or "none (text only)"
+                raise ValueError(f"this model does not take {modality!r} input; modalities it takes: {allowed}")
+            values = value if isinstance(value, list) else [value]
+            if len(values) > self.mm_limits[modality]:
+                raise ValueError(
+                    f"{len(values)} {modality} item(s) given but at most {self.mm_limits[modality]} per prompt are allowed"
+                )
+            if modality == "image":
+                # a torch tensor is a pre-computed embedding; everything else is an image to decode
+                loaded = [v if isinstance(v, torch.Tensor) else load_image(v) for v in values]
+            else:
+                raise ValueError(f"modality {modality!r} has no loader yet")
+            if loaded:
+                items[modality] = loaded
+        return items
+
+    def _check_tokens(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        num_prompt = len(token_ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
+        if num_prompt + max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({num_prompt} tokens, image placeholders included) plus max_tokens={max_tokens} "
+                f"is {num_prompt + max_tokens} tokens, over max_model_len={self.max_model_len}"
+            )

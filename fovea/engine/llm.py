@@ -1,0 +1,88 @@
+"""LLM: vLLM's offline interface over fovea's engine."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from fovea.config import EngineConfig
+from fovea.engine.input_processor import PromptType
+from fovea.engine.llm_engine import LLMEngine
+from fovea.outputs import RequestOutput
+from fovea.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a checkpoint directory and generate from it.
+
+        llm = LLM(model="path/to/blip2", dtype="bfloat16")
+        outs = llm.generate([{"prompt": "a photo of", "multi_modal_data": {"image": img}}], SamplingParams(max_tokens=30))
+
+    Every keyword is an `EngineConfig` field; an unknown one is an error listing the valid names.
+    """
+
+    def __init__(self, model: str, **kwargs: Any):
+        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
+        self._counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in prompt order.
+
+        Prompts are validated as they are added. If one is invalid, the ones already added are aborted and
+        a ValueError names the prompt's index and the problem, so the engine is left clean for the next call
+        (as vLLM does). Inside a running engine (the server), a bad request never disturbs the others.
+        """
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts; give one or one per prompt")
+        engine = self.llm_engine
+        ids = []
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            request_id = str(next(self._counter))
+            try:
+                engine.add_request(request_id, prompt, params)
+            except ValueError as err:
+                engine.abort_request(ids)
+                raise ValueError(f"prompt {i}: {err}") from err
+            ids.append(request_id)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        wanted = set(ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        num_generated = 0
+        try:
+            while len(finished) < len(ids):
+                for output in engine.step():
+                    if output.finished and output.request_id in wanted:
+                        finished[output.request_id] = output
+                        num_generated += sum(len(c.token_ids) for c in output.outputs)
+                        bar.update(1)
+                        bar.set_postfix_str(f"{num_generated} tokens out", refresh=False)
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in finished])
+            raise
+        finally:
+            bar.close()
+        return [finished[i] for i in ids]

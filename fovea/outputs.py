@@ -1,0 +1,73 @@
+"""What `LLM.generate` returns: the shapes of vLLM's `RequestOutput`, `CompletionOutput` and `Logprob`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(slots=True)
+class Logprob:
+    """One token's log-probability under the model's raw distribution (before temperature and filters).
+
+    `rank` is 1 for the most likely token of the step; `decoded_token` is the token's own text.
+    """
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# One dict per generated token: token id -> Logprob, the sampled token first, then the top-k.
+SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token; the first is None (nothing predicts it).
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One of the `n` completions of a request.
+
+    `finish_reason` is "stop" (EOS, a stop token id or a stop string), "length" (max_tokens or the context
+    length), "abort", or None while generating. `stop_reason` is the stop token id or the stop string that
+    ended it, None for EOS or any other reason.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: SampleLogprobs | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids}, "
+                f"cumulative_logprob={self.cumulative_logprob}, logprobs={self.logprobs}, "
+                f"finish_reason={self.finish_reason}, stop_reason={self.stop_reason!r})")
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """Everything generated so far for one request (cumulative, as vLLM's default output kind).
+
+    `num_cached_tokens` is how many prompt tokens were served from the prefix cache.
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: PromptLogprobs | None = None
+    num_cached_tokens: int | None = None
+
+    def __repr__(self) -> str:
+        return (f"RequestOutput(request_id={self.request_id!r}, prompt={self.prompt!r}, "
+                f"prompt_token_ids={self.prompt_token_ids}, prompt_logprobs={self.prompt_logprobs}, "
+                f"outputs={self.outputs}, finished={self.finished}, "
+                f"num_cached_tokens={self.num_cached_tokens})")

@@ -1,0 +1,144 @@
+"""SamplingParams: how to pick the next tokens of one request and when to stop.
+
+Field names, defaults and meaning follow vLLM's offline API, so code written against `vllm.SamplingParams`
+runs unchanged. Every value is checked on construction; an invalid one raises `ValueError` naming the field,
+the value and what is allowed. An unknown keyword is a `TypeError` (this is a plain dataclass).
+"""
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from dataclasses import dataclass
+
+# Below this temperature a request is greedy (vLLM's _SAMPLING_EPS): dividing logits by it would only
+# amplify float noise, and argmax is what such a temperature means anyway.
+SAMPLING_EPS = 1e-5
+
+
+class SamplingType(enum.IntEnum):
+    GREEDY = 0
+    RANDOM = 1
+    RANDOM_SEED = 2
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    """Number of completions to return for the prompt."""
+    temperature: float = 1.0
+    """Divides the logits before softmax; 0 (anything below 1e-5) means greedy."""
+    top_p: float = 1.0
+    """Keep the smallest set of most likely tokens whose probability sums to at least top_p; in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens (ties with the k-th are kept); 0 or -1 means all."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely one's; in [0, 1]."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch. -1 = None."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None means up to the model's context length (the engine resolves it)."""
+    min_tokens: int = 0
+    """EOS and stop_token_ids are masked until this many tokens exist; stop strings are not checked earlier."""
+    stop: str | list[str] | None = None
+    """Strings that end the generation; kept out of the text unless include_stop_str_in_output. Stored as a list."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end the generation (besides EOS). Stored as a list without duplicates."""
+    ignore_eos: bool = False
+    """Keep generating after EOS."""
+    logprobs: int | None = None
+    """Return this many top log-probabilities per generated token, plus the sampled token's own."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens seen in the prompt or the output (divides positive logits, multiplies negative)."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token already in the output; in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted per occurrence in the output; in [-2, 2]."""
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the decoded text."""
+    spaces_between_special_tokens: bool = True
+    """Kept for vLLM compatibility; fast (Rust) tokenizers, the only kind transformers 5 ships, ignore it."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string (or the stop token's text) at the end of the output."""
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            self.seed = None
+        if self.top_k == -1:
+            self.top_k = 0
+        if isinstance(self.logprobs, bool):  # as vLLM: True asks for the top 1, False for none
+            self.logprobs = 1 if self.logprobs else None
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = [] if self.stop_token_ids is None else list(dict.fromkeys(self.stop_token_ids))
+        self._validate()
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            setattr(self, name, float(getattr(self, name)))
+        if self.temperature < SAMPLING_EPS:
+            # Greedy ignores the filters; resetting them keeps the sampler's fast paths honest.
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _validate(self) -> None:
+        _check_int("n", self.n, minimum=1)
+        _check_real("temperature", self.temperature, "a finite number >= 0 (0 means greedy)",
+                    lambda v: v >= 0.0)
+        _check_real("top_p", self.top_p, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        _check_int("top_k", self.top_k, minimum=0, allowed="0 or -1 (disabled) or an integer >= 1")
+        _check_real("min_p", self.min_p, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, allowed="an integer, or None / -1 for no seed")
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1, allowed="an integer >= 1 or None")
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_real(name, getattr(self, name), "in [-2, 2]", lambda v: -2.0 <= v <= 2.0)
+        _check_real("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)",
+                    lambda v: v > 0.0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0, allowed="None or an integer >= 0")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}.")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0:
+                raise ValueError(f"stop_token_ids must hold integers >= 0, got {self.stop_token_ids!r}.")
+        if self.n > 1 and self.temperature < SAMPLING_EPS:
+            raise ValueError(f"n must be 1 when sampling greedily (temperature={self.temperature}), "
+                             f"got n={self.n}: all {self.n} completions would be the same.")
+
+    @property
+    def sampling_type(self) -> SamplingType:
+        if self.temperature < SAMPLING_EPS:
+            return SamplingType.GREEDY
+        if self.seed is not None:
+            return SamplingType.RANDOM_SEED
+        return SamplingType.RANDOM
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
+
+    def clone(self) -> SamplingParams:
+        return copy.deepcopy(self)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, minimum: int | None = None, allowed: str | None = None) -> None:
+    allowed = allowed or f"an integer >= {minimum}"
+    if not _is_int(value) or (minimum is not None and value < minimum):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def _check_real(name: str, value: object, allowed: str, ok) -> None:
+    is_real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_real or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
