@@ -20,16 +20,15 @@ from torch import nn
 class AttentionGroup:
     """Requests attended together in one SDPA call (all decodes, or one prefill chunk).
 
-    q_index:   [B, max_q] long, flat token index of each query row (padding rows point at a real token).
-    kv_slots:  [B, max_ctx] long, KV slot of each key position (padding points at slot 0).
-    mask:      [B, 1, max_q, max_ctx] bool, True = may attend; None = every key visible to every query.
-    out_index: [n] long, rows of the flattened [B * max_q] output that are real tokens, in flat-token order
-               of `token_index`.
-    token_index: [n] long, flat token indices this group produces.
+    q_index:     [B, max_q] long, flat token index of each query row (padding rows repeat a real token).
+    block_table: [B, max_blocks] long, KV blocks of each request (padding points at block 0, kept zero).
+    mask:        [B, 1, max_q, max_blocks * block_size] bool, True = may attend; None = no masking needed.
+    out_index:   [n] long, rows of the flattened [B * max_q] output that are real tokens.
+    token_index: [n] long, the flat token index each of those rows is written to.
     """
 
     q_index: torch.Tensor
-    kv_slots: torch.Tensor
+    block_table: torch.Tensor
     mask: torch.Tensor | None
     out_index: torch.Tensor
     token_index: torch.Tensor
@@ -40,6 +39,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] long: the KV slot each scheduled token is written to
     groups: list[AttentionGroup]
     num_tokens: int
+    block_size: int
 
 
 _CONTEXT: list[AttentionMetadata] = []
@@ -60,35 +60,32 @@ def get_attention_metadata() -> AttentionMetadata:
     return _CONTEXT[-1]
 
 
-def _group(query_lens, context_lens, slot_rows, q_starts) -> AttentionGroup:
-    """One batched group. slot_rows[i] lists the KV slots of request i's first context_lens[i] tokens."""
+def _group(query_lens: list[int], context_lens: list[int], tables: list[list[int]], q_starts: list[int],
+           block_size: int) -> AttentionGroup:
     num_reqs = len(query_lens)
-    max_q, max_ctx = max(query_lens), max(context_lens)
-    q_index = torch.zeros(num_reqs, max_q, dtype=torch.long)
-    kv_slots = torch.zeros(num_reqs, max_ctx, dtype=torch.long)
-    q_pos = torch.arange(max_q).unsqueeze(1)  # [max_q, 1]
-    k_pos = torch.arange(max_ctx).unsqueeze(0)  # [1, max_ctx]
-    mask = torch.zeros(num_reqs, 1, max_q, max_ctx, dtype=torch.bool)
-    out_index, token_index = [], []
-    for i, (q_len, ctx_len, slots, start) in enumerate(zip(query_lens, context_lens, slot_rows, q_starts)):
-        q_index[i, :q_len] = torch.arange(start, start + q_len)
-        q_index[i, q_len:] = start
-        kv_slots[i, :ctx_len] = torch.as_tensor(slots[:ctx_len], dtype=torch.long)
+    max_q = max(query_lens)
+    max_blocks = max(-(-c // block_size) for c in context_lens)
+    q_len = torch.tensor(query_lens)
+    ctx_len = torch.tensor(context_lens)
+    start = torch.tensor(q_starts)
+    rows = torch.arange(max_q)
+    is_real = rows[None, :] < q_len[:, None]  # [B, max_q]
+    q_index = torch.where(is_real, start[:, None] + rows[None, :], start[:, None])
+    block_table = torch.zeros(num_reqs, max_blocks, dtype=torch.long)
+    for i, table in enumerate(tables):
+        n = -(-context_lens[i] // block_size)
+        block_table[i, :n] = torch.tensor(table[:n])
+    mask = None
+    key_pos = torch.arange(max_blocks * block_size)
+    if not (max_q == 1 and all(c == max_blocks * block_size for c in context_lens)):
         # query row r sits at absolute position ctx_len - q_len + r and sees keys up to it
-        visible = (k_pos <= q_pos + (ctx_len - q_len)) & (k_pos < ctx_len)
-        visible[q_len:] = False
-        visible[q_len:, 0] = True  # padding rows attend to something so SDPA stays finite
-        mask[i, 0] = visible
-        out_index.extend(range(i * max_q, i * max_q + q_len))
-        token_index.extend(range(start, start + q_len))
-    needs_mask = not (max_q == 1 and all(c == max_ctx for c in context_lens))
-    return AttentionGroup(
-        q_index=q_index,
-        kv_slots=kv_slots,
-        mask=mask if needs_mask else None,
-        out_index=torch.tensor(out_index, dtype=torch.long),
-        token_index=torch.tensor(token_index, dtype=torch.long),
-    )
+        limit = (ctx_len - q_len)[:, None] + rows[None, :]  # [B, max_q]
+        mask = key_pos[None, None, :] <= limit[:, :, None]
+        mask[:, :, 0] |= ~is_real  # padding rows attend to something so SDPA stays finite
+        mask = mask.unsqueeze(1)
+    flat_rows = (torch.arange(num_reqs)[:, None] * max_q + rows[None, :])[is_real]
+    return AttentionGroup(q_index=q_index, block_table=block_table, mask=mask,
+                          out_index=flat_rows, token_index=q_index[is_real])
 
 
 def build_attention_metadata(
@@ -104,26 +101,26 @@ def build_attention_metadata(
     Scheduled tokens are laid out flat in request order. Decodes (one query token) share one SDPA call;
     each longer chunk gets its own, so nothing is padded to the longest prompt.
     """
-    slot_rows, q_starts, slot_mapping = [], [], []
+    slot_parts, q_starts = [], []
     start = 0
     for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables):
         if q_len > ctx_len or len(table) * block_size < ctx_len:
             raise ValueError(f"bad request geometry: query {q_len}, context {ctx_len}, blocks {len(table)}")
-        slots = [table[t // block_size] * block_size + t % block_size for t in range(ctx_len)]
-        slot_rows.append(slots)
-        slot_mapping.extend(slots[ctx_len - q_len:])
+        pos = torch.arange(ctx_len - q_len, ctx_len)
+        blocks = torch.tensor(table[(ctx_len - q_len) // block_size:(ctx_len - 1) // block_size + 1])
+        slot_parts.append(blocks[pos // block_size - (ctx_len - q_len) // block_size] * block_size + pos % block_size)
         q_starts.append(start)
         start += q_len
     decodes = [i for i, q in enumerate(query_lens) if q == 1]
     chunks = [i for i, q in enumerate(query_lens) if q > 1]
     groups = []
     if decodes:
-        groups.append(_group(*[[seq[i] for i in decodes] for seq in (query_lens, context_lens, slot_rows, q_starts)]))
+        pick = lambda seq: [seq[i] for i in decodes]  # noqa: E731
+        groups.append(_group(pick(query_lens), pick(context_lens), pick(block_tables), pick(q_starts), block_size))
     for i in chunks:
-        groups.append(_group([query_lens[i]], [context_lens[i]], [slot_rows[i]], [q_starts[i]]))
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.long), groups=groups, num_tokens=start
-    )
+        groups.append(_group([query_lens[i]], [context_lens[i]], [block_tables[i]], [q_starts[i]], block_size))
+    slot_mapping = torch.cat(slot_parts) if slot_parts else torch.zeros(0, dtype=torch.long)
+    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=start, block_size=block_size)
 
 
 class Attention(nn.Module):
@@ -151,10 +148,15 @@ class Attention(nn.Module):
         k_cache.index_copy_(0, meta.slot_mapping, k.view(num_tokens, self.num_kv_heads, self.head_dim).to(k_cache.dtype))
         v_cache.index_copy_(0, meta.slot_mapping, v.view(num_tokens, self.num_kv_heads, self.head_dim).to(v_cache.dtype))
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
+        bs = meta.block_size
+        k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
         for g in meta.groups:
+            num_reqs = g.block_table.shape[0]
             qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)
-            kg = k_cache[g.kv_slots].transpose(1, 2)  # (B, nkv, max_ctx, hs)
-            vg = v_cache[g.kv_slots].transpose(1, 2)
+            # whole blocks at a time: one contiguous copy per block instead of one per token
+            kg = k_blocks[g.block_table].view(num_reqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            vg = v_blocks[g.block_table].view(num_reqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
             og = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=g.mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
             )  # (B, nh, max_q, hs)

@@ -64,8 +64,10 @@ class PagedSteps:
     """What the engine's runner does for one step, minus scheduling: flat batch, block tables, metadata.
 
     Blocks are handed out from a shuffled pool so no request's KV sits in consecutive slots. Unwritten slots
-    hold NaN, so reading one shows up in the logits; block 0 stays zero and out of the pool because
-    `Attention` points padding keys at slot 0 (masked, but 0 * NaN would still be NaN).
+    hold large random garbage, so attending to one shows up in the logits. (Not NaN: `Attention` gathers
+    whole blocks, and the masked tail of a request's last block still passes through softmax-times-V, where
+    0 * NaN would be NaN. In the engine those slots hold zeros or finite stale values.) Block 0 stays zero
+    and out of the pool, as the scheduler's null block.
     """
 
     def __init__(self, model, num_blocks: int = 48, block_size: int = 4):
@@ -73,7 +75,9 @@ class PagedSteps:
         for layer in model.modules():
             if isinstance(layer, Attention):
                 shape = (num_blocks * block_size, layer.num_kv_heads, layer.head_dim)
-                k_cache, v_cache = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+                garbage = torch.Generator().manual_seed(1)
+                k_cache = torch.randn(shape, generator=garbage) * 1e3
+                v_cache = torch.randn(shape, generator=garbage) * 1e3
                 k_cache[:block_size] = 0
                 v_cache[:block_size] = 0
                 layer.kv_cache = (k_cache, v_cache)
