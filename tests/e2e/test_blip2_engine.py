@@ -93,3 +93,43 @@ def test_text_only_request(ckpt):
     out = llm.generate("the cat sat on", params, use_tqdm=False)[0]
     ref_ids, _ = hf_reference(ckpt, "the cat sat on", None, 8)
     assert out.outputs[0].token_ids == ref_ids
+
+
+def _count_encoder_calls(llm: LLM) -> list[int]:
+    """Record the number of images in every call of the model's encoder."""
+    model = llm.llm_engine.runner.model
+    original = model.embed_multimodal
+    calls: list[int] = []
+
+    def counting(**kwargs):
+        out = original(**kwargs)
+        calls.append(len(out))
+        return out
+
+    model.embed_multimodal = counting
+    return calls
+
+
+def test_image_encoded_once_under_chunked_prefill(ckpt):
+    llm = LLM(ckpt, dtype="float32", block_size=4, max_num_batched_tokens=3, max_num_seqs=3)
+    calls = _count_encoder_calls(llm)
+    prompt, img, max_tokens = cases(1)[0]
+    _check(llm, ckpt, [(prompt, img, max_tokens)])
+    assert calls == [1]  # 8 placeholders over 3 chunks, one encoder pass
+    # two requests with the same (new) image content share one encoder output
+    calls.clear()
+    other = make_image(55, (45, 45))
+    _check(llm, ckpt, [(prompt, other, 4), ("a photo of", other.copy(), 4)])
+    assert sum(calls) == 1
+    # the same image and prompt again: the prefix cache covers the placeholders, so no encoder work at all
+    calls.clear()
+    _check(llm, ckpt, [(prompt, other, 4)])
+    assert calls == []
+
+
+def test_kv_cache_sized_from_memory_bytes(ckpt):
+    llm = LLM(ckpt, dtype="float32", block_size=4, kv_cache_memory_bytes=1 << 20)
+    runner = llm.llm_engine.runner
+    assert runner.num_blocks == (1 << 20) // runner.kv_bytes_per_block()
+    k_cache, _ = runner.attention_layers[0].kv_cache
+    assert k_cache.shape[0] == runner.num_blocks * 4
