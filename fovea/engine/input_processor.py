@@ -23,7 +23,8 @@ _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_
 class InputProcessor:
     def __init__(self, *, tokenizer: Any, processor: BaseMultiModalProcessor | None, max_model_len: int,
                  vocab_size: int, mm_limits: Mapping[str, int], mm_processor_kwargs: Mapping[str, Any] | None,
-                 eos_token_id: int | None, max_tokens_per_item: Mapping[str, int] | None = None):
+                 eos_token_id: int | None, max_tokens_per_item: Mapping[str, int] | None = None,
+                 mrope_positions: Any = None):
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_model_len = max_model_len
@@ -32,6 +33,8 @@ class InputProcessor:
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
         self.eos_token_id = eos_token_id
         self.max_tokens_per_item = dict(max_tokens_per_item or {})
+        # M-RoPE models: (token ids, features) -> ([3, num_tokens] positions, delta for later tokens)
+        self.mrope_positions = mrope_positions
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_index: int = 0) -> Request:
         text, token_ids, mm_data, mm_kwargs = self._parse(prompt)
@@ -48,8 +51,12 @@ class InputProcessor:
                 token_ids = list(self.tokenizer(text).input_ids)
             features = []
         self._check_tokens(token_ids, params)
-        return Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
-                       eos_token_id=self.eos_token_id, mm_features=features, prompt=text, arrival_index=arrival_index)
+        request = Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
+                          eos_token_id=self.eos_token_id, mm_features=features, prompt=text,
+                          arrival_index=arrival_index)
+        if self.mrope_positions is not None:
+            request.mrope_positions, request.mrope_position_delta = self.mrope_positions(token_ids, features)
+        return request
 
     def _parse(self, prompt: PromptType):
         if isinstance(prompt, str):

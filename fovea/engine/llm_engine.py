@@ -112,6 +112,8 @@ class LLMEngine:
             tokenizer=self.tokenizer, processor=self.processor, max_model_len=self.max_model_len,
             vocab_size=text_config.vocab_size, mm_limits=mm_limits, mm_processor_kwargs=config.mm_processor_kwargs,
             eos_token_id=eos, max_tokens_per_item=max_tokens_per_item,
+            mrope_positions=self.runner.model.get_mrope_input_positions
+            if getattr(self.runner.model, "supports_mrope", False) else None,
         )
         self._parents: dict[str, _ParentState] = {}
         self._children: dict[str, _CompletionState] = {}
@@ -141,7 +143,7 @@ class LLMEngine:
         else:
             features = []
             if self.processor is not None and mm_limits:
-                counts = {m: min(n, 1 if m != "image" else n) for m, n in mm_limits.items()}
+                counts = self._profile_mm_counts(max_batched, mm_limits)
                 dummy = self.processor.dummy_inputs.get_dummy_processor_inputs(self.max_model_len, counts)
                 hashes = {m: [f"dummy-{m}-{i}" for i in range(len(v))] for m, v in dummy.mm_data.items()}
                 features = self.processor.apply(dummy.prompt or [0], dummy.mm_data, hashes).mm_features
@@ -157,6 +159,13 @@ class LLMEngine:
                 f"give more memory or lower max_model_len"
             )
         return num_blocks
+
+    def _profile_mm_counts(self, max_batched: int, mm_limits: Mapping[str, int]) -> dict[str, int]:
+        """Items for the worst-case step: as many of the largest modality as one step's tokens can hold."""
+        per_item = self.processor.info.get_mm_max_tokens_per_item(self.max_model_len, mm_limits)
+        modality = max(per_item, key=per_item.get)
+        fit = max(1, min(max_batched, self.max_model_len) // max(1, per_item[modality]))
+        return {modality: min(mm_limits[modality], fit)}
 
     # ---- requests -------------------------------------------------------------------------------------------
 

@@ -12,12 +12,14 @@ Config files, as transformers reads them: `processor_config.json` with the optio
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -149,19 +151,28 @@ class BlipImageProcessor:
         return np.asarray(image)
 
     def _build_value_table(self) -> np.ndarray:
-        # transformers' arithmetic, step for step: rescale multiplies in float64 and rounds to float32;
-        # normalize works in float32 with mean and std rounded to float32.
-        values = np.arange(256, dtype=np.uint8)
-        if self.do_rescale:
-            values = (values.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        else:
-            values = values.astype(np.float32)  # normalize's own cast of integer pixels (and the output dtype)
-        table = np.broadcast_to(values, (3, 256))
-        if self.do_normalize:
-            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None]
-            std = np.asarray(self.image_std, dtype=np.float32)[:, None]
-            table = (table - mean) / std
-        return np.ascontiguousarray(table, dtype=np.float32)
+        return pil_value_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean,
+                               self.image_std)
+
+
+def pil_value_table(do_rescale: bool, rescale_factor: float | None, do_normalize: bool,
+                    image_mean: tuple[float, ...] | None, image_std: tuple[float, ...] | None) -> np.ndarray:
+    """(3, 256) float32: what transformers' PIL backend makes of uint8 value v in channel c.
+
+    transformers' arithmetic, step for step: rescale multiplies in float64 and rounds to float32;
+    normalize works in float32 with mean and std rounded to float32.
+    """
+    values = np.arange(256, dtype=np.uint8)
+    if do_rescale:
+        values = (values.astype(np.float64) * rescale_factor).astype(np.float32)
+    else:
+        values = values.astype(np.float32)  # normalize's own cast of integer pixels (and the output dtype)
+    table = np.broadcast_to(values, (3, 256))
+    if do_normalize:
+        mean = np.asarray(image_mean, dtype=np.float32)[:, None]
+        std = np.asarray(image_std, dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return np.ascontiguousarray(table, dtype=np.float32)
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -175,8 +186,261 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+# ---------------------------------------------------------------------------------------------- Qwen2-VL
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, area within [min_pixels, max_pixels], aspect
+    ratio kept as well as that allows. transformers' arithmetic exactly (Python's round-half-to-even included).
+
+    The upper bound is not strict: `max(factor, ...)` keeps a very thin side at one factor, so an aspect ratio
+    near the limit of 200 can exceed max_pixels.
+    """
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"aspect ratio must be at most 200, got {height}x{width} (height x width)")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+_QWEN_OPTIONS = frozenset({"min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "resample",
+                           "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+                           "do_convert_rgb"})
+
+
+class _QwenVisionProcessor:
+    """Options shared by Qwen2-VL's image and video processors, read as transformers reads them.
+
+    `size={"shortest_edge": min_pixels, "longest_edge": max_pixels}` (transformers 5) or top-level
+    `min_pixels`/`max_pixels` (older checkpoints; these win, as in transformers' __init__).
+    """
+
+    DEFAULT_MIN_PIXELS = 56 * 56
+    DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+    extra_options: frozenset[str] = frozenset()
+    no_effect_options: frozenset[str] = _NO_EFFECT_KEYS | {"default_to_square"}
+
+    def __init__(self, *, min_pixels: int | None = None, max_pixels: int | None = None, patch_size: int = 14,
+                 temporal_patch_size: int = 2, merge_size: int = 2,
+                 resample: int | Image.Resampling = Image.Resampling.BICUBIC, do_resize: bool = True,
+                 do_rescale: bool = True, rescale_factor: float = 1 / 255, do_normalize: bool = True,
+                 image_mean: float | tuple[float, ...] | list[float] = OPENAI_CLIP_MEAN,
+                 image_std: float | tuple[float, ...] | list[float] = OPENAI_CLIP_STD, do_convert_rgb: bool = True):
+        self.min_pixels = self.DEFAULT_MIN_PIXELS if min_pixels is None else min_pixels
+        self.max_pixels = self.DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        sizes = {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels, "patch_size": patch_size,
+                 "temporal_patch_size": temporal_patch_size, "merge_size": merge_size}
+        for name, value in sizes.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} is larger than max_pixels {self.max_pixels}")
+        self.patch_size, self.temporal_patch_size, self.merge_size = patch_size, temporal_patch_size, merge_size
+        self.resample = _parse_resample(resample)
+        self.do_resize, self.do_rescale = bool(do_resize), bool(do_rescale)
+        self.do_normalize, self.do_convert_rgb = bool(do_normalize), bool(do_convert_rgb)
+        self.rescale_factor = float(rescale_factor)
+        self.image_mean = _per_channel("image_mean", image_mean)
+        self.image_std = _per_channel("image_std", image_std)
+        if self.do_normalize and 0.0 in self.image_std:
+            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
+
+    @property
+    def factor(self) -> int:
+        """Side length of one LLM token in pixels (a merged group of patches)."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]):
+        options = {k: v for k, v in config.items()
+                   if k not in _METADATA_KEYS and k not in cls.no_effect_options and k != "video_processor_type"}
+        size = options.pop("size", None)
+        if size is not None:
+            if not isinstance(size, dict) or not set(size) <= {"shortest_edge", "longest_edge", "min_pixels",
+                                                                 "max_pixels"}:
+                raise ValueError(f"size must be {{'shortest_edge': min_pixels, 'longest_edge': max_pixels}}, "
+                                 f"got {size!r}")
+            options.setdefault("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+            options.setdefault("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        unknown = sorted(set(options) - _QWEN_OPTIONS - cls.extra_options)
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; valid options: "
+                             f"{sorted(_QWEN_OPTIONS | cls.extra_options | {'size'})}")
+        return cls(**{k: v for k, v in options.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option in canonical form (JSON-able; what `from_dict` reads and what content hashes key on)."""
+        return {"image_processor_type": type(self).__name__, "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels, "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
+                "resample": int(self.resample), "do_resize": self.do_resize, "do_rescale": self.do_rescale,
+                "rescale_factor": self.rescale_factor, "do_normalize": self.do_normalize,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                "do_convert_rgb": self.do_convert_rgb}
+
+    def with_options(self, **overrides: Any):
+        """A copy with some options replaced (e.g. per-request min_pixels / max_pixels)."""
+        return type(self).from_dict({**self.to_dict(), **overrides}) if overrides else self
+
+    def resized_size(self, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int]:
+        if not self.do_resize:
+            if height % self.factor or width % self.factor:
+                raise ValueError(f"with do_resize off, sides must be multiples of {self.factor}; got {height}x{width}")
+            return height, width
+        return smart_resize(height, width, self.factor, self.min_pixels,
+                            self.max_pixels if max_pixels is None else max_pixels)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """(grid_h, grid_w) in patches of an input of height x width pixels."""
+        h, w = self.resized_size(height, width)
+        return h // self.patch_size, w // self.patch_size
+
+
+class Qwen2VLImageProcessor(_QwenVisionProcessor):
+    """transformers' `Qwen2VLImageProcessorPil` (the PIL path, as qwen-vl-utils preprocesses).
+
+    Per image: to RGB -> one Pillow resize to `smart_resize`'s size -> rescale and normalise (a 256-entry table
+    per channel, as BLIP's) -> patches of (C, temporal_patch_size, P, P) values, the image repeated over the
+    temporal patch, ordered so each merge_size x merge_size group of patches is contiguous.
+    """
+
+    def __call__(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """-> {"pixel_values": float32 [sum grid_h*grid_w, C*T*P*P], "image_grid_thw": long [num_images, 3]}."""
+        if isinstance(images, Image.Image):
+            images = [images]
+        if not images:
+            raise ValueError("no images to process")
+        table = torch.from_numpy(pil_value_table(self.do_rescale, self.rescale_factor, self.do_normalize,
+                                                 self.image_mean, self.image_std)).view(-1)
+        patches, grids = [], []
+        for image in images:
+            if self.do_convert_rgb:
+                image = convert_to_rgb(image)
+            elif image.mode != "RGB":
+                raise ValueError(f"image has mode {image.mode!r} and do_convert_rgb is off; the model needs RGB")
+            height, width = self.resized_size(image.height, image.width)
+            if self.do_resize:
+                image = image.resize((width, height), resample=self.resample)
+            pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
+            patches.append(self._patchify(pixels.unsqueeze(0), table))
+            grids.append([1, height // self.patch_size, width // self.patch_size])
+        return {"pixel_values": torch.cat(patches), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+    def _patchify(self, pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        # pixels (1, H, W, C) uint8 -> (gh*gw, C*T*P*P) float32; uint8 is rearranged first, then looked up
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        _, height, width, channels = pixels.shape
+        gh, gw = height // p, width // p
+        x = pixels.view(gh // m, m, p, gw // m, m, p, channels)
+        x = x.permute(0, 3, 1, 4, 6, 2, 5)  # (bh, bw, mh, mw, C, ph, pw)
+        values = table[x.long() + 256 * torch.arange(channels).view(channels, 1, 1)]
+        values = values.unsqueeze(5).expand(gh // m, gw // m, m, m, channels, t, p, p)
+        return values.reshape(gh * gw, channels * t * p * p)
+
+
+class Qwen2VLVideoProcessor(_QwenVisionProcessor):
+    """transformers' `Qwen2VLVideoProcessor`, without torchvision.
+
+    Per video of T RGB frames: smart resize with the video's own pixel limits, applied with
+    `F.interpolate(uint8, mode="bicubic", antialias=True, align_corners=False)` (what torchvision's resize runs
+    on uint8 CPU tensors); rescale and normalise fused into one float32 (x - 255 mean) / (255 std); the last
+    frame repeated up to a multiple of `temporal_patch_size`; patches of (C, temporal_patch_size, P, P).
+
+    Frame selection happens before, when the video is loaded (`fovea.multimodal.media.load_video`): `fps` is
+    the rate frames are sampled at from files and the rate assumed for frames given without one, `max_frames`
+    the most frames a video may have.
+    """
+
+    DEFAULT_MIN_PIXELS = 128 * 28 * 28
+    DEFAULT_MAX_PIXELS = 28 * 28 * 768
+    DEFAULT_FPS = 2.0
+    extra_options = frozenset({"cap_pixels_per_frame", "max_video_tokens", "fps", "max_frames"})
+    # frame sampling options of transformers' processor; fovea samples frames in load_video instead
+    no_effect_options = _QwenVisionProcessor.no_effect_options | {"do_sample_frames", "min_frames", "num_frames",
+                                                                  "return_metadata"}
+    _MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
+
+    def __init__(self, *, cap_pixels_per_frame: bool | None = False, max_video_tokens: int = 128000,
+                 fps: float | None = DEFAULT_FPS, max_frames: int = 768, **options: Any):
+        super().__init__(**options)
+        if self.resample not in self._MODES:
+            raise ValueError(f"video resample must be BICUBIC (3) or BILINEAR (2), got {self.resample!r}")
+        self.cap_pixels_per_frame = bool(cap_pixels_per_frame)
+        self.max_video_tokens = int(max_video_tokens)
+        self.fps = float(self.DEFAULT_FPS if fps is None else fps)
+        self.max_frames = int(max_frames)
+        if self.fps <= 0 or self.max_frames < 1:
+            raise ValueError(f"fps must be > 0 and max_frames >= 1, got fps={fps!r}, max_frames={max_frames!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "cap_pixels_per_frame": self.cap_pixels_per_frame,
+                "max_video_tokens": self.max_video_tokens, "fps": self.fps, "max_frames": self.max_frames}
+
+    def frame_pixel_cap(self, num_frames: int) -> int:
+        """max_pixels for one frame of a video of `num_frames` frames (cap_pixels_per_frame shares a budget)."""
+        if not self.cap_pixels_per_frame:
+            return self.max_pixels
+        total = int(self.max_video_tokens * self.factor * self.factor * 0.9)
+        return max(min(self.max_pixels, total * self.temporal_patch_size // num_frames), int(self.min_pixels * 1.05))
+
+    def num_grid_t(self, num_frames: int) -> int:
+        return -(-num_frames // self.temporal_patch_size)
+
+    def __call__(self, videos: list[np.ndarray | torch.Tensor]) -> dict[str, torch.Tensor]:
+        """videos: (T, H, W, 3) uint8 frames each -> {"pixel_values_videos": float32 [sum t*h*w, C*T*P*P],
+        "video_grid_thw": long [num_videos, 3]}."""
+        if not videos:
+            raise ValueError("no videos to process")
+        patches, grids = [], []
+        for video in videos:
+            frames = torch.as_tensor(np.asarray(video)) if not isinstance(video, torch.Tensor) else video
+            if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8 or frames.shape[0] < 1:
+                raise ValueError(f"a video must be (T, H, W, 3) uint8 RGB frames, got {tuple(frames.shape)} "
+                                 f"{frames.dtype}")
+            num_frames, height, width, _ = frames.shape
+            frames = frames.permute(0, 3, 1, 2).contiguous()  # (T, 3, H, W)
+            h, w = self.resized_size(height, width, max_pixels=self.frame_pixel_cap(num_frames))
+            if (h, w) != (height, width):
+                frames = F.interpolate(frames, size=(h, w), mode=self._MODES[self.resample], antialias=True,
+                                       align_corners=False)
+            patches.append(self._patchify(self._normalize(frames)))
+            grids.append([self.num_grid_t(num_frames), h // self.patch_size, w // self.patch_size])
+        return {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+    def _normalize(self, frames: torch.Tensor) -> torch.Tensor:  # (T, 3, H, W) uint8 -> float32
+        x = frames.to(torch.float32)
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)
+        std = torch.tensor(self.image_std, dtype=torch.float32)
+        if self.do_normalize:
+            if self.do_rescale:  # transformers folds the rescale into mean and std
+                mean, std = mean * (1.0 / self.rescale_factor), std * (1.0 / self.rescale_factor)
+            return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        return x * self.rescale_factor if self.do_rescale else x
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        # x (T, C, H, W) float32 -> (t*gh*gw, C*T'*P*P)
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        if x.shape[0] % tp:
+            x = torch.cat([x, x[-1:].expand(tp - x.shape[0] % tp, -1, -1, -1)])
+        t, channels, height, width = x.shape
+        gt, gh, gw = t // tp, height // p, width // p
+        x = x.view(gt, tp, channels, gh // m, m, p, gw // m, m, p)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (gt, bh, bw, mh, mw, C, tp, ph, pw)
+        return x.reshape(gt * gh * gw, channels * tp * p * p)
+
+
 # image_processor_type (without transformers' "Pil"/"Fast" backend suffix) -> fovea's processor
-_IMAGE_PROCESSORS: dict[str, type] = {"BlipImageProcessor": BlipImageProcessor}
+_IMAGE_PROCESSORS: dict[str, type] = {"BlipImageProcessor": BlipImageProcessor,
+                                      "Qwen2VLImageProcessor": Qwen2VLImageProcessor}
 
 
 def get_image_processor(model_dir: str | os.PathLike):
@@ -191,6 +455,34 @@ def get_image_processor(model_dir: str | os.PathLike):
         raise ValueError(f"unsupported image_processor_type {type_name!r} in {os.fspath(model_dir)!r}; "
                          f"fovea supports: {sorted(_IMAGE_PROCESSORS)}")
     return _IMAGE_PROCESSORS[base_name].from_dict(config)
+
+
+def get_video_processor(model_dir: str | os.PathLike) -> Qwen2VLVideoProcessor:
+    """Qwen2-VL's video processor, configured from the checkpoint (see `read_video_processor_config`)."""
+    config = read_video_processor_config(model_dir)
+    type_name = config.get("video_processor_type", "Qwen2VLVideoProcessor")
+    if type_name not in ("Qwen2VLVideoProcessor", "Qwen2_5_VLVideoProcessor"):
+        raise ValueError(f"unsupported video_processor_type {type_name!r} in {os.fspath(model_dir)!r}; "
+                         f"fovea supports: ['Qwen2VLVideoProcessor']")
+    # a config borrowed from the image processor (see below) names that one's type
+    config = {k: v for k, v in config.items() if k != "image_processor_type"}
+    return Qwen2VLVideoProcessor.from_dict(config)
+
+
+def read_video_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """transformers 5's order: processor_config.json's "video_processor", video_preprocessor_config.json, and
+    failing both the image processor's config (the released Qwen2.5-VL checkpoints have only that one, so
+    their videos use the image pixel limits)."""
+    model_dir = Path(model_dir)
+    processor_file = model_dir / "processor_config.json"
+    if processor_file.is_file():
+        processor_config = _read_json(processor_file)
+        if isinstance(processor_config.get("video_processor"), dict):
+            return processor_config["video_processor"]
+    video_file = model_dir / "video_preprocessor_config.json"
+    if video_file.is_file():
+        return _read_json(video_file)
+    return read_image_processor_config(model_dir)
 
 
 def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -5,9 +5,10 @@ says what is wrong instead of surfacing later in a processor or in the model run
 mode (RGBA, P, L, ...): making them RGB is the model's image processor's job, because processors differ
 in how they do it (BLIP composites transparency onto white, a plain `convert("RGB")` drops it).
 
-Video loading (`load_video`) goes next to `load_image` and reuses the modality-neutral helpers below
-(`_read_path`, `_parse_data_url`). Fetching http(s) URLs belongs to the server, which owns timeouts and
-size limits; nothing here touches the network.
+Videos (`load_video`) share the modality-neutral helpers (`_read_path`, `_parse_data_url`) and become
+(T, H, W, 3) RGB frames: a stack of frames has one layout, so the image rule for RGB is applied here; files
+are decoded with PyAV. Fetching http(s) URLs belongs to the server, which owns timeouts and size limits;
+nothing here touches the network.
 """
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import base64
 import binascii
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from fovea.multimodal.image_processors import convert_to_rgb
 
 ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -139,3 +143,133 @@ def _parse_data_url(url: str) -> tuple[str, bytes]:
 
 def _shorten(text: str) -> str:
     return repr(text) if len(text) <= _MAX_SHOWN_CHARS else repr(text[:_MAX_SHOWN_CHARS]) + f"... ({len(text)} chars)"
+
+
+# ---------------------------------------------------------------------------------------------- video
+
+VideoInput = Union["LoadedVideo", np.ndarray, list, tuple, str, os.PathLike, bytes, bytearray, memoryview]
+
+_ACCEPTED_VIDEO_INPUTS = (
+    "a numpy array of frames ((T, H, W), (T, H, W, 3) or (T, H, W, 4); uint8, or float in [0, 1]), a list of "
+    "images (anything load_image takes), a video file path, its bytes, or a 'data:video/...;base64,...' URL"
+)
+DEFAULT_VIDEO_FPS = 2.0  # what frames given without a rate are taken to be, and what files are sampled at
+
+
+@dataclass(slots=True)
+class LoadedVideo:
+    """Decoded RGB frames and the rate they are at (None: unknown, the model's processor assumes one)."""
+
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    fps: float | None = None
+
+
+def load_video(item: VideoInput, *, fps: float | None = None, max_frames: int | None = None) -> LoadedVideo:
+    """Decode one video into RGB frames.
+
+    - Frames given as an array or a list of images are taken as they are (all of them, at an unknown rate);
+      more than `max_frames` of them is an error. Images are made RGB as images are (transparency composited
+      onto white), grey arrays repeated over three channels.
+    - Files (path, bytes, data URL) are decoded with PyAV and sampled at `fps` frames per second of video time
+      (default 2; every frame when the video's own rate is lower), evenly thinned to `max_frames` if longer.
+      The returned rate is the rate of the returned frames.
+    """
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if isinstance(item, LoadedVideo):
+        video = LoadedVideo(_frames_from_array(item.frames), item.fps)
+    elif isinstance(item, np.ndarray):
+        video = LoadedVideo(_frames_from_array(item))
+    elif isinstance(item, (list, tuple)):
+        video = LoadedVideo(_frames_from_images(item))
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        return _decode_video(bytes(item), "video bytes", fps, max_frames)
+    elif isinstance(item, str) and item[:5].lower() == "data:":
+        mime_type, data = _parse_data_url(item)
+        if not mime_type.startswith("video/"):
+            raise ValueError(f"data URL has media type {mime_type!r}; load_video needs 'video/...'")
+        return _decode_video(data, "video bytes from data URL", fps, max_frames)
+    elif isinstance(item, str) and item[:8].lower().startswith(("http://", "https://")):
+        raise ValueError(f"remote URLs are not fetched by load_video: {_shorten(item)}; download the video first")
+    elif isinstance(item, (str, os.PathLike)):
+        return _decode_video(_read_path(item), f"video file {os.fspath(item)!r}", fps, max_frames)
+    else:
+        raise ValueError(f"unsupported video input of type {type(item).__name__}; accepted: {_ACCEPTED_VIDEO_INPUTS}")
+    if max_frames is not None and len(video.frames) > max_frames:
+        raise ValueError(f"the video has {len(video.frames)} frames, more than max_frames={max_frames}; pass fewer "
+                         f"frames or raise max_frames (mm_processor_kwargs)")
+    return video
+
+
+def _frames_from_array(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 3:
+        if array.shape[-1] in (3, 4):
+            raise ValueError(f"video array of shape {array.shape} looks like one image (H, W, C); a video is "
+                             f"(T, H, W, 3) (or (T, H, W) grey)")
+        array = array[..., None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"video array must have shape (T, H, W), (T, H, W, 3) or (T, H, W, 4); got {array.shape}")
+    if 0 in array.shape[:3]:
+        raise ValueError(f"video array is empty: shape {array.shape}")
+    if array.shape[-1] != 3:  # grey or RGBA: go through the image rule so frames match what an image would give
+        return _frames_from_images([_image_from_array(frame[..., 0] if frame.shape[-1] == 1 else frame)
+                                    for frame in array])
+    if np.issubdtype(array.dtype, np.floating):
+        low, high = float(array.min()), float(array.max())
+        if not (0.0 <= low and high <= 1.0):
+            raise ValueError(f"float video arrays must hold values in [0, 1]; got range [{low}, {high}]")
+        return np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise ValueError(f"video array dtype must be uint8, or float with values in [0, 1]; got {array.dtype}")
+    return np.array(array, copy=True, order="C")
+
+
+def _frames_from_images(items: list | tuple) -> np.ndarray:
+    if not items:
+        raise ValueError("a video given as a list of frames needs at least one frame")
+    frames = [np.asarray(convert_to_rgb(load_image(item))) for item in items]
+    sizes = {f.shape for f in frames}
+    if len(sizes) > 1:
+        raise ValueError(f"video frames differ in size: {sorted(s[:2] for s in sizes)} (height, width)")
+    return np.stack(frames)
+
+
+def _decode_video(data: bytes, what: str, fps: float | None, max_frames: int | None) -> LoadedVideo:
+    try:
+        import av
+    except ImportError as e:
+        raise ValueError(f"decoding {what} needs PyAV (pip install av); or pass the frames as an array") from e
+    if not data:
+        raise ValueError(f"could not decode {what}: no data (0 bytes)")
+    rate = DEFAULT_VIDEO_FPS if fps is None else float(fps)
+    if rate <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    kept: list[np.ndarray] = []
+    first_time = last_time = None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            native_fps = float(stream.average_rate) if stream.average_rate else None
+            if max_frames is not None and container.duration:  # sample sparser up front rather than hold it all
+                rate = min(rate, max_frames / (container.duration / av.time_base))
+            next_tick = None
+            for index, frame in enumerate(container.decode(stream)):
+                t = float(frame.time) if frame.time is not None else index / (native_fps or rate)
+                first_time = t if first_time is None else first_time
+                last_time = t
+                if next_tick is None or t + 1e-6 >= next_tick:  # the first frame at or after each 1/rate tick
+                    kept.append(frame.to_ndarray(format="rgb24"))
+                    next_tick = (t if next_tick is None else next_tick) + 1.0 / rate
+                    while next_tick <= t + 1e-6:
+                        next_tick += 1.0 / rate
+    except Exception as e:  # PyAV raises its own error types on bad data
+        raise ValueError(f"could not decode {what}: {e}") from e
+    if not kept:
+        raise ValueError(f"could not decode {what}: no frames")
+    if max_frames is not None and len(kept) > max_frames:  # the container's duration was missing or short
+        kept = [kept[i] for i in np.linspace(0, len(kept) - 1, max_frames).round().astype(int)]
+    duration = last_time - first_time + 1.0 / (native_fps or rate)
+    return LoadedVideo(np.stack(kept), len(kept) / duration)

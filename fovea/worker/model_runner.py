@@ -124,7 +124,7 @@ class ModelRunner:
         for s in out.scheduled:
             req, c, n = s.request, s.num_computed_tokens, s.num_new_tokens
             input_ids.extend(req.all_token_ids[c:c + n])
-            positions.append(torch.arange(c, c + n))
+            positions.append(_positions(req, c, n))
             mask = torch.zeros(n, dtype=torch.bool)
             for feature in req.mm_features:
                 lo, hi = max(c, feature.offset), min(c + n, feature.offset + feature.length)
@@ -151,7 +151,7 @@ class ModelRunner:
         is_mm = torch.cat(mm_mask_parts)
         embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
         with forward_context(meta):
-            hidden = self.model(ids, torch.cat(positions), inputs_embeds=embeds)
+            hidden = self.model(ids, torch.cat(positions, dim=-1), inputs_embeds=embeds)
         if not sampled_reqs:
             return ModelRunnerOutput({s.request.request_id: [] for s in out.scheduled}, {})
         logits = self.model.compute_logits(hidden[torch.tensor(logits_index)]).float()
@@ -190,6 +190,17 @@ class ModelRunner:
             outputs = self.model.embed_multimodal(**kwargs)
             for mm_hash, embeds in zip(unique, outputs):
                 self.encoder_cache[mm_hash] = embeds
+
+
+def _positions(req, c: int, n: int) -> torch.Tensor:
+    """Positions of tokens [c, c+n): [n], or [3, n] for M-RoPE (prompt positions, then p + delta)."""
+    if req.mrope_positions is None:
+        return torch.arange(c, c + n)
+    prompt = req.mrope_positions[:, c:c + n]
+    if prompt.shape[1] == n:
+        return prompt
+    later = torch.arange(c + prompt.shape[1], c + n) + req.mrope_position_delta
+    return torch.cat([prompt, later.expand(3, -1)], dim=1)
 
 
 def _embed_rows(feature: MultiModalFeature, embeds: torch.Tensor, lo: int, hi: int):

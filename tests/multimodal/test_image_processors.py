@@ -216,8 +216,8 @@ def test_bad_options_are_errors_that_name_them(config, message):
 def test_get_image_processor_errors(tmp_path):
     with pytest.raises(ValueError, match="no image processor config"):
         get_image_processor(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Qwen2VLImageProcessor"}))
-    with pytest.raises(ValueError, match=r"'Qwen2VLImageProcessor'.*BlipImageProcessor"):
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
+    with pytest.raises(ValueError, match=r"'SiglipImageProcessor'.*BlipImageProcessor"):
         get_image_processor(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="preprocessor_config.json"):

@@ -1,0 +1,101 @@
+"""load_video: frames as arrays or image lists, and files decoded with PyAV and sampled at a target rate."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fovea.multimodal.media import LoadedVideo, load_video
+
+av = pytest.importorskip("av")
+
+
+def frames(num_frames: int, width: int = 32, height: int = 24, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+
+
+def encode_video(num_frames: int, fps: int, width: int = 64, height: int = 48) -> bytes:
+    """A lossless (ffv1) video whose frame k is flat grey 6k, so a sampled frame tells its index."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="matroska") as container:
+        stream = container.add_stream("ffv1", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+        for k in range(num_frames):
+            image = np.full((height, width, 3), 6 * k, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def frame_indices(video: LoadedVideo) -> list[int]:
+    return [int(round(f.mean() / 6)) for f in video.frames]
+
+
+def test_arrays_are_taken_as_they_are():
+    video = frames(5)
+    loaded = load_video(video)
+    assert loaded.fps is None and np.array_equal(loaded.frames, video)
+    assert loaded.frames is not video  # a copy: the caller's buffer may change
+    floats = load_video(video / 255.0)
+    assert np.array_equal(floats.frames, video)
+
+
+def test_grey_rgba_and_image_lists_become_rgb_like_images():
+    video = frames(3)
+    grey = load_video(video[..., 0])
+    assert grey.frames.shape == (3, 24, 32, 3) and np.array_equal(grey.frames[..., 1], video[..., 0])
+    rgba = np.concatenate([video, np.zeros_like(video[..., :1])], axis=-1)  # fully transparent: white
+    assert (load_video(rgba).frames == 255).all()
+    images = [Image.fromarray(f) for f in video]
+    assert np.array_equal(load_video(images).frames, video)
+    assert np.array_equal(load_video([images[0].convert("P"), images[1], images[2]]).frames[0],
+                          np.asarray(images[0].convert("P").convert("RGB")))
+
+
+def test_frame_cap_for_given_frames_is_an_error():
+    with pytest.raises(ValueError, match="max_frames=4"):
+        load_video(frames(5), max_frames=4)
+    assert load_video(LoadedVideo(frames(4), 8.0), max_frames=4).fps == 8.0
+
+
+def test_file_sampled_at_target_fps(tmp_path):
+    path = tmp_path / "clip.mkv"
+    path.write_bytes(encode_video(25, fps=10))  # 2.5 s
+    loaded = load_video(path, fps=2.0)
+    assert frame_indices(loaded) == [0, 5, 10, 15, 20]
+    assert loaded.fps == pytest.approx(2.0)
+    assert loaded.frames.shape == (5, 48, 64, 3)
+    every = load_video(str(path), fps=30.0)  # above the video's own rate: every frame, at that rate
+    assert frame_indices(every) == list(range(25)) and every.fps == pytest.approx(10.0)
+
+
+def test_file_over_max_frames_is_sampled_sparser_over_its_whole_length(tmp_path):
+    data = encode_video(40, fps=10)  # 4 s: 8 frames at 2 fps, but at most 3
+    loaded = load_video(data, fps=2.0, max_frames=3)
+    assert frame_indices(loaded) == [0, 14, 27]  # ticks every 4/3 s
+    assert loaded.fps == pytest.approx(3 / 4)
+
+
+def test_data_url_and_bad_inputs(tmp_path):
+    data = encode_video(6, fps=2)
+    url = "data:video/x-matroska;base64," + base64.b64encode(data).decode()
+    assert frame_indices(load_video(url)) == list(range(6))
+    with pytest.raises(ValueError, match="could not decode video bytes"):
+        load_video(b"not a video")
+    with pytest.raises(ValueError, match="media type 'image/png'"):
+        load_video("data:image/png;base64,AAAA")
+    with pytest.raises(ValueError, match="no such file"):
+        load_video(tmp_path / "missing.mp4")
+    with pytest.raises(ValueError, match="shape"):
+        load_video(np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="looks like one image"):
+        load_video(np.zeros((4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="differ in size"):
+        load_video([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))])
+    with pytest.raises(ValueError, match="unsupported video input"):
+        load_video(3.5)
