@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fovea.layers import paged_attention_cpu
+
 
 @dataclass(slots=True)
 class AttentionGroup:
@@ -32,6 +34,8 @@ class AttentionGroup:
     mask: torch.Tensor | None
     out_index: torch.Tensor
     token_index: torch.Tensor
+    context_lens: torch.Tensor  # [B] long
+    is_decode: bool  # one query token per request
 
 
 @dataclass(slots=True)
@@ -85,7 +89,8 @@ def _group(query_lens: list[int], context_lens: list[int], tables: list[list[int
         mask = mask.unsqueeze(1)
     flat_rows = (torch.arange(num_reqs)[:, None] * max_q + rows[None, :])[is_real]
     return AttentionGroup(q_index=q_index, block_table=block_table, mask=mask,
-                          out_index=flat_rows, token_index=q_index[is_real])
+                          out_index=flat_rows, token_index=q_index[is_real], context_lens=ctx_len,
+                          is_decode=max_q == 1)
 
 
 def build_attention_metadata(
@@ -130,13 +135,15 @@ class Attention(nn.Module):
     The runner binds `self.kv_cache = (k_cache, v_cache)` after allocating the pool.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int | None = None):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int | None = None,
+                 use_kernel: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim
         self.scale = scale
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kernel = paged_attention_cpu.load() if use_kernel else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = get_attention_metadata()
@@ -153,6 +160,11 @@ class Attention(nn.Module):
         v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
         for g in meta.groups:
             num_reqs = g.block_table.shape[0]
+            if g.is_decode and self._kernel is not None:
+                og = self._kernel.paged_decode(q[g.token_index], k_cache, v_cache, g.block_table, g.context_lens,
+                                               self.scale, bs)  # (B, nh, hs), straight from the pool
+                out[g.token_index] = og.reshape(num_reqs, -1).to(out.dtype)
+                continue
             qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)
             # whole blocks at a time: one contiguous copy per block instead of one per token
             kg = k_blocks[g.block_table].view(num_reqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
