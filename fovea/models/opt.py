@@ -16,7 +16,7 @@ from transformers import OPTConfig
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
 from fovea.layers.linear import PackedLinear
-from fovea.models.utils import merge_multimodal_embeddings
+from fovea.models.utils import TokenEmbeddingsMixin
 
 POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0 (a fairseq leftover)
 
@@ -94,7 +94,7 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
 
-class OPTForCausalLM(nn.Module):
+class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module):
     supports_multimodal = False
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
@@ -117,26 +117,13 @@ class OPTForCausalLM(nn.Module):
             return "model." + name
         return name
 
-    def embed_input_ids(
-        self,
-        input_ids: torch.Tensor,
-        mm_embeds: list[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        embeds = self.model.decoder.embed_tokens(input_ids)  # [N, word_embed_proj_dim]
-        if is_multimodal is None:
-            if mm_embeds:
-                raise ValueError("mm_embeds given without is_multimodal")
-            return embeds
-        return merge_multimodal_embeddings(embeds, mm_embeds or [], is_multimodal)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.decoder.embed_tokens
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.model.decoder.embed_tokens(input_ids)
+        inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
         return self.model.decoder(inputs_embeds, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, word_embed_proj_dim]

@@ -16,7 +16,7 @@ from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
 from fovea.layers.linear import PackedLinear
 from fovea.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
-from fovea.models.utils import merge_multimodal_embeddings
+from fovea.models.utils import TokenEmbeddingsMixin
 
 
 class RMSNorm(nn.Module):
@@ -111,7 +111,7 @@ class Qwen2Model(nn.Module):
         return self.norm(x)
 
 
-class Qwen2ForCausalLM(nn.Module):
+class Qwen2ForCausalLM(TokenEmbeddingsMixin, nn.Module):
     supports_multimodal = False
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
@@ -133,26 +133,13 @@ class Qwen2ForCausalLM(nn.Module):
             return None  # the same tensor as embed_tokens; some checkpoints store both
         return name
 
-    def embed_input_ids(
-        self,
-        input_ids: torch.Tensor,
-        mm_embeds: list[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        embeds = self.model.embed_tokens(input_ids)  # [N, hidden]
-        if is_multimodal is None:
-            if mm_embeds:
-                raise ValueError("mm_embeds given without is_multimodal")
-            return embeds
-        return merge_multimodal_embeddings(embeds, mm_embeds or [], is_multimodal)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.model.embed_tokens(input_ids)
+        inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
         return self.model(inputs_embeds, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, hidden]

@@ -32,7 +32,7 @@ from fovea.models.qwen2_5_vl_processing import (
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
 )
-from fovea.models.utils import merge_multimodal_embeddings
+from fovea.models.utils import TokenEmbeddingsMixin
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 
 # ---------------------------------------------------------------------------------------------- packing
@@ -280,7 +280,7 @@ class Qwen2_5_VLModel(nn.Module):
 
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class Qwen2_5_VLForConditionalGeneration(nn.Module):
+class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module):
     supports_multimodal = True
     supports_mrope = True
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
@@ -384,27 +384,14 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ language model
 
-    def embed_input_ids(
-        self,
-        input_ids: torch.Tensor,
-        mm_embeds: list[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        embeds = self.model.language_model.embed_tokens(input_ids)  # [N, hidden]
-        if is_multimodal is None:
-            if mm_embeds:
-                raise ValueError("mm_embeds given without is_multimodal")
-            return embeds
-        return merge_multimodal_embeddings(embeds, mm_embeds or [], is_multimodal)
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.language_model.embed_tokens
 
     def forward(
         self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         """positions [3, N] M-RoPE (a [N] tensor is read as text positions, the same on all three rows)."""
-        if inputs_embeds is None:
-            if input_ids is None:
-                raise ValueError("forward needs input_ids or inputs_embeds")
-            inputs_embeds = self.model.language_model.embed_tokens(input_ids)
+        inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
         if positions.dim() == 1:
             positions = positions.expand(3, -1)
         return self.model.language_model(inputs_embeds, positions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 
 def merge_multimodal_embeddings(
@@ -33,3 +34,31 @@ def merge_multimodal_embeddings(
         )
     mask = is_multimodal.to(device=inputs_embeds.device, dtype=torch.bool).unsqueeze(-1)
     return inputs_embeds.masked_scatter(mask, rows.to(inputs_embeds.dtype))
+
+
+class TokenEmbeddingsMixin:
+    """`embed_input_ids` and the input-embeddings fallback of `forward`, for any model whose token table is
+    returned by `get_input_embeddings()`."""
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        mm_embeds: Sequence[torch.Tensor] | None = None,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeds = self.get_input_embeddings()(input_ids)  # [N, D]
+        if is_multimodal is None:
+            if mm_embeds:
+                raise ValueError("mm_embeds given without is_multimodal")
+            return embeds
+        return merge_multimodal_embeddings(embeds, mm_embeds or [], is_multimodal)
+
+    def resolve_inputs_embeds(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        if inputs_embeds is not None:
+            return inputs_embeds
+        if input_ids is None:
+            raise ValueError("forward needs input_ids or inputs_embeds")
+        return self.get_input_embeddings()(input_ids)
