@@ -64,33 +64,28 @@ def get_attention_metadata() -> AttentionMetadata:
     return _CONTEXT[-1]
 
 
-def _group(query_lens: list[int], context_lens: list[int], tables: list[list[int]], q_starts: list[int],
-           block_size: int) -> AttentionGroup:
-    num_reqs = len(query_lens)
-    max_q = max(query_lens)
-    max_blocks = max(-(-c // block_size) for c in context_lens)
-    q_len = torch.tensor(query_lens)
-    ctx_len = torch.tensor(context_lens)
-    start = torch.tensor(q_starts)
-    rows = torch.arange(max_q)
-    is_real = rows[None, :] < q_len[:, None]  # [B, max_q]
-    q_index = torch.where(is_real, start[:, None] + rows[None, :], start[:, None])
-    block_table = torch.zeros(num_reqs, max_blocks, dtype=torch.long)
-    for i, table in enumerate(tables):
-        n = -(-context_lens[i] // block_size)
-        block_table[i, :n] = torch.tensor(table[:n])
+def _group(rows: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor, tables: torch.Tensor,
+           q_starts: torch.Tensor, block_size: int) -> AttentionGroup:
+    """One SDPA call over the requests `rows` (indices into the step's requests)."""
+    q_len, ctx_len, start = query_lens[rows], context_lens[rows], q_starts[rows]
+    num_reqs = rows.numel()
+    max_q = int(q_len.max())
+    max_blocks = int((ctx_len.max() + block_size - 1) // block_size)
+    block_table = tables[rows, :max_blocks]
+    q_rows = torch.arange(max_q)
+    is_real = q_rows[None, :] < q_len[:, None]  # [B, max_q]
+    q_index = torch.where(is_real, start[:, None] + q_rows[None, :], start[:, None])
     mask = None
-    key_pos = torch.arange(max_blocks * block_size)
-    if not (max_q == 1 and all(c == max_blocks * block_size for c in context_lens)):
+    if max_q > 1 or bool((ctx_len != max_blocks * block_size).any()):
         # query row r sits at absolute position ctx_len - q_len + r and sees keys up to it
-        limit = (ctx_len - q_len)[:, None] + rows[None, :]  # [B, max_q]
+        key_pos = torch.arange(max_blocks * block_size)
+        limit = (ctx_len - q_len)[:, None] + q_rows[None, :]  # [B, max_q]
         mask = key_pos[None, None, :] <= limit[:, :, None]
         mask[:, :, 0] |= ~is_real  # padding rows attend to something so SDPA stays finite
         mask = mask.unsqueeze(1)
-    flat_rows = (torch.arange(num_reqs)[:, None] * max_q + rows[None, :])[is_real]
-    return AttentionGroup(q_index=q_index, block_table=block_table, mask=mask,
-                          out_index=flat_rows, token_index=q_index[is_real], context_lens=ctx_len,
-                          is_decode=max_q == 1)
+    flat_rows = (torch.arange(num_reqs)[:, None] * max_q + q_rows[None, :])[is_real]
+    return AttentionGroup(q_index=q_index, block_table=block_table, mask=mask, out_index=flat_rows,
+                          token_index=q_index[is_real], context_lens=ctx_len, is_decode=max_q == 1)
 
 
 def build_attention_metadata(
@@ -103,29 +98,33 @@ def build_attention_metadata(
 
     For request i, `query_lens[i]` tokens are scheduled (they are its last ones), `context_lens[i]` is its
     length once they are computed (cached prefix + these), and `block_tables[i]` holds enough blocks for it.
-    Scheduled tokens are laid out flat in request order. Decodes (one query token) share one SDPA call;
-    each longer chunk gets its own, so nothing is padded to the longest prompt.
+    Scheduled tokens are laid out flat in request order. Decodes (one query token) share one attention
+    call; each longer chunk gets its own, so nothing is padded to the longest prompt.
     """
-    slot_parts, q_starts = [], []
-    start = 0
-    for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables):
-        if q_len > ctx_len or len(table) * block_size < ctx_len:
+    num_reqs = len(query_lens)
+    blocks_needed = [-(-c // block_size) for c in context_lens]
+    for q_len, ctx_len, table, n in zip(query_lens, context_lens, block_tables, blocks_needed):
+        if not 0 < q_len <= ctx_len or len(table) < n:
             raise ValueError(f"bad request geometry: query {q_len}, context {ctx_len}, blocks {len(table)}")
-        pos = torch.arange(ctx_len - q_len, ctx_len)
-        blocks = torch.tensor(table[(ctx_len - q_len) // block_size:(ctx_len - 1) // block_size + 1])
-        slot_parts.append(blocks[pos // block_size - (ctx_len - q_len) // block_size] * block_size + pos % block_size)
-        q_starts.append(start)
-        start += q_len
-    decodes = [i for i, q in enumerate(query_lens) if q == 1]
-    chunks = [i for i, q in enumerate(query_lens) if q > 1]
+    max_blocks = max(blocks_needed, default=0)
+    # one padded table for the step (padding points at block 0, the null block)
+    tables = torch.tensor([table[:n] + [0] * (max_blocks - n) for table, n in zip(block_tables, blocks_needed)],
+                          dtype=torch.long).view(num_reqs, max_blocks)
+    q_len = torch.tensor(query_lens, dtype=torch.long)
+    ctx_len = torch.tensor(context_lens, dtype=torch.long)
+    q_starts = torch.cumsum(q_len, 0) - q_len
+    num_tokens = int(q_len.sum()) if num_reqs else 0
+    # slot of every scheduled token: its request's block at position // block_size, offset position % block_size
+    req_of_token = torch.repeat_interleave(torch.arange(num_reqs), q_len)
+    pos = (ctx_len - q_len)[req_of_token] + torch.arange(num_tokens) - q_starts[req_of_token]
+    slot_mapping = tables[req_of_token, pos // block_size] * block_size + pos % block_size
+    is_decode = q_len == 1
     groups = []
-    if decodes:
-        pick = lambda seq: [seq[i] for i in decodes]  # noqa: E731
-        groups.append(_group(pick(query_lens), pick(context_lens), pick(block_tables), pick(q_starts), block_size))
-    for i in chunks:
-        groups.append(_group([query_lens[i]], [context_lens[i]], [block_tables[i]], [q_starts[i]], block_size))
-    slot_mapping = torch.cat(slot_parts) if slot_parts else torch.zeros(0, dtype=torch.long)
-    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=start, block_size=block_size)
+    if bool(is_decode.any()):
+        groups.append(_group(is_decode.nonzero().flatten(), q_len, ctx_len, tables, q_starts, block_size))
+    for i in (~is_decode).nonzero().flatten().tolist():
+        groups.append(_group(torch.tensor([i]), q_len, ctx_len, tables, q_starts, block_size))
+    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=num_tokens, block_size=block_size)
 
 
 class Attention(nn.Module):

@@ -119,22 +119,27 @@ class ModelRunner:
         if to_encode:
             self._run_encoder(to_encode)
 
-        input_ids, positions, mm_rows, mm_mask_parts, logits_index, sample_rows, sampled_reqs = [], [], [], [], [], [], []
+        num_tokens = out.num_scheduled_tokens
+        input_ids: list[int] = []
+        positions: list = []  # ints (1-D positions) or [3, n] tensors (M-RoPE)
+        is_mm = torch.zeros(num_tokens, dtype=torch.bool)
+        mm_rows, logits_index, sample_rows, sampled_reqs = [], [], [], []
         start = 0
         for s in out.scheduled:
             req, c, n = s.request, s.num_computed_tokens, s.num_new_tokens
             input_ids.extend(req.all_token_ids[c:c + n])
-            positions.append(_positions(req, c, n))
-            mask = torch.zeros(n, dtype=torch.bool)
+            if req.mrope_positions is None:
+                positions.extend(range(c, c + n))
+            else:
+                positions.append(_mrope_positions(req, c, n))
             for feature in req.mm_features:
                 lo, hi = max(c, feature.offset), min(c + n, feature.offset + feature.length)
                 if lo >= hi:
                     continue
                 rows, local_mask = _embed_rows(feature, self.encoder_cache[feature.mm_hash], lo - feature.offset,
                                                hi - feature.offset)
-                mask[lo - c:hi - c] = local_mask
+                is_mm[start + lo - c:start + hi - c] = local_mask
                 mm_rows.append(rows)
-            mm_mask_parts.append(mask)
             start += n
             if c + n == req.num_tokens:  # the chunk reached the last known token: sample the next one
                 logits_index.append(start - 1)
@@ -148,10 +153,11 @@ class ModelRunner:
             [s.block_ids for s in out.scheduled],
             self.block_size,
         )
-        is_mm = torch.cat(mm_mask_parts)
+        positions = torch.cat(positions, dim=1) if positions and isinstance(positions[0], torch.Tensor) \
+            else torch.tensor(positions, dtype=torch.long)
         embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
         with forward_context(meta):
-            hidden = self.model(ids, torch.cat(positions, dim=-1), inputs_embeds=embeds)
+            hidden = self.model(ids, positions, inputs_embeds=embeds)
         if not sampled_reqs:
             return ModelRunnerOutput({s.request.request_id: [] for s in out.scheduled}, {})
         logits = self.model.compute_logits(hidden[torch.tensor(logits_index)]).float()
@@ -192,10 +198,8 @@ class ModelRunner:
                 self.encoder_cache[mm_hash] = embeds
 
 
-def _positions(req, c: int, n: int) -> torch.Tensor:
-    """Positions of tokens [c, c+n): [n], or [3, n] for M-RoPE (prompt positions, then p + delta)."""
-    if req.mrope_positions is None:
-        return torch.arange(c, c + n)
+def _mrope_positions(req, c: int, n: int) -> torch.Tensor:
+    """M-RoPE positions [3, n] of tokens [c, c+n): the prompt's own, then p + delta on all three rows."""
     prompt = req.mrope_positions[:, c:c + n]
     if prompt.shape[1] == n:
         return prompt
