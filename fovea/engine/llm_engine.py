@@ -191,7 +191,8 @@ class LLMEngine:
             child = Request(request_id=child_id, prompt_token_ids=request.prompt_token_ids,
                             sampling_params=child_params, eos_token_id=request.eos_token_id,
                             mm_features=request.mm_features, prompt=request.prompt,
-                            arrival_index=request.arrival_index)
+                            arrival_index=request.arrival_index, mrope_positions=request.mrope_positions,
+                            mrope_position_delta=request.mrope_position_delta)
             children.append(_CompletionState(
                 request=child, index=index,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, child_params, request.prompt_token_ids),
