@@ -25,6 +25,10 @@ class EncoderCacheManager:
         self._num_tokens: dict[str, int] = {}  # mm_hash -> encoder tokens it occupies
         self._req_items: dict[str, set[int]] = {}  # request_id -> item indices it references
         self._freed: dict[str, None] = {}  # ordered set of hashes freed since the last report
+        # For metrics, since start: a request taking a reference to an output already cached (or planned this
+        # step) is a hit; an output that has to be computed (`allocate`) is a miss.
+        self.num_hits = 0
+        self.num_misses = 0
 
     def __contains__(self, mm_hash: str) -> bool:
         return mm_hash in self._refs
@@ -32,6 +36,10 @@ class EncoderCacheManager:
     @property
     def num_cached_items(self) -> int:
         return len(self._refs)
+
+    @property
+    def num_queries(self) -> int:
+        return self.num_hits + self.num_misses
 
     def _add_ref(self, request: Request, idx: int, mm_hash: str) -> None:
         self._refs[mm_hash].add((request.request_id, idx))
@@ -46,6 +54,8 @@ class EncoderCacheManager:
         mm_hash = request.mm_features[idx].mm_hash
         if mm_hash not in self._refs:
             return False
+        if not self.has_cache(request, idx):
+            self.num_hits += 1
         self._add_ref(request, idx, mm_hash)
         return True
 
@@ -63,6 +73,7 @@ class EncoderCacheManager:
         if feature.num_encoder_tokens > self.num_free_slots:
             raise ValueError(f"{feature.num_encoder_tokens} encoder tokens do not fit in {self.num_free_slots} free")
         self.num_free_slots -= feature.num_encoder_tokens
+        self.num_misses += 1
         self._refs[feature.mm_hash] = set()
         self._num_tokens[feature.mm_hash] = feature.num_encoder_tokens
         self._add_ref(request, idx, feature.mm_hash)

@@ -2,6 +2,19 @@
 
 Everything a request can get wrong is found here, before it reaches the scheduler, and raised as a
 ValueError naming the problem; nothing else in the engine is touched by a bad request.
+
+What `multi_modal_data` may hold, per modality (one item, or a list of items):
+
+- "image": anything `load_image` takes (PIL, array, path, bytes, data URL), or precomputed embeddings: a
+  torch tensor (BLIP-2) or a dict such as {"image_embeds": [tokens, hidden], "image_grid_thw": (t, h, w)}
+  (Qwen2.5-VL), passed to the model's processor as they are.
+- "video": a `LoadedVideo`, a (T, H, W, 3) array, a list of images (one video: a list whose items are all
+  PIL images is its frames, as in vLLM; wrap it in another list for several), a file path, bytes or a
+  data URL, decoded by the model's loader with its `fps` / `max_frames` options (per model and per request);
+  or a dict of precomputed {"video_embeds", "video_grid_thw", "second_per_grid_ts"}.
+
+Items are decoded here, once, and hashed decoded, so the same picture or clip hashes the same however it
+arrived, and different content or different processing options hash differently.
 """
 from __future__ import annotations
 
@@ -9,10 +22,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from PIL import Image
 
 from fovea.engine.request import Request
 from fovea.multimodal.hashing import hash_mm_item
-from fovea.multimodal.media import load_image
+from fovea.multimodal.media import load_image, load_video
 from fovea.multimodal.processing import BaseMultiModalProcessor
 from fovea.sampling_params import SamplingParams
 
@@ -38,8 +52,8 @@ class InputProcessor:
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_index: int = 0) -> Request:
         text, token_ids, mm_data, mm_kwargs = self._parse(prompt)
-        mm_items = self._load_media(mm_data)
         kwargs = {**self.mm_processor_kwargs, **mm_kwargs}
+        mm_items = self._load_media(mm_data, kwargs)
         if mm_items:
             if self.processor is None:
                 raise ValueError(f"this model takes text only; got {', '.join(mm_items)} input")
@@ -76,25 +90,35 @@ class InputProcessor:
         return text, (list(token_ids) if token_ids is not None else None), \
             dict(prompt.get("multi_modal_data") or {}), dict(prompt.get("mm_processor_kwargs") or {})
 
-    def _load_media(self, mm_data: Mapping[str, Any]) -> dict[str, list[Any]]:
+    def _load_media(self, mm_data: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, list[Any]]:
         items: dict[str, list[Any]] = {}
         for modality, value in mm_data.items():
             if modality not in self.mm_limits:
                 allowed = ", ".join(self.mm_limits) or "none (text only)"
                 raise ValueError(f"this model does not take {modality!r} input; modalities it takes: {allowed}")
-            values = value if isinstance(value, list) else [value]
+            values = _as_items(modality, value)
             if len(values) > self.mm_limits[modality]:
                 raise ValueError(
                     f"{len(values)} {modality} item(s) given but at most {self.mm_limits[modality]} per prompt are allowed"
                 )
-            if modality == "image":
-                # a torch tensor is a pre-computed embedding; everything else is an image to decode
-                loaded = [v if isinstance(v, torch.Tensor) else load_image(v) for v in values]
-            else:
-                raise ValueError(f"modality {modality!r} has no loader yet")
+            loaded = [self._load_item(modality, v, kwargs) for v in values]
             if loaded:
                 items[modality] = loaded
         return items
+
+    def _load_item(self, modality: str, item: Any, kwargs: Mapping[str, Any]) -> Any:
+        if isinstance(item, Mapping):  # precomputed embeddings (+ grid): the model's processor checks them
+            return dict(item)
+        if modality == "image":
+            # a torch tensor is a pre-computed embedding; everything else is an image to decode
+            return item if isinstance(item, torch.Tensor) else load_image(item)
+        if modality == "video":
+            if isinstance(item, torch.Tensor):
+                raise ValueError("a video cannot be a torch tensor; pass frames as a (T, H, W, 3) uint8 numpy "
+                                 "array, or precomputed embeddings as a dict {'video_embeds', 'video_grid_thw'}")
+            loader = getattr(self.processor.info, "load_video", None) if self.processor is not None else None
+            return loader(item, kwargs) if loader is not None else load_video(item)
+        raise ValueError(f"modality {modality!r} has no loader; fovea loads 'image' and 'video'")
 
     def _check_tokens(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
@@ -109,3 +133,13 @@ class InputProcessor:
                 f"the prompt ({num_prompt} tokens, image placeholders included) plus max_tokens={max_tokens} "
                 f"is {num_prompt + max_tokens} tokens, over max_model_len={self.max_model_len}"
             )
+
+
+def _as_items(modality: str, value: Any) -> list[Any]:
+    """The items of one modality: a list (or tuple) is several, anything else one; except that for video a
+    list of PIL images is the frames of one video (vLLM's reading)."""
+    if not isinstance(value, (list, tuple)):
+        return [value]
+    if modality == "video" and value and all(isinstance(v, Image.Image) for v in value):
+        return [list(value)]
+    return list(value)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from fovea.config import EngineConfig
 from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
+from fovea.entrypoints.chat_utils import ChatMessage, parse_chat_messages, render_chat
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
 
@@ -65,6 +66,47 @@ class LLM:
                 raise ValueError(f"prompt {i}: {err}") from err
             ids.append(request_id)
         return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Sequence[ChatMessage] | Sequence[Sequence[ChatMessage]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        mm_processor_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or to several (a list of such lists).
+
+        Messages are OpenAI-style (see `fovea.entrypoints.chat_utils`): text, `image_url` / `video_url` with a
+        data URL or a local path, `image_pil`. Each conversation is rendered with `chat_template` or the
+        checkpoint's own, tokenized without adding special tokens (the template has them, as in vLLM), and
+        generated like a `generate` prompt; `RequestOutput.prompt` is the rendered text.
+        """
+        is_batch = (isinstance(messages, Sequence) and not isinstance(messages, str) and bool(messages)
+                    and not isinstance(messages[0], Mapping))
+        conversations = list(messages) if is_batch else [messages]
+        tokenizer = self.get_tokenizer()
+        prompts, rendered = [], []
+        for i, conversation in enumerate(conversations):
+            try:
+                parsed, mm_data = parse_chat_messages(conversation, allowed_modalities=self.llm_engine.mm_limits,
+                                                      allow_local_paths=True)
+                text = render_chat(tokenizer, parsed, chat_template, add_generation_prompt)
+            except ValueError as err:
+                raise ValueError(f"conversation {i}: {err}" if is_batch else str(err)) from err
+            prompt: dict[str, Any] = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+            if mm_data:
+                prompt["multi_modal_data"] = mm_data
+            if mm_processor_kwargs:
+                prompt["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+            prompts.append(prompt)
+            rendered.append(text)
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        for output, text in zip(outputs, rendered):
+            output.prompt = text
+        return outputs
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

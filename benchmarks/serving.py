@@ -1,0 +1,209 @@
+"""Serving: requests/s, time to first token (TTFT) and time per output token (TPOT) at several request rates,
+against a running `fovea serve` over loopback.
+
+Requests arrive as a Poisson process at each `--rates` value (requests/s; `inf` sends them all at once), each a
+streaming request with `ignore_eos` so it produces exactly `--max-tokens` tokens. Chat requests (the default)
+carry one random image each (sides 120 to 640 px, as the throughput benchmarks); `--endpoint completions` sends
+text only. TTFT is from sending the request to its first streamed token; TPOT is (last token - first token) /
+(tokens - 1) per request. Every rate gets its own images and prompts, so no rate is served from the prefix cache
+another one filled; the server is first warmed up on as many other requests at once. With `--model` the script
+starts the server itself on a free port and also loads the offline `LLM` in this process; then, in `--repeats`
+alternating rounds on fresh requests, sends them all at once to the server and to the offline `LLM` (prefix cache
+emptied). The ratio of the best rounds is what the HTTP layer and the engine loop cost (the client shares the
+machine's cores with the server: on 2 cores that is part of the figure).
+
+    python benchmarks/serving.py --model runs/bench/qwen2_5_vl-lm0.5b-vit8-200704 --rates 1 2 4 inf
+    python benchmarks/serving.py --base-url http://127.0.0.1:8000 --endpoint completions
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import images  # noqa: E402
+
+WORDS = "describe the picture in detail what colours shapes and objects can you see here".split()
+REQUEST_TIMEOUT_S = 600.0
+
+
+@dataclass(slots=True)
+class Result:
+    ttft_s: float
+    tpot_s: float
+    latency_s: float
+    num_tokens: int
+
+
+def build_bodies(num: int, endpoint: str, max_tokens: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    pictures = images(num, seed) if endpoint == "chat" else []
+    bodies = []
+    for i in range(num):
+        text = " ".join(rng.choice(WORDS, int(rng.integers(4, 24))))
+        common = {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
+                  "stream_options": {"include_usage": True}}
+        if endpoint == "chat":
+            buf = io.BytesIO()
+            pictures[i].save(buf, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+            bodies.append({"messages": [{"role": "user", "content": content}], **common})
+        else:
+            bodies.append({"prompt": text, **common})
+    return bodies
+
+
+async def send_one(client: httpx.AsyncClient, path: str, body: dict) -> Result:
+    start = time.perf_counter()
+    first = last = None
+    usage = None
+    async with client.stream("POST", path, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            usage = chunk.get("usage") or usage
+            choice = chunk["choices"][0] if chunk["choices"] else {}
+            if choice.get("text") or (choice.get("delta") or {}).get("content") or choice.get("finish_reason"):
+                now = time.perf_counter()
+                first = now if first is None else first
+                last = now
+    num_tokens = usage["completion_tokens"]
+    return Result(ttft_s=first - start, tpot_s=(last - first) / max(1, num_tokens - 1), latency_s=last - start,
+                  num_tokens=num_tokens)
+
+
+async def run_rate(base_url: str, path: str, bodies: list[dict], rate: float, seed: int):
+    rng = np.random.default_rng(seed)
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        tasks = []
+        start = time.perf_counter()
+        for body in bodies:
+            tasks.append(asyncio.ensure_future(send_one(client, path, body)))
+            if math.isfinite(rate):
+                await asyncio.sleep(rng.exponential(1.0 / rate))
+        results = await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_TIMEOUT_S)
+        return results, time.perf_counter() - start
+
+
+class OfflineBaseline:
+    """The offline LLM in this process, on the server's engine options: `requests_per_s(bodies)` runs them all at
+    once with the prefix cache emptied first, so it computes what the server computes."""
+
+    def __init__(self, model: str, engine_args: list[str], max_tokens: int):
+        from fovea import LLM, SamplingParams
+        from fovea.entrypoints.cli import build_parser, engine_kwargs
+
+        self.llm = LLM(model, **engine_kwargs(build_parser().parse_args(["serve", model, *engine_args])))
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    def requests_per_s(self, bodies: list[dict], endpoint: str) -> float:
+        self.llm.llm_engine.scheduler.reset_prefix_cache()
+        start = time.perf_counter()
+        if endpoint == "chat":
+            self.llm.chat([b["messages"] for b in bodies], self.params, use_tqdm=False)
+        else:
+            self.llm.generate([b["prompt"] for b in bodies], self.params, use_tqdm=False)
+        return len(bodies) / (time.perf_counter() - start)
+
+
+def start_server(model: str, serve_args: list[str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "fovea.entrypoints.cli", "serve", model, "--port", str(port), "--log-level",
+           "warning", *serve_args]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
+                return proc, base_url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise RuntimeError("the server did not come up")
+
+
+def percentiles(values: list[float], scale: float) -> str:
+    array = np.array(values) * scale
+    return f"{array.mean():8.1f} {np.percentile(array, 50):8.1f} {np.percentile(array, 99):8.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", help="a running server; or give --model to start one")
+    parser.add_argument("--model", help="checkpoint directory to serve (the script starts and stops the server)")
+    parser.add_argument("--serve-args", default="--dtype float32", help="extra `fovea serve` flags (with --model)")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    parser.add_argument("--rates", nargs="+", type=float, default=[1.0, 2.0, 4.0, math.inf])
+    parser.add_argument("--num-requests", type=int, default=32, help="requests per rate")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="rounds of the server-vs-offline comparison (with --model; 0 skips it)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if (args.base_url is None) == (args.model is None):
+        parser.error("give exactly one of --base-url and --model")
+    warmup = build_bodies(args.num_requests, args.endpoint, args.max_tokens, args.seed + 1000)
+    bodies = [build_bodies(args.num_requests, args.endpoint, args.max_tokens, args.seed + i)
+              for i in range(len(args.rates))]
+    serve_args = shlex.split(args.serve_args)
+    offline = None
+    if args.model and args.repeats:
+        offline = OfflineBaseline(args.model, serve_args, args.max_tokens)
+        offline.requests_per_s(warmup, args.endpoint)
+    proc = None
+    if args.model:
+        proc, args.base_url = start_server(args.model, serve_args)
+    path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+    try:
+        asyncio.run(run_rate(args.base_url, path, warmup, math.inf, args.seed))
+        print(f"{args.num_requests} streaming {args.endpoint} requests per rate, {args.max_tokens} tokens each "
+              f"(EOS ignored){', one image each' if args.endpoint == 'chat' else ''}; server {args.base_url}")
+        print(f"{'rate req/s':>10} {'done req/s':>10} {'out tok/s':>10} | {'TTFT ms: mean':>14} {'p50':>8} {'p99':>8} "
+              f"| {'TPOT ms: mean':>14} {'p50':>8} {'p99':>8}")
+        for rate, rate_bodies in zip(args.rates, bodies):
+            results, seconds = asyncio.run(run_rate(args.base_url, path, rate_bodies, rate, args.seed))
+            num_tokens = sum(r.num_tokens for r in results)
+            print(f"{rate:>10} {len(results) / seconds:>10.2f} {num_tokens / seconds:>10.1f} | "
+                  f"{'':>6}{percentiles([r.ttft_s for r in results], 1e3)} | "
+                  f"{'':>6}{percentiles([r.tpot_s for r in results], 1e3)}")
+        if offline is not None:
+            # Alternating rounds on fresh requests, best of each: the machine's other load slows single runs.
+            best_server = best_offline = 0.0
+            for round_index in range(args.repeats):
+                fresh = build_bodies(args.num_requests, args.endpoint, args.max_tokens, args.seed + 2000 + round_index)
+                best_offline = max(best_offline, offline.requests_per_s(fresh, args.endpoint))
+                results, seconds = asyncio.run(run_rate(args.base_url, path, fresh, math.inf, args.seed))
+                best_server = max(best_server, len(results) / seconds)
+            print(f"all at once, best of {args.repeats}: server {best_server:.2f} req/s, offline LLM "
+                  f"{best_offline:.2f} req/s; server / offline = {best_server / best_offline:.2f}")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()

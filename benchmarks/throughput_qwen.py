@@ -1,0 +1,173 @@
+"""Qwen2.5-VL offline throughput: fovea vs transformers `generate`, same requests, same run.
+
+A Qwen2.5-VL with random weights at realistic sizes: a language model with Qwen2-0.5B's dimensions (hidden 896,
+24 layers, 14 query / 2 KV heads, MLP 4864, 151936-token vocabulary, tied embeddings) and a reduced vision tower
+(8 blocks of width 640, two of them full attention, window attention in the rest, merged into 896). Every request
+is one chat turn with its own image (sizes vary from 120 to 640 pixels a side, so from 20 to `--max-pixels`'s
+worth of tokens) and its own `max_tokens`; EOS is ignored so both sides produce exactly the tokens asked for.
+
+fovea gets all requests at once through `LLM.chat`. transformers has no Qwen processor without torchvision, so
+its inputs are built the way fovea's equal preprocessing builds them: the chat template, transformers' own
+`Qwen2VLImageProcessorPil`, each `<|image_pad|>` expanded to its image's token count; then static, left-padded
+batches (each runs until its longest request is done; only the tokens a request asked for count as useful) at
+each of `--hf-batch-sizes`. Preprocessing is inside the timed region on both sides. Prints useful output
+tokens/s for both and the ratio against transformers' best batch size.
+
+    python benchmarks/throughput_qwen.py [--num-requests 32] [--dtypes float32 bfloat16] [--hf-batch-sizes 8 16 32]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
+
+VOCAB = 151936
+QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                 "<|video_pad|>"]
+MIN_PIXELS = 28 * 28 * 16
+MAX_PIXELS = 28 * 28 * 256  # at most 256 LLM tokens per image
+# Qwen2-VL's turn format; media parts become a vision_start, pad, vision_end triple
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_checkpoint(path: Path, max_pixels: int) -> Path:
+    if (path / "model.safetensors").exists():
+        return path
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = word_tokenizer(VOCAB - len(QWEN_SPECIALS) - 64, ["<unk>", "<pad>", "</s>"])
+    tokenizer.add_tokens(QWEN_SPECIALS, special_tokens=True)
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=8, hidden_size=640, num_heads=10, intermediate_size=1792, out_hidden_size=896,
+                           window_size=112, fullatt_block_indexes=[3, 7], tokens_per_second=2),
+        text_config=dict(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_parameters=dict(rope_type="default", mrope_section=[8, 12, 12], rope_theta=1e6),
+                         bos_token_id=ids["<|im_end|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=1),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=max_pixels)
+    processor_config = {"processor_class": "Qwen2_5_VLProcessor", "image_processor": image_processor.to_dict()}
+    (path / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+    return path
+
+
+def requests(num: int):
+    caps = [16 + (i * 37) % 113 for i in range(num)]  # 16 .. 128 output tokens
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                     for text in prompts(num, 10, 100000)]
+    return conversations, images(num), caps
+
+
+def run_fovea(path: Path, dtype: str, reqs) -> tuple[float, int]:
+    from fovea import LLM, SamplingParams
+
+    conversations, imgs, caps = reqs
+    llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(conversations),
+              kv_cache_memory_bytes=2 << 30)
+    # OpenAI-style messages: the template's {"type": "image"} parts as image_pil parts with the image
+    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, conv[0]["content"][1]]}]
+                for conv, im in zip(conversations, imgs)]
+    params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
+    llm.chat(messages[:2], params[:2], use_tqdm=False)  # warm-up
+    with Timer() as t:
+        outs = llm.chat(messages, params, use_tqdm=False)
+    useful = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert useful == sum(caps)
+    del llm
+    gc.collect()
+    return t.seconds, useful
+
+
+def run_transformers(path: Path, dtype: str, reqs, batch_size: int, max_pixels: int) -> tuple[float, int]:
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    conversations, imgs, caps = reqs
+    torch_dtype = getattr(torch, dtype)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+    model.generation_config.eos_token_id = None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=max_pixels)
+    image_token_id = model.config.image_token_id
+    merge_unit = model.config.vision_config.spatial_merge_size ** 2
+
+    def generate(lo, hi):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations[lo:hi]]
+        pixels = image_processor(images=imgs[lo:hi], return_tensors="pt")
+        counts = (pixels["image_grid_thw"].prod(-1) // merge_unit).tolist()
+        texts = [t.replace("<|image_pad|>", "<|image_pad|>" * n, 1) for t, n in zip(texts, counts)]
+        inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        # transformers 5 needs these to compute M-RoPE positions (without them it falls back to 1-D ones)
+        mm_token_type_ids = (inputs["input_ids"] == image_token_id).int()
+        config = GenerationConfig(max_new_tokens=max(caps[lo:hi]), do_sample=False, eos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id)
+        with torch.inference_mode():
+            return model.generate(**inputs, pixel_values=pixels["pixel_values"].to(torch_dtype),
+                                  image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=mm_token_type_ids,
+                                  generation_config=config)
+
+    generate(0, 2)  # warm-up
+    with Timer() as t:
+        for lo in range(0, len(conversations), batch_size):
+            generate(lo, min(lo + batch_size, len(conversations)))
+    del model
+    gc.collect()
+    return t.seconds, sum(caps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[8, 16, 32])
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    path = build_checkpoint(CACHE / f"qwen2_5_vl-lm0.5b-vit8-{args.max_pixels}", args.max_pixels)
+    reqs = requests(args.num_requests)
+    print(f"{args.num_requests} requests, {sum(reqs[2])} useful output tokens, images up to {args.max_pixels} "
+          f"pixels, {args.threads} threads")
+    for dtype in args.dtypes:
+        hf = {}
+        for bs in args.hf_batch_sizes:
+            seconds, useful = run_transformers(path, dtype, reqs, bs, args.max_pixels)
+            hf[bs] = useful / seconds
+            print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
+        seconds, useful = run_fovea(path, dtype, reqs)
+        ours = useful / seconds
+        best_bs = max(hf, key=hf.get)
+        print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "
+              f"ratio vs transformers' best (bs={best_bs}): {ours / hf[best_bs]:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

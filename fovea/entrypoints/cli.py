@@ -1,0 +1,294 @@
+"""The `fovea` command line: `serve`, `generate`, `bench`.
+
+    fovea serve path/to/model --port 8000 --api-key KEY        # the OpenAI-compatible server
+    fovea generate --image cat.png --prompt "a photo of"       # one-shot, prints the text
+    fovea bench --model path/to/model --num-requests 64        # offline throughput and latency
+
+Engine options (`--dtype`, `--max-num-seqs`, ...) are generated from `EngineConfig`'s fields, with their
+documented defaults, so the command line and `LLM(**options)` never drift apart. Heavy imports (torch, the
+server) happen inside the subcommands, so `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import textwrap
+import typing
+from pathlib import Path
+from typing import Any
+
+from fovea.config import EngineConfig
+
+# The model `generate` and `bench` use without --model: the stand-in `make demo` builds (scripts/demo.py).
+# A later issue ships a trained demo model; it will live at this same path.
+DEMO_MODEL_PATH = Path(__file__).resolve().parents[2] / "runs" / "demo-model"
+
+_SKIPPED_FIELDS = {"model"}  # given per subcommand (positional for serve, --model elsewhere)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+# ---- engine options from EngineConfig ---------------------------------------------------------------------------
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (a string statement right after the annotated assignment)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine options (fovea.config.EngineConfig)")
+    hints = typing.get_type_hints(EngineConfig)
+    docs = _field_docs(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in _SKIPPED_FIELDS:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+        base_type = typing.get_origin(base[0]) or base[0]
+        help_text = docs.get(f.name, f.name.replace("_", " "))
+        if base_type is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_text)
+        elif base_type is dict:
+            group.add_argument(flag, dest=f.name, type=_json_object, default=f.default, metavar="JSON",
+                               help=help_text + " As a JSON object.")
+        else:
+            group.add_argument(flag, dest=f.name, type=base_type, default=f.default,
+                               metavar=base_type.__name__.upper(), help=help_text)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name not in _SKIPPED_FIELDS}
+
+
+# ---- the parser -----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fovea", formatter_class=_HelpFormatter, description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,bench}", required=True)
+
+    serve = sub.add_parser("serve", formatter_class=_HelpFormatter, help="run the OpenAI-compatible server",
+                           description="Serve MODEL over the OpenAI API: /v1/chat/completions, /v1/completions, "
+                                       "/v1/models, /health, /metrics.")
+    serve.add_argument("model", help="checkpoint directory (what save_pretrained writes)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument("--api-key", default=os.environ.get("FOVEA_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/*; also read from $FOVEA_API_KEY")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="names the API accepts in 'model', the first one reported; none: the model path")
+    serve.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="answer 503 while this many sequences wait to be scheduled (none: no limit)")
+    serve.add_argument("--allowed-local-media-path", default=None,
+                       help="directory whose files requests may name (file:// URLs or paths); none: no local files")
+    serve.add_argument("--max-media-bytes", type=int, default=20 * 1024 * 1024,
+                       help="largest image or video a request may carry or make the server fetch (413 above)")
+    serve.add_argument("--media-fetch-timeout-s", type=float, default=10.0,
+                       help="time limit of each http(s) media fetch, the whole download")
+    serve.add_argument("--chat-template", default=None,
+                       help="Jinja chat template (a file, or the template itself); none: the checkpoint's own")
+    serve.add_argument("--shutdown-timeout-s", type=float, default=None,
+                       help="after SIGTERM, abort requests still running after this long (none: wait for all)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="server log level ('debug' also logs every request)")
+    add_engine_options(serve)
+    serve.set_defaults(handler=_serve)
+
+    generate = sub.add_parser("generate", formatter_class=_HelpFormatter, help="generate once and print the text",
+                              description="Generate from one prompt (and images) and print the text. Models with "
+                                          "a chat template get the prompt and images as one user message.")
+    generate.add_argument("--model", default=str(DEMO_MODEL_PATH), help="checkpoint directory")
+    generate.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    generate.add_argument("--prompt", required=True, help="the prompt (or the user's message)")
+    generate.add_argument("--max-tokens", type=int, default=32, help="most tokens to generate")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    generate.add_argument("--raw-prompt", action="store_true",
+                          help="send --prompt as it is, without the chat template")
+    add_engine_options(generate)
+    generate.set_defaults(handler=_generate)
+
+    bench = sub.add_parser("bench", formatter_class=_HelpFormatter, help="offline throughput and latency",
+                           description="Run a synthetic workload through the engine (all requests arrive at "
+                                       "once) and print requests/s, tokens/s, time to first token and time "
+                                       "per output token.")
+    bench.add_argument("--model", default=str(DEMO_MODEL_PATH), help="checkpoint directory")
+    bench.add_argument("--num-requests", type=int, default=32, help="requests in the workload")
+    bench.add_argument("--input-words", type=int, default=16, help="words of text per prompt (plus the image)")
+    bench.add_argument("--output-len", type=int, default=32, help="tokens generated per request (EOS ignored)")
+    bench.add_argument("--image-size", type=int, default=224, help="side of each random image; 0: text only")
+    bench.add_argument("--num-distinct-images", type=int, default=0,
+                       help="how many different images the requests share (0: every request its own)")
+    add_engine_options(bench)
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"fovea {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+# ---- subcommands ----------------------------------------------------------------------------------------------
+
+
+def _check_model_dir(path: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        hint = " (build the demo model with `make demo`)" if Path(path) == DEMO_MODEL_PATH else ""
+        raise FileNotFoundError(f"no checkpoint at {path}{hint}; pass --model DIR")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fovea.entrypoints.media_fetch import MediaFetcher
+    from fovea.entrypoints.openai.server import ServerSettings, run_server
+
+    _check_model_dir(args.model)
+    chat_template = args.chat_template
+    if chat_template is not None and Path(chat_template).is_file():
+        chat_template = Path(chat_template).read_text()
+    settings = ServerSettings(
+        served_model_names=args.served_model_name or [],
+        api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests,
+        chat_template=chat_template,
+        fetcher=MediaFetcher(max_bytes=args.max_media_bytes, timeout_s=args.media_fetch_timeout_s,
+                             allowed_local_media_path=args.allowed_local_media_path),
+        shutdown_timeout_s=args.shutdown_timeout_s,
+    )
+    config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+    run_server(config, settings, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from fovea import LLM, SamplingParams
+
+    _check_model_dir(args.model)
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    if getattr(llm.get_tokenizer(), "chat_template", None) and not args.raw_prompt:
+        parts = [{"type": "image_url", "image_url": {"url": str(Path(i).resolve())}} for i in args.image]
+        messages = [{"role": "user", "content": [*parts, {"type": "text", "text": args.prompt}]}]
+        output = llm.chat(messages, params, use_tqdm=False)[0]
+    else:
+        prompt: dict[str, Any] = {"prompt": args.prompt}
+        if args.image:
+            prompt["multi_modal_data"] = {"image": args.image}
+        output = llm.generate(prompt, params, use_tqdm=False)[0]
+    print(output.outputs[0].text)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from fovea.engine.llm_engine import LLMEngine
+    from fovea.entrypoints.chat_utils import render_chat
+    from fovea.sampling_params import SamplingParams
+
+    _check_model_dir(args.model)
+    if args.num_requests < 1 or args.output_len < 1:
+        raise ValueError("--num-requests and --output-len must be >= 1")
+    engine = LLMEngine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+    rng = np.random.default_rng(0)
+    num_images = args.num_distinct_images or args.num_requests
+    images = [Image.fromarray(rng.integers(0, 256, (args.image_size, args.image_size, 3), dtype=np.uint8))
+              for _ in range(num_images if args.image_size else 0)]
+    tokenizer = engine.tokenizer
+    prompts = []
+    for i in range(args.num_requests):
+        text = " ".join(rng.choice(_BENCH_WORDS, args.input_words))
+        if getattr(tokenizer, "chat_template", None):
+            content = ([{"type": "image"}] if images else []) + [{"type": "text", "text": text}]
+            rendered = render_chat(tokenizer, [{"role": "user", "content": content}])
+            prompt: dict[str, Any] = {"prompt_token_ids": tokenizer.encode(rendered, add_special_tokens=False)}
+        else:
+            prompt = {"prompt": text}
+        if images:
+            prompt["multi_modal_data"] = {"image": images[i % len(images)]}
+        prompts.append(prompt)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+
+    engine.add_request("warmup", prompts[0], params)  # first-call costs (allocations, lazy init) stay out
+    while engine.has_unfinished_requests():
+        engine.step()
+    if engine.config.enable_prefix_caching:
+        engine.scheduler.reset_prefix_cache()  # so request 0 is not a prefix hit on the warm-up
+
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    first_token_s: dict[str, float] = {}
+    finish_s: dict[str, float] = {}
+    num_prompt_tokens = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            now = time.perf_counter() - start
+            if output.outputs[0].token_ids and output.request_id not in first_token_s:
+                first_token_s[output.request_id] = now
+            if output.finished:
+                finish_s[output.request_id] = now
+                num_prompt_tokens += len(output.prompt_token_ids)
+    seconds = max(finish_s.values())
+    ttft = np.array([first_token_s[r] for r in finish_s]) * 1e3
+    tpot = np.array([(finish_s[r] - first_token_s[r]) / max(1, args.output_len - 1) for r in finish_s]) * 1e3
+    latency = np.array(list(finish_s.values()))
+    num_output = args.num_requests * args.output_len
+
+    def spread(values: np.ndarray, unit: str) -> str:
+        return (f"mean {values.mean():8.2f} {unit}  p50 {np.percentile(values, 50):8.2f} {unit}  "
+                f"p99 {np.percentile(values, 99):8.2f} {unit}")
+
+    image_desc = f" + a {args.image_size}x{args.image_size} image" if images else ""
+    print(f"fovea bench: {args.model}")
+    print(f"  {args.num_requests} requests at once, {args.input_words} words{image_desc} each "
+          f"({num_prompt_tokens / args.num_requests:.0f} prompt tokens on average), {args.output_len} output "
+          f"tokens each (greedy, EOS ignored); {len(images)} distinct images")
+    print(f"  {seconds:.2f} s: {args.num_requests / seconds:.2f} requests/s, {num_output / seconds:.1f} output "
+          f"tokens/s, {(num_output + num_prompt_tokens) / seconds:.1f} tokens/s in all")
+    print(f"  time to first token      {spread(ttft, 'ms')}")
+    print(f"  time per output token    {spread(tpot, 'ms')}")
+    print(f"  request latency          {spread(latency, 's')}")
+    return 0
+
+
+_BENCH_WORDS = ("the", "a", "photo", "of", "cat", "dog", "on", "red", "blue", "small", "large", "table", "in",
+                "picture", "what", "is", "there", "two", "people", "street", "with", "and", "green", "tree")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

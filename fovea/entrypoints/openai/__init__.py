@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `fovea serve` (see server.py)."""

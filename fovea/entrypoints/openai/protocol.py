@@ -1,0 +1,343 @@
+"""The OpenAI API's request and response shapes, as pydantic models.
+
+Requests ignore fields they do not know (as OpenAI does), check ranges on the fields they do (a bad value is a
+400 naming the field), and turn into one `SamplingParams`. Fields OpenAI has but fovea does not serve
+(`logit_bias`, `tools`, `echo`, ...) are declared so that using them is a clear 400, not silently ignored.
+fovea's extras use vLLM's names: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`,
+`stop_token_ids`, `skip_special_tokens`, `include_stop_str_in_output`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fovea.outputs import RequestOutput
+from fovea.sampling_params import SamplingParams
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class RequestError(ValueError):
+    """A request the server refuses with 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+# ---- requests -----------------------------------------------------------------------------------------------
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(OpenAIModel):
+    """Fields /v1/chat/completions and /v1/completions share. OpenAI's defaults and ranges."""
+
+    model: str | None = None  # None: the served model
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=128)
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # fovea's extras, vLLM's names and defaults
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def check_unsupported(self) -> None:
+        if self.logit_bias:
+            raise RequestError("logit_bias is not supported by fovea", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        fields = dict(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+        )
+        try:
+            return SamplingParams(**fields)
+        except ValueError as err:  # SamplingParams' messages start with the field's name
+            first_word = str(err).split(" ", 1)[0].split("=", 1)[0]
+            raise RequestError(str(err), first_word if first_word in fields else None) from err
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+# apply_chat_template's own arguments: a client must not override the template or how it is rendered
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "chat_template", "conversation", "tokenize", "add_generation_prompt", "continue_final_message", "tools",
+    "documents", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
+    "max_length", "tokenizer_kwargs", "processor_kwargs",
+})
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    # vLLM's extras for the template
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.check_unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs to be true", "top_logprobs")
+        if self.tools:
+            raise RequestError("tools are not supported by fovea", "tools")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise RequestError("only response_format type 'text' is supported", "response_format")
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
+        if reserved:
+            raise RequestError(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a string, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = list(prompt)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise RequestError("prompt must not be empty", "prompt")
+        return prompts
+
+    def to_sampling_params(self) -> SamplingParams:
+        self.check_unsupported()
+        if self.echo:
+            raise RequestError("echo is not supported by fovea", "echo")
+        if self.suffix:
+            raise RequestError("suffix is not supported by fovea", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise RequestError("best_of other than n is not supported by fovea", "best_of")
+        return self._sampling_params(self.max_tokens, self.logprobs)
+
+
+# ---- responses ----------------------------------------------------------------------------------------------
+
+
+class ErrorInfo(OpenAIModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(OpenAIModel):
+    error: ErrorInfo
+
+
+class UsageInfo(OpenAIModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+def make_usage(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                     total_tokens=num_prompt_tokens + num_completion_tokens)
+
+
+class ModelCard(OpenAIModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "fovea"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TopLogprob(OpenAIModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(OpenAIModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ChatMessage(OpenAIModel):
+    role: str = "assistant"
+    content: str | None = None
+
+
+class ChatCompletionChoice(OpenAIModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(OpenAIModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatCompletionStreamChoice(OpenAIModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(OpenAIModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionLogprobs(OpenAIModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(OpenAIModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(OpenAIModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # always set, except on streamed chunks without include_usage
+
+
+# ---- engine outputs -> responses ---------------------------------------------------------------------------
+
+
+def chat_logprobs(token_ids: list[int], entries: list[dict], num_top: int) -> ChatLogprobs:
+    """`entries[i]` is the engine's {token id: Logprob} for `token_ids[i]` (the sampled one plus the top ones)."""
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        sampled = entry[token_id]
+        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= num_top),
+                     key=lambda lp: lp.rank)
+        content.append(TokenLogprob(
+            token=sampled.decoded_token, logprob=_finite(sampled.logprob),
+            bytes=list(sampled.decoded_token.encode()),
+            top_logprobs=[TopLogprob(token=lp.decoded_token, logprob=_finite(lp.logprob),
+                                     bytes=list(lp.decoded_token.encode())) for lp in top],
+        ))
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(token_ids: list[int], entries: list[dict], num_top: int,
+                        text_offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries):
+        sampled = entry[token_id]
+        out.tokens.append(sampled.decoded_token)
+        out.token_logprobs.append(_finite(sampled.logprob))
+        out.text_offset.append(text_offset)
+        text_offset += len(sampled.decoded_token)
+        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= num_top),
+                     key=lambda lp: lp.rank)
+        out.top_logprobs.append({lp.decoded_token: _finite(lp.logprob) for lp in top} if num_top else None)
+    return out
+
+
+def _finite(value: float) -> float:
+    # JSON has no -inf; a token the model gives no probability at all gets the float32 floor instead
+    return max(value, -9999.0)
+
+
+def chat_response(body: ChatCompletionRequest, request_id: str, created: int, model: str,
+                  final: RequestOutput) -> ChatCompletionResponse:
+    choices = []
+    for c in final.outputs:
+        logprobs = chat_logprobs(c.token_ids, c.logprobs, body.top_logprobs or 0) if body.logprobs else None
+        choices.append(ChatCompletionChoice(index=c.index, message=ChatMessage(content=c.text),
+                                            logprobs=logprobs, finish_reason=c.finish_reason,
+                                            stop_reason=c.stop_reason))
+    num_completion = sum(len(c.token_ids) for c in final.outputs)
+    return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                  usage=make_usage(len(final.prompt_token_ids), num_completion))
+
+
+def completion_response(body: CompletionRequest, request_id: str, created: int, model: str,
+                        finals: list[RequestOutput]) -> CompletionResponse:
+    choices, num_prompt, num_completion = [], 0, 0
+    for prompt_index, final in enumerate(finals):
+        num_prompt += len(final.prompt_token_ids)
+        for c in final.outputs:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, 0)
+            choices.append(CompletionChoice(index=prompt_index * body.n + c.index, text=c.text, logprobs=logprobs,
+                                            finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            num_completion += len(c.token_ids)
+    return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                              usage=make_usage(num_prompt, num_completion))

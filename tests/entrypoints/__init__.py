@@ -1,0 +1,119 @@
+"""Helpers for the server tests: the real `fovea serve` in a subprocess on a free loopback port.
+
+Every wait is bounded; a server that does not come up fails the test with the end of its log.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 120.0
+# The machine is shared: one torch thread per server avoids spinning against other processes' threads.
+COMMON_FLAGS = ["--dtype", "float32", "--num-threads", "1", "--log-level", "warning"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """In-process engines here run with num_threads=1 (torch's setting is global): give other modules theirs back.
+    Import it into a test module to use it."""
+    num_threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: str | Path, *flags: str, log_dir: Path):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_dir) / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "fovea.entrypoints.cli", "serve", str(model), "--port", str(self.port),
+               *COMMON_FLAGS, *flags]
+        self._log = open(self.log_path, "w")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the server was not healthy after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def log_tail(self, num_chars: int = 4000) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-num_chars:]
+
+    def metrics(self) -> dict[str, float]:
+        """`fovea:*` samples of /metrics by name (labels dropped: one model per server)."""
+        text = httpx.get(self.base_url + "/metrics", timeout=10.0).text
+        out = {}
+        for line in text.splitlines():
+            match = re.match(r"^(fovea:[a-z_]+)(?:\{[^}]*\})? (\S+)$", line)
+            if match and "_bucket" not in match.group(1):
+                out[match.group(1)] = float(match.group(2))
+        return out
+
+    def wait_idle(self, timeout_s: float = 30.0) -> dict[str, float]:
+        """Poll /metrics until nothing runs or waits and every KV block is free; return the last reading."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            m = self.metrics()
+            idle = (m["fovea:num_requests_running"] == 0 and m["fovea:num_requests_waiting"] == 0
+                    and m["fovea:kv_cache_blocks_used"] == 0)
+            if idle or time.monotonic() > deadline:
+                return m
+            time.sleep(0.1)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout_s)
+        self._log.close()
+        return self.proc.returncode
+
+
+def random_image(seed: int, width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()

@@ -1,0 +1,125 @@
+"""The `fovea` command line: help lists every option with its default, engine options come from EngineConfig,
+`generate` prints what `LLM` generates, `bench` reports its figures."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fovea import LLM, SamplingParams
+from fovea.config import EngineConfig
+from fovea.entrypoints import cli
+from tests.entrypoints import ROOT, png_bytes, random_image
+from tests.entrypoints import restore_torch_threads  # noqa: F401 (an autouse fixture)
+from tests.oracle.blip2 import build_tiny_blip2
+from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl
+
+FAST = ["--dtype", "float32", "--num-kv-blocks", "64", "--num-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def blip_dir(tmp_path_factory):
+    return str(build_tiny_blip2(tmp_path_factory.mktemp("cli_blip"), seed=0))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_images")
+    paths = []
+    for i, size in enumerate([(40, 30), (90, 60)]):
+        path = folder / f"img{i}.png"
+        path.write_bytes(png_bytes(random_image(i, *size)))
+        paths.append(str(path))
+    return paths
+
+
+def help_text(*argv: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "fovea.entrypoints.cli", *argv, "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def option_blocks(text: str) -> dict[str, str]:
+    """'--flag' -> its help, from argparse's layout (options start a line with two spaces and a dash)."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        match = re.match(r"^  (-\S+)", line)
+        if match:
+            current = match.group(1).rstrip(",")
+            blocks[current] = line
+        elif current and line.startswith("   "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+def test_help_lists_every_option_with_its_default():
+    top = help_text()
+    for command in ("serve", "generate", "bench"):
+        assert command in top
+    engine_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(EngineConfig) if f.name != "model"}
+    for command in ("serve", "generate", "bench"):
+        blocks = option_blocks(help_text(command))
+        assert engine_flags <= set(blocks), engine_flags - set(blocks)
+        for flag, block in blocks.items():
+            if flag not in ("-h", "--prompt"):  # --prompt is required: it has no default
+                assert "(default: " in block, (command, flag, block)
+    serve = option_blocks(help_text("serve"))
+    assert "(default: 8000)" in serve["--port"] and "(default: 128)" in serve["--max-num-seqs"]
+    assert "(default: True)" in serve["--enable-prefix-caching"]
+
+
+def test_engine_options_parse_into_engine_config_fields():
+    args = cli.build_parser().parse_args(["serve", "m", "--no-enable-prefix-caching", "--max-num-seqs", "7",
+                                          "--limit-mm-per-prompt", '{"image": 2}', "--memory-utilization", "0.3"])
+    kwargs = cli.engine_kwargs(args)
+    assert set(kwargs) == {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
+    assert kwargs["enable_prefix_caching"] is False and kwargs["max_num_seqs"] == 7
+    assert kwargs["limit_mm_per_prompt"] == {"image": 2} and kwargs["memory_utilization"] == 0.3
+    assert kwargs["dtype"] == "auto" and kwargs["block_size"] == 16  # EngineConfig's defaults
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "m", "--limit-mm-per-prompt", "[1]"])
+
+
+def test_generate_prints_what_llm_generates(blip_dir, images, capsys):
+    expected = LLM(blip_dir, dtype="float32", num_kv_blocks=64).generate(
+        {"prompt": "a photo of", "multi_modal_data": {"image": images[0]}},
+        SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    assert cli.main(["generate", "--model", blip_dir, "--image", images[0], "--prompt", "a photo of",
+                     "--max-tokens", "8", *FAST]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_uses_the_chat_template_and_takes_several_images(tmp_path, images, capsys):
+    qwen_dir = str(build_tiny_qwen2_5_vl(tmp_path / "qwen", seed=0))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": images[0]}},
+                                             {"type": "image_url", "image_url": {"url": images[1]}},
+                                             {"type": "text", "text": "Compare them."}]}]
+    expected = LLM(qwen_dir, dtype="float32", num_kv_blocks=64).chat(
+        messages, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)[0].outputs[0].text
+    argv = ["generate", "--model", qwen_dir, "--image", images[0], "--image", images[1],
+            "--prompt", "Compare them.", "--max-tokens", "8", *FAST]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_defaults_to_the_demo_model(blip_dir, images, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(cli, "DEMO_MODEL_PATH", tmp_path / "no-demo-here")
+    assert cli.main(["generate", "--prompt", "a photo of", *FAST]) == 2
+    assert "make demo" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "DEMO_MODEL_PATH", blip_dir)
+    assert cli.main(["generate", "--image", images[0], "--prompt", "a photo of", "--max-tokens", "3", *FAST]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_bench_reports_its_figures(blip_dir, capsys):
+    assert cli.main(["bench", "--model", blip_dir, "--num-requests", "6", "--output-len", "5", "--image-size", "32",
+                     "--num-distinct-images", "2", *FAST]) == 0
+    report = capsys.readouterr().out
+    for words in ("requests/s", "output tokens/s", "time to first token", "time per output token", "6 requests"):
+        assert words in report

@@ -1,0 +1,114 @@
+"""MediaFetcher against a loopback HTTP server and a temporary directory: caps, timeouts, local-path rules."""
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+import time
+
+import pytest
+
+from fovea.entrypoints.media_fetch import MediaFetcher, MediaTooLargeError
+
+SMALL = b"x" * 1000
+BIG = b"y" * 5000
+
+
+@pytest.fixture(scope="module")
+def http_base():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/slow":
+                time.sleep(1.0)  # longer than the fetcher's timeout below
+            if self.path == "/chunked-big":  # no Content-Length: the cap must hold while reading
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for _ in range(10):
+                    self.wfile.write(b"3e8\r\n" + b"z" * 1000 + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            if self.path == "/drip":  # each byte within the timeout, the whole body not
+                self.send_response(200)
+                self.send_header("Content-Length", "8")
+                self.end_headers()
+                for _ in range(8):
+                    self.wfile.write(b"d")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+                return
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "/small")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            body = {"/small": SMALL, "/big": BIG, "/slow": SMALL}.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # a client that gives up mid-body (the point of some tests) is not an error here
+
+    server = Server(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_fetch_with_cap_and_timeout(http_base):
+    fetch = MediaFetcher(max_bytes=2000, timeout_s=0.3)
+    assert fetch(http_base + "/small") == SMALL
+    assert fetch(http_base + "/redirect") == SMALL
+    with pytest.raises(MediaTooLargeError, match="2000 bytes"):
+        fetch(http_base + "/big")  # refused from Content-Length
+    with pytest.raises(MediaTooLargeError):
+        fetch(http_base + "/chunked-big")  # refused while reading
+    with pytest.raises(ValueError, match="HTTP 404"):
+        fetch(http_base + "/missing")
+    with pytest.raises(ValueError, match="timed out"):
+        fetch(http_base + "/slow")
+    with pytest.raises(ValueError, match="timed out"):
+        fetch(http_base + "/drip")
+
+
+def test_data_urls_are_capped():
+    fetch = MediaFetcher(max_bytes=2000)
+    assert fetch("data:image/png;base64," + base64.b64encode(SMALL).decode()) == SMALL
+    with pytest.raises(MediaTooLargeError):
+        fetch("data:image/png;base64," + base64.b64encode(BIG).decode())
+    assert fetch.resolve_item("data:image/png;base64," + base64.b64encode(SMALL).decode()) == SMALL
+
+
+def test_local_files_only_under_the_allowed_directory(tmp_path):
+    allowed = tmp_path / "media"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(SMALL)
+    (allowed / "big.png").write_bytes(BIG)
+    (tmp_path / "secret.txt").write_bytes(b"secret")
+    (allowed / "link.png").symlink_to(tmp_path / "secret.txt")
+
+    with pytest.raises(ValueError, match="allowed-local-media-path"):
+        MediaFetcher()(f"file://{allowed / 'a.png'}")
+    fetch = MediaFetcher(max_bytes=2000, allowed_local_media_path=str(allowed))
+    assert fetch(f"file://{allowed / 'a.png'}") == SMALL
+    assert fetch.resolve_item(str(allowed / "a.png")) == SMALL
+    for outside in (tmp_path / "secret.txt", allowed / ".." / "secret.txt", allowed / "link.png"):
+        with pytest.raises(ValueError, match="outside"):
+            fetch.resolve_item(str(outside))
+    with pytest.raises(MediaTooLargeError):
+        fetch(f"file://{allowed / 'big.png'}")
+    with pytest.raises(ValueError, match="names a host"):
+        fetch(f"file://example.com{allowed / 'a.png'}")
+    with pytest.raises(ValueError, match="unsupported media URL"):
+        fetch("ftp://example.com/a.png")
+    with pytest.raises(ValueError, match="not a directory"):
+        MediaFetcher(allowed_local_media_path=str(tmp_path / "nope"))
