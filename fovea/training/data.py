@@ -40,6 +40,8 @@ class PairRecord:
     """Byte offset of the encoded image in `image_path` (non-zero for a tar member)."""
     image_size: int = -1
     """Bytes to read from the offset; -1 reads the whole file."""
+    prompt: str | None = None
+    """Text before the caption that is not a target (stage 2, e.g. a question); None: the run's default."""
 
 
 @dataclass(slots=True)
@@ -48,6 +50,7 @@ class ImageTextSample:
     """Decoded and converted to RGB."""
     caption: str
     image_id: ImageId
+    prompt: str | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +60,8 @@ class ImageTextBatch:
     captions: list[str]
     image_ids: torch.Tensor
     """(B,) int64, equal exactly for pairs of the same image (`stable_image_id`)."""
+    prompts: list[str | None] | None = None
+    """Per pair, the record's prompt (None where it has none)."""
 
 
 class ImageTextDataset(Dataset):
@@ -70,11 +75,13 @@ class ImageTextDataset(Dataset):
 
     def __getitem__(self, index: int) -> ImageTextSample:
         record = self.records[index]
-        return ImageTextSample(image=_read_image(record), caption=record.caption, image_id=record.image_id)
+        return ImageTextSample(image=_read_image(record), caption=record.caption, image_id=record.image_id,
+                               prompt=record.prompt)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike) -> "ImageTextDataset":
-        """One JSON object per line: {"image": path, "caption": str, "image_id": int | str (optional)}.
+        """One JSON object per line: {"image": path, "caption": str, "image_id": int | str (optional),
+        "prompt": str (optional, stage 2)}.
         Relative image paths are resolved against the JSONL file's folder; a missing image_id defaults to
         the resolved image path, so captions of one image file still share an id."""
         path = Path(path)
@@ -126,7 +133,11 @@ def _records_from_entry(entry: Any, image_root: Path, where: str) -> list[PairRe
     image_path = str(image_root / entry["image"])  # an absolute entry["image"] stays as it is
     captions = _captions(entry["caption"], where)
     image_id = _check_image_id(entry.get("image_id", image_path), where)
-    return [PairRecord(image_path=image_path, caption=caption, image_id=image_id) for caption in captions]
+    prompt = entry.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"{where}: 'prompt' must be a string; got {prompt!r:.200}")
+    return [PairRecord(image_path=image_path, caption=caption, image_id=image_id, prompt=prompt)
+            for caption in captions]
 
 
 def _captions(value: Any, where: str) -> list[str]:
@@ -224,7 +235,8 @@ class PairCollator:
         if images and all(isinstance(image, torch.Tensor) for image in images):
             images = torch.stack(images)
         image_ids = torch.tensor([stable_image_id(s.image_id) for s in samples], dtype=torch.long)
-        return ImageTextBatch(images=images, captions=[s.caption for s in samples], image_ids=image_ids)
+        return ImageTextBatch(images=images, captions=[s.caption for s in samples], image_ids=image_ids,
+                              prompts=[s.prompt for s in samples])
 
 
 class ResumableDistributedSampler(DistributedSampler):

@@ -216,10 +216,16 @@ def itg_labels(input_ids: torch.Tensor, pad_token_id: int,
     return decoder_input_ids, labels
 
 
-def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+def itg_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1,
+             num_targets: float | torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy of the text positions: logits (B, T, V) at position t predict labels[:, t + 1];
-    mean over the targets that are not IGNORE_INDEX, with label smoothing (BLIP-2 uses 0.1)."""
-    return _next_token_loss(logits, labels, label_smoothing)
+    mean over the targets that are not IGNORE_INDEX, with label smoothing (BLIP-2 uses 0.1).
+
+    num_targets: divide the sum of the token losses by this instead of the local count of targets. With
+    several processes, pass (targets in the global batch) / (number of processes) (`count_targets`): the
+    processes' losses then average (as DDP averages gradients) to the mean over every token of the global
+    batch, which a per-process mean does not when captions differ in length."""
+    return _next_token_loss(logits, labels, label_smoothing, num_targets)
 
 
 # ---------------------------------------------------------------- stage 2: LM loss through the frozen LLM
@@ -243,18 +249,30 @@ def stage2_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_que
     return torch.cat([query_labels, labels], dim=1)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+            num_targets: float | torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy: logits (B, L, V) at position t predict labels[:, t + 1]; mean over the
-    targets that are not IGNORE_INDEX (as transformers' causal LMs compute their loss)."""
-    return _next_token_loss(logits, labels, label_smoothing)
+    targets that are not IGNORE_INDEX (as transformers' causal LMs compute their loss). num_targets: as in
+    `itg_loss`."""
+    return _next_token_loss(logits, labels, label_smoothing, num_targets)
 
 
-def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+def count_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Scalar long: the next-token targets in `labels` (positions 1.. that are not IGNORE_INDEX)."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float,
+                     num_targets: float | torch.Tensor | None = None) -> torch.Tensor:
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, L)")
     predicted = _at_least_fp32(logits[:, :-1].reshape(-1, logits.shape[-1]))
     targets = labels[:, 1:].reshape(-1)
-    return F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    if num_targets is None:
+        return F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    total = F.cross_entropy(predicted, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                            reduction="sum")
+    return total / num_targets
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:

@@ -161,6 +161,8 @@ def test_chat_names_the_bad_conversation_and_stays_usable(blip2):
     with pytest.raises(ValueError, match="conversation 1: message 0, content part 0: this model does not take video"):
         blip2.chat([good, bad], chat_template=template, use_tqdm=False)
     assert not blip2.llm_engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="messages must be a list"):
+        blip2.chat("a photo of", chat_template=template)
     outs = blip2.chat([good, good], SamplingParams(max_tokens=2, ignore_eos=True), chat_template=template,
                       use_tqdm=False)
     assert [len(o.outputs[0].token_ids) for o in outs] == [2, 2]

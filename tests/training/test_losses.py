@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fovea.training.losses import (IGNORE_INDEX, itc_logits, itc_loss, itg_attention_mask, itg_labels, itg_loss,
+from fovea.training.losses import (IGNORE_INDEX, count_targets, itc_logits, itc_loss, itg_attention_mask, itg_labels, itg_loss,
                                    itm_loss, lm_loss, sample_itm_negatives, stage2_labels)
 
 
@@ -268,3 +268,23 @@ def test_lm_loss_is_plain_shifted_cross_entropy():
     assert lm_loss(logits, labels).item() == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError):
         lm_loss(logits, labels[:, 1:])
+
+
+def test_token_losses_split_over_processes_average_to_the_global_token_mean():
+    """Two 'processes' with captions of different lengths: per-process means average to the wrong value;
+    dividing each process's sum by (global targets / processes) averages to the global mean."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, 5, 7, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[6, 1, 2, 3, 4], [6, 4, 5, -100, -100], [6, 2, -100, -100, -100], [6, 5, -100, -100, -100]])
+    whole = itg_loss(logits, labels)
+    assert count_targets(labels).item() == 4 + 2 + 1 + 1
+    halves = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    per_process_means = sum(itg_loss(lg, lb) for lg, lb in halves) / 2
+    assert abs(per_process_means.item() - whole.item()) > 1e-3
+    divisor = count_targets(labels).item() / 2
+    averaged = sum(itg_loss(lg, lb, num_targets=divisor) for lg, lb in halves) / 2
+    assert averaged.item() == pytest.approx(whole.item(), rel=1e-12)
+    by_hand = token_loss_by_hand(logits[:2].tolist(), labels[:2].tolist(), 0.1) * 6 / divisor
+    assert itg_loss(logits[:2], labels[:2], num_targets=divisor).item() == pytest.approx(by_hand, rel=1e-9)
+    assert lm_loss(logits, labels, num_targets=count_targets(labels)).item() == pytest.approx(
+        lm_loss(logits, labels).item(), rel=1e-12)

@@ -1,0 +1,76 @@
+"""The demo's pre-training pieces: scene targets worked out by hand, packing that keeps a scene's texts together,
+a pre-trained OPT directory that transformers loads with the same logits, and a ViT checkpoint that stages
+read with vision_from."""
+import json
+
+import torch
+from transformers import OPTForCausalLM as HFOPTForCausalLM
+
+from fovea.models.blip2 import BlipVisionModel
+from fovea.training.lm import opt_logits
+from fovea.training.lm_pretrain import pack, pretrain_lm, scene_documents
+from fovea.training.shapes import GRID
+from fovea.training.vision_pretrain import IGNORE, pretrain_vision, scene_targets
+from fovea.training.weights import load_parts
+from tests.training.tiny import shapes_data
+
+
+def test_scene_targets_by_hand():
+    scene = {"background": "white", "objects": [
+        {"shape": "circle", "colour": "red", "size": "small", "cell": 0},
+        {"shape": "circle", "colour": "red", "size": "small", "cell": 4},
+        {"shape": "diamond", "colour": "blue", "size": "large", "cell": 8}]}
+    t = scene_targets([scene])
+    # COLOURS order: red green blue yellow purple orange white black gray; SHAPES: circle square triangle diamond
+    assert t.background.tolist() == [6]
+    assert t.counts.tolist() == [[2, 0, 0, 1]]
+    assert t.colours.tolist() == [[0, IGNORE, IGNORE, 2]] and t.sizes.tolist() == [[0, IGNORE, IGNORE, 1]]
+    assert t.cells.tolist() == [[1, 0, 0, 0, 1, 0, 0, 0, 4]]
+    assert t.cell_colours.tolist() == [[0] + [IGNORE] * 3 + [0] + [IGNORE] * 3 + [2]]
+    assert t.cell_sizes[0, 8].item() == 1 and t.cells.shape == (1, GRID * GRID)
+
+
+def test_pack_keeps_each_scenes_texts_together():
+    documents = [[[10, 11], [12]], [[20], [21, 22]], [[30, 31, 32]]]  # 9 tokens: nothing cut off
+    rows = pack(documents, seq_len=3, generator=torch.Generator().manual_seed(0))
+    stream = rows.flatten().tolist()
+    assert rows.shape == (3, 3) and sorted(stream) == sorted(t for d in documents for x in d for t in x)
+    scene_of = [t // 10 for t in stream]
+    assert scene_of == sorted(scene_of, key=scene_of.index)  # every scene one contiguous run
+
+
+def test_pretrained_opt_loads_in_transformers_with_the_same_logits(tmp_path):
+    data = shapes_data(tmp_path / "shapes", num=20)
+    assert scene_documents(data["train"])[0][1].startswith("Question: ")
+    out = tmp_path / "opt"
+    result = pretrain_lm(str(data["train"]), str(out), steps=3, batch_size=2, seq_len=24, hidden=32, layers=2,
+                         heads=4, vocab_size=300, bf16=False, log=lambda _: None)
+    assert result["steps"] == 3
+    hf = HFOPTForCausalLM.from_pretrained(out).eval()
+    from fovea.models.opt import OPTForCausalLM
+    from fovea.models.weights import load_weights
+    ours = OPTForCausalLM(hf.config)
+    load_weights(ours, out)
+    ids = torch.tensor([[2, 40, 41, 42, 2, 50]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask).logits
+        got = opt_logits(ours, ours.get_input_embeddings()(ids), mask)
+    assert (got - expected).abs().max() < 1e-5
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out)
+    assert "<image>" in tok.get_vocab() and tok.convert_tokens_to_ids("<image>") < hf.config.vocab_size
+
+
+def test_pretrained_vit_is_what_vision_from_loads(tmp_path):
+    data = shapes_data(tmp_path / "shapes", num=20)
+    out = tmp_path / "vit"
+    pretrain_vision(str(data["train"]), str(out), steps=2, batch_size=4, hidden=32, layers=1, heads=4, patch=16,
+                    image_size=48, bf16=False, log=lambda _: None)
+    config = json.loads((out / "config.json").read_text())["vision_config"]
+    assert (config["image_size"], config["patch_size"]) == (48, 16)
+    from transformers import Blip2VisionConfig
+    holder = torch.nn.Module()
+    holder.vision_model = BlipVisionModel(Blip2VisionConfig(**config))
+    load_parts(holder, out, ["vision_model"])  # strict: every weight there, nothing else
+    assert holder.vision_model.embeddings.position_embedding.abs().sum() > 0
