@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, Blip2Config
+from transformers import AutoTokenizer, Blip2Config
 
 from fovea.models.weights import load_weights
 from fovea.multimodal.image_processors import BlipImageProcessor

@@ -60,6 +60,9 @@ class TrainConfig:
     """Linear warm-up steps from lr/warmup_steps to lr."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay on matrices (not biases, norms, embeddings, query tokens)."""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon. Updates are about lr * g / (|g| + eps): gradients far below eps move weights
+    proportionally, not by a full lr step."""
     max_grad_norm: float | None = None
     """Clip the global gradient norm to this; None: no clipping."""
     bf16: bool = False

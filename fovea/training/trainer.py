@@ -132,7 +132,7 @@ def train(config: TrainConfig, setup: StageSetup | None = None) -> TrainResult:
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                         collate_fn=PairCollator(setup.image_transform), num_workers=config.num_workers,
                         drop_last=True, generator=torch.Generator().manual_seed(config.seed))
-    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, eps=config.adam_eps)
     scheduler = build_scheduler(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     torch.manual_seed(config.seed * 1000 + 1 + rank)  # dropout: a stream per process
 

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast (CPU or GPU); float32 master weights")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: small matrices gain little from more, and lose a lot on a busy machine)")
+                        help="torch threads (1: small matrices gain little from more and lose a lot on a busy machine)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = pretrain_vision(args.data, args.out, args.steps, args.batch_size, args.lr, args.hidden, args.layers,

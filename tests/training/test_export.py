@@ -94,3 +94,16 @@ def test_stage2_export_generates_the_same_greedy_tokens_in_fovea_and_transformer
         assert out.outputs[0].token_ids == expected, prompt
         generated.append(tuple(expected))
     assert len(set(generated)) > 1  # the image and the prompt matter
+
+
+def test_eval_commands_print_figures_and_chance(runs, capsys):
+    from fovea.eval.__main__ import main as eval_main
+
+    stage1, stage2, _ = runs
+    test_split = str(stage1.output_dir.parent / "shapes" / "test.jsonl")
+    assert eval_main(["retrieval", "--model", str(stage1.export_dir), "--data", test_split, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "chance" in out and "i2t_r1" in out and json.loads(out.splitlines()[-1])["chance"]["t2i_r1"] > 0
+    assert eval_main(["vqa", "--model", str(stage2.export_dir), "--data", test_split, "--max-images", "2",
+                      "--dtype", "float32"]) == 0
+    assert "chance" in capsys.readouterr().out

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from fovea.training.losses import (IGNORE_INDEX, count_targets, itc_logits, itc_loss, itg_attention_mask, itg_labels, itg_loss,
-                                   itm_loss, lm_loss, sample_itm_negatives, stage2_labels)
+from fovea.training.losses import (IGNORE_INDEX, count_targets, itc_logits, itc_loss, itg_attention_mask,
+                                   itg_labels, itg_loss, itm_loss, lm_loss, sample_itm_negatives, stage2_labels)
 
 
 def features(batch=3, num_query=2, dim=4, seed=0):

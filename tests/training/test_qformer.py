@@ -114,7 +114,8 @@ def test_gradient_checkpointing_changes_nothing():
         model.qformer.gradient_checkpointing = use_checkpointing
         out = model(batch, itm_generator=torch.Generator().manual_seed(0))
         out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20

@@ -69,7 +69,8 @@ def test_padded_opt_forward_equals_transformers(pair):
     num_pad = (mask == 0).sum(dim=1)
     left_ids = torch.stack([torch.cat([r.new_full((int(n),), tok.pad_token_id), r[m.bool()]])
                             for r, m, n in zip(ids, mask, num_pad)])
-    left_mask = torch.stack([torch.cat([torch.zeros(int(n), dtype=torch.long), m[m.bool()]]) for m, n in zip(mask, num_pad)])
+    left_mask = torch.stack([torch.cat([torch.zeros(int(n), dtype=torch.long), m[m.bool()]])
+                             for m, n in zip(mask, num_pad)])
     expected_left = hf.language_model(input_ids=left_ids, attention_mask=left_mask).logits
     got_left = opt_logits(ours.language_model, ours.language_model.get_input_embeddings()(left_ids), left_mask)
     assert (got_left[left_mask.bool()] - expected_left[left_mask.bool()]).abs().max() < 1e-5
