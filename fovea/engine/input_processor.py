@@ -37,8 +37,7 @@ _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_
 class InputProcessor:
     def __init__(self, *, tokenizer: Any, processor: BaseMultiModalProcessor | None, max_model_len: int,
                  vocab_size: int, mm_limits: Mapping[str, int], mm_processor_kwargs: Mapping[str, Any] | None,
-                 eos_token_id: int | None, max_tokens_per_item: Mapping[str, int] | None = None,
-                 mrope_positions: Any = None):
+                 eos_token_id: int | None, mrope_positions: Any = None):
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_model_len = max_model_len
@@ -46,7 +45,6 @@ class InputProcessor:
         self.mm_limits = dict(mm_limits)
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
         self.eos_token_id = eos_token_id
-        self.max_tokens_per_item = dict(max_tokens_per_item or {})
         # M-RoPE models: (token ids, features) -> ([3, num_tokens] positions, delta for later tokens)
         self.mrope_positions = mrope_positions
 

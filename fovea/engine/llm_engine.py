@@ -111,7 +111,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(
             tokenizer=self.tokenizer, processor=self.processor, max_model_len=self.max_model_len,
             vocab_size=text_config.vocab_size, mm_limits=mm_limits, mm_processor_kwargs=config.mm_processor_kwargs,
-            eos_token_id=eos, max_tokens_per_item=max_tokens_per_item,
+            eos_token_id=eos,
             mrope_positions=self.runner.model.get_mrope_input_positions
             if getattr(self.runner.model, "supports_mrope", False) else None,
         )

@@ -144,7 +144,7 @@ class ModelRunner:
             if c + n == req.num_tokens:  # the chunk reached the last known token: sample the next one
                 logits_index.append(start - 1)
                 sampled_reqs.append(req)
-                sample_rows.append(self._sampling_row(req, s.is_new))
+                sample_rows.append(self._sampling_row(req))
 
         ids = torch.tensor(input_ids, dtype=torch.long)
         meta = build_attention_metadata(
@@ -172,7 +172,7 @@ class ModelRunner:
                 logprobs[req.request_id] = [result.row_logprobs(row)]
         return ModelRunnerOutput(sampled, logprobs)
 
-    def _sampling_row(self, req, is_new: bool) -> SamplingRow:
+    def _sampling_row(self, req) -> SamplingRow:
         params = req.sampling_params
         generator = None
         if params.seed is not None:
