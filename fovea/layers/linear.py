@@ -1,12 +1,16 @@
-"""Linear layers whose checkpoint tensors are not one-to-one with their parameters.
+"""Linear layers whose checkpoint tensors are not one-to-one with their parameters, and the CPU fast path.
 
 A parameter may carry `weight_loader(param, loaded, shard_id)` and `packed_shards` (the shard ids that
 together fill it); `fovea.models.weights.load_weights` calls the loader for every checkpoint tensor mapped to
 the parameter, and counts it filled once it got the whole tensor (`shard_id=None`) or every packed shard.
+
+`prepack_linear_weights` moves a loaded model's linear weights into oneDNN's blocked layout for inference.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from types import MethodType
 
 import torch
 from torch import nn
@@ -56,3 +60,48 @@ class PackedLinear(nn.Linear):
 
     def split(self, stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return stacked.split(list(self.shard_sizes.values()), dim=-1)
+
+
+# ---- CPU inference: oneDNN-packed weights ----------------------------------------------------------------------
+
+PREPACK_BATCH_HINT = 64
+"""Rows oneDNN tunes the packed layout for; measured fast from 1 to several thousand rows either way."""
+
+
+def onednn_linear_available() -> bool:
+    """oneDNN's packed linear can run here, and FOVEA_NO_ONEDNN_LINEAR=1 does not turn it off."""
+    return os.environ.get("FOVEA_NO_ONEDNN_LINEAR") != "1" and torch.backends.mkldnn.is_available()
+
+
+def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
+
+
+def prepack_linear_weights(model: nn.Module, batch_hint: int = PREPACK_BATCH_HINT) -> int:
+    """Repack the weight of every CPU float32/bfloat16 `nn.Linear` of `model` (inference only: no autograd)
+    into oneDNN's blocked layout, and run those layers through oneDNN from then on. Returns how many.
+
+    Why: on this class of machine, torch's default CPU matmul (MKL) reaches ~150 GFLOP/s in float32 where
+    oneDNN's packed kernels reach ~400 (and bfloat16 gains 1.1-1.7x), with the same float32 arithmetic in a
+    different summation order. The dense weight is released (a packed copy replaces it); `module.weight`
+    becomes an empty placeholder of the same dtype, so code that asks a layer for its dtype still works while
+    code that would read its values fails loudly. A weight shared with another module (a tied `lm_head`)
+    stays with that module. FOVEA_NO_ONEDNN_LINEAR=1 turns the whole path off.
+    """
+    if not onednn_linear_available():
+        return 0
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor) or weight.dim() != 2
+                or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
+                or weight.numel() == 0):
+            continue
+        bias = module.bias
+        if bias is not None and bias.dtype != weight.dtype:
+            continue
+        module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        module.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
+        module.forward = MethodType(_onednn_forward, module)
+        count += 1
+    return count

@@ -47,7 +47,8 @@ class DemoPlan:
     stage2_steps: int = 3000
     batch_size: int = 64
     """Per step, over all processes."""
-    num_query_tokens: int = 16
+    num_query_tokens: int = 24
+    """Also the length of the scene context the language model is pre-trained to read (`lm_pretrain`)."""
     qformer_hidden: int = 128
     qformer_layers: int = 4
     caption_repeats: int = 2
@@ -116,7 +117,8 @@ def build(plan: DemoPlan, out: Path, work: Path) -> None:
                     "--out", str(work / "vision"), "--steps", str(plan.vision_steps), "--image-size",
                     str(plan.image_size), "--patch", str(plan.image_size // 3), "--lr", "2e-3"],
                m + ["fovea.training.lm_pretrain", "--data", str(train_jsonl), "--out", str(work / "opt"),
-                    "--steps", str(plan.lm_steps)],
+                    "--steps", str(plan.lm_steps), "--context-len", str(plan.num_query_tokens),
+                    "--val-data", str(data / "val.jsonl")],
                m + ["fovea.training.tokenization", "qformer", "--texts", str(train_jsonl), "--out",
                     str(work / "qformer_tokenizer")])
 

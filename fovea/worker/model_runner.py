@@ -17,6 +17,7 @@ from fovea.config import EngineConfig
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler import SchedulerOutput
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
+from fovea.layers.linear import prepack_linear_weights
 from fovea.models.weights import load_weights
 from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow
 
@@ -63,6 +64,7 @@ class ModelRunner:
                 target.float()
         load_weights(self.model, config.model)
         self.model.eval().requires_grad_(False)
+        self.num_prepacked_linears = prepack_linear_weights(self.model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}

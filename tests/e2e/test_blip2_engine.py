@@ -52,6 +52,9 @@ def _check(llm: LLM, model_dir, batch):
 
 def test_batch_matches_transformers(ckpt):
     llm = LLM(ckpt, dtype="float32", block_size=4)
+    from fovea.layers.linear import onednn_linear_available
+    if onednn_linear_available():  # the parity below is then that of the oneDNN-packed path
+        assert llm.llm_engine.runner.num_prepacked_linears > 0
     outs = _check(llm, ckpt, cases(8))
     # the tiny model must not be degenerate, or the comparison proves little
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) > 4

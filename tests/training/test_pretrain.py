@@ -3,12 +3,14 @@ a pre-trained OPT directory that transformers loads with the same logits, and a 
 read with vision_from."""
 import json
 
+import pytest
 import torch
 from transformers import OPTForCausalLM as HFOPTForCausalLM
 
 from fovea.models.blip2 import BlipVisionModel
 from fovea.training.lm import opt_logits
-from fovea.training.lm_pretrain import pack, pretrain_lm, scene_documents
+from fovea.training.lm_pretrain import encode_documents, pretrain_lm, scene_context, scene_documents, scene_rows
+from fovea.training.losses import IGNORE_INDEX
 from fovea.training.shapes import GRID
 from fovea.training.vision_pretrain import IGNORE, pretrain_vision, scene_targets
 from fovea.training.weights import load_parts
@@ -30,22 +32,50 @@ def test_scene_targets_by_hand():
     assert t.cell_sizes[0, 8].item() == 1 and t.cells.shape == (1, GRID * GRID)
 
 
-def test_pack_keeps_each_scenes_texts_together():
-    documents = [[[10, 11], [12]], [[20], [21, 22]], [[30, 31, 32]]]  # 9 tokens: nothing cut off
-    rows = pack(documents, seq_len=3, generator=torch.Generator().manual_seed(0))
-    stream = rows.flatten().tolist()
-    assert rows.shape == (3, 3) and sorted(stream) == sorted(t for d in documents for x in d for t in x)
-    scene_of = [t // 10 for t in stream]
-    assert scene_of == sorted(scene_of, key=scene_of.index)  # every scene one contiguous run
+def test_scene_context_names_the_caption_and_each_single_shapes_place():
+    record = {"caption": "two small red circles and one large blue diamond on a white background",
+              "scene": {"background": "white", "objects": [
+                  {"shape": "circle", "colour": "red", "size": "small", "cell": 0},
+                  {"shape": "circle", "colour": "red", "size": "small", "cell": 4},
+                  {"shape": "diamond", "colour": "blue", "size": "large", "cell": 8}]}}
+    assert scene_context(record) == record["caption"] + " , diamond bottom right"
+
+
+class _ToyTokenizer:
+    """Word ids from a fixed table; `</s>` = 2 first as OPT's tokenizer puts it."""
+    pad_token_id, eos_token_id = 1, 2
+    words = {"a": 10, "b": 11, "c": 12, "q": 13}
+
+    def __call__(self, texts, add_special_tokens=True):
+        class Out:
+            pass
+        out = Out()
+        out.input_ids = [([2] if add_special_tokens else []) + [self.words[w] for w in t.split()] for t in texts]
+        return out
+
+
+def test_scene_rows_put_the_padded_context_first_and_train_on_the_texts_only():
+    encoded = encode_documents(_ToyTokenizer(), [["a b", "c", "q a"]], context_len=4)
+    assert encoded == [([10, 11, 1, 1], [[2, 12, 2], [2, 13, 10, 2]])]
+    ids, mask, labels = scene_rows(encoded, [0], seq_len=12, pad_id=1, generator=torch.Generator().manual_seed(0))
+    assert ids[0, :4].tolist() == [10, 11, 1, 1] and mask[0].tolist() == [1] * 11 + [0]
+    texts = ids[0, 4:11].tolist()
+    assert texts in ([2, 12, 2, 2, 13, 10, 2], [2, 13, 10, 2, 2, 12, 2])
+    assert labels[0].tolist() == [IGNORE_INDEX] * 4 + texts + [IGNORE_INDEX]
+    short, _, short_labels = scene_rows(encoded, [0], seq_len=6, pad_id=1, generator=torch.Generator())
+    assert short.shape == (1, 6) and (short_labels[0, 4:] != IGNORE_INDEX).all()  # cut at seq_len
+    with pytest.raises(ValueError, match="context_len=1"):
+        encode_documents(_ToyTokenizer(), [["a b", "c"]], context_len=1)
 
 
 def test_pretrained_opt_loads_in_transformers_with_the_same_logits(tmp_path):
     data = shapes_data(tmp_path / "shapes", num=20)
-    assert scene_documents(data["train"])[0][1].startswith("Question: ")
+    assert scene_documents(data["train"])[0][2].startswith("Question: ")
     out = tmp_path / "opt"
-    result = pretrain_lm(str(data["train"]), str(out), steps=3, batch_size=2, seq_len=24, hidden=32, layers=2,
-                         heads=4, vocab_size=300, bf16=False, log=lambda _: None)
-    assert result["steps"] == 3
+    result = pretrain_lm(str(data["train"]), str(out), steps=3, batch_size=2, seq_len=96, hidden=32, layers=2,
+                         heads=4, vocab_size=300, bf16=False, context_len=80, val_data=str(data["val"]),
+                         log=lambda _: None)
+    assert result["steps"] == 3 and 0 <= result["context_reading"]["vqa_accuracy"] <= 1
     hf = HFOPTForCausalLM.from_pretrained(out).eval()
     from fovea.models.opt import OPTForCausalLM
     from fovea.models.weights import load_weights
