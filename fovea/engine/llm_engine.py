@@ -77,7 +77,9 @@ class LLMEngine:
             ctx = InputProcessingContext(config.model, self.hf_config, self.tokenizer, dict(config.mm_processor_kwargs or {}))
             self.processor = MULTIMODAL_REGISTRY.create_processor(model_cls, ctx)
             mm_limits = self.processor.info.get_allowed_mm_limits(config.limit_mm_per_prompt)
-            max_tokens_per_item = dict(self.processor.info.get_mm_max_tokens_per_item(self.max_model_len, mm_limits))
+            most_tokens = self.processor.info.get_mm_max_tokens_per_item(self.max_model_len, mm_limits)
+            # a modality limited to 0 items per prompt never reaches the encoder: it sizes nothing
+            max_tokens_per_item = {m: most_tokens[m] for m, limit in mm_limits.items() if limit > 0}
         self.mm_limits = mm_limits
 
         chunked = config.enable_chunked_prefill
@@ -142,8 +144,8 @@ class LLMEngine:
             num_blocks = config.kv_cache_memory_bytes // per_block
         else:
             features = []
-            if self.processor is not None and mm_limits:
-                counts = self._profile_mm_counts(max_batched, mm_limits)
+            counts = self._profile_mm_counts(max_batched, mm_limits) if self.processor is not None else {}
+            if counts:
                 dummy = self.processor.dummy_inputs.get_dummy_processor_inputs(self.max_model_len, counts)
                 hashes = {m: [f"dummy-{m}-{i}" for i in range(len(v))] for m, v in dummy.mm_data.items()}
                 features = self.processor.apply(dummy.prompt or [0], dummy.mm_data, hashes).mm_features
@@ -161,8 +163,13 @@ class LLMEngine:
         return num_blocks
 
     def _profile_mm_counts(self, max_batched: int, mm_limits: Mapping[str, int]) -> dict[str, int]:
-        """Items for the worst-case step: as many of the largest modality as one step's tokens can hold."""
-        per_item = self.processor.info.get_mm_max_tokens_per_item(self.max_model_len, mm_limits)
+        """Items for the worst-case step: as many of the largest modality as one step's tokens can hold. Modalities
+        limited to 0 items per prompt are left out (none left: {}, a text-only profile)."""
+        allowed = {m: limit for m, limit in mm_limits.items() if limit > 0}
+        if not allowed:
+            return {}
+        most_tokens = self.processor.info.get_mm_max_tokens_per_item(self.max_model_len, allowed)
+        per_item = {m: most_tokens[m] for m in allowed}
         modality = max(per_item, key=per_item.get)
         fit = max(1, min(max_batched, self.max_model_len) // max(1, per_item[modality]))
         return {modality: min(mm_limits[modality], fit)}

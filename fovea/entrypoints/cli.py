@@ -1,18 +1,23 @@
-"""The `fovea` command line: `serve`, `generate`, `bench`.
+"""The `fovea` command line: `serve`, `generate`, `bench`, and `train`, `eval`, `data`.
 
     fovea serve path/to/model --port 8000 --api-key KEY        # the OpenAI-compatible server
     fovea generate --image cat.png --prompt "a photo of"       # one-shot, prints the text
     fovea bench --model path/to/model --num-requests 64        # offline throughput and latency
+    fovea data shapes --out data/shapes --num 1000             # a synthetic dataset (train/val/test JSONL)
+    fovea train stage1 --config run.json                       # BLIP-2 training (python -m fovea.training)
+    fovea eval retrieval --model runs/s1/export --data data/shapes/test.jsonl   # (python -m fovea.eval)
 
 Engine options (`--dtype`, `--max-num-seqs`, ...) are generated from `EngineConfig`'s fields, with their
-documented defaults, so the command line and `LLM(**options)` never drift apart. Heavy imports (torch, the
-server) happen inside the subcommands, so `--help` is instant.
+documented defaults, so the command line and `LLM(**options)` never drift apart. `train`, `eval` and `data`
+hand every later word to their own package's command line. Heavy imports (torch, the server, training)
+happen inside the subcommands, so `--help` is instant.
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -29,6 +34,16 @@ from fovea.config import EngineConfig
 DEMO_MODEL_PATH = Path(__file__).resolve().parents[2] / "runs" / "demo-model"
 
 _SKIPPED_FIELDS = {"model"}  # given per subcommand (positional for serve, --model elsewhere)
+
+# Commands with their own parser in their own package: `main` hands them every word after the command before
+# this parser runs. name -> (module whose main(argv) runs it, help); `data` names a generator first.
+_DELEGATED = {
+    "train": ("fovea.training.__main__", "train BLIP-2 (stage1, stage2) or export a checkpoint"),
+    "eval": ("fovea.eval.__main__", "score a model on a JSONL split (retrieval, caption, vqa)"),
+    "data": (None, "write a dataset (shapes)"),
+}
+_DATA_GENERATORS = {"shapes": ("fovea.training.shapes", "synthetic coloured-shape scenes with captions and "
+                                                        "questions, as train/val/test JSONL")}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -93,7 +108,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fovea", formatter_class=_HelpFormatter, description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,bench}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{serve,generate,bench,train,eval,data}", required=True)
 
     serve = sub.add_parser("serve", formatter_class=_HelpFormatter, help="run the OpenAI-compatible server",
                            description="Serve MODEL over the OpenAI API: /v1/chat/completions, /v1/completions, "
@@ -148,10 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how many different images the requests share (0: every request its own)")
     add_engine_options(bench)
     bench.set_defaults(handler=_bench)
+
+    for name, (_, help_text) in _DELEGATED.items():  # listed for --help only: main() runs them before parsing
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _DELEGATED:
+        return _run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
@@ -161,6 +182,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- subcommands ----------------------------------------------------------------------------------------------
+
+
+def _run_delegated(command: str, argv: list[str]) -> int:
+    module = _DELEGATED[command][0]
+    if command == "data":
+        generators = "\n".join(f"  {name:10} {text}" for name, (_, text) in _DATA_GENERATORS.items())
+        usage = f"usage: fovea data {{{','.join(_DATA_GENERATORS)}}} ...\n\ndata generators:\n{generators}\n"
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage, end="")
+            return 0
+        if not argv or argv[0] not in _DATA_GENERATORS:
+            given = f"unknown data generator {argv[0]!r}" if argv else "no data generator given"
+            print(f"{usage}fovea data: error: {given}; available: {', '.join(_DATA_GENERATORS)}", file=sys.stderr)
+            return 2
+        module, argv = _DATA_GENERATORS[argv[0]][0], argv[1:]
+    return importlib.import_module(module).main(argv) or 0
 
 
 def _check_model_dir(path: str) -> None:

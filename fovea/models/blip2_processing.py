@@ -10,8 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from PIL import Image
 
 from fovea.multimodal.image_processors import BlipImageProcessor
+from fovea.multimodal.media import ACCEPTED_IMAGE_INPUTS, type_name
 from fovea.multimodal.processing import (
     BaseMultiModalProcessor,
     BaseProcessingInfo,
@@ -60,8 +62,10 @@ class Blip2DummyInputsBuilder(BaseDummyInputsBuilder):
         return ""  # the processor inserts the image tokens itself
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int]) -> dict[str, list[Any]]:
+        if not mm_counts.get("image", 0):
+            return {}
         size = self.info.get_image_size()
-        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0))}
+        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts["image"])}
 
 
 class Blip2MultiModalProcessor(BaseMultiModalProcessor):
@@ -69,6 +73,12 @@ class Blip2MultiModalProcessor(BaseMultiModalProcessor):
 
     def _preprocess(self, mm_items: Mapping[str, list[Any]], mm_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         images = mm_items.get("image", [])
+        for item in images:  # the input processor has decoded every image; what is left is embeddings or wrong
+            if not isinstance(item, (Image.Image, torch.Tensor)):
+                given = f"a dict with keys {sorted(map(str, item))}" if isinstance(item, Mapping) else type_name(item)
+                raise ValueError(f"BLIP-2 cannot take {given} as an image; pass an image ({ACCEPTED_IMAGE_INPUTS}), "
+                                 f"or precomputed image_embeds as a torch.Tensor of shape "
+                                 f"{list(self.info.get_embed_shape())} (num_query_tokens, text hidden size)")
         pixels = [im for im in images if not isinstance(im, torch.Tensor)]
         embeds = [im for im in images if isinstance(im, torch.Tensor)]
         if pixels and embeds:

@@ -19,15 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from fovea.multimodal.image_processors import (
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
+    check_fps,
     get_image_processor,
     get_video_processor,
     smart_resize,
 )
-from fovea.multimodal.media import LoadedVideo, load_video
+from fovea.multimodal.media import ACCEPTED_IMAGE_INPUTS, LoadedVideo, load_video, type_name
 from fovea.multimodal.processing import (
     BaseMultiModalProcessor,
     BaseProcessingInfo,
@@ -78,6 +80,8 @@ class Qwen2_5_VLProcessingInfo(BaseProcessingInfo):
         unknown = sorted(set(options) - set(MM_OPTIONS))
         if unknown:
             raise ValueError(f"unknown mm_processor_kwargs {unknown} for Qwen2.5-VL; valid: {list(MM_OPTIONS)}")
+        if "fps" in options:  # checked here too: an image-only request never builds the video processor
+            check_fps(options["fps"])
         return options
 
     @functools.cached_property
@@ -161,9 +165,10 @@ class Qwen2_5_VLDummyInputsBuilder(BaseDummyInputsBuilder):
                 + "<|vision_start|><|video_pad|><|vision_end|>" * mm_counts.get("video", 0))
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int]) -> dict[str, list[Any]]:
-        width, height = self.info.get_image_size_with_most_features()
-        data: dict[str, list[Any]] = {
-            "image": self._get_dummy_images(width=width, height=height, num_images=mm_counts.get("image", 0))}
+        data: dict[str, list[Any]] = {}
+        if mm_counts.get("image", 0):
+            width, height = self.info.get_image_size_with_most_features()
+            data["image"] = self._get_dummy_images(width=width, height=height, num_images=mm_counts["image"])
         num_videos = mm_counts.get("video", 0)
         if num_videos:  # the videos share what the images leave of seq_len
             room = max(0, seq_len - mm_counts.get("image", 0) * self.info.get_max_image_tokens()) // num_videos
@@ -187,6 +192,11 @@ class Qwen2_5_VLMultiModalProcessor(BaseMultiModalProcessor):
     def _preprocess(self, mm_items: Mapping[str, list[Any]], mm_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         images = mm_items.get("image", [])
+        for item in images:  # the input processor has decoded every image; what is left is embeddings or wrong
+            if not isinstance(item, (Image.Image, Mapping)):
+                raise ValueError(f"Qwen2.5-VL cannot take {type_name(item)} as an image; pass an image "
+                                 f"({ACCEPTED_IMAGE_INPUTS}), or precomputed embeddings as a dict "
+                                 f"{{'image_embeds': [tokens, hidden], 'image_grid_thw': (t, h, w)}}")
         if images:
             out.update(self._embeds_or_pixels("image", images, lambda items: self._images(items, mm_kwargs)))
         videos = mm_items.get("video", [])

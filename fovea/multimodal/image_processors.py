@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,15 @@ class Qwen2VLImageProcessor(_QwenVisionProcessor):
         return values.reshape(gh * gw, channels * t * p * p)
 
 
+def check_fps(fps: Any) -> float:
+    """`fps` as a float; anything but a positive finite number is a ValueError naming it. Strings are refused,
+    "2" too: options arrive as numbers (JSON or Python), so a string is a mistake upstream, and an infinite rate
+    can stall the frame sampler (its next tick never moves)."""
+    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not (math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number (frames per second), got {fps!r}")
+    return float(fps)
+
+
 class Qwen2VLVideoProcessor(_QwenVisionProcessor):
     """transformers' `Qwen2VLVideoProcessor`, without torchvision.
 
@@ -376,10 +386,10 @@ class Qwen2VLVideoProcessor(_QwenVisionProcessor):
             raise ValueError(f"video resample must be BICUBIC (3) or BILINEAR (2), got {self.resample!r}")
         self.cap_pixels_per_frame = bool(cap_pixels_per_frame)
         self.max_video_tokens = int(max_video_tokens)
-        self.fps = float(self.DEFAULT_FPS if fps is None else fps)
+        self.fps = check_fps(self.DEFAULT_FPS if fps is None else fps)
         self.max_frames = int(max_frames)
-        if self.fps <= 0 or self.max_frames < 1:
-            raise ValueError(f"fps must be > 0 and max_frames >= 1, got fps={fps!r}, max_frames={max_frames!r}")
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "cap_pixels_per_frame": self.cap_pixels_per_frame,

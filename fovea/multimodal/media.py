@@ -23,11 +23,11 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from fovea.multimodal.image_processors import convert_to_rgb
+from fovea.multimodal.image_processors import check_fps, convert_to_rgb
 
 ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview]
 
-_ACCEPTED_IMAGE_INPUTS = (
+ACCEPTED_IMAGE_INPUTS = (
     "PIL.Image.Image, numpy.ndarray ((H, W), (H, W, 3) or (H, W, 4); uint8, or float in [0, 1]), "
     "a file path (str or pathlib.Path), bytes, or a 'data:image/...;base64,...' URL"
 )
@@ -68,7 +68,7 @@ def load_image(item: ImageInput) -> Image.Image:
         return _decode_image(_read_path(item), what=f"image file {item!r}")
     if isinstance(item, os.PathLike):
         return _decode_image(_read_path(item), what=f"image file {os.fspath(item)!r}")
-    raise ValueError(f"unsupported image input of type {type(item).__name__}; accepted: {_ACCEPTED_IMAGE_INPUTS}")
+    raise ValueError(f"unsupported image input of type {type(item).__name__}; accepted: {ACCEPTED_IMAGE_INPUTS}")
 
 
 def load_images(items: ImageInput | list[ImageInput] | tuple[ImageInput, ...]) -> list[Image.Image]:
@@ -139,6 +139,12 @@ def _parse_data_url(url: str) -> tuple[str, bytes]:
     except (binascii.Error, ValueError) as e:
         raise ValueError(f"malformed data URL (invalid base64 payload: {e}): {_shorten(url)}") from e
     return mime_type, data
+
+
+def type_name(item: object) -> str:
+    """What a user passed, for an error message: 'torch.Tensor', 'numpy.ndarray', 'dict'."""
+    cls = type(item)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _shorten(text: str) -> str:
@@ -241,9 +247,7 @@ def _decode_video(data: bytes, what: str, fps: float | None, max_frames: int | N
         raise ValueError(f"decoding {what} needs PyAV (pip install av); or pass the frames as an array") from e
     if not data:
         raise ValueError(f"could not decode {what}: no data (0 bytes)")
-    rate = DEFAULT_VIDEO_FPS if fps is None else float(fps)
-    if rate <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    rate = check_fps(DEFAULT_VIDEO_FPS if fps is None else fps)
     kept: list[np.ndarray] = []
     first_time = last_time = None
     try:

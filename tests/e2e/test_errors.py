@@ -39,6 +39,12 @@ def _bad_inputs(tmp_path, llm):
         "embeds shape": ({"prompt": "a", "multi_modal_data": {"image": torch.zeros(num_query + 1, hidden)}},
                          SamplingParams(max_tokens=4), "image_embeds"),
         "modality": ({"prompt": "a", "multi_modal_data": {"video": [img]}}, SamplingParams(max_tokens=4), "video"),
+        "dict item": ({"prompt": "a", "multi_modal_data": {"image": {"foo": 1}}}, SamplingParams(max_tokens=4),
+                      r"BLIP-2 cannot take a dict with keys \['foo'\] as an image; pass an image \(PIL\.Image\.Image.*"
+                      rf"or precomputed image_embeds as a torch\.Tensor of shape \[{num_query}, {hidden}\]"),
+        "embeds dict": ({"prompt": "a",
+                         "multi_modal_data": {"image": {"image_embeds": torch.zeros(num_query, hidden)}}},
+                        SamplingParams(max_tokens=4), r"BLIP-2 cannot take a dict with keys \['image_embeds'\]"),
     }
 
 

@@ -248,6 +248,17 @@ def test_bad_inputs_are_value_errors_naming_the_problem(ckpt, tmp_path):
     clip = frames(70, 5, 40, 30)
     bad = {
         "tensor video": ({"prompt": video, "multi_modal_data": {"video": torch.zeros(2, 8, 8, 3)}}, "torch tensor"),
+        "tensor image": ({"prompt": image_prompt, "multi_modal_data": {"image": torch.zeros(3, 8, 8)}},
+                         r"cannot take torch\.Tensor as an image; pass an image \(PIL\.Image\.Image, numpy\.ndarray "
+                         r".*file path.*bytes.*'data:image/\.\.\.;base64,\.\.\.' URL\), or .*'image_embeds'"),
+        "fps not a number": ({"prompt": video, "multi_modal_data": {"video": clip},
+                              "mm_processor_kwargs": {"fps": "x"}}, r"fps must be a positive number .*got 'x'"),
+        "fps not a number, video file": ({"prompt": video, "multi_modal_data": {"video": b"not a video"},
+                                          "mm_processor_kwargs": {"fps": "x"}}, "fps must be a positive number"),
+        "fps not a number, image only": ({"prompt": image_prompt, "multi_modal_data": {"image": clip[0]},
+                                          "mm_processor_kwargs": {"fps": "x"}}, "fps must be a positive number"),
+        "fps infinite": ({"prompt": video, "multi_modal_data": {"video": clip},
+                          "mm_processor_kwargs": {"fps": float("inf")}}, "fps must be a positive number"),
         "over max_frames": ({"prompt": video, "multi_modal_data": {"video": clip},
                              "mm_processor_kwargs": {"max_frames": 4}}, "max_frames=4"),
         "unknown option": ({"prompt": video, "multi_modal_data": {"video": clip},
@@ -267,3 +278,8 @@ def test_bad_inputs_are_value_errors_naming_the_problem(ckpt, tmp_path):
         assert not llm.llm_engine.has_unfinished_requests(), name
     out = llm.generate(good, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 2
+
+
+def test_a_model_wide_fps_must_be_a_positive_number(ckpt):
+    with pytest.raises(ValueError, match=r"fps must be a positive number .*got 'x'"):
+        LLM(ckpt, dtype="float32", block_size=4, max_model_len=256, mm_processor_kwargs={"fps": "x"})

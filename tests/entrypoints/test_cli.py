@@ -1,17 +1,20 @@
 """The `fovea` command line: help lists every option with its default, engine options come from EngineConfig,
-`generate` prints what `LLM` generates, `bench` reports its figures."""
+`generate` prints what `LLM` generates, `bench` reports its figures, `train` / `eval` / `data shapes` hand their
+arguments to their packages' own command lines."""
 from __future__ import annotations
 
 import dataclasses
 import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
 from fovea import LLM, SamplingParams
 from fovea.config import EngineConfig
 from fovea.entrypoints import cli
+from fovea.training.shapes import generate_shapes
 from tests.entrypoints import ROOT, png_bytes, random_image
 from tests.entrypoints import restore_torch_threads  # noqa: F401 (an autouse fixture)
 from tests.oracle.blip2 import build_tiny_blip2
@@ -123,3 +126,51 @@ def test_bench_reports_its_figures(blip_dir, capsys):
     report = capsys.readouterr().out
     for words in ("requests/s", "output tokens/s", "time to first token", "time per output token", "6 requests"):
         assert words in report
+
+
+def fovea(*argv: str) -> subprocess.CompletedProcess:
+    """The real command line in a subprocess (what the `fovea` console script runs, see the test below)."""
+    return subprocess.run([sys.executable, "-m", "fovea.entrypoints.cli", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={"COLUMNS": "200", "PATH": ""})
+
+
+def test_console_script_runs_cli_main():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["fovea"] == "fovea.entrypoints.cli:main"
+
+
+def test_help_lists_train_eval_and_data():
+    top = help_text()
+    listed = {m.group(1) for m in re.finditer(r"^ {4}(\w+) {2,}\S", top, re.MULTILINE)}
+    assert listed == {"serve", "generate", "bench", "train", "eval", "data"}
+    assert "{serve,generate,bench,train,eval,data}" in top
+
+
+def test_data_shapes_writes_the_splits_as_the_generator_does(tmp_path):
+    out = fovea("data", "shapes", "--out", str(tmp_path / "cli"), "--num", "6", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    assert "wrote 6 images" in out.stdout
+    expected = generate_shapes(tmp_path / "direct", 6, seed=3)
+    for split, path in expected.items():
+        written = tmp_path / "cli" / f"{split}.jsonl"
+        assert written.read_text() == path.read_text(), split
+    assert sum(len(p.read_text().splitlines()) for p in expected.values()) == 6
+
+
+@pytest.mark.parametrize("command, words", [("train", ["stage1", "stage2", "export"]),
+                                            ("eval", ["retrieval", "caption", "vqa"])])
+def test_train_and_eval_hand_their_arguments_over(command, words):
+    out = fovea(command, "--help")
+    assert out.returncode == 0, out.stderr
+    for word in words:
+        assert word in out.stdout
+    bad = fovea(command, "nope")  # their own parser's error, not the top-level one
+    assert bad.returncode == 2 and "invalid choice: 'nope'" in bad.stderr and words[0] in bad.stderr
+
+
+@pytest.mark.parametrize("argv", [["data", "nope"], ["data"]])
+def test_data_without_a_known_generator_names_the_generators(argv):
+    out = fovea(*argv)
+    assert out.returncode == 2
+    assert "shapes" in out.stderr and ("'nope'" in out.stderr) == (argv == ["data", "nope"])
+    assert not out.stdout

@@ -139,3 +139,11 @@ def test_worst_case_items_and_dummy_inputs(ckpt):
     assert video.length == 40 * ((seq_len - 3 * 97) // 40)  # the video fills what the images leave
     unlimited = processor.dummy_inputs.get_dummy_processor_inputs(seq_len, {"image": 1 << 30})
     assert len(unlimited.mm_data["image"]) == 5  # ceil(400 / 97): more images cannot be in one step
+
+
+def test_dummy_inputs_leave_out_modalities_with_no_items(ckpt):
+    processor = make_processor(ckpt)
+    for counts, modalities in [({"image": 0, "video": 1}, {"video"}), ({"image": 2, "video": 0}, {"image"}),
+                               ({"image": 0, "video": 0}, set())]:
+        dummy = processor.dummy_inputs.get_dummy_processor_inputs(400, counts)
+        assert set(dummy.mm_data) == modalities, counts

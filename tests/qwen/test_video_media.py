@@ -99,3 +99,9 @@ def test_data_url_and_bad_inputs(tmp_path):
         load_video([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))])
     with pytest.raises(ValueError, match="unsupported video input"):
         load_video(3.5)
+
+
+@pytest.mark.parametrize("fps", ["x", "2", 0, -1.0, float("nan"), float("inf"), True])
+def test_fps_must_be_a_positive_number(fps):
+    with pytest.raises(ValueError, match="fps must be a positive number"):
+        load_video(encode_video(2, fps=2), fps=fps)
