@@ -1,7 +1,7 @@
 """Build fovea's demo BLIP-2 from nothing, with fovea's own commands (issue 5, item 8), and evaluate it.
 
-    python -m fovea.training.demo_model --out runs/demo-model            # make demo-model
-    python -m fovea.training.demo_model --out runs/demo-model --eval-only  # make eval-demo
+    python -m fovea.training.demo_model --out demo/blip2-shapes --work runs/demo-build              # make demo-model
+    python -m fovea.training.demo_model --out demo/blip2-shapes --work runs/demo-build --eval-only  # make eval-demo
 
 The pipeline, each step one command (printed as it runs, so any step can be re-run by hand):
 
@@ -16,7 +16,8 @@ The pipeline, each step one command (printed as it runs, so any step can be re-r
    are saved next to it as examples, and the held-out figures (caption exact match, BLEU-4, CIDEr-D, VQA
    accuracy, stage-1 retrieval recall) are printed with their chance levels and written to eval.json.
 
-Stages 1 and 2 run under torchrun with `--nproc` processes (default 2: one per core, one thread each, which
+A step whose outputs are already in the work folder is skipped, so a build that stopped resumes at the step
+it was in (delete the work folder to start from nothing). Stages 1 and 2 run under torchrun with `--nproc` processes (default 2: one per core, one thread each, which
 on a busy 2-core machine beats one process with two threads by far).
 """
 from __future__ import annotations
@@ -69,8 +70,12 @@ class Runner:
         with self.log_path.open("a", encoding="utf-8") as f:
             f.write(line + "\n")
 
-    def run(self, *commands: list[str]) -> None:
-        """Run the commands side by side (each in its own process); fail if any fails."""
+    def run(self, *commands: list[str], done: list[Path] | None = None) -> None:
+        """Run the commands side by side (each in its own process); fail if any fails. When every path in
+        `done` exists, the step finished in an earlier build of the same work folder: it is skipped."""
+        if done and all(path.exists() for path in done):
+            self.log("skipped (already built): " + ", ".join(str(path) for path in done))
+            return
         for command in commands:
             self.log("$ " + " ".join(command))
         started = time.perf_counter()
@@ -111,7 +116,8 @@ def build(plan: DemoPlan, out: Path, work: Path) -> None:
     runner.run(m + ["fovea.training.shapes", "--out", str(data), "--num", str(plan.num_train), "--seed",
                     str(plan.train_seed), "--image-size", str(plan.image_size), "--splits", "0.98,0.02,0"],
                m + ["fovea.training.shapes", "--out", str(heldout), "--num", str(plan.num_test), "--seed",
-                    str(plan.test_seed), "--image-size", str(plan.image_size), "--splits", "0,0,1"])
+                    str(plan.test_seed), "--image-size", str(plan.image_size), "--splits", "0,0,1"],
+               done=[data / "meta.json", heldout / "meta.json"])
     train_jsonl = data / "train.jsonl"
     runner.run(m + ["fovea.training.vision_pretrain", "--data", str(train_jsonl), "--val-data", str(data / "val.jsonl"),
                     "--out", str(work / "vision"), "--steps", str(plan.vision_steps), "--image-size",
@@ -120,7 +126,9 @@ def build(plan: DemoPlan, out: Path, work: Path) -> None:
                     "--steps", str(plan.lm_steps), "--context-len", str(plan.num_query_tokens),
                     "--val-data", str(data / "val.jsonl")],
                m + ["fovea.training.tokenization", "qformer", "--texts", str(train_jsonl), "--out",
-                    str(work / "qformer_tokenizer")])
+                    str(work / "qformer_tokenizer")],
+               done=[work / "vision" / "config.json", work / "opt" / "config.json",
+                     work / "qformer_tokenizer" / "tokenizer.json"])
 
     qformer = {"qformer_config": {"hidden_size": plan.qformer_hidden, "intermediate_size": 4 * plan.qformer_hidden,
                                   "num_hidden_layers": plan.qformer_layers, "num_attention_heads": 4,
@@ -134,22 +142,28 @@ def build(plan: DemoPlan, out: Path, work: Path) -> None:
     runner.run(m + ["fovea.training", "stage1", "--train-data", str(train_jsonl), "--output-dir", str(work / "stage1"),
                     "--model-config", str(work / "qformer.json"), "--vision-from", str(work / "vision"),
                     "--qformer-tokenizer", str(work / "qformer_tokenizer"), "--max-text-len", "20",
-                    "--max-steps", str(plan.stage1_steps), "--warmup-steps", str(plan.stage1_steps // 20), *common])
+                    "--max-steps", str(plan.stage1_steps), "--warmup-steps", str(plan.stage1_steps // 20), *common],
+               done=[work / "stage1" / "export" / "config.json"])
     count = write_stage2_data(train_jsonl, data / "stage2.jsonl", plan.caption_repeats)
     runner.log(f"stage-2 data: {count} pairs -> {data / 'stage2.jsonl'}")
     runner.run(m + ["fovea.training", "stage2", "--train-data", str(data / "stage2.jsonl"),
                     "--output-dir", str(work / "stage2"), "--init-from", str(work / "stage1" / "export"),
                     "--language-model", str(work / "opt"), "--max-text-len", "32",
-                    "--max-steps", str(plan.stage2_steps), "--warmup-steps", str(plan.stage2_steps // 20), *common])
+                    "--max-steps", str(plan.stage2_steps), "--warmup-steps", str(plan.stage2_steps // 20), *common],
+               done=[work / "stage2" / "export" / "config.json"])
 
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(work / "stage2" / "export", out)
     examples = out / "examples"
     examples.mkdir()
+    captions = {}
     for line in (heldout / "test.jsonl").read_text().splitlines()[:EXAMPLES]:
         record = json.loads(line)
-        shutil.copy(heldout / record["image"], examples / Path(record["image"]).name)
+        name = Path(record["image"]).name
+        shutil.copy(heldout / record["image"], examples / name)
+        captions[name] = record["caption"]
+    (examples / "captions.json").write_text(json.dumps(captions, indent=1) + "\n")
     size_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     runner.log(f"demo model: {out} ({size_mb:.1f} MB)")
     evaluate(plan, out, work, runner, retrieval_model=work / "stage1" / "export")
@@ -193,7 +207,7 @@ def evaluate(plan: DemoPlan, out: Path, work: Path, runner: Runner | None = None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fovea.training.demo_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo-model", help="where the demo checkpoint goes")
+    parser.add_argument("--out", default="demo/blip2-shapes", help="where the demo checkpoint goes")
     parser.add_argument("--work", default="runs/demo-build", help="intermediate files (data, checkpoints, logs)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate an existing demo model")
     for name, value in asdict(DemoPlan()).items():

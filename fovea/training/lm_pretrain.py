@@ -7,8 +7,9 @@ stage 2 puts the image's query tokens, holding the scene's caption and where eac
 
     "two small red circles and one large blue square on a white background , square top left"  + <pad>...
 
-Each training row is one scene: its context, then its caption and every "Question: q Answer: a" about it, each
-as the LLM sees texts in stage 2 (`</s>` + text + `</s>`), in a random order, with the loss on the texts only.
+Each training row is one scene: its context, then its caption (mostly; see SKIP_CAPTION) and every
+"Question: q Answer: a" about it in a random order, each as the LLM sees texts in stage 2 (`</s>` + text +
+`</s>`), with the loss on the texts only.
 The model so learns to read every answer and the caption off the context (copying, and adding two counts for
 "how many shapes"), wherever the text comes; stage 2 then only has to teach the Q-Former to write a context the
 frozen model reads. (A model trained on texts alone, with nothing before `</s>` to read, learns that the prefix
@@ -41,6 +42,10 @@ from fovea.training.tokenization import build_opt_tokenizer
 
 IMAGE_TOKEN = "<image>"
 VQA_PROMPT = "Question: {} Answer:"
+SKIP_CAPTION = 0.25
+"""How often a training row goes straight from the context to the questions. Mostly the caption comes first, so
+that after the context and `</s>` the model's first choice is the caption (what an empty prompt asks for); the
+other rows teach it to answer a question asked right after the context, as stage 2 and VQA prompts do."""
 
 
 def scene_context(record: dict) -> str:
@@ -84,15 +89,19 @@ def encode_documents(tokenizer, documents: list[list[str]], context_len: int) ->
 
 
 def scene_rows(encoded: list[tuple[list[int], list[list[int]]]], indices: list[int], seq_len: int,
-               pad_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, attention mask, labels), each (len(indices), seq_len): per scene its context, then its texts in a
-    random order, cut at seq_len; labels IGNORE_INDEX on the context and on padding."""
+               pad_id: int, generator: torch.Generator, skip_caption: float = SKIP_CAPTION
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, labels), each (len(indices), seq_len): per scene its context, its caption (left out
+    with probability skip_caption), then its questions in a random order, cut at seq_len; labels IGNORE_INDEX
+    on the context and on padding."""
     ids = torch.full((len(indices), seq_len), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     mask = torch.zeros_like(ids)
+    skips = (torch.rand(len(indices), generator=generator) < skip_caption).tolist()
     for row, index in enumerate(indices):
-        context, texts = encoded[index]
-        stream = [t for i in torch.randperm(len(texts), generator=generator).tolist() for t in texts[i]]
+        context, (caption, *questions) = encoded[index]
+        order = torch.randperm(len(questions), generator=generator).tolist()
+        stream = ([] if skips[row] else caption) + [t for i in order for t in questions[i]]
         stream = stream[: seq_len - len(context)]
         n = len(context) + len(stream)
         ids[row, :n] = torch.tensor(context + stream)

@@ -57,13 +57,16 @@ class _ToyTokenizer:
 def test_scene_rows_put_the_padded_context_first_and_train_on_the_texts_only():
     encoded = encode_documents(_ToyTokenizer(), [["a b", "c", "q a"]], context_len=4)
     assert encoded == [([10, 11, 1, 1], [[2, 12, 2], [2, 13, 10, 2]])]
-    ids, mask, labels = scene_rows(encoded, [0], seq_len=12, pad_id=1, generator=torch.Generator().manual_seed(0))
-    assert ids[0, :4].tolist() == [10, 11, 1, 1] and mask[0].tolist() == [1] * 11 + [0]
-    texts = ids[0, 4:11].tolist()
-    assert texts in ([2, 12, 2, 2, 13, 10, 2], [2, 13, 10, 2, 2, 12, 2])
-    assert labels[0].tolist() == [IGNORE_INDEX] * 4 + texts + [IGNORE_INDEX]
-    short, _, short_labels = scene_rows(encoded, [0], seq_len=6, pad_id=1, generator=torch.Generator())
-    assert short.shape == (1, 6) and (short_labels[0, 4:] != IGNORE_INDEX).all()  # cut at seq_len
+    ids, mask, labels = scene_rows(encoded, [0], seq_len=12, pad_id=1, generator=torch.Generator(),
+                                   skip_caption=0.0)
+    assert ids[0].tolist() == [10, 11, 1, 1, 2, 12, 2, 2, 13, 10, 2, 1]  # context, caption, question, padding
+    assert mask[0].tolist() == [1] * 11 + [0]
+    assert labels[0].tolist() == [IGNORE_INDEX] * 4 + [2, 12, 2, 2, 13, 10, 2] + [IGNORE_INDEX]
+    no_caption, _, _ = scene_rows(encoded, [0], seq_len=12, pad_id=1, generator=torch.Generator(), skip_caption=1.0)
+    assert no_caption[0].tolist() == [10, 11, 1, 1, 2, 13, 10, 2, 1, 1, 1, 1]
+    short, _, short_labels = scene_rows(encoded, [0], seq_len=6, pad_id=1, generator=torch.Generator(),
+                                        skip_caption=0.0)
+    assert short[0].tolist() == [10, 11, 1, 1, 2, 12] and (short_labels[0, 4:] != IGNORE_INDEX).all()  # cut
     with pytest.raises(ValueError, match="context_len=1"):
         encode_documents(_ToyTokenizer(), [["a b", "c"]], context_len=1)
 
