@@ -1,58 +1,57 @@
-"""`make demo`: caption example images and answer a question about one, with fovea's offline API.
+"""`make demo`: the main job, offline, on the demo model that ships with fovea.
 
-Until fovea ships its own trained demo model (issue 5), this builds a tiny BLIP-2 with random weights on
-the spot (with transformers, as a set-up step only; serving uses fovea's own code), so the text it prints is
-noise: what it demonstrates is the pipeline, from images and prompts to RequestOutputs.
+The demo model (`demo/blip2-shapes`) is a small BLIP-2 that fovea trained itself on synthetic scenes of coloured
+shapes (`make demo-model` rebuilds it from nothing; `make eval-demo` prints its held-out figures). This script
+captions the example images stored with it and answers questions about one, through fovea's offline API:
+
+    python scripts/demo.py [--model DIR]
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+DEMO_MODEL = ROOT / "demo" / "blip2-shapes"
+QUESTIONS = ("how many shapes are there?", "what colour is the background?")
 
 
-def example_images() -> dict[str, Image.Image]:
-    scenes = {
-        "red-circle.png": ("white", [("ellipse", (20, 20, 90, 90), "red")]),
-        "two-blue-squares.png": ("lightyellow", [("rectangle", (10, 30, 50, 70), "blue"),
-                                                 ("rectangle", (70, 40, 110, 80), "blue")]),
-        "green-triangle.png": ("black", [("polygon", [(60, 10), (110, 100), (10, 100)], "green")]),
-    }
-    out = {}
-    for name, (background, shapes) in scenes.items():
-        img = Image.new("RGB", (120, 120), background)
-        draw = ImageDraw.Draw(img)
-        for kind, geometry, colour in shapes:
-            getattr(draw, kind)(geometry, fill=colour)
-        out[name] = img
-    return out
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL, help="BLIP-2 checkpoint with an examples/ folder")
+    args = parser.parse_args(argv)
+    examples = sorted((args.model / "examples").glob("*.png"))
+    if not (args.model / "config.json").is_file() or not examples:
+        print(f"{args.model} holds no checkpoint with examples/*.png; build it with `make demo-model`", file=sys.stderr)
+        return 1
 
-
-def main() -> None:
     from fovea import LLM, SamplingParams
-    from tests.oracle.blip2 import build_tiny_blip2
 
-    model_dir = ROOT / "runs" / "demo-model"
-    if not (model_dir / "model.safetensors").exists():
-        print(f"building a tiny random BLIP-2 stand-in in {model_dir} ...")
-        build_tiny_blip2(model_dir, seed=0)
-    llm = LLM(str(model_dir), dtype="float32")
-    images = example_images()
-    prompts = [{"prompt": "a photo of", "multi_modal_data": {"image": img}} for img in images.values()]
-    prompts.append({"prompt": "Question: how many squares are there? Answer:",
-                    "multi_modal_data": {"image": images["two-blue-squares.png"]}})
+    llm = LLM(str(args.model), dtype="float32")
+    requests = [{"prompt": "", "multi_modal_data": {"image": str(path)}} for path in examples]
+    requests += [{"prompt": f"Question: {q} Answer:", "multi_modal_data": {"image": str(examples[0])}}
+                 for q in QUESTIONS]
     start = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12))
+    outs = llm.generate(requests, SamplingParams(temperature=0.0, max_tokens=30), use_tqdm=False)
     seconds = time.perf_counter() - start
-    for name, out in zip([*images, "two-blue-squares.png"], outs):
-        print(f"{name:22s} {out.prompt!r:50s} -> {out.outputs[0].text!r} ({out.outputs[0].finish_reason})")
-    print(f"{len(outs)} requests in {seconds:.2f} s (random weights: the words are noise until the trained demo model lands)")
+    references = _references(args.model)
+    for path, out in zip(examples, outs):
+        truth = references.get(path.name)
+        print(f"{path.name}: {out.outputs[0].text.strip()!r}" + (f"   (truth: {truth!r})" if truth else ""))
+    for question, out in zip(QUESTIONS, outs[len(examples):]):
+        print(f"{examples[0].name}: {question} -> {out.outputs[0].text.strip()!r}")
+    print(f"{len(outs)} requests in {seconds:.2f} s")
+    return 0
+
+
+def _references(model: Path) -> dict[str, str]:
+    """Image name -> true caption, from examples/captions.json when the build wrote one."""
+    path = model / "examples" / "captions.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -29,9 +29,9 @@ from typing import Any
 
 from fovea.config import EngineConfig
 
-# The model `generate` and `bench` use without --model: the stand-in `make demo` builds (scripts/demo.py).
-# A later issue ships a trained demo model; it will live at this same path.
-DEMO_MODEL_PATH = Path(__file__).resolve().parents[2] / "runs" / "demo-model"
+# The model `generate` and `bench` use without --model: the demo BLIP-2 fovea trained on synthetic shapes and ships
+# in the repository (`make demo-model` rebuilds it).
+DEMO_MODEL_PATH = Path(__file__).resolve().parents[2] / "demo" / "blip2-shapes"
 
 _SKIPPED_FIELDS = {"model"}  # given per subcommand (positional for serve, --model elsewhere)
 
@@ -202,7 +202,7 @@ def _run_delegated(command: str, argv: list[str]) -> int:
 
 def _check_model_dir(path: str) -> None:
     if not (Path(path) / "config.json").is_file():
-        hint = " (build the demo model with `make demo`)" if Path(path) == DEMO_MODEL_PATH else ""
+        hint = " (rebuild the demo model with `make demo-model`)" if Path(path) == DEMO_MODEL_PATH else ""
         raise FileNotFoundError(f"no checkpoint at {path}{hint}; pass --model DIR")
 
 

@@ -43,7 +43,7 @@ class DemoPlan:
     test_seed: int = 1
     image_size: int = 48
     vision_steps: int = 1500
-    lm_steps: int = 1000
+    lm_steps: int = 3000
     stage1_steps: int = 600
     stage2_steps: int = 3000
     batch_size: int = 64

@@ -1,0 +1,54 @@
+"""The demo model that ships in demo/blip2-shapes (issue 5): small enough to commit, served by fovea's engine with
+the held-out quality it claims, and `make demo`'s script runs on it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fovea.entrypoints.cli import DEMO_MODEL_PATH
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "demo" / "blip2-shapes"
+
+
+def test_the_demo_model_ships_within_25_mb_with_examples():
+    assert DEMO_MODEL_PATH == MODEL
+    size = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20, f"{size / 2**20:.1f} MB"
+    assert len(list((MODEL / "examples").glob("*.png"))) >= 3
+    assert json.loads((MODEL / "config.json").read_text())["architectures"] == ["Blip2ForConditionalGeneration"]
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """A fresh held-out split: seed 7 (the demo trained on seed 0 and records its figures on seed 1)."""
+    from fovea.training.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("heldout"), num=60, seed=7, image_size=48, splits=(0, 0, 1))["test"]
+
+
+def test_the_demo_model_captions_and_answers_unseen_scenes(heldout):
+    from fovea import LLM
+    from fovea.eval.data import read_eval_images
+    from fovea.eval.generation import evaluate_captions, evaluate_vqa
+
+    items = read_eval_images(heldout)
+    llm = LLM(str(MODEL), dtype="float32")
+    captions = evaluate_captions(llm, items)
+    vqa = evaluate_vqa(llm, items)
+    # the issue's targets, on 60 scenes the model never saw; chance is far below (1% and 36% on seed 1)
+    assert captions.scores["exact_match"] >= 0.9, captions.format()
+    assert vqa.accuracy >= 0.85 and vqa.accuracy > vqa.chance + 0.3, vqa.format()
+
+
+def test_make_demo_script_captions_the_examples():
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    truths = json.loads((MODEL / "examples" / "captions.json").read_text())
+    lines = done.stdout.splitlines()
+    right = sum(f"{name}: {caption!r}   (truth: {caption!r})" in lines for name, caption in truths.items())
+    assert right >= len(truths) - 1, done.stdout  # the held-out exact match is 98%: one miss is allowed
+    assert any("how many shapes are there? ->" in line for line in lines), done.stdout
