@@ -81,6 +81,7 @@ class LLMEngine:
             # a modality limited to 0 items per prompt never reaches the encoder: it sizes nothing
             max_tokens_per_item = {m: most_tokens[m] for m, limit in mm_limits.items() if limit > 0}
         self.mm_limits = mm_limits
+        self._max_tokens_per_item = max_tokens_per_item
 
         chunked = config.enable_chunked_prefill
         max_batched = config.max_num_batched_tokens or (max(2048, config.max_num_seqs) if chunked else self.max_model_len)
@@ -165,11 +166,9 @@ class LLMEngine:
     def _profile_mm_counts(self, max_batched: int, mm_limits: Mapping[str, int]) -> dict[str, int]:
         """Items for the worst-case step: as many of the largest modality as one step's tokens can hold. Modalities
         limited to 0 items per prompt are left out (none left: {}, a text-only profile)."""
-        allowed = {m: limit for m, limit in mm_limits.items() if limit > 0}
-        if not allowed:
+        per_item = self._max_tokens_per_item
+        if not per_item:
             return {}
-        most_tokens = self.processor.info.get_mm_max_tokens_per_item(self.max_model_len, allowed)
-        per_item = {m: most_tokens[m] for m in allowed}
         modality = max(per_item, key=per_item.get)
         fit = max(1, min(max_batched, self.max_model_len) // max(1, per_item[modality]))
         return {modality: min(mm_limits[modality], fit)}

@@ -62,10 +62,8 @@ class Blip2DummyInputsBuilder(BaseDummyInputsBuilder):
         return ""  # the processor inserts the image tokens itself
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int]) -> dict[str, list[Any]]:
-        if not mm_counts.get("image", 0):
-            return {}
         size = self.info.get_image_size()
-        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts["image"])}
+        return {"image": self._get_dummy_images(width=size, height=size, num_images=mm_counts.get("image", 0))}
 
 
 class Blip2MultiModalProcessor(BaseMultiModalProcessor):

@@ -166,7 +166,7 @@ class Qwen2_5_VLDummyInputsBuilder(BaseDummyInputsBuilder):
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int]) -> dict[str, list[Any]]:
         data: dict[str, list[Any]] = {}
-        if mm_counts.get("image", 0):
+        if "image" in mm_counts:  # the base builder passes only modalities asked for at least once
             width, height = self.info.get_image_size_with_most_features()
             data["image"] = self._get_dummy_images(width=width, height=height, num_images=mm_counts["image"])
         num_videos = mm_counts.get("video", 0)

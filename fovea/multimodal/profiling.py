@@ -29,7 +29,10 @@ class BaseDummyInputsBuilder(ABC):
         """Items of the size that produces the most tokens."""
 
     def get_dummy_processor_inputs(self, seq_len: int, mm_counts: Mapping[str, int]) -> ProcessorInputs:
-        return ProcessorInputs(self.get_dummy_text(mm_counts), self.get_dummy_mm_data(seq_len, mm_counts))
+        """The worst-case prompt and items; a modality asked for 0 times is left out of both."""
+        counts = {modality: count for modality, count in mm_counts.items() if count > 0}
+        data = self.get_dummy_mm_data(seq_len, counts) if counts else {}
+        return ProcessorInputs(self.get_dummy_text(counts), data)
 
     @staticmethod
     def _get_dummy_images(*, width: int, height: int, num_images: int) -> list[Image.Image]:
