@@ -3,16 +3,12 @@
 Decode is bound by memory traffic: gathering each request's blocks into a padded tensor and then running
 SDPA reads and writes the whole context twice more than needed. This kernel reads every key and value once,
 where it lies in the pool, one (request, kv head) pair per task. It is compiled on first use with
-torch.utils.cpp_extension (cached under ~/.cache/torch_extensions); if that fails, `load()` returns None and
-attention falls back to gather + SDPA, which computes the same thing.
+`fovea.layers.cpp_build`; if that fails, `load()` returns None and attention falls back to gather + SDPA,
+which computes the same thing.
 """
 from __future__ import annotations
 
-import logging
-import os
-import threading
-
-logger = logging.getLogger(__name__)
+from fovea.layers.cpp_build import load_kernels
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -34,12 +30,33 @@ inline float as_float<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
   return f;
 }
 
-template <typename T>
+// exp(x) for x <= 0 (scores minus their max) in plain arithmetic, so the loop that calls it vectorises:
+// exp(x) = 2^n * exp(r), |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial (about 1 ulp in float32)
+static inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// DC > 0: the head size known at compile time (fixed trip counts unroll and vectorise better); 0: runtime `dim`
+template <typename T, int64_t DC>
 static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out,
-                   int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t max_blocks, int64_t bs, float scale) {
-  const int64_t G = H / Hkv;  // query heads per kv head (GQA)
+                   int64_t B, int64_t H, int64_t Hkv, int64_t dim, int64_t max_blocks, int64_t bs, float scale) {
+  const int64_t D = DC > 0 ? DC : dim;
+  const int64_t G = H / Hkv;  // query heads per kv head (GQA): each K/V row is read once for all G of them
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(G * D), acc(G * D), scores;
+    std::vector<float> qf(G * D), acc(G * D), row(D), denom(G), scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, h = item % Hkv, L = ctx[b];
       scores.resize(G * L);
@@ -48,36 +65,46 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
       const int64_t* table = tables + b * max_blocks;
       for (int64_t t = 0; t < L; ++t) {
         const T* k = kc + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;
+        float* kf = row.data();
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) kf[d] = as_float(k, d);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * as_float(k, d);
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
           scores[g * L + t] = s;
         }
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<float> denom(G);
       for (int64_t g = 0; g < G; ++g) {
         float* sg = scores.data() + g * L;
         float m = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < L; ++t) m = std::max(m, sg[t]);
         float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) { sg[t] = std::exp(sg[t] - m); sum += sg[t]; }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < L; ++t) {
+          sg[t] = exp_nonpositive(sg[t] - m);
+          sum += sg[t];
+        }
         denom[g] = sum;
       }
+      std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t = 0; t < L; ++t) {
         const T* v = vc + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;
+        float* vf = row.data();
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) vf[d] = as_float(v, d);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * L + t];
           float* ag = acc.data() + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * as_float(v, d);
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * vf[d];
         }
       }
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < D; ++d)
-          out[(b * H + h * G + g) * D + d] = static_cast<T>(acc[g * D + d] / denom[g]);
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / denom[g];
+        for (int64_t d = 0; d < D; ++d) out[(b * H + h * G + g) * D + d] = static_cast<T>(acc[g * D + d] * inv);
+      }
     }
   });
 }
@@ -91,40 +118,16 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto out = torch::empty_like(q);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
-    decode<scalar_t>(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                     block_table.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-                     B, H, Hkv, D, block_table.size(1), block_size, static_cast<float>(scale));
+    auto run = D == 64 ? decode<scalar_t, 64> : D == 128 ? decode<scalar_t, 128> : decode<scalar_t, 0>;
+    run(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+        block_table.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+        B, H, Hkv, D, block_table.size(1), block_size, static_cast<float>(scale));
   });
   return out;
 }
 """
 
-_lock = threading.Lock()
-_module = None
-_tried = False
-
 
 def load():
     """The compiled module, or None when it cannot be built here (FOVEA_NO_CPP_KERNELS=1 skips it)."""
-    global _module, _tried
-    with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("FOVEA_NO_CPP_KERNELS") == "1":
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _module = load_inline(
-                name="fovea_paged_attention_v2",
-                cpp_sources=_SOURCE,
-                functions=["paged_decode"],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as err:  # no compiler, no ninja, ...: the torch path computes the same thing
-            logger.warning("paged decode kernel unavailable (%s); using gather + SDPA", err)
-            _module = None
-        return _module
+    return load_kernels("fovea_paged_attention_v3", _SOURCE, ["paged_decode"])

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fovea.layers import fused_cpu
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -31,6 +33,25 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x = x.view(cos.shape[0], -1, cos.shape[-1])  # (N, H, D)
     out = x * cos[:, None] + rotate_half(x) * sin[:, None]
     return out.view(shape)
+
+
+def apply_rotary_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rotate the first `num_heads` heads of each packed row (q heads, then k heads; v after them is left
+    alone). qkv [N, width]; cos, sin [N, head_dim]. Returns qkv rotated, in place when the fused CPU kernel
+    runs. cos/sin in qkv's dtype: every op rounds to it (`apply_rotary`); float32 cos/sin with a bfloat16
+    qkv: float32 arithmetic, one rounding at the end (as transformers' vision towers).
+    """
+    head_dim = cos.shape[-1]
+    if qkv.dim() == 2 and qkv.stride(1) == 1 and fused_cpu.can_fuse(qkv, cos, sin) and cos.stride(1) == 1:
+        fused_cpu.kernels().rotary_(qkv, cos, sin, num_heads, head_dim)
+        return qkv
+    width = num_heads * head_dim
+    rotated = qkv[:, :width]
+    if cos.dtype != qkv.dtype:
+        rotated = apply_rotary(rotated.to(cos.dtype), cos, sin).to(qkv.dtype)
+    else:
+        rotated = apply_rotary(rotated, cos, sin)
+    return torch.cat([rotated, qkv[:, width:]], dim=1)
 
 
 def inverse_frequencies(dim: int, theta: float) -> torch.Tensor:

@@ -15,23 +15,9 @@ from torch import nn
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
 from fovea.layers.linear import PackedLinear
-from fovea.layers.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from fovea.layers.norms import RMSNorm
+from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, rope_parameters
 from fovea.models.utils import TokenEmbeddingsMixin
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and cast back before the weight (as transformers' Qwen2)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 def head_dim_of(config) -> int:
@@ -60,8 +46,8 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x [N, hidden]; cos, sin [N, head_dim]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))  # (N, nh*hs), (N, nkv*hs), (N, nkv*hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = apply_rotary_packed(self.qkv_proj(x), cos, sin, self.num_heads + self.num_kv_heads)
+        q, k, v = self.qkv_proj.split(qkv)  # (N, nh*hs), (N, nkv*hs), (N, nkv*hs)
         return self.o_proj(self.attn(q, k, v))
 
 

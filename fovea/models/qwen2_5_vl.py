@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea.engine.request import MultiModalFeature
-from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary, rope_parameters
-from fovea.models.qwen2 import GatedMLP, Qwen2Model, RMSNorm, head_dim_of
+from fovea.layers.norms import RMSNorm
+from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
+from fovea.models.qwen2 import GatedMLP, Qwen2Model, head_dim_of
 from fovea.models.qwen2_5_vl_processing import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLMultiModalProcessor,
@@ -136,10 +137,9 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: PackedSegments) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, nh, hs)
-        # rotary in float32 whatever the model dtype, as transformers does for the vision tower
-        q = apply_rotary(q.float(), cos, sin).to(v.dtype)
-        k = apply_rotary(k.float(), cos, sin).to(v.dtype)
+        # rotary in float32 whatever the model dtype (cos, sin are), as transformers does for the vision tower
+        qkv = apply_rotary_packed(self.qkv(x), cos, sin, 2 * self.num_heads)
+        q, k, v = qkv.view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, nh, hs)
         out = runs.attend(q, k, v, scale=self.head_dim**-0.5)
         return self.proj(out.reshape(n, -1))
 

@@ -188,6 +188,10 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: (B, V) of the model, any float dtype; not modified."""
+        if (meta.all_greedy and meta.max_num_logprobs is None and meta.no_penalties
+                and meta.min_tokens_mask is None):
+            # the first maximum of the logits as they are: widening them to float32 cannot change it
+            return SamplerOutput(_first_argmax(logits), None)
         logits = logits.float()  # every step below is out of place, so the caller's tensor stays as it was
         raw_logprobs = None
         if meta.max_num_logprobs is not None:
@@ -232,7 +236,7 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """(B, V) logits after penalties -> (B,) int64 token ids."""
-    greedy = None if meta.all_random else logits.argmax(dim=-1)
+    greedy = None if meta.all_random else _first_argmax(logits)
     if meta.all_greedy:
         return greedy
     drawn = exponential_race(compute_probs(logits, meta), meta.generators)
@@ -319,7 +323,12 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
         u[row].uniform_(generator=generator)
     # q = -log(u), u in [0, 1), is Exp(1): 5x cheaper on CPU than exponential_(), and never 0, so never 0 / 0.
     q = u.log_().neg_()
-    return torch.div(probs, q, out=q).argmax(dim=-1)
+    return _first_argmax(torch.div(probs, q, out=q))
+
+
+def _first_argmax(values: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) index of each row's first maximum; as argmax, but `max` is about 1.7x faster on CPU."""
+    return values.max(dim=-1).indices
 
 
 def gather_logprobs(raw_logprobs: torch.Tensor, num_logprobs: list[int | None],

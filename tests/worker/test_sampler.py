@@ -43,6 +43,17 @@ def test_greedy_is_argmax_and_fast_path():
     assert out.logprobs is None
 
 
+def test_greedy_fast_path_on_bfloat16_logits_takes_the_first_of_tied_maxima():
+    # bfloat16 ties are common at a large vocabulary; the fast path reads the logits as they are
+    logits = torch.zeros(3, 151936, dtype=torch.bfloat16)
+    logits[0, [7, 90000, 151935]] = 2.5  # three tied maxima
+    logits[1, 151935] = 1.0
+    logits[2] = torch.randn(151936, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    out = Sampler()(logits, _meta([_row(temperature=0.0) for _ in range(3)], 151936))
+    assert out.sampled_token_ids.tolist() == [7, 151935, logits[2].float().argmax().item()]
+    assert out.sampled_token_ids.tolist() == logits.float().argmax(-1).tolist()
+
+
 def test_greedy_rows_in_a_mixed_batch_are_argmax_and_inputs_untouched():
     torch.manual_seed(1)
     logits = torch.randn(3, 30)

@@ -1,0 +1,156 @@
+"""Fused CPU kernels for the element-wise parts of a decoder layer: RMSNorm and rotary embeddings.
+
+Why: in a decode step every op runs over a few dozen rows, so torch's per-op cost dominates; RMSNorm as
+transformers writes it is seven ops, rotary five per tensor. Each kernel here is one pass over the rows,
+and reproduces the torch formula's roundings op by op (compiled with -ffp-contract=off, so no product
+is fused into an add that torch would have rounded first):
+
+- `rms_norm(x, weight, eps)`: y = R(R(x * rsqrt(mean(x^2) + eps)) * weight), statistics in float32, R the
+  rounding to x's dtype (transformers' Qwen2RMSNorm). Only the mean's summation order can differ from
+  torch's.
+- `rotary_(x, cos, sin, num_heads, head_dim)`: in place on the first `num_heads * head_dim` columns of each
+  row (q and k heads of a packed qkv row; v untouched), the "rotate half" layout. With cos/sin in x's dtype
+  every product and the sum are rounded to it, as `x * cos + rotate_half(x) * sin` in that dtype; with
+  float32 cos/sin and a bfloat16 x the arithmetic is float32 and only the result is rounded, as
+  `(x.float() * cos + rotate_half(x.float()) * sin).to(bfloat16)` (Qwen2.5-VL's vision tower).
+
+`kernels()` is None when the module cannot be built; callers then run the torch formula.
+"""
+from __future__ import annotations
+
+import torch
+
+from fovea.layers.cpp_build import load_kernels
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+
+// float <-> storage, in plain arithmetic so loops over them vectorise; bfloat16 rounds to nearest even, as c10
+static inline float load(const float* p, int64_t i) { return p[i]; }
+static inline float load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+static inline float round_to(float f, const float*) { return f; }
+static inline float round_to(float f, const c10::BFloat16*) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16;
+  const uint32_t bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded;  // NaN stays NaN
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+static inline void store(float* p, int64_t i, float f) { p[i] = f; }
+static inline void store(c10::BFloat16* p, int64_t i, float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));  // f is already rounded: the top half is the value
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(u >> 16);
+}
+
+template <typename T>
+static void rms_norm_rows(const T* x, const T* w, T* y, int64_t N, int64_t D, int64_t x_stride, float eps) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* xr = x + n * x_stride;
+      T* yr = y + n * D;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = load(xr, d);
+        sum += v * v;
+      }
+      const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) store(yr, d, round_to(round_to(load(xr, d) * inv, xr) * load(w, d), xr));
+    }
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [N, D] with contiguous rows");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1), "weight [D] in x's dtype");
+  weight = weight.contiguous();
+  auto y = torch::empty({x.size(0), x.size(1)}, x.options());
+  AT_DISPATCH_SWITCH(x.scalar_type(), "rms_norm",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      rms_norm_rows(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), x.size(0), x.size(1),
+                    x.stride(0), static_cast<float>(eps)); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(),
+                    x.size(0), x.size(1), x.stride(0), static_cast<float>(eps)); }));
+  return y;
+}
+
+// C is cos/sin's type: T (round every op to T) or float (float arithmetic, round once)
+template <typename T, typename C>
+static void rotary_rows(T* x, const C* cos, const C* sin, int64_t N, int64_t heads, int64_t D, int64_t x_stride,
+                        int64_t cs_stride) {
+  const int64_t half = D / 2;
+  const T* tag = nullptr;
+  const bool round_each = !std::is_same<C, float>::value || std::is_same<T, float>::value;
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const C* c = cos + n * cs_stride;
+      const C* s = sin + n * cs_stride;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* xh = x + n * x_stride + h * D;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = load(xh, i), b = load(xh, i + half);  // rotate_half(x) = (-b, a)
+          float lo, hi;
+          if (round_each) {
+            lo = round_to(round_to(a * load(c, i), tag) + round_to(-b * load(s, i), tag), tag);
+            hi = round_to(round_to(b * load(c, i + half), tag) + round_to(a * load(s, i + half), tag), tag);
+          } else {
+            lo = round_to(a * load(c, i) + -b * load(s, i), tag);
+            hi = round_to(b * load(c, i + half) + a * load(s, i + half), tag);
+          }
+          store(xh, i, lo);
+          store(xh, i + half, hi);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [N, width] with contiguous rows");
+  TORCH_CHECK(head_dim % 2 == 0 && heads * head_dim <= x.size(1), "heads * head_dim must fit in a row");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == x.size(0) && cos.size(1) == head_dim && cos.stride(1) == 1 &&
+              sin.sizes() == cos.sizes() && sin.strides() == cos.strides() &&
+              sin.scalar_type() == cos.scalar_type(), "cos, sin must be [N, head_dim] alike");
+  const bool is_float_cs = cos.scalar_type() == at::kFloat;
+  TORCH_CHECK(is_float_cs || cos.scalar_type() == x.scalar_type(), "cos/sin in float32 or in x's dtype");
+  const int64_t N = x.size(0), xs = x.stride(0), cs = cos.stride(0);
+  if (x.scalar_type() == at::kFloat) {
+    rotary_rows(x.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), N, heads, head_dim, xs, cs);
+  } else if (x.scalar_type() == at::kBFloat16 && is_float_cs) {
+    rotary_rows(x.data_ptr<c10::BFloat16>(), cos.data_ptr<float>(), sin.data_ptr<float>(), N, heads, head_dim, xs,
+                cs);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rotary_rows(x.data_ptr<c10::BFloat16>(), cos.data_ptr<c10::BFloat16>(), sin.data_ptr<c10::BFloat16>(), N,
+                heads, head_dim, xs, cs);
+  } else {
+    TORCH_CHECK(false, "rotary_: float32 or bfloat16 only");
+  }
+}
+"""
+
+
+def kernels():
+    """The compiled module (`rms_norm`, `rotary_`), or None (then use the torch formulas)."""
+    return load_kernels("fovea_fused_cpu_v1", _SOURCE, ["rms_norm", "rotary_"], extra_cflags=("-ffp-contract=off",))
+
+
+def can_fuse(*tensors: torch.Tensor) -> bool:
+    """The kernels apply: CPU float32/bfloat16 tensors, no autograd, and the module built."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) or t.requires_grad:
+            return False
+    return kernels() is not None
