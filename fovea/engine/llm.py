@@ -31,6 +31,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (as vLLM's `LLM.reset_prefix_cache`). Only possible while no
+        request holds blocks; returns whether it happened."""
+        return self.llm_engine.scheduler.reset_prefix_cache()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],

@@ -90,6 +90,10 @@ def test_prefix_caching_shares_text_but_not_images(ckpt):
     # same image and text again: a prefix hit, and still exact
     again = _check(llm, ckpt, first)
     assert again[0].num_cached_tokens > 0
+    # after LLM.reset_prefix_cache nothing is reused: the same request computes everything again
+    assert llm.reset_prefix_cache() is True
+    fresh = _check(llm, ckpt, first)
+    assert fresh[0].num_cached_tokens == 0
 
 
 def test_text_only_request(ckpt):
