@@ -197,7 +197,8 @@ def _run_delegated(command: str, argv: list[str]) -> int:
             print(f"{usage}fovea data: error: {given}; available: {', '.join(_DATA_GENERATORS)}", file=sys.stderr)
             return 2
         module, argv = _DATA_GENERATORS[argv[0]][0], argv[1:]
-    return importlib.import_module(module).main(argv) or 0
+        return importlib.import_module(module).main(argv) or 0
+    return importlib.import_module(module).main(argv, prog=f"fovea {command}") or 0  # --help says `fovea train`
 
 
 def _check_model_dir(path: str) -> None:

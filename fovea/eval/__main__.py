@@ -11,8 +11,8 @@ import json
 import sys
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fovea.eval", description=__doc__,
+def build_parser(prog: str = "python -m fovea.eval") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{retrieval,caption,vqa}")
     tasks = {"retrieval": "recall@1/5/10 image->text and text->image (stage-1 model)",
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m fovea.eval") -> int:
+    args = build_parser(prog).parse_args(argv)
     from fovea.eval.data import read_eval_images
 
     items = read_eval_images(args.data, args.max_images)

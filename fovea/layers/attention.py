@@ -160,8 +160,11 @@ class Attention(nn.Module):
         for g in meta.groups:
             num_reqs = g.block_table.shape[0]
             if g.is_decode and self._kernel is not None:
-                og = self._kernel.paged_decode(q[g.token_index], k_cache, v_cache, g.block_table, g.context_lens,
-                                               self.scale, bs)  # (B, nh, hs), straight from the pool
+                is_whole_step = num_reqs == num_tokens  # a decode-only step: rows already in token order
+                og = self._kernel.paged_decode(q if is_whole_step else q[g.token_index], k_cache, v_cache,
+                                               g.block_table, g.context_lens, self.scale, bs)  # (B, nh, hs)
+                if is_whole_step:
+                    return og.view(num_tokens, -1).to(out.dtype)
                 out[g.token_index] = og.reshape(num_reqs, -1).to(out.dtype)
                 continue
             qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)

@@ -55,8 +55,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 metavar=kinds[0].__name__.upper(), help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fovea.training", description=__doc__,
+def build_parser(prog: str = "python -m fovea.training") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{stage1,stage2,export}")
     for stage, text in (("stage1", "ITC + ITM + ITG with a frozen ViT"),
@@ -90,9 +90,9 @@ def _relaunch(nproc: int, argv: list[str]) -> int:
     return subprocess.call(command, env=env)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m fovea.training") -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "export":
         from fovea.training.build import export_checkpoint

@@ -162,6 +162,7 @@ def test_data_shapes_writes_the_splits_as_the_generator_does(tmp_path):
 def test_train_and_eval_hand_their_arguments_over(command, words):
     out = fovea(command, "--help")
     assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: fovea {command} ")  # the command the user typed, not python -m
     for word in words:
         assert word in out.stdout
     bad = fovea(command, "nope")  # their own parser's error, not the top-level one
