@@ -53,19 +53,31 @@ class PackedSegments:
             if n:
                 starts.setdefault(n, []).append(offset)
             offset += n
-        self.groups = [torch.tensor(s)[:, None] + torch.arange(n) for n, s in starts.items()]
+        self.num_rows = offset
+        # a group whose runs follow one another is a slice of the sequence: (start, runs, length), no gather
+        self.groups: list[torch.Tensor | tuple[int, int, int]] = []
+        for n, s in starts.items():
+            is_slice = s == list(range(s[0], s[0] + n * len(s), n))
+            self.groups.append((s[0], len(s), n) if is_slice else torch.tensor(s)[:, None] + torch.arange(n))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # q, k, v [N, H, D] -> [N, H, D]
-        if len(self.groups) == 1 and self.groups[0].shape[0] == 1:  # one run: no gather needed
+        if len(self.groups) == 1 and isinstance(self.groups[0], tuple) and self.groups[0][1] == 1:
             out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-            return out.transpose(0, 1)
+            return out.transpose(0, 1)  # one run over everything: no copy at all
         out = torch.empty_like(q)
-        for index in self.groups:
+        for group in self.groups:
+            if isinstance(group, tuple):
+                start, runs, length = group
+                qg, kg, vg = (t[start:start + runs * length].unflatten(0, (runs, length)) for t in (q, k, v))
+                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
+                                                    scale=scale)  # (runs, H, L, D)
+                out[start:start + runs * length] = og.transpose(1, 2).flatten(0, 1)
+                continue
             og = F.scaled_dot_product_attention(
-                q[index].transpose(1, 2), k[index].transpose(1, 2), v[index].transpose(1, 2), scale=scale
+                q[group].transpose(1, 2), k[group].transpose(1, 2), v[group].transpose(1, 2), scale=scale
             )  # (runs, H, L, D)
-            out[index] = og.transpose(1, 2)
+            out[group] = og.transpose(1, 2)
         return out
 
 
