@@ -12,6 +12,32 @@ import threading
 
 logger = logging.getLogger(__name__)
 
+# exp(x) in plain arithmetic, so a loop that calls it vectorises (a libm call would not): exp(x) = 2^n * exp(r),
+# |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial, about 1 ulp in float32; x is clamped to [-87, 88], where
+# 2^n stays a normal float (exp(-87) ~ 1.6e-38 and exp(88) ~ 1.7e38 stand in for 0 and inf).
+EXP_APPROX = r"""
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+static inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+"""
+
 _lock = threading.Lock()
 _modules: dict[str, object] = {}
 

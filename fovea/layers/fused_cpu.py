@@ -14,15 +14,19 @@ is fused into an add that torch would have rounded first):
   float32 cos/sin and a bfloat16 x the arithmetic is float32 and only the result is rounded, as
   `(x.float() * cos + rotate_half(x.float()) * sin).to(bfloat16)` (Qwen2.5-VL's vision tower).
 
+- `silu_mul(gate_up)`: [N, 2I] -> [N, I], R(R(silu(gate)) * up) with gate, up the row's two halves (a SwiGLU
+  MLP's packed gate/up projection). Its exp is a polynomial (`cpp_build.EXP_APPROX`, about 1 ulp), not
+  torch's, so float32 results may differ from torch's in the last bit, and bfloat16 ones rarely by one step.
+
 `kernels()` is None when the module cannot be built; callers then run the torch formula.
 """
 from __future__ import annotations
 
 import torch
 
-from fovea.layers.cpp_build import load_kernels
+from fovea.layers.cpp_build import EXP_APPROX, load_kernels
 
-_SOURCE = r"""
+_SOURCE = EXP_APPROX + r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -140,12 +144,43 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t head
     TORCH_CHECK(false, "rotary_: float32 or bfloat16 only");
   }
 }
+
+template <typename T>
+static void silu_mul_rows(const T* gate_up, T* y, int64_t N, int64_t I, int64_t stride) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* gate = gate_up + n * stride;
+      const T* up = gate + I;
+      T* yr = y + n * I;
+#pragma omp simd
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = load(gate, i);
+        const float act = round_to(g / (1.f + exp_approx(-g)), gate);
+        store(yr, i, round_to(act * load(up, i), gate));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up must be [N, 2 * I] with contiguous rows");
+  const int64_t N = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto y = torch::empty({N, I}, gate_up.options());
+  AT_DISPATCH_SWITCH(gate_up.scalar_type(), "silu_mul",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      silu_mul_rows(gate_up.data_ptr<float>(), y.data_ptr<float>(), N, I, gate_up.stride(0)); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      silu_mul_rows(gate_up.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), N, I, gate_up.stride(0)); }));
+  return y;
+}
 """
 
 
 def kernels():
-    """The compiled module (`rms_norm`, `rotary_`), or None (then use the torch formulas)."""
-    return load_kernels("fovea_fused_cpu_v1", _SOURCE, ["rms_norm", "rotary_"], extra_cflags=("-ffp-contract=off",))
+    """The compiled module (`rms_norm`, `rotary_`, `silu_mul`), or None (then use the torch formulas)."""
+    return load_kernels("fovea_fused_cpu_v2", _SOURCE, ["rms_norm", "rotary_", "silu_mul"],
+                        extra_cflags=("-ffp-contract=off",))
 
 
 def can_fuse(*tensors: torch.Tensor) -> bool:

@@ -8,9 +8,9 @@ which computes the same thing.
 """
 from __future__ import annotations
 
-from fovea.layers.cpp_build import load_kernels
+from fovea.layers.cpp_build import EXP_APPROX, load_kernels
 
-_SOURCE = r"""
+_SOURCE = EXP_APPROX + r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -28,25 +28,6 @@ inline float as_float<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
   return f;
-}
-
-// exp(x) for x <= 0 (scores minus their max) in plain arithmetic, so the loop that calls it vectorises:
-// exp(x) = 2^n * exp(r), |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial (about 1 ulp in float32)
-static inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
 }
 
 // DC > 0: the head size known at compile time (fixed trip counts unroll and vectorise better); 0: runtime `dim`
@@ -83,7 +64,7 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < L; ++t) {
-          sg[t] = exp_nonpositive(sg[t] - m);
+          sg[t] = exp_approx(sg[t] - m);
           sum += sg[t];
         }
         denom[g] = sum;
@@ -130,4 +111,4 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 def load():
     """The compiled module, or None when it cannot be built here (FOVEA_NO_CPP_KERNELS=1 skips it)."""
-    return load_kernels("fovea_paged_attention_v3", _SOURCE, ["paged_decode"])
+    return load_kernels("fovea_paged_attention_v4", _SOURCE, ["paged_decode"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fovea.layers import fused_cpu
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
 from fovea.layers.linear import PackedLinear
@@ -60,9 +61,13 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = PackedLinear(hidden_size, shards, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(hidden_act)
+        self.is_silu = hidden_act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if self.is_silu and gate_up.dim() == 2 and fused_cpu.can_fuse(gate_up):
+            return self.down_proj(fused_cpu.kernels().silu_mul(gate_up))  # one pass instead of two
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -77,3 +77,20 @@ def test_rotary_packed_falls_back_to_torch_without_the_kernel(monkeypatch):
     monkeypatch.setattr(fused_cpu, "kernels", lambda: None)
     plain = apply_rotary_packed(qkv.clone(), cos, sin, 4)
     assert torch.equal(fused, plain) and torch.equal(plain, _torch_rotary(qkv, cos, sin, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_kernel_equals_silu_gate_times_up(dtype):
+    gen = torch.Generator().manual_seed(5)
+    gate_up = (torch.randn(33, 2 * 300, generator=gen) * 6).to(dtype)
+    gate_up[0, :6] = torch.tensor([0.0, -90.0, 90.0, 1e-30, -1e-30, 20.0])  # the exp's clamps and tiny values
+    got = fused_cpu.kernels().silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+    else:  # a polynomial exp, not torch's: at most one bfloat16 step, and rarely
+        differs = got != want
+        assert differs.float().mean().item() < 0.01
+        torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-30)
