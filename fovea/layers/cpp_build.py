@@ -44,6 +44,8 @@ _modules: dict[str, object] = {}
 
 def load_kernels(name: str, source: str, functions: list[str], extra_cflags: tuple[str, ...] = ()):
     """The compiled module `name` (its `functions` callable from Python), or None when it cannot be built."""
+    if name in _modules:  # the per-layer hot path: no lock once built
+        return _modules[name]
     with _lock:
         if name in _modules:
             return _modules[name]

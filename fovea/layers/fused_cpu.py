@@ -1,7 +1,7 @@
-"""Fused CPU kernels for the element-wise parts of a decoder layer: RMSNorm and rotary embeddings.
+"""Fused CPU kernels for the element-wise parts of a decoder layer: RMSNorm, rotary embeddings, SiLU-and-multiply.
 
 Why: in a decode step every op runs over a few dozen rows, so torch's per-op cost dominates; RMSNorm as
-transformers writes it is seven ops, rotary five per tensor. Each kernel here is one pass over the rows,
+transformers writes it is seven ops, rotary five per tensor, a SwiGLU gate two. Each kernel here is one pass over the rows,
 and reproduces the torch formula's roundings op by op (compiled with -ffp-contract=off, so no product
 is fused into an add that torch would have rounded first):
 
