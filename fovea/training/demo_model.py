@@ -43,9 +43,9 @@ class DemoPlan:
     test_seed: int = 1
     image_size: int = 48
     vision_steps: int = 1500
-    lm_steps: int = 3000
-    stage1_steps: int = 600
-    stage2_steps: int = 3000
+    lm_steps: int = 2000
+    stage1_steps: int = 450
+    stage2_steps: int = 2500
     batch_size: int = 64
     """Per step, over all processes."""
     num_query_tokens: int = 24
