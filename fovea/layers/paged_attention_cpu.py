@@ -111,4 +111,4 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 def load():
     """The compiled module, or None when it cannot be built here (FOVEA_NO_CPP_KERNELS=1 skips it)."""
-    return load_kernels("fovea_paged_attention_v4", _SOURCE, ["paged_decode"])
+    return load_kernels("fovea_paged_attention_v5", _SOURCE, ["paged_decode"])
