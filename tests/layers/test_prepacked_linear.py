@@ -51,3 +51,20 @@ def test_float16_and_mixed_bias_layers_are_left_dense():
     mixed.bias.data = mixed.bias.data.float()
     holder = nn.Sequential(layer, mixed)
     assert prepack_linear_weights(holder) == 0 and layer.weight.shape == (8, 8)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 17, 24, 32, 33, 40])
+def test_bfloat16_row_counts_around_the_padded_range(rows):
+    # 17-32 rows of bfloat16 go through oneDNN padded to 33 rows; every size returns exactly its own rows,
+    # with the bias, each row equal to that row computed alone
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 48, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(rows, 64, dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    with torch.inference_mode():
+        prepack_linear_weights(layer)
+        got = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(rows)])
+    assert got.shape == (rows, 48) and got.dtype == torch.bfloat16
+    assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert (got.float() - alone.float()).abs().max() <= 0.02 * expected.abs().max()
