@@ -36,6 +36,9 @@ class AttentionGroup:
     token_index: torch.Tensor
     context_lens: torch.Tensor  # [B] long
     is_decode: bool  # one query token per request
+    fresh_range: tuple[int, int] | None = None
+    """(first token, count) when the group is one request's whole context (no cached prefix): its keys are
+    its own scheduled tokens, so attention is plain causal SDPA over them, with no gather from the cache."""
 
 
 @dataclass(slots=True)
@@ -84,8 +87,12 @@ def _group(rows: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Ten
         mask[:, :, 0] |= ~is_real  # padding rows attend to something so SDPA stays finite
         mask = mask.unsqueeze(1)
     flat_rows = (torch.arange(num_reqs)[:, None] * max_q + q_rows[None, :])[is_real]
+    fresh = None
+    if num_reqs == 1 and max_q > 1 and int(ctx_len[0]) == max_q:
+        fresh = (int(start[0]), max_q)
     return AttentionGroup(q_index=q_index, block_table=block_table, mask=mask, out_index=flat_rows,
-                          token_index=q_index[is_real], context_lens=ctx_len, is_decode=max_q == 1)
+                          token_index=q_index[is_real], context_lens=ctx_len, is_decode=max_q == 1,
+                          fresh_range=fresh)
 
 
 def build_attention_metadata(
@@ -166,6 +173,16 @@ class Attention(nn.Module):
                 if is_whole_step:
                     return og.view(num_tokens, -1).to(out.dtype)
                 out[g.token_index] = og.reshape(num_reqs, -1).to(out.dtype)
+                continue
+            if g.fresh_range is not None:
+                lo, n = g.fresh_range
+                kv_shape = (n, self.num_kv_heads, self.head_dim)
+                og = F.scaled_dot_product_attention(
+                    q[lo:lo + n].transpose(0, 1), k[lo:lo + n].view(kv_shape).transpose(0, 1),
+                    v[lo:lo + n].view(kv_shape).transpose(0, 1), is_causal=True, scale=self.scale,
+                    enable_gqa=self.num_kv_heads != self.num_heads,
+                )  # (nh, n, hs)
+                out[lo:lo + n] = og.transpose(0, 1).reshape(n, -1)
                 continue
             qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)
             # whole blocks at a time: one contiguous copy per block instead of one per token
