@@ -63,8 +63,10 @@ class PackedSegments:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         # q, k, v [N, H, D] -> [N, H, D]
         if len(self.groups) == 1 and isinstance(self.groups[0], tuple) and self.groups[0][1] == 1:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-            return out.transpose(0, 1)  # one run over everything: no copy at all
+            # one run over everything: no copy at all (4-D: torch's CPU flash kernel takes only batched inputs)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                 v.transpose(0, 1)[None], scale=scale)
+            return out[0].transpose(0, 1)
         out = torch.empty_like(q)
         for group in self.groups:
             if isinstance(group, tuple):
