@@ -162,7 +162,7 @@ class ModelRunner:
             hidden = self.model(ids, positions, inputs_embeds=embeds)
         if not sampled_reqs:
             return ModelRunnerOutput({s.request.request_id: [] for s in out.scheduled}, {})
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_index)]).float()
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_index)])  # the sampler widens if it must
         sampling = SamplingMetadata.build(sample_rows, self.vocab_size, logits.device)
         result = self.sampler(logits, sampling)
         tokens = result.sampled_token_ids.tolist()
