@@ -78,8 +78,10 @@ def _group(rows: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Ten
     q_rows = torch.arange(max_q)
     is_real = q_rows[None, :] < q_len[:, None]  # [B, max_q]
     q_index = torch.where(is_real, start[:, None] + q_rows[None, :], start[:, None])
+    # one request's whole context (no cached prefix): causal over its own tokens, no mask needed
+    fresh = (int(start[0]), max_q) if num_reqs == 1 and max_q > 1 and int(ctx_len[0]) == max_q else None
     mask = None
-    if max_q > 1 or bool((ctx_len != max_blocks * block_size).any()):
+    if fresh is None and (max_q > 1 or bool((ctx_len != max_blocks * block_size).any())):
         # query row r sits at absolute position ctx_len - q_len + r and sees keys up to it
         key_pos = torch.arange(max_blocks * block_size)
         limit = (ctx_len - q_len)[:, None] + q_rows[None, :]  # [B, max_q]
@@ -87,9 +89,6 @@ def _group(rows: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Ten
         mask[:, :, 0] |= ~is_real  # padding rows attend to something so SDPA stays finite
         mask = mask.unsqueeze(1)
     flat_rows = (torch.arange(num_reqs)[:, None] * max_q + q_rows[None, :])[is_real]
-    fresh = None
-    if num_reqs == 1 and max_q > 1 and int(ctx_len[0]) == max_q:
-        fresh = (int(start[0]), max_q)
     return AttentionGroup(q_index=q_index, block_table=block_table, mask=mask, out_index=flat_rows,
                           token_index=q_index[is_real], context_lens=ctx_len, is_decode=max_q == 1,
                           fresh_range=fresh)

@@ -73,18 +73,18 @@ def onednn_linear_available() -> bool:
     return os.environ.get("FOVEA_NO_ONEDNN_LINEAR") != "1" and torch.backends.mkldnn.is_available()
 
 
-BF16_PAD_ROWS = (17, 32, 33)
-"""bfloat16 inputs of 17 to 32 rows are padded with zero rows to 33: oneDNN (3.12, AMX, 2 threads) runs those
-sizes ~1.5x slower than 16 or 33 rows (Qwen2-0.5B's 896 x 9728 gate/up weight: 2.4 ms at 32 rows, 1.6 ms at 33,
-weights cold in memory), and decode batches sit right there. float32 has no such step."""
+BF16_SLOW_ROWS = range(17, 33)
+"""bfloat16 inputs with this many rows are padded with zero rows to `BF16_SLOW_ROWS.stop`: oneDNN (3.12, AMX,
+2 threads) runs them ~1.5x slower than 16 or 33 rows (Qwen2-0.5B's 896 x 9728 gate/up weight: 2.4 ms at 32 rows,
+1.6 ms at 33, weights cold in memory), and decode batches sit right there. float32 has no such step."""
 
 
 def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    lo, hi, padded = BF16_PAD_ROWS
-    rows = x.shape[0] if x.dim() == 2 else -1
-    if lo <= rows <= hi and x.dtype == torch.bfloat16:
-        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-        return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")[:rows]
+    rows = x.shape[0]
+    if x.dim() == 2 and rows in BF16_SLOW_ROWS and x.dtype == torch.bfloat16:
+        padded = x.new_zeros(BF16_SLOW_ROWS.stop, x.shape[1])
+        padded[:rows] = x
+        return torch.ops.mkldnn._linear_pointwise(padded, self.onednn_weight, self.bias, "none", [], "")[:rows]
     return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
 
 
