@@ -1,0 +1,107 @@
+"""fovea's AMX bfloat16 linear kernel: the packed layout, results against a float32 matmul of the same inputs,
+rows independent of the batch around them, the same result on 1 and 2 threads, clear errors, and the prepack
+switch-over."""
+import pytest
+import torch
+from torch import nn
+
+from fovea.layers import amx_linear
+from fovea.layers.linear import prepack_linear_weights
+
+pytestmark = pytest.mark.skipif(not amx_linear.available(), reason="no AMX-BF16 here (or the kernel did not build)")
+
+
+def _inputs(rows, k, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).div(k ** 0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    return x, w, b
+
+
+def test_pack_weight_puts_each_element_where_the_tile_multiply_reads_it():
+    n, k = 64, 96
+    w = torch.arange(n * k).reshape(n, k)  # every element its own value
+    packed = amx_linear.pack_weight(w)
+    assert packed.shape == (2, 3, 2, 16, 16, 2)
+    for p, s, h, r, col, e in [(0, 0, 0, 0, 0, 0), (1, 2, 1, 15, 15, 1), (0, 1, 1, 3, 7, 0), (1, 0, 0, 9, 2, 1)]:
+        assert packed[p, s, h, r, col, e] == w[32 * p + 16 * h + col, 32 * s + 2 * r + e]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 31, 32, 33, 80, 300])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_a_float32_matmul_of_the_same_inputs(rows, with_bias):
+    # 300 rows: several row blocks, a partial last one, streaming stores
+    x, w, b = _inputs(rows, 160, 96)
+    bias = b.float() if with_bias else None
+    got = amx_linear.linear(x, amx_linear.pack_weight(w), bias)
+    exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+    # one bfloat16 rounding (<= 1 ulp <= 2^-7 relative, either neighbour) plus float32 summation error
+    bound = exact.abs() * 2 ** -7 + (x.double().abs() @ w.double().abs().T) * 2 ** -20
+    assert got.shape == (rows, 96) and got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+def test_each_row_is_computed_alone():
+    # any row block size (one or two row tiles, padded or not) gives a row the same bits
+    x, w, b = _inputs(70, 64, 128, seed=1)
+    packed = amx_linear.pack_weight(w)
+    together = amx_linear.linear(x, packed, b.float())
+    alone = torch.cat([amx_linear.linear(x[i:i + 1], packed, b.float()) for i in range(70)])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("rows", [5, 600])
+def test_two_threads_compute_every_panel_once(rows):
+    # the threads share the panels through a counter; each output element is written by exactly one of them
+    x, w, b = _inputs(rows, 96, 32 * 70, seed=2)
+    packed = amx_linear.pack_weight(w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = amx_linear.linear(x, packed, b.float())
+        torch.set_num_threads(2)
+        two = amx_linear.linear(x, packed, b.float())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_leading_dims_non_contiguous_input_and_no_rows():
+    x, w, b = _inputs(12, 64, 32, seed=3)
+    packed = amx_linear.pack_weight(w)
+    flat = amx_linear.linear(x, packed, b.float())
+    assert torch.equal(amx_linear.linear(x.reshape(3, 4, 64), packed, b.float()), flat.reshape(3, 4, 32))
+    wide = torch.zeros(12, 128, dtype=torch.bfloat16)
+    wide[:, ::2] = x
+    assert torch.equal(amx_linear.linear(wide[:, ::2], packed, b.float()), flat)
+    assert amx_linear.linear(x[:0], packed, None).shape == (0, 32)
+
+
+def test_bad_inputs_are_named():
+    x, w, b = _inputs(4, 64, 32)
+    packed = amx_linear.pack_weight(w)
+    with pytest.raises(RuntimeError, match="x has 32 columns; the packed weight takes 64"):
+        amx_linear.linear(x[:, :32], packed, None)
+    with pytest.raises(RuntimeError, match="contiguous bfloat16"):
+        amx_linear.linear(x.float(), packed, None)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32"):
+        amx_linear.linear(x, packed, b)
+
+
+def test_prepack_sends_supported_bfloat16_layers_to_the_kernel(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96, dtype=torch.bfloat16), nn.Linear(96, 40, dtype=torch.bfloat16),
+                          nn.Linear(40, 32, dtype=torch.float32))
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = model[0](x)
+        assert prepack_linear_weights(model) == 3
+        got = model[0](x)
+    assert hasattr(model[0], "amx_weight")  # K, N multiples of 32
+    assert hasattr(model[1], "onednn_weight") and not hasattr(model[1], "amx_weight")  # N = 40
+    assert hasattr(model[2], "onednn_weight")  # float32
+    assert (got.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
+    monkeypatch.setenv("FOVEA_NO_AMX_LINEAR", "1")
+    off = nn.Linear(64, 96, dtype=torch.bfloat16)
+    assert prepack_linear_weights(off) == 1 and hasattr(off, "onednn_weight")
