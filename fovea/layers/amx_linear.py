@@ -8,7 +8,8 @@ shapes, weights cold):
 - The two vCPUs share their physical cores with other tenants' hyperthreads, and whichever core has a busy
   neighbour often runs AMX code at a third of the other's speed (same kernel pinned to each: 690 vs 170-290
   GFLOP/s; which core is slow changes from minute to minute). oneDNN splits the columns in two fixed halves and
-  waits for the slow half; here each thread takes the next panel from an atomic counter until none is left.
+  waits for the slow half; here each thread takes the next group of panels from a shared counter
+  (`cpp_build.WORK_COUNTER`) until none is left.
 - Prefill outputs that will not stay in cache anyway (more than 256 rows) are written with streaming stores.
 
 Layout: W [N, K] is packed once into [N/32, K/32, 2, 16, 16, 2] (`pack_weight`): for each 32-column panel and
@@ -29,19 +30,18 @@ import os
 
 import torch
 
-from fovea.layers.cpp_build import load_kernels
+from fovea.layers.cpp_build import WORK_COUNTER, load_kernels
 
 BLOCK = 32
 """K and N must be multiples of this (one tile step along K, one column panel)."""
 
-_SOURCE = r"""
+_SOURCE = WORK_COUNTER + r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -149,14 +149,13 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
   const int64_t cap = std::min<int64_t>(16, panels / (4 * at::get_num_threads()));
   const int64_t width = std::clamp<int64_t>(row_blocks == 1 ? panels / 16 : (1 << 20) / (K * 64), 1,
                                             std::max<int64_t>(cap, 1));
-  const int64_t items = (panels + width - 1) / width;
+  WorkCounter items((panels + width - 1) / width);
   const bool stream = M > kStreamRows;
-  std::atomic<int64_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     configure_tiles();
     alignas(64) float c[32 * 32];
     std::vector<uint16_t> padded;
-    for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
+    for (int64_t item; items.take(item);) {
       const int64_t p0 = item * width, p1 = std::min(panels, p0 + width);
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
         const int64_t rows = std::min<int64_t>(32, M - rb * 32);
@@ -191,7 +190,7 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
 def _kernels():
     if not _cpu_has_amx_bf16():
         return None
-    module = load_kernels("fovea_amx_linear_v2", _SOURCE, ["enable_amx", "amx_linear"],
+    module = load_kernels("fovea_amx_linear_v3", _SOURCE, ["enable_amx", "amx_linear"],
                           extra_cflags=("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16"))
     return module if module is not None and module.enable_amx() else None
 

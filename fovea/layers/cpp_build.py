@@ -39,6 +39,27 @@ static inline float exp_approx(float x) {
 }
 """
 
+# Work items handed out one at a time from a shared counter, for a kernel run as
+#   WorkCounter items(n);
+#   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+#     /* per-thread setup */ for (int64_t i; items.take(i);) { /* item i */ } });
+# On this 2-vCPU VM the core whose hyperthread neighbour (another tenant) is busy often runs at a third of the
+# other's speed, and which one changes from minute to minute: a fixed split waits for the slow half, a counter
+# lets the fast thread take over. Nested inside another parallel region, one thread takes every item.
+WORK_COUNTER = r"""
+#include <atomic>
+#include <cstdint>
+struct WorkCounter {
+  explicit WorkCounter(int64_t count) : count(count) {}
+  bool take(int64_t& item) {
+    item = next.fetch_add(1, std::memory_order_relaxed);
+    return item < count;
+  }
+  const int64_t count;
+  std::atomic<int64_t> next{0};
+};
+"""
+
 _lock = threading.Lock()
 _modules: dict[str, object] = {}
 

@@ -2,15 +2,15 @@
 
 Decode is bound by memory traffic: gathering each request's blocks into a padded tensor and then running
 SDPA reads and writes the whole context twice more than needed. This kernel reads every key and value once,
-where it lies in the pool, one (request, kv head) pair per task. It is compiled on first use with
+where it lies in the pool, one (request, kv head) pair per work item, items taken from a shared counter. It is compiled on first use with
 `fovea.layers.cpp_build`; if that fails, `load()` returns None and attention falls back to gather + SDPA,
 which computes the same thing.
 """
 from __future__ import annotations
 
-from fovea.layers.cpp_build import EXP_APPROX, load_kernels
+from fovea.layers.cpp_build import EXP_APPROX, WORK_COUNTER, load_kernels
 
-_SOURCE = EXP_APPROX + r"""
+_SOURCE = EXP_APPROX + WORK_COUNTER + r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -36,9 +36,10 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
                    int64_t B, int64_t H, int64_t Hkv, int64_t dim, int64_t max_blocks, int64_t bs, float scale) {
   const int64_t D = DC > 0 ? DC : dim;
   const int64_t G = H / Hkv;  // query heads per kv head (GQA): each K/V row is read once for all G of them
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  WorkCounter items(B * Hkv);  // contexts differ in length, and so may the threads' speeds
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     std::vector<float> qf(G * D), acc(G * D), row(D), denom(G), scores;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item; items.take(item);) {
       const int64_t b = item / Hkv, h = item % Hkv, L = ctx[b];
       scores.resize(G * L);
       for (int64_t g = 0; g < G; ++g)
@@ -111,4 +112,4 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 def load():
     """The compiled module, or None when it cannot be built here (FOVEA_NO_CPP_KERNELS=1 skips it)."""
-    return load_kernels("fovea_paged_attention_v5", _SOURCE, ["paged_decode"])
+    return load_kernels("fovea_paged_attention_v6", _SOURCE, ["paged_decode"])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fovea.layers import fused_cpu
 from fovea.outputs import Logprob
 from fovea.sampling_params import SAMPLING_EPS, SamplingParams
 
@@ -327,7 +328,10 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
 
 
 def _first_argmax(values: torch.Tensor) -> torch.Tensor:
-    """(B, V) -> (B,) index of each row's first maximum; as argmax, but `max` is about 1.7x faster on CPU."""
+    """(B, V) -> (B,) index of each row's first maximum, as argmax: fovea's CPU kernel when it applies
+    (`fused_cpu.first_argmax`), else torch's `max` (about 1.7x faster than `argmax` on CPU)."""
+    if values.dim() == 2 and values.shape[1] > 0 and values.stride(1) == 1 and fused_cpu.can_fuse(values):
+        return fused_cpu.kernels().first_argmax(values)
     return values.max(dim=-1).indices
 
 

@@ -94,3 +94,19 @@ def test_silu_mul_kernel_equals_silu_gate_times_up(dtype):
         differs = got != want
         assert differs.float().mean().item() < 0.01
         torch.testing.assert_close(got.float(), want.float(), rtol=8e-3, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_kernel_equals_argmax_with_ties_infinities_and_nan(dtype):
+    gen = torch.Generator().manual_seed(6)
+    values = torch.randint(-5, 6, (9, 1000), generator=gen).to(dtype)  # many ties: the first one counts
+    values[1] = float("-inf")  # every entry the same: index 0
+    values[2, 700] = float("inf")
+    values[3, [10, 600]] = float("nan")  # the first NaN, as torch
+    values[4, 999] = 100.0  # in the last, partial chunk of the scan
+    values[5, 255:257] = 50.0  # on a chunk boundary
+    wide = torch.randn(4, 151936, generator=gen).to(dtype)
+    for x in (values, wide, values[:, ::1][:, :700], torch.randn(3, 2000, generator=gen).to(dtype)[:, 500:]):
+        assert torch.equal(fused_cpu.kernels().first_argmax(x), x.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="contiguous rows"):
+        fused_cpu.kernels().first_argmax(values[:, ::2])
