@@ -39,6 +39,19 @@ static inline float exp_approx(float x) {
 }
 """
 
+# Element i of p as a float; bfloat16 by shifting its bits, which the compiler vectorises (c10's conversion it
+# does not). Needs <torch/extension.h> (or c10/util/BFloat16.h) included first.
+LOAD_AS_FLOAT = r"""
+template <typename T>
+static inline float load(const T* p, int64_t i) { return static_cast<float>(p[i]); }
+static inline float load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+"""
+
 # Work items handed out one at a time from a shared counter, for a kernel run as
 #   WorkCounter items(n);
 #   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from fovea.layers.cpp_build import EXP_APPROX, WORK_COUNTER, load_kernels
+from fovea.layers.cpp_build import EXP_APPROX, LOAD_AS_FLOAT, WORK_COUNTER, load_kernels
 
 _SOURCE = EXP_APPROX + WORK_COUNTER + r"""
 #include <torch/extension.h>
@@ -40,14 +40,8 @@ _SOURCE = EXP_APPROX + WORK_COUNTER + r"""
 #include <limits>
 #include <vector>
 
-// float <-> storage, in plain arithmetic so loops over them vectorise; bfloat16 rounds to nearest even, as c10
-static inline float load(const float* p, int64_t i) { return p[i]; }
-static inline float load(const c10::BFloat16* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+""" + LOAD_AS_FLOAT + r"""
+// float -> storage, in plain arithmetic so loops over them vectorise; bfloat16 rounds to nearest even, as c10
 static inline float round_to(float f, const float*) { return f; }
 static inline float round_to(float f, const c10::BFloat16*) {
   uint32_t u;
@@ -243,7 +237,7 @@ torch::Tensor first_argmax(torch::Tensor values) {
 
 def kernels():
     """The compiled module (`rms_norm`, `rotary_`, `silu_mul`, `first_argmax`), or None (then use torch)."""
-    return load_kernels("fovea_fused_cpu_v5", _SOURCE, ["rms_norm", "rotary_", "silu_mul", "first_argmax"],
+    return load_kernels("fovea_fused_cpu_v6", _SOURCE, ["rms_norm", "rotary_", "silu_mul", "first_argmax"],
                         extra_cflags=("-ffp-contract=off",))
 
 

@@ -8,7 +8,7 @@ which computes the same thing.
 """
 from __future__ import annotations
 
-from fovea.layers.cpp_build import EXP_APPROX, WORK_COUNTER, load_kernels
+from fovea.layers.cpp_build import EXP_APPROX, LOAD_AS_FLOAT, WORK_COUNTER, load_kernels
 
 _SOURCE = EXP_APPROX + WORK_COUNTER + r"""
 #include <torch/extension.h>
@@ -19,16 +19,7 @@ _SOURCE = EXP_APPROX + WORK_COUNTER + r"""
 #include <limits>
 #include <vector>
 
-// bfloat16 -> float as a shift of the bits, which the compiler vectorises (c10's conversion it does not)
-template <typename T>
-static inline float as_float(const T* p, int64_t i) { return static_cast<float>(p[i]); }
-template <>
-inline float as_float<c10::BFloat16>(const c10::BFloat16* p, int64_t i) {
-  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+""" + LOAD_AS_FLOAT + r"""
 
 // DC > 0: the head size known at compile time (fixed trip counts unroll and vectorise better); 0: runtime `dim`
 template <typename T, int64_t DC>
@@ -49,7 +40,7 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
         const T* k = kc + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;
         float* kf = row.data();
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) kf[d] = as_float(k, d);
+        for (int64_t d = 0; d < D; ++d) kf[d] = load(k, d);
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * D;
           float s = 0.f;
@@ -75,7 +66,7 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
         const T* v = vc + ((table[t / bs] * bs + t % bs) * Hkv + h) * D;
         float* vf = row.data();
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) vf[d] = as_float(v, d);
+        for (int64_t d = 0; d < D; ++d) vf[d] = load(v, d);
         for (int64_t g = 0; g < G; ++g) {
           const float p = scores[g * L + t];
           float* ag = acc.data() + g * D;
@@ -112,4 +103,4 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 
 def load():
     """The compiled module, or None when it cannot be built here (FOVEA_NO_CPP_KERNELS=1 skips it)."""
-    return load_kernels("fovea_paged_attention_v6", _SOURCE, ["paged_decode"])
+    return load_kernels("fovea_paged_attention_v7", _SOURCE, ["paged_decode"])
