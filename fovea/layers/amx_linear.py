@@ -178,9 +178,9 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
         }
       }
     }
+    if (stream) _mm_sfence();  // each thread orders its own streaming stores before the region ends
     _tile_release();
   });
-  if (stream) _mm_sfence();
   return y;
 }
 """
@@ -190,7 +190,7 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
 def _kernels():
     if not _cpu_has_amx_bf16():
         return None
-    module = load_kernels("fovea_amx_linear_v3", _SOURCE, ["enable_amx", "amx_linear"],
+    module = load_kernels("fovea_amx_linear_v4", _SOURCE, ["enable_amx", "amx_linear"],
                           extra_cflags=("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16"))
     return module if module is not None and module.enable_amx() else None
 
