@@ -83,6 +83,25 @@ def test_one_batch_matches_transformers(ckpt, references):
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) == len(batch)
 
 
+def test_bfloat16_stays_as_close_to_float32_as_transformers_bfloat16(ckpt, references):
+    # bfloat16 runs other kernels than float32 (fovea's AMX linear where the sizes allow, oneDNN elsewhere):
+    # its first-step logprobs must be no further from transformers' float32 ones than transformers' own
+    # bfloat16 model is (up to a factor for the different summation orders)
+    batch = [c for c in cases() if c.name in ("image", "two images", "odd-frame video", "text only")]
+    llm = LLM(ckpt, dtype="bfloat16", block_size=4, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=LOGPROBS, ignore_eos=True)
+    outs = llm.generate([c.prompt_dict() for c in batch], params, use_tqdm=False)
+    for case, out in zip(batch, outs):
+        ids, mm = reference_inputs(ckpt, case)
+        exact = references(case)[2][0]
+        _, (hf_bf16,) = hf_reference(ckpt, ids, 1, dtype=torch.bfloat16, **mm)
+        entry = out.outputs[0].logprobs[0]
+        tokens = list(entry)
+        ours = max(abs(entry[t].logprob - exact[t].item()) for t in tokens)
+        theirs = max(abs(hf_bf16[t].item() - exact[t].item()) for t in tokens)
+        assert ours <= 3 * theirs + 0.02, f"{case.name}: fovea bf16 off by {ours:.3f}, transformers bf16 {theirs:.3f}"
+
+
 def test_chunked_prefill_splits_images(ckpt, references):
     budget = 10
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256, max_num_batched_tokens=budget)

@@ -180,11 +180,12 @@ def build_tiny_qwen2(out_dir: str | Path, *, seed: int = 0, hidden: int = 64, nu
 
 
 @functools.lru_cache(maxsize=4)
-def hf_model(model_dir: str) -> Qwen2_5_VLForConditionalGeneration | Qwen2ForCausalLM:
-    """transformers' model for a checkpoint written above (either architecture), float32, EOS off."""
+def hf_model(model_dir: str,
+             dtype: torch.dtype = torch.float32) -> Qwen2_5_VLForConditionalGeneration | Qwen2ForCausalLM:
+    """transformers' model for a checkpoint written above (either architecture), in `dtype`, EOS off."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     cls = Qwen2ForCausalLM if config["architectures"] == ["Qwen2ForCausalLM"] else Qwen2_5_VLForConditionalGeneration
-    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = cls.from_pretrained(model_dir, dtype=dtype).eval()
     # generate() fills every None of the GenerationConfig it is given from the model's own, so clear EOS there
     model.generation_config.eos_token_id = None
     return model
@@ -210,13 +211,15 @@ def mm_token_type_ids(model_dir: str | Path, input_ids: torch.Tensor) -> torch.T
 
 @torch.no_grad()
 def hf_reference(model_dir: str | Path, input_ids: torch.Tensor, max_new_tokens: int,
+                 dtype: torch.dtype = torch.float32,
                  **mm_inputs: torch.Tensor | None) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy generation with transformers: (new token ids, log_softmax of each step's raw logits [vocab]).
 
     input_ids [L] with expanded placeholders; mm_inputs: pixel_values / image_grid_thw / pixel_values_videos /
-    video_grid_thw / second_per_grid_ts as the model's forward takes them (None entries are dropped).
+    video_grid_thw / second_per_grid_ts as the model's forward takes them (None entries are dropped); the model
+    runs in `dtype`.
     """
-    model = hf_model(str(model_dir))
+    model = hf_model(str(model_dir), dtype)
     ids = input_ids.view(1, -1)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=None,
                               pad_token_id=model.config.get_text_config().pad_token_id, output_logits=True,
