@@ -8,6 +8,7 @@ run, and with prefix caching across prompts that share text but not images.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from fovea import LLM, SamplingParams
 from tests.e2e.blip2_cases import cases, make_image
@@ -58,6 +59,24 @@ def test_batch_matches_transformers(ckpt):
     outs = _check(llm, ckpt, cases(8))
     # the tiny model must not be degenerate, or the comparison proves little
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) > 4
+
+
+def test_bfloat16_stays_as_close_to_float32_as_transformers_bfloat16(ckpt):
+    # bfloat16 runs other kernels than float32 (fovea's AMX linear where the sizes allow, oneDNN elsewhere):
+    # its first-step logprobs must be no further from transformers' float32 ones than transformers' own
+    # bfloat16 model is (up to a factor for the different summation orders)
+    batch = cases(4)
+    llm = LLM(ckpt, dtype="bfloat16", block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=LOGPROBS, ignore_eos=True)
+    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": img}} for p, img, _ in batch], params,
+                        use_tqdm=False)
+    for (prompt, img, _), out in zip(batch, outs):
+        _, (exact,) = hf_reference(ckpt, prompt, img, 1)
+        _, (hf_bf16,) = hf_reference(ckpt, prompt, img, 1, dtype=torch.bfloat16)
+        entry = out.outputs[0].logprobs[0]
+        ours = max(abs(entry[t].logprob - exact[t].item()) for t in entry)
+        theirs = max(abs(hf_bf16[t].item() - exact[t].item()) for t in entry)
+        assert ours <= 3 * theirs + 0.02, f"{prompt!r}: fovea bf16 off by {ours:.3f}, transformers bf16 {theirs:.3f}"
 
 
 def test_projection_and_post_layernorm_variant(ckpt_proj):

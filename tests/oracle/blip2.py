@@ -126,14 +126,15 @@ def build_tiny_blip2(
     return out_dir
 
 
-def load_hf(model_dir: str | Path) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
-    """transformers' model (float32, eval, EOS disabled) and processor for a checkpoint, cached per process."""
-    return _load(str(model_dir))
+def load_hf(model_dir: str | Path,
+            dtype: torch.dtype = torch.float32) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    """transformers' model (in `dtype`, eval, EOS disabled) and processor for a checkpoint, cached per process."""
+    return _load(str(model_dir), dtype)
 
 
 @functools.lru_cache(maxsize=8)
-def _load(model_dir: str):
-    model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+def _load(model_dir: str, dtype: torch.dtype = torch.float32):
+    model = Blip2ForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
     # generate() fills every None in the GenerationConfig it is given from the model's own, so
     # `eos_token_id=None` alone does not stop EOS from ending generation; clear it at the source.
     model.generation_config.eos_token_id = None
@@ -168,15 +169,19 @@ def hf_inputs(model_dir: str | Path, prompt: str, image: Image.Image | None) -> 
 
 @torch.no_grad()
 def hf_reference(
-    model_dir: str | Path, prompt: str, image: Image.Image | None, max_new_tokens: int
+    model_dir: str | Path, prompt: str, image: Image.Image | None, max_new_tokens: int,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy generation with transformers: (new token ids, log_softmax of each step's raw logits [vocab]).
 
     With an image, `Blip2ForConditionalGeneration.generate` on the processor's output (query placeholders
-    before BOS). Without, the OPT language model alone on the tokenizer's ids (BOS first).
+    before BOS). Without, the OPT language model alone on the tokenizer's ids (BOS first). The model runs in
+    `dtype` (pixel values are given to it in that dtype).
     """
-    model, _ = _load(str(model_dir))
+    model, _ = _load(str(model_dir), dtype)
     inputs = hf_inputs(model_dir, prompt, image)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     kwargs = dict(generation_config=_greedy_config(model, max_new_tokens))
     if image is None:
         out = model.language_model.generate(input_ids=inputs["input_ids"], **kwargs)
