@@ -151,29 +151,27 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
                                             std::max<int64_t>(cap, 1));
   WorkCounter items((panels + width - 1) / width);
   const bool stream = M > kStreamRows;
+  // a last row block of other than 16 or 32 rows is read from a zero-padded copy, made once for every item
+  const int64_t tail_rows = M - (row_blocks - 1) * 32;
+  std::vector<uint16_t> tail;
+  if (tail_rows != 16 && tail_rows != 32) {
+    tail.assign(32 * K, 0);
+    std::memcpy(tail.data(), xp + (row_blocks - 1) * 32 * K, tail_rows * K * sizeof(uint16_t));
+  }
+  // one row block (decode) streams the weights from memory: prefetch them
+  const bool prefetch = row_blocks == 1;
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     configure_tiles();
     alignas(64) float c[32 * 32];
-    std::vector<uint16_t> padded;
     for (int64_t item; items.take(item);) {
       const int64_t p0 = item * width, p1 = std::min(panels, p0 + width);
       for (int64_t rb = 0; rb < row_blocks; ++rb) {
         const int64_t rows = std::min<int64_t>(32, M - rb * 32);
-        const uint16_t* xa = xp + rb * 32 * K;
-        if (rows != 16 && rows != 32) {
-          padded.assign(32 * K, 0);
-          std::memcpy(padded.data(), xa, rows * K * sizeof(uint16_t));
-          xa = padded.data();
-        }
+        const uint16_t* xa = rb == row_blocks - 1 && !tail.empty() ? tail.data() : xp + rb * 32 * K;
+        const auto multiply = rows > 16 ? (prefetch ? multiply_panel<true, true> : multiply_panel<true, false>)
+                                        : (prefetch ? multiply_panel<false, true> : multiply_panel<false, false>);
         for (int64_t p = p0; p < p1; ++p) {
-          const uint16_t* panel = wp + p * K * 32;
-          if (rows > 16) {
-            if (row_blocks == 1) multiply_panel<true, true>(xa, K, panel, c);
-            else multiply_panel<true, false>(xa, K, panel, c);
-          } else {
-            if (row_blocks == 1) multiply_panel<false, true>(xa, K, panel, c);
-            else multiply_panel<false, false>(xa, K, panel, c);
-          }
+          multiply(xa, K, wp + p * K * 32, c);
           write_rows(c, b ? b + p * 32 : nullptr, yp + rb * 32 * N + p * 32, rows, N, stream);
         }
       }
@@ -190,7 +188,7 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, c10::optional<to
 def _kernels():
     if not _cpu_has_amx_bf16():
         return None
-    module = load_kernels("fovea_amx_linear_v4", _SOURCE, ["enable_amx", "amx_linear"],
+    module = load_kernels("fovea_amx_linear_v5", _SOURCE, ["enable_amx", "amx_linear"],
                           extra_cflags=("-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bf16"))
     return module if module is not None and module.enable_amx() else None
 

@@ -3,7 +3,8 @@
 Each kernel module is built by torch.utils.cpp_extension.load_inline (cached under ~/.cache/torch_extensions)
 with -O3 -march=native -fno-trapping-math (without it gcc vectorises no loop that calls `exp_approx`: its floor
 could raise an FP flag; fovea never reads those flags, and the values are the same). If the build fails (no
-compiler, no ninja, ...) the caller gets None and uses its torch path, which computes the same thing. FOVEA_NO_CPP_KERNELS=1 skips every kernel.
+compiler, no ninja, ...) the caller gets None and uses its torch path, which computes the same thing.
+FOVEA_NO_CPP_KERNELS=1 skips every kernel.
 """
 from __future__ import annotations
 

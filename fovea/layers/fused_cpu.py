@@ -210,8 +210,8 @@ static void first_argmax_rows(const T* x, int64_t* out, int64_t B, int64_t V, in
           for (int64_t i = lo; i < hi; ++i) hit |= load(r, i) == best;
         }
         if (!hit) continue;
-        for (found = lo; !is_target(found); ++found) {
-        }
+        found = lo;
+        while (!is_target(found)) ++found;
         break;
       }
       out[b] = found;
@@ -237,7 +237,7 @@ torch::Tensor first_argmax(torch::Tensor values) {
 
 def kernels():
     """The compiled module (`rms_norm`, `rotary_`, `silu_mul`, `first_argmax`), or None (then use torch)."""
-    return load_kernels("fovea_fused_cpu_v6", _SOURCE, ["rms_norm", "rotary_", "silu_mul", "first_argmax"],
+    return load_kernels("fovea_fused_cpu_v7", _SOURCE, ["rms_norm", "rotary_", "silu_mul", "first_argmax"],
                         extra_cflags=("-ffp-contract=off",))
 
 

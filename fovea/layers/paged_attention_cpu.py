@@ -2,9 +2,9 @@
 
 Decode is bound by memory traffic: gathering each request's blocks into a padded tensor and then running
 SDPA reads and writes the whole context twice more than needed. This kernel reads every key and value once,
-where it lies in the pool, one (request, kv head) pair per work item, items taken from a shared counter. It is compiled on first use with
-`fovea.layers.cpp_build`; if that fails, `load()` returns None and attention falls back to gather + SDPA,
-which computes the same thing.
+where it lies in the pool, one (request, kv head) pair per work item, items taken from a shared counter. It is
+compiled on first use with `fovea.layers.cpp_build`; if that fails, `load()` returns None and attention falls
+back to gather + SDPA, which computes the same thing.
 """
 from __future__ import annotations
 
