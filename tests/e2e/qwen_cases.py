@@ -4,7 +4,7 @@ A case is a prompt with its images and videos. `reference_inputs` builds what tr
 without going through fovea's processor: images through transformers' own `Qwen2VLImageProcessorPil`, each
 `<|image_pad|>` / `<|video_pad|>` expanded to its item's token count the way `Qwen2_5_VLProcessor` expands
 text. Videos go through fovea's `Qwen2VLVideoProcessor`, as transformers' needs torchvision (which this
-environment lacks); that processor is checked against the written-out rules in tests/qwen.
+environment lacks); that processor is checked against the written-out rules in tests/multimodal/processors.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from fovea.models.qwen2 import Qwen2ForCausalLM
 from fovea.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from fovea.models.weights import load_weights
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2, build_tiny_qwen2_5_vl, hf_reference
-from tests.qwen.test_model import PagedSteps
+from tests.models.test_qwen2_5_vl_model import PagedSteps
 
 PROMPT = "<|im_start|>user\nWhat is the man holding? Answer: the man is<|im_end|>\n<|im_start|>assistant\n"
 
