@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fovea.multimodal.image_processors import BlipImageProcessor
+from fovea.multimodal.processors import BlipImageProcessor
 from fovea.multimodal.media import ACCEPTED_IMAGE_INPUTS, type_name
 from fovea.multimodal.processing import (
     BaseMultiModalProcessor,

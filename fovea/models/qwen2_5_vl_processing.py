@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fovea.multimodal.image_processors import (
+from fovea.multimodal.processors import (
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
     check_fps,

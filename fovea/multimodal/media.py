@@ -23,7 +23,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from fovea.multimodal.image_processors import check_fps, convert_to_rgb
+from fovea.multimodal.processors.transforms import check_fps, convert_to_rgb
 
 ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview]
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoTokenizer, Blip2Config
 
 from fovea.models.weights import load_weights
-from fovea.multimodal.image_processors import BlipImageProcessor
+from fovea.multimodal.processors import BlipImageProcessor
 from fovea.training.config import TrainConfig
 from fovea.training.data import ImageTextBatch, ImageTextDataset
 from fovea.training.export import STAGE1_PARTS, TRAINING_HEADS_FILE, export_stage1, export_stage2

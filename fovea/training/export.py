@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import Blip2Config, Blip2Processor, BlipImageProcessorPil
 
-from fovea.multimodal.image_processors import BlipImageProcessor
+from fovea.multimodal.processors import BlipImageProcessor
 
 TRAINING_HEADS_FILE = "fovea_training_heads.safetensors"
 STAGE1_PARTS = ("vision_model", "query_tokens", "embeddings", "qformer", "vision_projection", "text_projection",

@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoTokenizer
 
 from fovea.models.weights import load_weights
-from fovea.multimodal.image_processors import BlipImageProcessor
+from fovea.multimodal.processors import BlipImageProcessor
 from fovea.training.stage1 import Stage1Model
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import Blip2VisionConfig
 
 from fovea.models.blip2 import BlipVisionModel
-from fovea.multimodal.image_processors import BlipImageProcessor
+from fovea.multimodal.processors import BlipImageProcessor
 from fovea.training.optim import build_optimizer, build_scheduler
 from fovea.training.shapes import COLOURS, GRID, SHAPES, SIZES
 

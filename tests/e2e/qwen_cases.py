@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fovea.multimodal.image_processors import get_video_processor
+from fovea.multimodal.processors import get_video_processor
 from fovea.multimodal.media import LoadedVideo, load_video
 from tests.oracle.qwen2_5_vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, hf_image_processor, hf_model
 

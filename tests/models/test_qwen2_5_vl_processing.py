@@ -10,7 +10,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from fovea.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from fovea.multimodal.image_processors import Qwen2VLVideoProcessor
+from fovea.multimodal.processors import Qwen2VLVideoProcessor
 from fovea.multimodal.media import LoadedVideo
 from fovea.multimodal.processing import InputProcessingContext
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY

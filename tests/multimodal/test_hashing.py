@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from fovea.multimodal.hashing import hash_mm_item
-from fovea.multimodal.image_processors import BlipImageProcessor
+from fovea.multimodal.processors import BlipImageProcessor
 
 OPTIONS = BlipImageProcessor().to_dict()
 

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, Blip2Processor, PreTrainedTokenizerFast
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
-from fovea.multimodal.image_processors import BlipImageProcessor, get_image_processor, read_image_processor_config
+from fovea.multimodal.processors import BlipImageProcessor, get_image_processor, read_image_processor_config
 
 SIZES = [(1, 1), (7, 300), (300, 7), (224, 224), (640, 480), (33, 17)]  # (width, height)
 
