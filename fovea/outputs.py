@@ -71,3 +71,21 @@ class RequestOutput:
                 f"prompt_token_ids={self.prompt_token_ids}, prompt_logprobs={self.prompt_logprobs}, "
                 f"outputs={self.outputs}, finished={self.finished}, "
                 f"num_cached_tokens={self.num_cached_tokens})")
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """What the model runner hands back for one step: the requests that sampled, in batch order.
+
+    A request in the middle of its prompt samples nothing and is not listed. `logprobs` is None when no
+    request asked for them, else one entry per request (None where that request did not ask): the sampled
+    token's and the top-k, `decoded_token` left for the output processor to fill.
+    """
+
+    req_ids: list[str]
+    sampled_token_ids: list[list[int]]  # per request, this step's new token ids (one each today)
+    logprobs: list[dict[int, Logprob] | None] | None = None
+
+    @staticmethod
+    def empty() -> "ModelRunnerOutput":
+        return ModelRunnerOutput([], [], None)

@@ -7,19 +7,12 @@ the value and what is allowed. An unknown keyword is a `TypeError` (this is a pl
 from __future__ import annotations
 
 import copy
-import enum
 import math
 from dataclasses import dataclass
 
 # Below this temperature a request is greedy (vLLM's _SAMPLING_EPS): dividing logits by it would only
 # amplify float noise, and argmax is what such a temperature means anyway.
 SAMPLING_EPS = 1e-5
-
-
-class SamplingType(enum.IntEnum):
-    GREEDY = 0
-    RANDOM = 1
-    RANDOM_SEED = 2
 
 
 @dataclass
@@ -35,7 +28,8 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely one's; in [0, 1]."""
     seed: int | None = None
-    """Per-request seed: the same seed gives the same tokens whatever else is in the batch. -1 = None."""
+    """Per-request seed: the same seed gives the same tokens whatever else is in the batch. -1 = None (the
+    request then draws from the engine's generator, which `EngineConfig.seed` seeds)."""
     max_tokens: int | None = 16
     """Most tokens to generate; None means up to the model's context length (the engine resolves it)."""
     min_tokens: int = 0
@@ -111,14 +105,6 @@ class SamplingParams:
         if self.n > 1 and self.temperature < SAMPLING_EPS:
             raise ValueError(f"n must be 1 when sampling greedily (temperature={self.temperature}), "
                              f"got n={self.n}: all {self.n} completions would be the same.")
-
-    @property
-    def sampling_type(self) -> SamplingType:
-        if self.temperature < SAMPLING_EPS:
-            return SamplingType.GREEDY
-        if self.seed is not None:
-            return SamplingType.RANDOM_SEED
-        return SamplingType.RANDOM
 
     @property
     def is_greedy(self) -> bool:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fovea.sampling_params import SamplingParams, SamplingType
+from fovea.sampling_params import SamplingParams
 
 
 def test_defaults_are_vllms():
@@ -15,7 +15,7 @@ def test_defaults_are_vllms():
                     presence_penalty=0.0, frequency_penalty=0.0, skip_special_tokens=True,
                     spaces_between_special_tokens=True, include_stop_str_in_output=False)
     assert dataclasses.asdict(p) == expected
-    assert p.sampling_type is SamplingType.RANDOM
+    assert not p.is_greedy
 
 
 def test_normalisation():
@@ -26,12 +26,10 @@ def test_normalisation():
     assert SamplingParams(logprobs=True).logprobs == 1
 
 
-def test_sampling_type_and_greedy_epsilon():
-    assert SamplingParams(temperature=0.0).sampling_type is SamplingType.GREEDY
-    assert SamplingParams(temperature=9e-6).sampling_type is SamplingType.GREEDY
-    assert SamplingParams(temperature=1e-4).sampling_type is SamplingType.RANDOM
-    assert SamplingParams(seed=3).sampling_type is SamplingType.RANDOM_SEED
-    assert SamplingParams(temperature=0.0, seed=3).sampling_type is SamplingType.GREEDY
+def test_greedy_epsilon():
+    assert SamplingParams(temperature=0.0).is_greedy and SamplingParams(temperature=9e-6).is_greedy
+    assert not SamplingParams(temperature=1e-4).is_greedy and not SamplingParams(seed=3).is_greedy
+    assert SamplingParams(temperature=0.0, seed=3).is_greedy
     # greedy ignores the filters, so they are reset
     p = SamplingParams(temperature=0.0, top_p=0.5, top_k=3, min_p=0.2)
     assert (p.top_p, p.top_k, p.min_p) == (1.0, 0, 0.0)

@@ -1,4 +1,5 @@
-"""Prompt + media -> Request: tokenize, load and preprocess media, expand placeholders, hash items.
+"""Prompt + media -> Request: tokenize, load and preprocess media, expand placeholders, hash items, and (for
+M-RoPE models) compute the prompt's [3, N] positions; also the worst-case multimodal items for memory profiling.
 
 Everything a request can get wrong is found here, before it reaches the scheduler, and raised as a
 ValueError naming the problem; nothing else in the engine is touched by a bad request.
@@ -18,26 +19,28 @@ arrived, and different content or different processing options hash differently.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from PIL import Image
 
-from fovea.engine.request import Request
+from fovea.engine.request import MultiModalFeature, Request
 from fovea.multimodal.hashing import hash_mm_item
 from fovea.multimodal.media import load_image, load_video
 from fovea.multimodal.processing import BaseMultiModalProcessor
 from fovea.sampling_params import SamplingParams
 
 PromptType = str | list[int] | Mapping[str, Any]
+# (prompt token ids, features) -> ([3, num_tokens] positions, delta for later tokens); see SupportsMRoPE
+MRoPEPositionsFn = Callable[[list[int], list[MultiModalFeature]], tuple[Any, int]]
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
 
 
 class InputProcessor:
     def __init__(self, *, tokenizer: Any, processor: BaseMultiModalProcessor | None, max_model_len: int,
                  vocab_size: int, mm_limits: Mapping[str, int], mm_processor_kwargs: Mapping[str, Any] | None,
-                 eos_token_id: int | None, mrope_positions: Any = None):
+                 eos_token_id: int | None, mrope_positions: MRoPEPositionsFn | None = None):
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_model_len = max_model_len
@@ -45,10 +48,11 @@ class InputProcessor:
         self.mm_limits = dict(mm_limits)
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
         self.eos_token_id = eos_token_id
-        # M-RoPE models: (token ids, features) -> ([3, num_tokens] positions, delta for later tokens)
         self.mrope_positions = mrope_positions
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_index: int = 0) -> Request:
+        """The request for `prompt`, ready for the scheduler; ValueError naming what is wrong otherwise.
+        `max_tokens=None` is resolved here to what the context leaves (on a copy of `params`)."""
         text, token_ids, mm_data, mm_kwargs = self._parse(prompt)
         kwargs = {**self.mm_processor_kwargs, **mm_kwargs}
         mm_items = self._load_media(mm_data, kwargs)
@@ -63,6 +67,9 @@ class InputProcessor:
                 token_ids = list(self.tokenizer(text).input_ids)
             features = []
         self._check_tokens(token_ids, params)
+        if params.max_tokens is None:
+            params = params.clone()
+            params.max_tokens = self.max_model_len - len(token_ids)
         request = Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                           eos_token_id=self.eos_token_id, mm_features=features, prompt=text,
                           arrival_index=arrival_index)
@@ -141,3 +148,19 @@ def _as_items(modality: str, value: Any) -> list[Any]:
     if modality == "video" and value and all(isinstance(v, Image.Image) for v in value):
         return [list(value)]
     return list(value)
+
+
+def profile_mm_features(processor: BaseMultiModalProcessor | None, max_model_len: int, max_num_batched_tokens: int,
+                        max_tokens_per_item: Mapping[str, int], mm_limits: Mapping[str, int]
+                        ) -> list[MultiModalFeature]:
+    """The items of the worst-case step, for memory profiling: as many of the modality with the largest items
+    as one step's tokens can hold. Modalities limited to 0 items per prompt are left out ([] if none is left:
+    a text-only profile)."""
+    if processor is None or not max_tokens_per_item:
+        return []
+    modality = max(max_tokens_per_item, key=max_tokens_per_item.get)
+    fit = max(1, min(max_num_batched_tokens, max_model_len) // max(1, max_tokens_per_item[modality]))
+    counts = {modality: min(mm_limits[modality], fit)}
+    dummy = processor.dummy_inputs.get_dummy_processor_inputs(max_model_len, counts)
+    hashes = {m: [f"dummy-{m}-{i}" for i in range(len(v))] for m, v in dummy.mm_data.items()}
+    return processor.apply(dummy.prompt or [0], dummy.mm_data, hashes).mm_features

@@ -213,10 +213,9 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of the request, in full blocks, and its length in tokens.
 
-        Never the whole request: the last token is always recomputed to get its logits. Requests asking for
-        prompt logprobs skip the cache (every prompt position needs its logits). Pure lookup, no ref taken.
+        Never the whole request: the last token is always recomputed to get its logits. Pure lookup, no ref taken.
         """
-        if not self.enable_prefix_caching or getattr(request.sampling_params, "prompt_logprobs", None) is not None:
+        if not self.enable_prefix_caching:
             return [], 0
         hashes = update_block_hashes(request, self.block_size)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size

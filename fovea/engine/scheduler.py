@@ -3,7 +3,10 @@
 Every step each request's `num_computed_tokens` catches up with its `num_tokens` (prompt + outputs so far)
 as far as the budgets allow; a prompt chunk, a decode step and a prefix-cache hit are the same mechanism.
 
-One step:  out = scheduler.schedule();  sampled = runner.run(out);  scheduler.update_from_output(out, sampled)
+One step:  out = scheduler.schedule();  runner_out = runner.execute(out);  scheduler.update_from_output(out, runner_out)
+
+`schedule()` returns a `SchedulerOutput` (scheduler_output.py): a request's data goes to the runner once, when it
+is first scheduled; afterwards only ids, new blocks and counts.
 
 - Running requests go first, in admission order. When the KV pool is short, the most recently admitted
   running request is preempted (blocks and encoder references freed, `num_computed_tokens = 0`, front of the
@@ -26,6 +29,8 @@ from dataclasses import dataclass
 from fovea.engine.encoder_cache import EncoderCacheManager
 from fovea.engine.kv_cache import KVCacheManager
 from fovea.engine.request import Request, RequestStatus
+from fovea.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from fovea.outputs import Logprob, ModelRunnerOutput
 
 
 @dataclass(slots=True, kw_only=True)
@@ -73,46 +78,16 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
-class ScheduledRequest:
-    request: Request
-    # before this step: the runner computes all_token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]
-    num_computed_tokens: int
-    num_new_tokens: int
-    block_ids: list[int]  # the request's whole block table after allocation
-    # indices into request.mm_features to encode this step, whole. Outputs are keyed by mm_hash: an item not
-    # listed here but overlapping the chunk is cached, or encoded this step for another request or item.
-    encoder_inputs: list[int]
-    is_new: bool  # first scheduled, or resumed after preemption: the runner (re)builds its per-request state
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest]  # running requests first, then newly admitted
-    num_scheduled_tokens: int
-    preempted_request_ids: list[str]
-    finished_request_ids: list[str]  # finished or aborted since the last schedule(): drop their state
-    freed_mm_hashes: list[str]  # encoder outputs the runner may delete (before encoding this step's inputs)
-
-
-@dataclass(slots=True)
 class RequestUpdate:
-    """One per request that got a token or finished in `update_from_output`."""
+    """One per request that got a token or finished in `update_from_output` (vLLM's EngineCoreOutput)."""
 
     request_id: str
     new_token_ids: list[int]
     finished: bool
     status: RequestStatus
     stop_reason: int | str | None
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    num_running: int
-    num_waiting: int
-    num_preemptions: int  # since start
-    kv_cache_usage: float  # fraction of usable blocks in use
-    prefix_cache_queries: int  # tokens of admitted requests looked up, since start
-    prefix_cache_hits: int  # of those, tokens served from the cache
+    new_logprobs: list[dict[int, Logprob]] | None = None  # one entry per new token, if the request asked
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when it was first scheduled
 
 
 class Scheduler:
@@ -130,10 +105,20 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         """Queue a request; ValueError if it could never be served under this configuration."""
-        self._check_request(request)
-        request.status = RequestStatus.WAITING
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue several requests (the n children of one prompt) all or none: every one is checked, ids
+        included, before any is queued, so a refused one leaves no sibling behind."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"request ids {ids} repeat one another")
+        for request in requests:
+            self._check_request(request)
+        for request in requests:
+            request.status = RequestStatus.WAITING
+            self.requests[request.request_id] = request
+            self.waiting.append(request)
 
     def _check_request(self, request: Request) -> None:
         cfg, rid = self.config, request.request_id
@@ -211,8 +196,12 @@ class Scheduler:
         cfg, kv = self.config, self.kv_cache_manager
         token_budget = cfg.max_num_batched_tokens
         encoder_budget = cfg.max_num_encoder_input_tokens
-        scheduled: list[ScheduledRequest] = []
-        preempted_ids: list[str] = []
+        out = SchedulerOutput(
+            scheduled_new_reqs=[], scheduled_cached_reqs=CachedRequestData(), num_scheduled_tokens={},
+            total_num_scheduled_tokens=0, scheduled_encoder_inputs={}, preempted_request_ids=[],
+            finished_request_ids=[], freed_mm_hashes=[],
+        )
+        preempted_ids = out.preempted_request_ids
 
         index = 0
         while index < len(self.running) and token_budget > 0:
@@ -233,7 +222,12 @@ class Scheduler:
                     break
             if new_blocks is None:
                 break
-            scheduled.append(self._commit(request, num_new, to_encode, to_share, is_new=False))
+            cached = out.scheduled_cached_reqs
+            cached.req_ids.append(request.request_id)
+            cached.resumed_from_preemption.append(False)
+            cached.new_block_ids.append([b.block_id for b in new_blocks])
+            cached.num_computed_tokens.append(request.num_computed_tokens)
+            self._commit(out, request, num_new, to_encode, to_share)
             encoder_budget -= sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
             token_budget -= num_new
             index += 1
@@ -254,23 +248,33 @@ class Scheduler:
                 self.encoder_cache_manager.free(request)  # references taken while planning
                 break
             self.waiting.popleft()
+            block_ids = kv.get_block_ids(request.request_id)
             if request.status == RequestStatus.WAITING:
                 request.num_cached_prompt_tokens = num_computed
+                out.scheduled_new_reqs.append(NewRequestData(
+                    req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                    sampling_params=request.sampling_params, eos_token_id=request.eos_token_id,
+                    mm_features=request.mm_features, mrope_positions=request.mrope_positions,
+                    mrope_position_delta=request.mrope_position_delta, block_ids=block_ids,
+                    num_computed_tokens=num_computed,
+                ))
+            else:  # back from preemption: the runner still holds its tokens, its blocks are all new
+                cached = out.scheduled_cached_reqs
+                cached.req_ids.append(request.request_id)
+                cached.resumed_from_preemption.append(True)
+                cached.new_block_ids.append(block_ids)
+                cached.num_computed_tokens.append(num_computed)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_computed
             self.running.append(request)
-            scheduled.append(self._commit(request, num_new, to_encode, to_share, is_new=True))
+            self._commit(out, request, num_new, to_encode, to_share)
             encoder_budget -= sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
             token_budget -= num_new
 
-        finished_ids, self.finished_request_ids = self.finished_request_ids, []
-        return SchedulerOutput(
-            scheduled=scheduled,
-            num_scheduled_tokens=cfg.max_num_batched_tokens - token_budget,
-            preempted_request_ids=preempted_ids,
-            finished_request_ids=finished_ids,
-            freed_mm_hashes=self.encoder_cache_manager.get_freed_mm_hashes(),
-        )
+        out.total_num_scheduled_tokens = cfg.max_num_batched_tokens - token_budget
+        out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
+        out.freed_mm_hashes = self.encoder_cache_manager.get_freed_mm_hashes()
+        return out
 
     def _plan_encoder(
         self, request: Request, num_computed: int, num_new: int, encoder_budget: int
@@ -304,23 +308,16 @@ class Scheduler:
             num_planned += f.num_encoder_tokens
         return num_new, to_encode, to_share
 
-    def _commit(
-        self, request: Request, num_new: int, to_encode: list[int], to_share: list[int], is_new: bool
-    ) -> ScheduledRequest:
+    def _commit(self, out: SchedulerOutput, request: Request, num_new: int, to_encode: list[int],
+                to_share: list[int]) -> None:
         for idx in to_encode:
             self.encoder_cache_manager.allocate(request, idx)
         for idx in to_share:
             self.encoder_cache_manager.check_and_update_cache(request, idx)
-        out = ScheduledRequest(
-            request=request,
-            num_computed_tokens=request.num_computed_tokens,
-            num_new_tokens=num_new,
-            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
-            encoder_inputs=to_encode,
-            is_new=is_new,
-        )
+        out.num_scheduled_tokens[request.request_id] = num_new
+        if to_encode:
+            out.scheduled_encoder_inputs[request.request_id] = to_encode
         request.num_computed_tokens += num_new  # as vLLM v1: the step is taken as done once scheduled
-        return out
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
@@ -331,28 +328,29 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(
-        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, list[int]]
-    ) -> list[RequestUpdate]:
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+                           ) -> list[RequestUpdate]:
         """Take the runner's tokens for the step `scheduler_output` described (one call per schedule()).
 
-        Only requests whose chunk reached their last known token sample; entries for requests still in the
-        middle of their prompt are ignored.
+        Only requests whose chunk reached their last known token sample; a request still in the middle of its
+        prompt has no entry. A request finished from outside after schedule() is skipped.
         """
         updates: list[RequestUpdate] = []
         any_finished = False
-        for scheduled in scheduler_output.scheduled:
-            request = scheduled.request
-            if request.is_finished:
+        row_of = {rid: row for row, rid in enumerate(runner_output.req_ids)}
+        logprobs = runner_output.logprobs
+        for rid in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(rid)
+            if request is None:
                 continue  # finished from outside after schedule()
             self._free_computed_encoder_inputs(request)
             if request.num_computed_tokens < request.num_tokens:
                 continue
-            token_ids = sampled_token_ids.get(request.request_id)
-            if token_ids is None:
-                raise ValueError(f"no sampled token for request {request.request_id!r}, whose chunk ended its tokens")
+            row = row_of.get(rid)
+            if row is None:
+                raise ValueError(f"no sampled token for request {rid!r}, whose chunk ended its tokens")
             new_token_ids = []
-            for token_id in token_ids:
+            for token_id in runner_output.sampled_token_ids[row]:
                 request.append_output_token_ids(token_id)
                 new_token_ids.append(token_id)
                 if self._check_stop(request):
@@ -361,13 +359,16 @@ class Scheduler:
                 self._free_request(request)
                 any_finished = True
             if new_token_ids or request.is_finished:
+                entry = logprobs[row] if logprobs is not None else None
                 updates.append(
                     RequestUpdate(
-                        request_id=request.request_id,
+                        request_id=rid,
                         new_token_ids=new_token_ids,
                         finished=request.is_finished,
                         status=request.status,
                         stop_reason=request.stop_reason,
+                        new_logprobs=[entry] if entry is not None and new_token_ids else None,
+                        num_cached_tokens=request.num_cached_prompt_tokens,
                     )
                 )
         if any_finished:
@@ -417,17 +418,6 @@ class Scheduler:
     @property
     def kv_cache_usage(self) -> float:
         return self.kv_cache_manager.usage
-
-    def get_stats(self) -> SchedulerStats:
-        kv = self.kv_cache_manager
-        return SchedulerStats(
-            num_running=self.num_running,
-            num_waiting=self.num_waiting,
-            num_preemptions=self.num_preemptions,
-            kv_cache_usage=kv.usage,
-            prefix_cache_queries=kv.prefix_cache_queries,
-            prefix_cache_hits=kv.prefix_cache_hits,
-        )
 
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()

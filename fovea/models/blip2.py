@@ -20,6 +20,7 @@ from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, Pre
 from fovea.layers.activations import get_activation
 from fovea.layers.linear import copy_checked, set_weight_loader
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
+from fovea.models.interfaces import SupportsMultiModal
 from fovea.models.opt import OPTForCausalLM
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 
@@ -226,8 +227,7 @@ class Blip2QFormerModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(
     Blip2MultiModalProcessor, info=Blip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder
 )
-class Blip2ForConditionalGeneration(nn.Module):
-    supports_multimodal = True
+class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
         "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias

@@ -1,46 +1,60 @@
-"""What the engine may ask of a model beyond `forward(input_ids, positions, inputs_embeds)`."""
+"""What a model class declares it supports beyond a causal LM over the flat batch (vLLM's interfaces).
+
+A model lists these among its bases (abstract: a class that declares one but lacks its methods cannot be
+built); the engine asks `supports_multimodal(model_cls)` /
+`supports_mrope(model_cls)`, which check the declaration (a subclass test), never an attribute that happens
+to be there. Every model has `forward(input_ids, positions, inputs_embeds=None)`, `embed_input_ids`,
+`compute_logits` and `get_text_config`; these add the rest.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
-
-import torch
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    import torch
+
+    from fovea.engine.request import MultiModalFeature
 
 
-@runtime_checkable
-class TextGenerationModel(Protocol):
-    """Every fovea model: a causal LM over the engine's flat batch."""
+class SupportsMultiModal(ABC):
+    """A model with encoders whose outputs replace placeholder tokens' embeddings. Its processor, processing
+    info and dummy inputs are registered with `MULTIMODAL_REGISTRY.register_processor`.
 
-    def get_text_config(self) -> "PretrainedConfig": ...
-
-    def embed_input_ids(
-        self,
-        input_ids: torch.Tensor,
-        mm_embeds: list[torch.Tensor] | None = None,
-        is_multimodal: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
-
-    def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor: ...
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
-
-
-@runtime_checkable
-class SupportsMultiModal(TextGenerationModel, Protocol):
-    """A model with encoders whose outputs replace placeholder tokens' embeddings.
-
-    `embed_multimodal(**mm_kwargs)` returns one [num_rows, hidden] tensor per item; `embed_input_ids` merges
-    them, in order, into the positions where `is_multimodal` is True.
+    `embed_multimodal(**mm_kwargs)` returns one [num_rows, hidden] tensor per item, in the order given;
+    `embed_input_ids(input_ids, mm_embeds, is_multimodal)` merges them, in order, into the rows where
+    `is_multimodal` is True.
     """
 
-    supports_multimodal: ClassVar[bool]
+    supports_multimodal: ClassVar[Literal[True]] = True
 
-    def embed_multimodal(self, **mm_kwargs: torch.Tensor | None) -> list[torch.Tensor]: ...
+    @abstractmethod
+    def embed_multimodal(self, **mm_kwargs: Any) -> list[torch.Tensor]: ...
 
 
-def supports_multimodal(model: object) -> bool:
-    return bool(getattr(model, "supports_multimodal", False))
+class SupportsMRoPE(ABC):
+    """A model whose LM takes [3, N] multimodal rotary positions (temporal, height, width).
+
+    `get_mrope_input_positions` is a classmethod of the checkpoint's config, not of the loaded model: the
+    input processor calls it once per request, on the processing side, and the runner only slices the result.
+    """
+
+    supports_mrope: ClassVar[Literal[True]] = True
+
+    @classmethod
+    @abstractmethod
+    def get_mrope_input_positions(cls, hf_config: Any, input_tokens: Sequence[int],
+                                  mm_features: Sequence[MultiModalFeature]) -> tuple[torch.Tensor, int]:
+        """[3, len(input_tokens)] positions of a prompt, and the delta that places every later token:
+        position p >= len(input_tokens) is p + delta on all three rows."""
+
+
+def supports_multimodal(model: type | object) -> bool:
+    cls = model if isinstance(model, type) else type(model)
+    return issubclass(cls, SupportsMultiModal)
+
+
+def supports_mrope(model: type | object) -> bool:
+    cls = model if isinstance(model, type) else type(model)
+    return issubclass(cls, SupportsMRoPE)

@@ -95,7 +95,6 @@ class OPTModel(nn.Module):
 
 
 class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module):
-    supports_multimodal = False
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
     def __init__(self, config: OPTConfig):

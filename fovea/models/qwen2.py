@@ -103,7 +103,6 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2ForCausalLM(TokenEmbeddingsMixin, nn.Module):
-    supports_multimodal = False
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, config):

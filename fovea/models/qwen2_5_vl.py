@@ -11,9 +11,10 @@ is a grid of t x h x w patches. The vision tower runs over every item of a step 
   MLP into the LM's hidden size, and the window order is undone.
 
 So an item of t x h x w patches becomes t * h * w / 4 rows in the LM input, where its `<|image_pad|>` /
-`<|video_pad|>` placeholders are. The LM is `Qwen2Model` with M-RoPE positions [3, N] (see
-`mrope_input_positions`). Parameter names follow transformers 5 (`model.visual`, `model.language_model`,
-`lm_head`); checkpoints saved by transformers 4 (`visual.`, `model.layers.`) load as well.
+`<|video_pad|>` placeholders are. The LM is `Qwen2Model` with M-RoPE positions [3, N] (the input processor
+computes them per request: `qwen2_5_vl_processing.mrope_input_positions`). Parameter names follow transformers 5
+(`model.visual`, `model.language_model`, `lm_head`); checkpoints saved by transformers 4 (`visual.`,
+`model.layers.`) load as well.
 """
 from __future__ import annotations
 
@@ -28,10 +29,12 @@ from fovea.engine.request import MultiModalFeature
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
 from fovea.models.qwen2 import GatedMLP, Qwen2Model, head_dim_of
+from fovea.models.interfaces import SupportsMRoPE, SupportsMultiModal
 from fovea.models.qwen2_5_vl_processing import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLMultiModalProcessor,
     Qwen2_5_VLProcessingInfo,
+    mrope_input_positions,
 )
 from fovea.models.utils import TokenEmbeddingsMixin
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
@@ -223,60 +226,6 @@ class Qwen2_5_VisionTransformer(nn.Module):
         return restored
 
 
-# ---------------------------------------------------------------------------------------------- M-RoPE positions
-
-
-def _grid_of(feature: MultiModalFeature) -> tuple[int, int, int]:
-    grid = feature.data.get(f"{feature.modality}_grid_thw")
-    if grid is None:
-        raise ValueError(f"{feature.modality} feature at offset {feature.offset} has no {feature.modality}_grid_thw")
-    t, h, w = (int(v) for v in torch.as_tensor(grid).reshape(-1).tolist())
-    return t, h, w
-
-
-def mrope_input_positions(
-    hf_config, input_tokens: Sequence[int], mm_features: Sequence[MultiModalFeature]
-) -> tuple[torch.Tensor, int]:
-    """M-RoPE positions [3, len(input_tokens)] of a prompt, and the delta for every later token.
-
-    transformers' `get_rope_index` rule: text tokens take the next index on all three rows. An item of
-    t x h x w patches takes (t', h', w') over its merged t x h/2 x w/2 grid, each row offset by the index
-    where the item starts; for videos t' = floor(t * tokens_per_second * second_per_grid_ts) (float32
-    arithmetic, as there). Text after an item starts max(h, w) / 2 past the item's start (transformers 5.23;
-    the video's temporal extent is not counted). A later token at position p >= len(input_tokens) is at
-    p + delta on all rows, delta = max(position) + 1 - len(input_tokens).
-    """
-    vision = hf_config.vision_config
-    merge, tokens_per_second = vision.spatial_merge_size, vision.tokens_per_second
-    parts: list[torch.Tensor] = []
-    cursor = start = 0  # next prompt token to place; next free position index
-    for feature in sorted(mm_features, key=lambda f: f.offset):
-        if feature.offset < cursor:
-            raise ValueError(f"multimodal features overlap at token {feature.offset}")
-        num_text = feature.offset - cursor
-        parts.append(torch.arange(start, start + num_text).expand(3, -1))
-        start += num_text
-        t, h, w = _grid_of(feature)
-        mh, mw = h // merge, w // merge
-        if feature.length != t * mh * mw:
-            raise ValueError(f"{feature.modality} placeholder at offset {feature.offset} has {feature.length} tokens "
-                             f"but its grid {t}x{h}x{w} needs {t * mh * mw}")
-        if feature.modality == "video":
-            seconds = feature.data.get("second_per_grid_ts")
-            seconds = torch.as_tensor(1.0 if seconds is None else seconds, dtype=torch.float32).reshape(())
-            t_pos = (torch.arange(t) * (seconds * tokens_per_second)).long()
-        else:
-            t_pos = torch.arange(t)
-        grid = torch.stack(torch.meshgrid(t_pos, torch.arange(mh), torch.arange(mw), indexing="ij")).view(3, -1)
-        parts.append(grid + start)
-        start += max(mh, mw)
-        cursor = feature.offset + feature.length
-    parts.append(torch.arange(start, start + len(input_tokens) - cursor).expand(3, -1))
-    positions = torch.cat(parts, dim=1)
-    delta = int(positions.max()) + 1 - len(input_tokens) if positions.numel() else 0
-    return positions, delta
-
-
 # ---------------------------------------------------------------------------------------------- glue
 
 
@@ -294,9 +243,7 @@ class Qwen2_5_VLModel(nn.Module):
 
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module):
-    supports_multimodal = True
-    supports_mrope = True
+class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsMultiModal, SupportsMRoPE):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
 
     def __init__(self, config):
@@ -344,7 +291,7 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module):
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
-        second_per_grid_ts: torch.Tensor | None = None,  # positions only (see mrope_input_positions)
+        second_per_grid_ts: torch.Tensor | None = None,  # positions only (computed by the input processor)
     ) -> list[torch.Tensor]:
         """One [t*h*w/4, hidden] tensor per item: images first, then videos, each in the order given.
 
@@ -391,10 +338,11 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module):
 
     # ------------------------------------------------------------------ positions
 
+    @classmethod
     def get_mrope_input_positions(
-        self, input_tokens: Sequence[int], mm_features: Sequence[MultiModalFeature]
+        cls, hf_config, input_tokens: Sequence[int], mm_features: Sequence[MultiModalFeature]
     ) -> tuple[torch.Tensor, int]:
-        return mrope_input_positions(self.config, input_tokens, mm_features)
+        return mrope_input_positions(hf_config, input_tokens, mm_features)
 
     # ------------------------------------------------------------------ language model
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from fovea.engine.request import MultiModalFeature
 from fovea.multimodal.processors import (
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
@@ -288,3 +289,57 @@ class Qwen2_5_VLMultiModalProcessor(BaseMultiModalProcessor):
             updates.append(PromptReplacement(modality, [token_id],
                                              lambda i, token_id=token_id, counts=counts: [token_id] * counts[i]))
         return updates
+
+
+# ---------------------------------------------------------------------------------------------- M-RoPE positions
+
+
+def _grid_of(feature: MultiModalFeature) -> tuple[int, int, int]:
+    grid = feature.data.get(f"{feature.modality}_grid_thw")
+    if grid is None:
+        raise ValueError(f"{feature.modality} feature at offset {feature.offset} has no {feature.modality}_grid_thw")
+    t, h, w = (int(v) for v in torch.as_tensor(grid).reshape(-1).tolist())
+    return t, h, w
+
+
+def mrope_input_positions(
+    hf_config, input_tokens: Sequence[int], mm_features: Sequence[MultiModalFeature]
+) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions [3, len(input_tokens)] of a prompt, and the delta for every later token.
+
+    transformers' `get_rope_index` rule: text tokens take the next index on all three rows. An item of
+    t x h x w patches takes (t', h', w') over its merged t x h/2 x w/2 grid, each row offset by the index
+    where the item starts; for videos t' = floor(t * tokens_per_second * second_per_grid_ts) (float32
+    arithmetic, as there). Text after an item starts max(h, w) / 2 past the item's start (transformers 5.23;
+    the video's temporal extent is not counted). A later token at position p >= len(input_tokens) is at
+    p + delta on all rows, delta = max(position) + 1 - len(input_tokens).
+    """
+    vision = hf_config.vision_config
+    merge, tokens_per_second = vision.spatial_merge_size, vision.tokens_per_second
+    parts: list[torch.Tensor] = []
+    cursor = start = 0  # next prompt token to place; next free position index
+    for feature in sorted(mm_features, key=lambda f: f.offset):
+        if feature.offset < cursor:
+            raise ValueError(f"multimodal features overlap at token {feature.offset}")
+        num_text = feature.offset - cursor
+        parts.append(torch.arange(start, start + num_text).expand(3, -1))
+        start += num_text
+        t, h, w = _grid_of(feature)
+        mh, mw = h // merge, w // merge
+        if feature.length != t * mh * mw:
+            raise ValueError(f"{feature.modality} placeholder at offset {feature.offset} has {feature.length} tokens "
+                             f"but its grid {t}x{h}x{w} needs {t * mh * mw}")
+        if feature.modality == "video":
+            seconds = feature.data.get("second_per_grid_ts")
+            seconds = torch.as_tensor(1.0 if seconds is None else seconds, dtype=torch.float32).reshape(())
+            t_pos = (torch.arange(t) * (seconds * tokens_per_second)).long()
+        else:
+            t_pos = torch.arange(t)
+        grid = torch.stack(torch.meshgrid(t_pos, torch.arange(mh), torch.arange(mw), indexing="ij")).view(3, -1)
+        parts.append(grid + start)
+        start += max(mh, mw)
+        cursor = feature.offset + feature.length
+    parts.append(torch.arange(start, start + len(input_tokens) - cursor).expand(3, -1))
+    positions = torch.cat(parts, dim=1)
+    delta = int(positions.max()) + 1 - len(input_tokens) if positions.numel() else 0
+    return positions, delta

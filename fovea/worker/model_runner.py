@@ -1,13 +1,15 @@
 """ModelRunner: the flat batch of one step -> sampled token ids.
 
-It owns the model, the KV cache tensors, the encoder outputs and per-request sampling state. Per step:
-run the encoder for the items the scheduler asked for, build input ids / positions / attention metadata
-over all scheduled tokens of all requests, merge multimodal embeddings into their placeholder rows, run
-the language model once, take logits at each request's last scheduled token, sample.
+It owns the model, the KV cache tensors (and their sizing), the encoder outputs and its own copy of every
+request it runs (`CachedRequestState`), built from the scheduler's `NewRequestData` once and then updated from
+ids and counts; it never reads the scheduler's live `Request`. Per step: update that state, run the encoder
+for the items the scheduler asked for, build input ids / positions / attention metadata over all scheduled
+tokens of all requests, merge multimodal embeddings into their placeholder rows, run the language model once,
+take logits at each request's last scheduled token, sample, and append the sampled tokens to its own state.
 """
 from __future__ import annotations
 
-import resource
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +17,14 @@ from torch import nn
 
 from fovea.config import EngineConfig
 from fovea.engine.request import MultiModalFeature
-from fovea.engine.scheduler import SchedulerOutput
+from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
 from fovea.layers.linear import prepack_linear_weights
 from fovea.models.weights import load_weights
-from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow
+from fovea.outputs import ModelRunnerOutput
+from fovea.sampling_params import SamplingParams
+from fovea.worker.memory import measure_peak_bytes
+from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, seeded_generator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,10 +40,24 @@ def resolve_dtype(name: str, hf_config) -> torch.dtype:
     return torch.float32
 
 
-@dataclass(slots=True)
-class ModelRunnerOutput:
-    sampled_token_ids: dict[str, list[int]]
-    logprobs: dict[str, list]  # request id -> [dict[token id, Logprob]] for requests that asked for them
+@dataclass(slots=True, eq=False)
+class CachedRequestState:
+    """The runner's own record of one request, kept from its first step until it finishes (preemption
+    included: a resumed request gets a new block table and recomputes from its `num_computed_tokens`)."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + every token sampled so far
+    output_token_ids: list[int]  # the sampled ones (shared with `sampling`, which the penalties read)
+    mm_features: list[MultiModalFeature]
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens whose KV is written, as of the end of the last step it ran
+    mrope_positions: torch.Tensor | None  # [3, num_prompt_tokens] for M-RoPE models
+    mrope_position_delta: int
+    sampling: SamplingRow  # built once; its generator (seeded requests) lives as long as the request
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 class ModelRunner:
@@ -67,8 +86,10 @@ class ModelRunner:
         self.num_prepacked_linears = prepack_linear_weights(self.model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
-        self.generators: dict[str, torch.Generator] = {}
-        self.encoder_cache: dict[str, torch.Tensor] = {}
+        # unseeded random rows draw from this: `EngineConfig.seed` makes a whole run repeat exactly
+        self.generator = seeded_generator(config.seed)
+        self.requests: dict[str, CachedRequestState] = {}
+        self.encoder_cache: dict[str, torch.Tensor] = {}  # mm_hash -> [num_embeds, hidden]
         self.block_size = config.block_size
         self.num_blocks = 0
         self.vocab_size = self.model.get_text_config().vocab_size
@@ -80,6 +101,32 @@ class ModelRunner:
         per_token = sum(2 * a.num_kv_heads * a.head_dim for a in self.attention_layers) * element
         return per_token * self.block_size
 
+    def determine_num_kv_blocks(self, max_model_len: int, max_num_batched_tokens: int,
+                                profile_features: list[MultiModalFeature]) -> int:
+        """KV blocks for this engine (the scheduler's null block 0 included): `num_kv_blocks` as given, else
+        `kv_cache_memory_bytes`, else `memory_utilization` of available memory minus what a worst-case step
+        (`profile_features` encoded, `max_num_batched_tokens` through the LM) really allocates."""
+        config = self.config
+        # +1: block 0 is the scheduler's reserved null block
+        blocks_per_seq = math.ceil(max_model_len / config.block_size) + 1
+        if config.num_kv_blocks is not None:
+            return config.num_kv_blocks
+        per_block = self.kv_bytes_per_block()
+        if config.kv_cache_memory_bytes is not None:
+            num_blocks = config.kv_cache_memory_bytes // per_block
+        else:
+            peak = self.profile_peak_bytes(min(max_num_batched_tokens, max_model_len), profile_features)
+            budget = int(available_memory_bytes() * config.memory_utilization) - peak
+            # never more than every running sequence at full length could use
+            num_blocks = min(max(0, budget) // per_block, config.max_num_seqs * blocks_per_seq)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache has room for {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                f"max_model_len={max_model_len} sequence needs ({blocks_per_seq}, with the reserved null block); "
+                f"give more memory or lower max_model_len"
+            )
+        return num_blocks
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         num_slots = num_blocks * self.block_size
@@ -89,11 +136,13 @@ class ModelRunner:
             layer.kv_cache = (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
 
     def profile_peak_bytes(self, num_tokens: int, encoder_items: list[MultiModalFeature]) -> int:
-        """Run the worst-case step once (encoder + LM over `num_tokens`) and return the RSS it added."""
+        """Run the worst-case step once (encoder + LM over `num_tokens`) and return the memory it took at its
+        peak, above what the process held just before (see fovea.worker.memory)."""
         blocks = -(-num_tokens // self.block_size)
         self.allocate_kv_cache(blocks)
-        before = _max_rss_bytes()
-        with torch.inference_mode():
+
+        @torch.inference_mode()
+        def worst_case_step() -> None:
             if encoder_items:
                 self._run_encoder(encoder_items)
             ids = torch.zeros(num_tokens, dtype=torch.long)
@@ -101,41 +150,71 @@ class ModelRunner:
             with forward_context(meta):
                 hidden = self.model(ids, torch.arange(num_tokens), inputs_embeds=self.model.embed_input_ids(ids))
             self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs):])
-        self.encoder_cache.clear()
-        for layer in self.attention_layers:
-            layer.kv_cache = None
-        return max(0, _max_rss_bytes() - before)
+
+        try:
+            _, peak = measure_peak_bytes(worst_case_step)
+        finally:
+            self.encoder_cache.clear()
+            for layer in self.attention_layers:
+                layer.kv_cache = None
+        return peak
 
     # ---- one step ---------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+    def _update_states(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_request_ids:
-            self.generators.pop(req_id, None)
+            self.requests.pop(req_id, None)
         for mm_hash in out.freed_mm_hashes:
             self.encoder_cache.pop(mm_hash, None)
-        if not out.scheduled:
-            return ModelRunnerOutput({}, {})
+        for new in out.scheduled_new_reqs:
+            params: SamplingParams = new.sampling_params
+            output_token_ids: list[int] = []
+            generator = seeded_generator(params.seed) if params.seed is not None else None
+            self.requests[new.req_id] = CachedRequestState(
+                req_id=new.req_id, token_ids=list(new.prompt_token_ids), output_token_ids=output_token_ids,
+                mm_features=new.mm_features, block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens, mrope_positions=new.mrope_positions,
+                mrope_position_delta=new.mrope_position_delta,
+                sampling=SamplingRow(params=params, prompt_token_ids=new.prompt_token_ids,
+                                     output_token_ids=output_token_ids, generator=generator,
+                                     eos_token_id=new.eos_token_id),
+            )
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self.requests[req_id]
+            state.num_computed_tokens = cached.num_computed_tokens[i]
+            if cached.resumed_from_preemption[i]:
+                state.block_ids = list(cached.new_block_ids[i])
+            else:
+                state.block_ids.extend(cached.new_block_ids[i])
 
-        to_encode = [s.request.mm_features[i] for s in out.scheduled for i in s.encoder_inputs]
-        if to_encode:
-            self._run_encoder(to_encode)
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(out)
+        if not out.num_scheduled_tokens:
+            return ModelRunnerOutput.empty()
+        if out.scheduled_encoder_inputs:
+            self._run_encoder([self.requests[req_id].mm_features[i]
+                               for req_id, indices in out.scheduled_encoder_inputs.items() for i in indices])
 
-        num_tokens = out.num_scheduled_tokens
+        num_tokens = out.total_num_scheduled_tokens
         input_ids: list[int] = []
         positions: list = []  # ints (1-D positions) or [3, n] tensors (M-RoPE)
         is_mm = torch.zeros(num_tokens, dtype=torch.bool)
-        mm_rows, logits_index, sample_rows, sampled_reqs = [], [], [], []
+        query_lens, context_lens, block_tables = [], [], []
+        mm_rows, logits_index, sampled = [], [], []
         start = 0
-        for s in out.scheduled:
-            req, c, n = s.request, s.num_computed_tokens, s.num_new_tokens
-            input_ids.extend(req.all_token_ids[c:c + n])
-            if req.mrope_positions is None:
-                positions.extend(range(c, c + n))
+        for req_id, n in out.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            c = state.num_computed_tokens
+            end = c + n
+            input_ids.extend(state.token_ids[c:end])
+            if state.mrope_positions is None:
+                positions.extend(range(c, end))
             else:
-                positions.append(_mrope_positions(req, c, n))
-            for feature in req.mm_features:
-                lo, hi = max(c, feature.offset), min(c + n, feature.offset + feature.length)
+                positions.append(_mrope_positions(state, c, n))
+            for feature in state.mm_features:
+                lo, hi = max(c, feature.offset), min(end, feature.offset + feature.length)
                 if lo >= hi:
                     continue
                 rows, local_mask = _embed_rows(feature, self.encoder_cache[feature.mm_hash], lo - feature.offset,
@@ -143,47 +222,33 @@ class ModelRunner:
                 is_mm[start + lo - c:start + hi - c] = local_mask
                 mm_rows.append(rows)
             start += n
-            if c + n == req.num_tokens:  # the chunk reached the last known token: sample the next one
+            query_lens.append(n)
+            context_lens.append(end)
+            block_tables.append(state.block_ids)
+            state.num_computed_tokens = end
+            if end == len(state.token_ids):  # the chunk reached the last known token: sample the next one
                 logits_index.append(start - 1)
-                sampled_reqs.append(req)
-                sample_rows.append(self._sampling_row(req))
+                sampled.append(state)
 
         ids = torch.tensor(input_ids, dtype=torch.long)
-        meta = build_attention_metadata(
-            [s.num_new_tokens for s in out.scheduled],
-            [s.num_computed_tokens + s.num_new_tokens for s in out.scheduled],
-            [s.block_ids for s in out.scheduled],
-            self.block_size,
-        )
+        meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size)
         positions = torch.cat(positions, dim=1) if positions and isinstance(positions[0], torch.Tensor) \
             else torch.tensor(positions, dtype=torch.long)
         embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
         with forward_context(meta):
             hidden = self.model(ids, positions, inputs_embeds=embeds)
-        if not sampled_reqs:
-            return ModelRunnerOutput({s.request.request_id: [] for s in out.scheduled}, {})
+        if not sampled:
+            return ModelRunnerOutput.empty()
         logits = self.model.compute_logits(hidden[torch.tensor(logits_index)])  # the sampler widens if it must
-        sampling = SamplingMetadata.build(sample_rows, self.vocab_size, logits.device)
+        sampling = SamplingMetadata.build([s.sampling for s in sampled], self.vocab_size, logits.device,
+                                          default_generator=self.generator)
         result = self.sampler(logits, sampling)
         tokens = result.sampled_token_ids.tolist()
-        sampled = {s.request.request_id: [] for s in out.scheduled}
-        logprobs = {}
-        for row, req in enumerate(sampled_reqs):
-            sampled[req.request_id] = [tokens[row]]
-            if req.sampling_params.logprobs is not None:
-                logprobs[req.request_id] = [result.row_logprobs(row)]
-        return ModelRunnerOutput(sampled, logprobs)
-
-    def _sampling_row(self, req) -> SamplingRow:
-        params = req.sampling_params
-        generator = None
-        if params.seed is not None:
-            generator = self.generators.get(req.request_id)
-            if generator is None:
-                generator = torch.Generator().manual_seed(params.seed)
-                self.generators[req.request_id] = generator
-        return SamplingRow(params=params, prompt_token_ids=req.prompt_token_ids,
-                           output_token_ids=req.output_token_ids, generator=generator, eos_token_id=req.eos_token_id)
+        for state, token in zip(sampled, tokens):
+            state.token_ids.append(token)
+            state.output_token_ids.append(token)
+        logprobs = result.logprobs.to_dicts() if result.logprobs is not None else None
+        return ModelRunnerOutput([s.req_id for s in sampled], [[t] for t in tokens], logprobs)
 
     def _run_encoder(self, features: list[MultiModalFeature]) -> None:
         """Encode every listed item, batched per input kind, into the encoder cache."""
@@ -200,12 +265,12 @@ class ModelRunner:
                 self.encoder_cache[mm_hash] = embeds
 
 
-def _mrope_positions(req, c: int, n: int) -> torch.Tensor:
+def _mrope_positions(state: CachedRequestState, c: int, n: int) -> torch.Tensor:
     """M-RoPE positions [3, n] of tokens [c, c+n): the prompt's own, then p + delta on all three rows."""
-    prompt = req.mrope_positions[:, c:c + n]
+    prompt = state.mrope_positions[:, c:c + n]
     if prompt.shape[1] == n:
         return prompt
-    later = torch.arange(c + prompt.shape[1], c + n) + req.mrope_position_delta
+    later = torch.arange(c + prompt.shape[1], c + n) + state.mrope_position_delta
     return torch.cat([prompt, later.expand(3, -1)], dim=1)
 
 
@@ -218,5 +283,12 @@ def _embed_rows(feature: MultiModalFeature, embeds: torch.Tensor, lo: int, hi: i
     return embeds[first:first + int(local.sum())], local
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30

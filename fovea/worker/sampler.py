@@ -9,7 +9,8 @@ One step, in vLLM v1's order, all of it vectorised over the batch:
   5. random rows   / temperature, min_p, top_k, top_p, softmax, then the exponential race
 
 The exponential race picks argmax(p / q) with q ~ Exp(1), which is a draw from p. A seeded row draws its q
-from its own generator, so its tokens depend on its seed and nothing else in the batch.
+from its own generator, so its tokens depend on its seed and nothing else in the batch; the other random rows
+draw from the engine's generator (seeded by `EngineConfig.seed`), so a run repeats exactly.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class SamplingMetadata:
     top_p: torch.Tensor | None  # (B,) float32, inf = off; None when no row filters
     min_p: torch.Tensor | None  # (B,) float32; None when no row filters
     generators: dict[int, torch.Generator]  # row -> generator, for seeded random rows
+    default_generator: torch.Generator | None  # the other random rows; None = torch's global generator
     num_logprobs: list[int | None]  # per row, as asked
     max_num_logprobs: int | None  # None when no row asked
     no_penalties: bool
@@ -59,9 +61,10 @@ class SamplingMetadata:
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
 
     @classmethod
-    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str = "cpu") -> SamplingMetadata:
+    def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str = "cpu",
+              default_generator: torch.Generator | None = None) -> SamplingMetadata:
         params = [row.params for row in rows]
-        is_greedy = [p.temperature < SAMPLING_EPS for p in params]
+        is_greedy = [p.is_greedy for p in params]
 
         def floats(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
@@ -112,6 +115,7 @@ class SamplingMetadata:
             top_p=floats(top_p) if any(p < 1.0 for p in top_p) else None,
             min_p=floats(min_p) if any(min_p) else None,
             generators=generators,
+            default_generator=default_generator,
             num_logprobs=num_logprobs,
             max_num_logprobs=max(asked) if asked else None,
             no_penalties=no_penalties,
@@ -154,15 +158,6 @@ class LogprobsTensors:
     sampled_token_ranks: torch.Tensor  # (B,) int64, 1 = the most likely token
     num_logprobs: list[int | None]  # per row, as asked (None = not asked)
 
-    def to_dict(self, row: int) -> dict[int, Logprob] | None:
-        """One row as vLLM's {token_id: Logprob}, sampled token first; `decoded_token` is for the engine to
-        fill. None if the row did not ask."""
-        k = self.num_logprobs[row]
-        if k is None:
-            return None
-        return _row_dict(self.token_ids[row].tolist(), self.logprobs[row].tolist(),
-                         int(self.sampled_token_ranks[row]), k)
-
     def to_dicts(self) -> list[dict[int, Logprob] | None]:
         """Every row at once (one host copy per tensor)."""
         ids, lps, ranks = self.token_ids.tolist(), self.logprobs.tolist(), self.sampled_token_ranks.tolist()
@@ -181,9 +176,6 @@ def _row_dict(ids: list[int], lps: list[float], rank: int, num_logprobs: int) ->
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # (B,) int64
     logprobs: LogprobsTensors | None  # None when no row asked
-
-    def row_logprobs(self, row: int) -> dict[int, Logprob] | None:
-        return None if self.logprobs is None else self.logprobs.to_dict(row)
 
 
 class Sampler:
@@ -240,7 +232,7 @@ def sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     greedy = None if meta.all_random else _first_argmax(logits)
     if meta.all_greedy:
         return greedy
-    drawn = exponential_race(compute_probs(logits, meta), meta.generators)
+    drawn = exponential_race(compute_probs(logits, meta), meta.generators, meta.default_generator)
     return drawn if greedy is None else torch.where(meta.is_greedy, greedy, drawn)
 
 
@@ -315,11 +307,12 @@ def _cut_top_p(values: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor) -
     return values.gather(1, num_kept - 1), mass[:, -1] >= top_p
 
 
-def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator],
+                     default_generator: torch.Generator | None = None) -> torch.Tensor:
     """argmax(probs / q), q ~ Exp(1): a draw from each row of probs. (B, V) -> (B,)"""
     u = torch.empty_like(probs)
     if len(generators) < probs.shape[0]:
-        u.uniform_()
+        u.uniform_(generator=default_generator)
     for row, generator in generators.items():
         u[row].uniform_(generator=generator)
     # q = -log(u), u in [0, 1), is Exp(1): 5x cheaper on CPU than exponential_(), and never 0, so never 0 / 0.

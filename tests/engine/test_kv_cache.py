@@ -204,14 +204,6 @@ def test_disabled_prefix_caching_never_hashes_or_hits():
     assert kv.prefix_cache_queries == 0
 
 
-def test_prompt_logprobs_skip_the_cache():
-    kv = manager()
-    admit(kv, make_request("r0", 10))
-    r1 = make_request("r1", 10)
-    r1.sampling_params.prompt_logprobs = 1
-    assert kv.get_computed_blocks(r1) == ([], 0)
-
-
 def test_hit_counters_count_each_admission_once():
     kv = manager()
     admit(kv, make_request("r0", 10))

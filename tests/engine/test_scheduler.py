@@ -3,7 +3,7 @@ import pytest
 
 from fovea.engine.request import RequestStatus
 from fovea.engine.scheduler import Scheduler, SchedulerConfig
-from tests.engine import image, make_request
+from tests.engine import StepView, image, make_request, runner_output
 
 TOKEN = 7  # what the fake runner samples unless told otherwise
 
@@ -14,12 +14,16 @@ def scheduler(**overrides) -> Scheduler:
     return Scheduler(SchedulerConfig(**kwargs))
 
 
+def schedule(sched: Scheduler) -> StepView:
+    return StepView(sched, sched.schedule())
+
+
 def step(sched: Scheduler, tokens: dict | None = None):
     """One engine step with a runner that samples TOKEN (or `tokens[request_id]`) for every scheduled request."""
-    out = sched.schedule()
+    out = schedule(sched)
     tokens = tokens or {}
     sampled = {s.request.request_id: list(tokens.get(s.request.request_id, [TOKEN])) for s in out.scheduled}
-    return out, sched.update_from_output(out, sampled)
+    return out, sched.update_from_output(out.out, runner_output(sampled))
 
 
 def summary(out) -> list[tuple]:
@@ -147,8 +151,8 @@ def test_identical_prompts_in_one_step_share_blocks():
     assert [blocks[i].ref_cnt for i in (1, 2, 3, 4)] == [2, 2, 1, 1]
     r1 = out.scheduled[1].request
     assert r1.num_cached_prompt_tokens == 8
-    stats = sched.get_stats()
-    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (20, 8)
+    kv = sched.kv_cache_manager
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (20, 8)
 
 
 # ---- preemption -------------------------------------------------------------------------------------------------
@@ -246,11 +250,11 @@ def test_shared_image_is_encoded_once_for_two_requests():
 def test_one_image_twice_in_a_chunk_is_encoded_and_charged_once():
     sched = scheduler(max_num_batched_tokens=32, max_num_encoder_input_tokens=8, encoder_cache_size=8)
     sched.add_request(make_request("r", 20, mm=[image(2, 6, "same"), image(10, 6, "same")], max_tokens=2))
-    out = sched.schedule()
+    out = schedule(sched)
     assert summary(out) == [("r", 0, 20, True)] and out.scheduled[0].encoder_inputs == [0]
     assert sched.encoder_cache_manager.num_free_slots == 2
     assert sched.encoder_cache_manager.get_cached_input_ids(out.scheduled[0].request) == {0, 1}
-    sched.update_from_output(out, {"r": [TOKEN]})
+    sched.update_from_output(out.out, runner_output({"r": [TOKEN]}))
     out, _ = step(sched)
     assert out.freed_mm_hashes == ["same"]
 
@@ -316,11 +320,11 @@ def test_abort_frees_blocks_and_encoder_entries_of_running_and_waiting_requests(
     sched = scheduler(max_num_seqs=1, max_num_batched_tokens=8, max_num_encoder_input_tokens=16, encoder_cache_size=16)
     sched.add_request(make_request("r0", 20, mm=[image(2, 12, "img")]))
     sched.add_request(make_request("r1", 4))
-    out = sched.schedule()
+    out = schedule(sched)
     assert summary(out) == [("r0", 0, 8, True)]
     # aborted between schedule() and update_from_output(): the update skips it
     sched.finish_requests(["r0", "r1", "unknown"], RequestStatus.FINISHED_ABORTED)
-    assert sched.update_from_output(out, {"r0": [7]}) == []
+    assert sched.update_from_output(out.out, runner_output({"r0": [7]})) == []
     assert sched.kv_cache_manager.num_free_blocks == 20 and sched.encoder_cache_manager.num_free_slots == 16
     assert not sched.has_unfinished_requests() and sched.num_waiting == sched.num_running == 0
     out = sched.schedule()
@@ -334,7 +338,7 @@ def test_missing_sample_for_a_request_at_its_last_token_is_an_error():
     sched.add_request(make_request("r", 4))
     out = sched.schedule()
     with pytest.raises(ValueError, match="no sampled token"):
-        sched.update_from_output(out, {})
+        sched.update_from_output(out, runner_output({}))
 
 
 # ---- many steps, random load, invariants every step ---------------------------------------------------------------
@@ -469,7 +473,7 @@ def test_random_load_keeps_every_invariant(chunked, prefix, seed):
             rid = rng.choice(sorted(sched.requests))
             sched.finish_requests(rid, RequestStatus.FINISHED_ABORTED)
             aborted.add(rid)
-        out = sched.schedule()
+        out = schedule(sched)
         check_invariants(sched)
         assert out.num_scheduled_tokens == sum(s.num_new_tokens for s in out.scheduled) <= 40
         encoded = sum(s.request.mm_features[i].num_encoder_tokens for s in out.scheduled for i in s.encoder_inputs)
@@ -479,7 +483,7 @@ def test_random_load_keeps_every_invariant(chunked, prefix, seed):
             rid = rng.choice(sorted(sched.requests))
             sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
             aborted.add(rid)
-        for update in sched.update_from_output(out, sampled):
+        for update in sched.update_from_output(out.out, runner_output(sampled)):
             assert update.request_id not in finished and update.request_id not in aborted
             if update.finished:
                 finished.add(update.request_id)
@@ -497,4 +501,4 @@ def test_random_load_keeps_every_invariant(chunked, prefix, seed):
     assert sched.encoder_cache_manager.num_cached_items == 0
     assert sched.num_preemptions > 0
     if prefix:
-        assert sched.get_stats().prefix_cache_hits > 0
+        assert sched.kv_cache_manager.prefix_cache_hits > 0

@@ -81,7 +81,8 @@ class Request:
         inputs = processor.apply(prompt, mm, hashes)
         self.name, self.features = name, inputs.mm_features
         self.ids = torch.tensor(inputs.prompt_token_ids)
-        self.positions, self.delta = model.get_mrope_input_positions(inputs.prompt_token_ids, self.features)
+        self.positions, self.delta = model.get_mrope_input_positions(model.config, inputs.prompt_token_ids,
+                                                                        self.features)
         self.hf_inputs = {}
         for key, modality in (("pixel_values", "image"), ("image_grid_thw", "image"), ("pixel_values_videos", "video"),
                               ("video_grid_thw", "video"), ("second_per_grid_ts", "video")):

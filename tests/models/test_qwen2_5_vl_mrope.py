@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fovea.engine.request import MultiModalFeature
-from fovea.models.qwen2_5_vl import mrope_input_positions
+from fovea.models.qwen2_5_vl_processing import mrope_input_positions
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl, hf_model, mm_token_type_ids
 
 

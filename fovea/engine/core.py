@@ -1,0 +1,82 @@
+"""EngineCore: add / schedule / execute / update, and nothing else.
+
+    add_requests(Request...) ──► Scheduler
+    step():  scheduler.schedule() ──► SchedulerOutput ──► runner.execute() ──► ModelRunnerOutput
+             ──► scheduler.update_from_output() ──► list[RequestUpdate]   (tokens, finish, logprobs per sequence)
+
+It sees sequences (a request with n > 1 is n of them, made by the output processor) and token ids, never text:
+prompts come in processed (fovea.engine.input_processor) and updates go out to be turned into `RequestOutput`s
+(fovea.engine.output_processor).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from fovea.config import EngineConfig
+from fovea.engine.input_processor import profile_mm_features
+from fovea.engine.request import Request, RequestStatus
+from fovea.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
+from fovea.multimodal.processing import BaseMultiModalProcessor
+from fovea.worker.model_runner import ModelRunner
+
+
+class EngineCore:
+    """Loads the model (one in-process runner), sizes the KV cache from a worst-case step, and runs steps.
+
+    `max_tokens_per_item`: the largest item of each modality a prompt may carry, in encoder tokens (modalities
+    limited to 0 items left out); it sets the encoder budgets and the profiled worst case.
+    """
+
+    def __init__(self, config: EngineConfig, hf_config, model_cls: type[nn.Module], max_model_len: int,
+                 processor: BaseMultiModalProcessor | None = None, mm_limits: Mapping[str, int] | None = None,
+                 max_tokens_per_item: Mapping[str, int] | None = None):
+        max_tokens_per_item = dict(max_tokens_per_item or {})
+        chunked = config.enable_chunked_prefill
+        max_batched = config.max_num_batched_tokens or (max(2048, config.max_num_seqs) if chunked else max_model_len)
+        if not chunked and max_batched < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={max_batched} is below max_model_len={max_model_len}; "
+                f"without chunked prefill a whole prompt must fit in one step"
+            )
+        largest_item = max(max_tokens_per_item.values(), default=0)
+        encoder_budget = config.max_num_encoder_input_tokens or max(max_batched, largest_item)
+
+        self.runner = ModelRunner(config, hf_config, model_cls)
+        needs_profile = config.num_kv_blocks is None and config.kv_cache_memory_bytes is None
+        features = profile_mm_features(processor, max_model_len, max_batched, max_tokens_per_item,
+                                       mm_limits or {}) if needs_profile else []
+        num_blocks = self.runner.determine_num_kv_blocks(max_model_len, max_batched, features)
+        self.runner.allocate_kv_cache(num_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max_batched,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=chunked,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            max_num_encoder_input_tokens=encoder_budget,
+            encoder_cache_size=config.encoder_cache_size or encoder_budget,
+            max_tokens_per_mm_item=largest_item,
+        ))
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue sequences all or none (ValueError naming the problem, nothing queued)."""
+        self.scheduler.add_requests(requests)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def stop_requests(self, request_ids: Iterable[str]) -> None:
+        """End sequences that the output side saw finish (a stop string in their text)."""
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestUpdate]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)

@@ -1,0 +1,76 @@
+"""How much memory a piece of work really takes, for sizing the KV cache after the profiling pass.
+
+`getrusage().ru_maxrss` is the process-lifetime peak: after loading and prepacking weights (whose temporary
+copies are freed again) it may already sit above anything the profiling pass reaches, and "peak after minus
+peak before" then reads ~0 and the KV cache is sized too large. Instead, the kernel's peak-RSS mark (VmHWM) is
+reset just before the work (`/proc/self/clear_refs` = 5, Linux 4.0+), so the peak read after it is the peak of
+the work alone; the work's cost is that peak minus the resident set just before it. Where the mark cannot be
+reset (not Linux, or no permission), a thread samples the resident set while the work runs (a lower bound,
+but one that never reads an earlier peak).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_SAMPLE_INTERVAL_S = 0.002
+
+
+def current_rss_bytes() -> int:
+    """The process's resident set now (/proc/self/statm; 0 where there is no /proc)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _peak_rss_bytes() -> int | None:
+    """VmHWM: the resident set's peak since the process started or since the mark was last reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_bytes(work: Callable[[], T]) -> tuple[T, int]:
+    """Run `work()`; return its result and how far the resident set rose above its level at the start."""
+    before = current_rss_bytes()
+    if _reset_peak_rss() and _peak_rss_bytes() is not None:
+        result = work()
+        return result, max(0, _peak_rss_bytes() - before)
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(_SAMPLE_INTERVAL_S):
+            peak = max(peak, current_rss_bytes())
+
+    sampler = threading.Thread(target=sample, name="fovea-rss-sampler", daemon=True)
+    sampler.start()
+    try:
+        result = work()
+        peak = max(peak, current_rss_bytes())  # what the work still holds at its end
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(0, peak - before)
