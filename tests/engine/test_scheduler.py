@@ -84,6 +84,18 @@ def test_request_that_just_fits_is_accepted_and_ids_are_unique():
         sched.add_request(make_request("r", 4))
 
 
+def test_add_requests_is_all_or_none():
+    sched = scheduler()
+    sched.add_request(make_request("1_a", 4))
+    with pytest.raises(ValueError, match="already in use"):
+        sched.add_requests([make_request("0_a", 4), make_request("1_a", 4)])
+    with pytest.raises(ValueError, match="repeat one another"):
+        sched.add_requests([make_request("x", 4), make_request("x", 4)])
+    with pytest.raises(ValueError, match="max_model_len"):
+        sched.add_requests([make_request("y", 4), make_request("z", 33)])
+    assert list(sched.requests) == ["1_a"] and [r.request_id for r in sched.waiting] == ["1_a"]
+
+
 def test_without_chunked_prefill_all_items_of_a_prompt_must_fit_one_step():
     sched = scheduler(enable_chunked_prefill=False, max_num_batched_tokens=32, max_num_encoder_input_tokens=10)
     with pytest.raises(ValueError, match="one step"):
@@ -345,49 +357,67 @@ def test_missing_sample_for_a_request_at_its_last_token_is_an_error():
 
 
 class FakeRunner:
-    """Stands in for the model runner. It keeps per-request state (checking `is_new`), encoder outputs by hash
-    (checking every item a chunk overlaps is available), and a KV store of (token id, image hash) per slot:
-    each step writes all scheduled tokens first and then checks that every request's whole context reads back
-    its own tokens, so a wrongly shared or reused block shows up as wrong content."""
+    """Stands in for the model runner and, like it, keeps its own per-request state from the messages alone:
+    token ids from `NewRequestData` plus the tokens it samples, block tables grown from the new block ids (or
+    replaced on resumption), encoder outputs by hash. Every step it checks that state against the scheduler's
+    live requests, then writes a KV store of (token id, image hash) per slot for all scheduled tokens and checks
+    that every request's whole context reads back its own tokens, so a wrongly shared or reused block shows up
+    as wrong content."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.kv: dict[int, tuple] = {}
-        self.state: set[str] = set()
+        self.state: dict[str, dict] = {}
         self.encoder_outputs: set[str] = set()
 
     @staticmethod
-    def content(request, pos: int) -> tuple:
-        for f in request.mm_features:
+    def content(state: dict, pos: int) -> tuple:
+        for f in state["mm"]:
             if f.offset <= pos < f.offset + f.length:
-                return request.all_token_ids[pos], f.mm_hash
-        return request.all_token_ids[pos], None
+                return state["tokens"][pos], f.mm_hash
+        return state["tokens"][pos], None
 
     def slot(self, block_ids: list[int], pos: int) -> int:
         return block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def execute(self, out) -> dict[str, list[int]]:
-        for rid in out.finished_request_ids + out.preempted_request_ids:
-            self.state.discard(rid)
+    def execute(self, sched, out):
+        for rid in out.finished_request_ids:
+            self.state.pop(rid, None)
         for mm_hash in out.freed_mm_hashes:
             self.encoder_outputs.remove(mm_hash)
-        for s in out.scheduled:
-            rid = s.request.request_id
-            assert (rid not in self.state) if s.is_new else (rid in self.state)
-            self.state.add(rid)
-            self.encoder_outputs.update(s.request.mm_features[i].mm_hash for i in s.encoder_inputs)
-            assert 0 not in s.block_ids
-        for s in out.scheduled:
-            for pos in range(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens):
-                self.kv[self.slot(s.block_ids, pos)] = self.content(s.request, pos)
-        for s in out.scheduled:
-            end = s.num_computed_tokens + s.num_new_tokens
+        for new in out.scheduled_new_reqs:
+            assert new.req_id not in self.state
+            self.state[new.req_id] = dict(tokens=list(new.prompt_token_ids), blocks=list(new.block_ids),
+                                          computed=new.num_computed_tokens, mm=new.mm_features)
+        cached = out.scheduled_cached_reqs
+        for rid, resumed, blocks, computed in zip(cached.req_ids, cached.resumed_from_preemption,
+                                                  cached.new_block_ids, cached.num_computed_tokens):
+            state = self.state[rid]
+            state["blocks"] = list(blocks) if resumed else state["blocks"] + blocks
+            assert resumed or computed == state["computed"]
+            state["computed"] = computed
+        for rid, indices in out.scheduled_encoder_inputs.items():
+            self.encoder_outputs.update(self.state[rid]["mm"][i].mm_hash for i in indices)
+        for rid, n in out.num_scheduled_tokens.items():
+            state = self.state[rid]
+            assert state["tokens"] == sched.requests[rid].all_token_ids
+            assert state["blocks"] == sched.kv_cache_manager.get_block_ids(rid) and 0 not in state["blocks"]
+            for pos in range(state["computed"], state["computed"] + n):
+                self.kv[self.slot(state["blocks"], pos)] = self.content(state, pos)
+        sampled = {}
+        for rid, n in out.num_scheduled_tokens.items():
+            state = self.state[rid]
+            start, end = state["computed"], state["computed"] + n
             for pos in range(end):
-                assert self.kv[self.slot(s.block_ids, pos)] == self.content(s.request, pos)
-            for f in s.request.mm_features:
-                if f.offset < end and f.offset + f.length > s.num_computed_tokens:
+                assert self.kv[self.slot(state["blocks"], pos)] == self.content(state, pos)
+            for f in state["mm"]:
+                if f.offset < end and f.offset + f.length > start:
                     assert f.mm_hash in self.encoder_outputs
-        return {s.request.request_id: [token_for(s.request.request_id)] for s in out.scheduled}
+            state["computed"] = end
+            if end == len(state["tokens"]):
+                state["tokens"].append(token_for(rid))
+                sampled[rid] = [token_for(rid)]
+        return runner_output(sampled)
 
 
 def token_for(request_id: str) -> int:
@@ -478,12 +508,12 @@ def test_random_load_keeps_every_invariant(chunked, prefix, seed):
         assert out.num_scheduled_tokens == sum(s.num_new_tokens for s in out.scheduled) <= 40
         encoded = sum(s.request.mm_features[i].num_encoder_tokens for s in out.scheduled for i in s.encoder_inputs)
         assert encoded <= 12
-        sampled = runner.execute(out)
+        sampled = runner.execute(sched, out.out)
         if sched.requests and rng.random() < 0.03:  # abort between schedule() and update_from_output()
             rid = rng.choice(sorted(sched.requests))
             sched.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
             aborted.add(rid)
-        for update in sched.update_from_output(out.out, runner_output(sampled)):
+        for update in sched.update_from_output(out.out, sampled):
             assert update.request_id not in finished and update.request_id not in aborted
             if update.finished:
                 finished.add(update.request_id)
