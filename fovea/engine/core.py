@@ -73,9 +73,6 @@ class EngineCore:
         """End sequences that the output side saw finish (a stop string in their text)."""
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
-
     def step(self) -> list[RequestUpdate]:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)

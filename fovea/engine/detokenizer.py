@@ -30,10 +30,6 @@ class IncrementalDetokenizer:
         self.stop: list[str] = list(params.stop)
         self.include_stop_str_in_output = params.include_stop_str_in_output
         self.min_tokens = params.min_tokens
-        # Streamed text holds back this many characters: the start of a stop string that may yet complete.
-        self.stop_buffer_length = 0
-        if self.stop and not self.include_stop_str_in_output:
-            self.stop_buffer_length = max(map(len, self.stop)) - 1
 
         self.output_token_ids: list[int] = []
         self.stop_string: str | None = None
@@ -49,28 +45,11 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         self._prefix_text: str | None = context_text  # decode of _ids[_prefix_offset:_read_offset], or None
         self._text = ""
-        self._num_streamed_chars = 0
 
     @property
     def output_text(self) -> str:
         """All text decoded so far; the final text once `is_finished`."""
         return self._text
-
-    @property
-    def visible_text(self) -> str:
-        """The text so far without the characters a stop string could still claim."""
-        if self.is_finished or not self.stop_buffer_length:
-            return self._text
-        return self._text[: -self.stop_buffer_length]
-
-    def get_delta_text(self) -> str:
-        """Visible text added since the previous call (for streaming)."""
-        end = len(self.visible_text)
-        if end <= self._num_streamed_chars:
-            return ""
-        delta = self._text[self._num_streamed_chars:end]
-        self._num_streamed_chars = end
-        return delta
 
     def update(self, new_token_ids: list[int], *, finished: bool = False, stop_terminated: bool = False) -> str | None:
         """Add this step's token ids; return the stop string if one matched (the text then ends before it,

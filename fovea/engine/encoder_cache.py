@@ -34,10 +34,6 @@ class EncoderCacheManager:
         return mm_hash in self._refs
 
     @property
-    def num_cached_items(self) -> int:
-        return len(self._refs)
-
-    @property
     def num_queries(self) -> int:
         return self.num_hits + self.num_misses
 

@@ -415,9 +415,5 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.kv_cache_manager.usage
-
     def reset_prefix_cache(self) -> bool:
         return self.kv_cache_manager.reset_prefix_cache()

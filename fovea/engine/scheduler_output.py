@@ -63,7 +63,3 @@ class SchedulerOutput:
     preempted_request_ids: list[str]  # the runner keeps their state: they come back as resumed cached requests
     finished_request_ids: list[str]  # finished or aborted since the last schedule(): drop their state
     freed_mm_hashes: list[str]  # encoder outputs the runner may delete (before encoding this step's inputs)
-
-    @property
-    def num_scheduled_reqs(self) -> int:
-        return len(self.num_scheduled_tokens)

@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fovea.multimodal.processing import BaseMultiModalProcessor, InputProcessingContext
@@ -30,9 +29,6 @@ class MultiModalRegistry:
 
         return wrapper
 
-    def supports_multimodal(self, model_cls: type) -> bool:
-        return model_cls in self._factories
-
     def create_processor(self, model_cls: type, ctx: InputProcessingContext) -> BaseMultiModalProcessor:
         try:
             factories = self._factories[model_cls]
@@ -40,12 +36,6 @@ class MultiModalRegistry:
             raise ValueError(f"{model_cls.__name__} has no multimodal processor registered") from None
         info = factories.info(ctx)
         return factories.processor(info, factories.dummy_inputs(info))
-
-    def get_max_tokens_per_item(self, model_cls: type, ctx: InputProcessingContext, seq_len: int,
-                                mm_counts: Mapping[str, int] | None = None) -> dict[str, int]:
-        processor = self.create_processor(model_cls, ctx)
-        counts = mm_counts or {m: 1 for m in processor.info.get_supported_mm_limits()}
-        return dict(processor.info.get_mm_max_tokens_per_item(seq_len, counts))
 
 
 MULTIMODAL_REGISTRY = MultiModalRegistry()

@@ -20,7 +20,7 @@ import torch
 
 from fovea.layers import fused_cpu
 from fovea.outputs import Logprob
-from fovea.sampling_params import SAMPLING_EPS, SamplingParams
+from fovea.sampling_params import SamplingParams
 
 # top-p looks for its cut among this many most likely tokens before it sorts a whole row.
 TOP_P_CANDIDATES = 256

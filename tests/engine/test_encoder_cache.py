@@ -26,7 +26,7 @@ def test_allocate_reference_and_free():
     assert cache.get_freed_mm_hashes() == ["x"]
     assert cache.get_freed_mm_hashes() == []  # reported once
     cache.free(a)
-    assert cache.num_free_slots == 10 and cache.num_cached_items == 0
+    assert cache.num_free_slots == 10 and "x" not in cache and "y" not in cache
     assert cache.get_freed_mm_hashes() == ["y"]
 
 

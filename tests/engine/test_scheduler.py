@@ -243,7 +243,7 @@ def test_request_waits_when_its_next_item_does_not_fit_at_all():
     sched.add_request(make_request("r1", list(range(10, 18)), mm=[image(0, 6, "b")]))
     out, _ = step(sched)
     assert summary(out) == [("r0", 0, 8, True)]  # 2 encoder tokens left: r1's item would be cut at 0
-    assert sched.encoder_cache_manager.num_cached_items == 0  # r1 holds no reference while waiting
+    assert sched.encoder_cache_manager.num_free_slots == sched.config.encoder_cache_size  # r1 holds none waiting
     out, _ = step(sched)
     assert summary(out) == [("r0", 8, 1, False), ("r1", 0, 8, True)] and out.scheduled[1].encoder_inputs == [0]
     assert out.freed_mm_hashes == ["a"]
@@ -528,7 +528,7 @@ def test_random_load_keeps_every_invariant(chunked, prefix, seed):
         if rid in finished:
             assert 1 <= request.num_output_tokens <= request.sampling_params.max_tokens
     assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_usable_blocks
-    assert sched.encoder_cache_manager.num_cached_items == 0
+    assert sched.encoder_cache_manager.num_free_slots == sched.config.encoder_cache_size
     assert sched.num_preemptions > 0
     if prefix:
         assert sched.kv_cache_manager.prefix_cache_hits > 0
