@@ -47,7 +47,8 @@ class EngineConfig:
     encoder_cache_size: int | None = None
     """Encoder outputs kept, in tokens; defaults to the encoder budget."""
     seed: int = 0
-    """Seed of the global RNG used by unseeded random sampling."""
+    """Seeds the engine's generator, which every unseeded random request draws from: the same requests in the
+    same order sample the same tokens run after run (as vLLM's `seed`). Seeded requests keep their own."""
     num_threads: int | None = None
     """torch intra-op threads; None leaves torch's default."""
 
