@@ -1,7 +1,9 @@
-"""Request state shared by the scheduler, the runner and the output side.
+"""A request as the engine core keeps it: made by the input processor, owned by the scheduler.
 
-Pure Python (no torch here): the multimodal tensors a request carries ride along opaquely in
-`MultiModalFeature.data`, and only the runner looks inside them.
+Nothing past the scheduler reads a live `Request`: the runner gets its data once through `NewRequestData`
+(scheduler_output.py) and keeps its own copy; the output processor sees only `RequestUpdate`s. Pure Python (no
+torch here): the multimodal tensors and M-RoPE positions a request carries ride along opaquely, and only the
+runner looks inside them.
 """
 from __future__ import annotations
 
