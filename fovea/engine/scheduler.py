@@ -343,7 +343,8 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None:
                 continue  # finished from outside after schedule()
-            self._free_computed_encoder_inputs(request)
+            if request.mm_features:
+                self._free_computed_encoder_inputs(request)
             if request.num_computed_tokens < request.num_tokens:
                 continue
             row = row_of.get(rid)
