@@ -113,10 +113,6 @@ class BlockPool:
         """Blocks nobody references, cached or not (cached ones are evictable)."""
         return len(self.free_queue)
 
-    @property
-    def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_usable_blocks
-
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         return self.cached_blocks.get(block_hash)
 
@@ -204,11 +200,6 @@ class KVCacheManager:
     @property
     def num_usable_blocks(self) -> int:
         return self.block_pool.num_usable_blocks
-
-    @property
-    def usage(self) -> float:
-        """Fraction of usable blocks referenced by some request (idle cached blocks count as free)."""
-        return self.block_pool.usage
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest cached prefix of the request, in full blocks, and its length in tokens.

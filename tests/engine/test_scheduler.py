@@ -126,7 +126,7 @@ def test_chunked_prefill_splits_prompts_under_the_token_budget():
     ]
     out, _ = step(sched)
     assert out.scheduled == [] and out.finished_request_ids == ["r0", "r1"]
-    assert sched.kv_cache_manager.usage == 0.0 and not sched.has_unfinished_requests()
+    assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_usable_blocks and not sched.has_unfinished_requests()
 
 
 def test_without_chunked_prefill_a_prompt_waits_for_room_for_all_of_it():
@@ -322,7 +322,7 @@ def test_stop_conditions(params, script, output, status, reason):
     last = updates[-1]
     assert (last.finished, last.status, last.stop_reason) == (True, status, reason)
     assert sum(u.finished for u in updates) == 1
-    assert sched.kv_cache_manager.usage == 0.0 and not sched.has_unfinished_requests()
+    assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_usable_blocks and not sched.has_unfinished_requests()
 
 
 # ---- aborts -----------------------------------------------------------------------------------------------------
