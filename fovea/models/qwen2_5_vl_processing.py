@@ -7,8 +7,12 @@ transformers' Qwen2_5_VLProcessor does to the text); all of them take embeddings
 precomputed `image_embeds` / `video_embeds` + grid, given as a dict item.
 
 Options (`mm_processor_kwargs`, per model and per request): `min_pixels` / `max_pixels` (images and videos
-alike, as transformers' processor applies them), `fps` (video files are sampled at it; frames given without a
-rate are taken to be at it) and `max_frames` (the most frames a video may have).
+alike, as transformers' processor applies them), `fps` (video files are sampled at it), `min_frames` and
+`max_frames` (the fewest frames sampled from a file, the most frames a video may have).
+
+A video's M-RoPE time step (`second_per_grid_ts`, seconds per temporal patch) is temporal_patch_size / rate,
+the rate as transformers' `VideoMetadata.sampled_fps` gives it: a file's sampled rate, `LoadedVideo.fps`, or
+24 for frames given without a rate (an array, a list of images).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from fovea.multimodal.processing import (
 )
 from fovea.multimodal.profiling import BaseDummyInputsBuilder, ProcessorInputs
 
-MM_OPTIONS = ("min_pixels", "max_pixels", "fps", "max_frames")
+MM_OPTIONS = ("min_pixels", "max_pixels", "fps", "min_frames", "max_frames")
 _MAX_ASPECT_RATIO = 200  # smart_resize refuses more
 
 
@@ -106,9 +110,9 @@ class Qwen2_5_VLProcessingInfo(BaseProcessingInfo):
         return self._video_processor.with_options(**self.get_options(mm_kwargs))
 
     def load_video(self, item: Any, mm_kwargs: Mapping[str, Any] | None = None) -> LoadedVideo:
-        """Decode a user's video with this model's frame rate and frame cap (what the input processor calls)."""
+        """Decode a user's video with this model's frame sampling and frame cap (what the input processor calls)."""
         processor = self.get_video_processor(mm_kwargs)
-        return load_video(item, fps=processor.fps, max_frames=processor.max_frames)
+        return load_video(item, max_frames=processor.max_frames, sample_frames=processor.sample_frame_indices)
 
     def get_image_token_id(self) -> int:
         return self.get_hf_config().image_token_id
@@ -230,8 +234,8 @@ class Qwen2_5_VLMultiModalProcessor(BaseMultiModalProcessor):
             if len(video.frames) > processor.max_frames:
                 raise ValueError(f"a video of {len(video.frames)} frames is over max_frames={processor.max_frames}")
         processed = processor([v.frames for v in loaded])
-        # seconds of video per temporal patch, from the frames' own rate or else the assumed one
-        seconds = [processor.temporal_patch_size / (v.fps or processor.fps) for v in loaded]
+        # seconds of video per temporal patch, as Qwen2_5_VLProcessor._process_videos computes it (float64)
+        seconds = [processor.temporal_patch_size / v.sampled_fps for v in loaded]
         processed["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
         return processed
 
@@ -257,9 +261,8 @@ class Qwen2_5_VLMultiModalProcessor(BaseMultiModalProcessor):
             grids.append(grid)
         out = {key: torch.cat(embeds), grid_key: torch.stack(grids)}
         if modality == "video":
-            processor = self.info.get_video_processor()
-            default = processor.temporal_patch_size / processor.fps
-            seconds = [float(item.get("second_per_grid_ts", default)) for item in items]
+            # without it, one second per patch: what transformers' get_rope_index takes when none is given
+            seconds = [float(item.get("second_per_grid_ts", 1.0)) for item in items]
             out["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
         return out
 

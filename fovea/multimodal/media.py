@@ -16,6 +16,7 @@ import base64
 import binascii
 import io
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -23,7 +24,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from fovea.multimodal.processors.transforms import check_fps, convert_to_rgb
+from fovea.multimodal.processors.transforms import convert_to_rgb
 
 ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -159,26 +160,37 @@ _ACCEPTED_VIDEO_INPUTS = (
     "a numpy array of frames ((T, H, W), (T, H, W, 3) or (T, H, W, 4); uint8, or float in [0, 1]), a list of "
     "images (anything load_image takes), a video file path, its bytes, or a 'data:video/...;base64,...' URL"
 )
-DEFAULT_VIDEO_FPS = 2.0  # what frames given without a rate are taken to be, and what files are sampled at
+UNKNOWN_VIDEO_FPS = 24.0
+"""The rate of frames given without one: transformers' `VideoMetadata.sampled_fps` falls back to 24."""
+
+FrameSampler = Callable[[int, float], Sequence[int]]
+"""(total_num_frames, video_fps) -> the indices of the frames to keep, increasing (transformers'
+`sample_indices_fn`; the model's video processor supplies it)."""
 
 
 @dataclass(slots=True)
 class LoadedVideo:
-    """Decoded RGB frames and the rate they are at (None: unknown, the model's processor assumes one)."""
+    """Decoded RGB frames and the rate they are at (None: unknown, taken as `UNKNOWN_VIDEO_FPS`)."""
 
     frames: np.ndarray  # (T, H, W, 3) uint8
     fps: float | None = None
 
+    @property
+    def sampled_fps(self) -> float:
+        """The rate the model's positions use (transformers' `VideoMetadata.sampled_fps`)."""
+        return UNKNOWN_VIDEO_FPS if self.fps is None else self.fps
 
-def load_video(item: VideoInput, *, fps: float | None = None, max_frames: int | None = None) -> LoadedVideo:
+
+def load_video(item: VideoInput, *, max_frames: int | None = None,
+               sample_frames: FrameSampler | None = None) -> LoadedVideo:
     """Decode one video into RGB frames.
 
-    - Frames given as an array or a list of images are taken as they are (all of them, at an unknown rate);
-      more than `max_frames` of them is an error. Images are made RGB as images are (transparency composited
-      onto white), grey arrays repeated over three channels.
-    - Files (path, bytes, data URL) are decoded with PyAV and sampled at `fps` frames per second of video time
-      (default 2; every frame when the video's own rate is lower), evenly thinned to `max_frames` if longer.
-      The returned rate is the rate of the returned frames.
+    - Frames given as an array or a list of images are taken as they are (all of them, at an unknown rate;
+      `LoadedVideo(frames, fps)` gives them one); more than `max_frames` of them is an error. Images are made
+      RGB as images are (transparency composited onto white), grey arrays repeated over three channels.
+    - Files (path, bytes, data URL) are decoded with PyAV, keeping the frames `sample_frames` picks (all of
+      them without one; more than `max_frames` is then an error). Their rate is the sampled one, as
+      transformers' `VideoMetadata.sampled_fps`: kept / total frames times the stream's average rate.
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
@@ -189,16 +201,16 @@ def load_video(item: VideoInput, *, fps: float | None = None, max_frames: int | 
     elif isinstance(item, (list, tuple)):
         video = LoadedVideo(_frames_from_images(item))
     elif isinstance(item, (bytes, bytearray, memoryview)):
-        return _decode_video(bytes(item), "video bytes", fps, max_frames)
+        video = _decode_video(bytes(item), "video bytes", sample_frames)
     elif isinstance(item, str) and item[:5].lower() == "data:":
         mime_type, data = _parse_data_url(item)
         if not mime_type.startswith("video/"):
             raise ValueError(f"data URL has media type {mime_type!r}; load_video needs 'video/...'")
-        return _decode_video(data, "video bytes from data URL", fps, max_frames)
+        video = _decode_video(data, "video bytes from data URL", sample_frames)
     elif isinstance(item, str) and item[:8].lower().startswith(("http://", "https://")):
         raise ValueError(f"remote URLs are not fetched by load_video: {_shorten(item)}; download the video first")
     elif isinstance(item, (str, os.PathLike)):
-        return _decode_video(_read_path(item), f"video file {os.fspath(item)!r}", fps, max_frames)
+        video = _decode_video(_read_path(item), f"video file {os.fspath(item)!r}", sample_frames)
     else:
         raise ValueError(f"unsupported video input of type {type(item).__name__}; accepted: {_ACCEPTED_VIDEO_INPUTS}")
     if max_frames is not None and len(video.frames) > max_frames:
@@ -240,40 +252,46 @@ def _frames_from_images(items: list | tuple) -> np.ndarray:
     return np.stack(frames)
 
 
-def _decode_video(data: bytes, what: str, fps: float | None, max_frames: int | None) -> LoadedVideo:
+def _decode_video(data: bytes, what: str, sample_frames: FrameSampler | None) -> LoadedVideo:
     try:
         import av
     except ImportError as e:
         raise ValueError(f"decoding {what} needs PyAV (pip install av); or pass the frames as an array") from e
     if not data:
         raise ValueError(f"could not decode {what}: no data (0 bytes)")
-    rate = check_fps(DEFAULT_VIDEO_FPS if fps is None else fps)
     kept: list[np.ndarray] = []
-    first_time = last_time = None
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise ValueError("no video stream")
             stream = container.streams.video[0]
+            # the metadata transformers' PyAV reader takes: the header's frame count and average rate
+            video_fps = float(stream.average_rate) if stream.average_rate else None
+            total = stream.frames or _count_frames(data)  # Matroska / WebM headers give no count
+            if total == 0:
+                raise ValueError("no frames")
+            indices = range(total)
+            if sample_frames is not None and video_fps:
+                indices = sorted(set(int(i) for i in sample_frames(total, video_fps)))
+            wanted, last = set(indices), indices[-1]
             stream.thread_type = "AUTO"
-            native_fps = float(stream.average_rate) if stream.average_rate else None
-            if max_frames is not None and container.duration:  # sample sparser up front rather than hold it all
-                rate = min(rate, max_frames / (container.duration / av.time_base))
-            next_tick = None
             for index, frame in enumerate(container.decode(stream)):
-                t = float(frame.time) if frame.time is not None else index / (native_fps or rate)
-                first_time = t if first_time is None else first_time
-                last_time = t
-                if next_tick is None or t + 1e-6 >= next_tick:  # the first frame at or after each 1/rate tick
+                if index > last:
+                    break
+                if index in wanted:
                     kept.append(frame.to_ndarray(format="rgb24"))
-                    next_tick = (t if next_tick is None else next_tick) + 1.0 / rate
-                    while next_tick <= t + 1e-6:
-                        next_tick += 1.0 / rate
     except Exception as e:  # PyAV raises its own error types on bad data
         raise ValueError(f"could not decode {what}: {e}") from e
     if not kept:
         raise ValueError(f"could not decode {what}: no frames")
-    if max_frames is not None and len(kept) > max_frames:  # the container's duration was missing or short
-        kept = [kept[i] for i in np.linspace(0, len(kept) - 1, max_frames).round().astype(int)]
-    duration = last_time - first_time + 1.0 / (native_fps or rate)
-    return LoadedVideo(np.stack(kept), len(kept) / duration)
+    # operands in VideoMetadata.sampled_fps's order, so the float is the same to the last bit
+    return LoadedVideo(np.stack(kept), len(kept) / total * video_fps if video_fps else None)
+
+
+def _count_frames(data: bytes) -> int:
+    """Frames in the first video stream, counted from its packets (no decoding)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)

@@ -3,8 +3,10 @@
 A case is a prompt with its images and videos. `reference_inputs` builds what transformers' generate takes
 without going through fovea's processor: images through transformers' own `Qwen2VLImageProcessorPil`, each
 `<|image_pad|>` / `<|video_pad|>` expanded to its item's token count the way `Qwen2_5_VLProcessor` expands
-text. Videos go through fovea's `Qwen2VLVideoProcessor`, as transformers' needs torchvision (which this
-environment lacks); that processor is checked against the written-out rules in tests/multimodal/processors.
+text. Videos are decoded and sampled by transformers' own PyAV reader and Qwen2-VL frame choice, and their
+`second_per_grid_ts` comes from transformers' `VideoMetadata` (tests/oracle/video.py); their pixels go through
+fovea's `Qwen2VLVideoProcessor`, as transformers' needs torchvision (which this environment lacks); that
+processor is checked against the written-out rules in tests/multimodal/processors.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fovea.multimodal.media import LoadedVideo
 from fovea.multimodal.processors import get_video_processor
-from fovea.multimodal.media import LoadedVideo, load_video
 from tests.oracle.qwen2_5_vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, hf_image_processor, hf_model
+from tests.oracle.video import hf_frames_metadata, hf_read_video, hf_second_per_grid_t
 
 _PADS = re.compile(r"<\|image_pad\|>|<\|video_pad\|>")
 
@@ -81,12 +84,11 @@ def reference_inputs(model_dir: str, case: Case) -> tuple[torch.Tensor, dict[str
         counts["<|image_pad|>"] = (processed["image_grid_thw"].prod(-1) // merge_unit).tolist()
     if case.videos:
         processor = get_video_processor(model_dir)
-        videos = [v if isinstance(v, LoadedVideo) else load_video(v, fps=processor.fps, max_frames=processor.max_frames)
-                  for v in case.videos]
-        processed = processor([v.frames for v in videos])
+        videos = [reference_video(v, processor) for v in case.videos]
+        processed = processor([frames for frames, _ in videos])
         mm["pixel_values_videos"], mm["video_grid_thw"] = processed["pixel_values_videos"], processed["video_grid_thw"]
-        mm["second_per_grid_ts"] = torch.tensor([processor.temporal_patch_size / (v.fps or processor.fps)
-                                                 for v in videos])
+        mm["second_per_grid_ts"] = torch.tensor([hf_second_per_grid_t(metadata, processor.temporal_patch_size)
+                                                 for _, metadata in videos])
         counts["<|video_pad|>"] = (processed["video_grid_thw"].prod(-1) // merge_unit).tolist()
     seen = {pad: 0 for pad in counts}
 
@@ -99,6 +101,19 @@ def reference_inputs(model_dir: str, case: Case) -> tuple[torch.Tensor, dict[str
     assert all(seen[pad] == len(counts[pad]) for pad in counts), "one placeholder per item"
     tokenizer = hf_tokenizer(model_dir)
     return torch.tensor(tokenizer(text).input_ids), mm
+
+
+def reference_video(video, processor) -> tuple[np.ndarray, object]:
+    """(frames, transformers' VideoMetadata) of a case's video: a file as transformers reads and samples it at
+    the model's fps, frames with their rate, or frames without one."""
+    if isinstance(video, LoadedVideo):
+        return video.frames, hf_frames_metadata(video.frames, video.fps)
+    if isinstance(video, (list, tuple)):  # PIL frames
+        video = np.stack([np.asarray(frame.convert("RGB")) for frame in video])
+    if isinstance(video, np.ndarray):
+        return video, hf_frames_metadata(video)
+    return hf_read_video(video, fps=processor.fps, min_frames=processor.min_frames, max_frames=processor.max_frames,
+                         temporal_patch_size=processor.temporal_patch_size)
 
 
 def hf_tokenizer(model_dir: str):

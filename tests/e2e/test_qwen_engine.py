@@ -185,15 +185,15 @@ def test_chat_equals_generate_on_the_same_prompt(ckpt, references):
 def test_video_file_through_generate(ckpt, references, tmp_path):
     av = pytest.importorskip("av")
     del av
-    # 12 frames at 10 fps, sampled at the default 2 fps: 3 frames (odd), 1.5 s
+    # 12 frames at 10 fps (1.2 s), sampled at the default 2 fps: 2.4 frames, raised to min_frames 4 (rate 10/3)
     path = write_video(tmp_path / "clip.mp4", frames(40, 12, 64, 48), fps=10)
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256)
     case = Case("video file", chat(f"{VIDEO_PLACEHOLDER}What moves?"), videos=[str(path)], max_tokens=7)
     out = run(llm, [case], references)[0]
     video, = llm.llm_engine.input_processor.process("probe", case.prompt_dict(), SamplingParams(max_tokens=1)).mm_features
-    assert video.data["video_grid_thw"].tolist()[0][0] == 2  # 3 frames, the last one repeated
-    # at 4 fps the file gives other frames and another rate, so another answer, and no cache hit
-    faster = llm.generate({**case.prompt_dict(), "mm_processor_kwargs": {"fps": 4.0}},
+    assert video.data["video_grid_thw"].tolist()[0][0] == 2
+    # at 8 fps the file gives 8 frames and another rate, so another answer, and no cache hit
+    faster = llm.generate({**case.prompt_dict(), "mm_processor_kwargs": {"fps": 8.0}},
                           SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True), use_tqdm=False)[0]
     assert faster.num_cached_tokens <= video.offset and len(faster.prompt_token_ids) > len(out.prompt_token_ids)
 

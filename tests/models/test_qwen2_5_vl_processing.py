@@ -79,12 +79,13 @@ def test_video_items_and_their_seconds_per_patch(ckpt):
     assert [f.modality for f in out.mm_features] == ["video", "image", "video"]
     first, _, second = out.mm_features
     assert first.data["video_grid_thw"].tolist() == [[3, 4, 6]] and first.length == 18
-    assert first.data["second_per_grid_ts"].tolist() == [1.0]  # frames without a rate: 2 fps, 2 frames a patch
+    # frames without a rate are at transformers' 24 fps, 2 frames a patch (tests/multimodal/test_video_sampling.py)
+    assert first.data["second_per_grid_ts"].tolist() == [pytest.approx(2 / 24)]
     assert second.data["second_per_grid_ts"].tolist() == [pytest.approx(2 / 24)]
     direct = Qwen2VLVideoProcessor.from_dict(processor.info.get_video_processor().to_dict())([videos[0]])
     assert torch.equal(first.data["pixel_values_videos"], direct["pixel_values_videos"])
-    faster = apply(processor, prompt, [image(90, 60)], videos, fps=4.0)
-    assert faster.mm_features[0].data["second_per_grid_ts"].tolist() == [0.5]  # the assumed rate is an option
+    slower = apply(processor, prompt, [image(90, 60)], [videos[0], LoadedVideo(videos[1].frames, fps=4.0)])
+    assert slower.mm_features[2].data["second_per_grid_ts"].tolist() == [0.5]  # a known rate is the frames' own
 
 
 def test_pixel_limits_per_model_and_per_request(ckpt):

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fovea.multimodal.media import LoadedVideo, load_video
+from fovea.multimodal.processors import Qwen2VLVideoProcessor
 
 av = pytest.importorskip("av")
 
@@ -63,22 +64,15 @@ def test_frame_cap_for_given_frames_is_an_error():
     assert load_video(LoadedVideo(frames(4), 8.0), max_frames=4).fps == 8.0
 
 
-def test_file_sampled_at_target_fps(tmp_path):
+def test_file_sampled_by_the_models_rule(tmp_path):
+    """(That the rule is transformers' is checked in tests/multimodal/test_video_sampling.py.)"""
     path = tmp_path / "clip.mkv"
-    path.write_bytes(encode_video(25, fps=10))  # 2.5 s
-    loaded = load_video(path, fps=2.0)
-    assert frame_indices(loaded) == [0, 5, 10, 15, 20]
-    assert loaded.fps == pytest.approx(2.0)
-    assert loaded.frames.shape == (5, 48, 64, 3)
-    every = load_video(str(path), fps=30.0)  # above the video's own rate: every frame, at that rate
-    assert frame_indices(every) == list(range(25)) and every.fps == pytest.approx(10.0)
-
-
-def test_file_over_max_frames_is_sampled_sparser_over_its_whole_length(tmp_path):
-    data = encode_video(40, fps=10)  # 4 s: 8 frames at 2 fps, but at most 3
-    loaded = load_video(data, fps=2.0, max_frames=3)
-    assert frame_indices(loaded) == [0, 14, 27]  # ticks every 4/3 s
-    assert loaded.fps == pytest.approx(3 / 4)
+    path.write_bytes(encode_video(25, fps=10))  # 2.5 s: 5 frames at 2 fps, 4 in whole temporal patches
+    loaded = load_video(path, sample_frames=Qwen2VLVideoProcessor(fps=2.0).sample_frame_indices)
+    assert frame_indices(loaded) == [0, 6, 12, 18]
+    assert loaded.fps == pytest.approx(1.6) and loaded.frames.shape == (4, 48, 64, 3)
+    every = load_video(str(path))  # no sampler: every frame, at the file's rate
+    assert frame_indices(every) == list(range(25)) and every.fps == 10.0
 
 
 def test_data_url_and_bad_inputs(tmp_path):
@@ -104,4 +98,11 @@ def test_data_url_and_bad_inputs(tmp_path):
 @pytest.mark.parametrize("fps", ["x", "2", 0, -1.0, float("nan"), float("inf"), True])
 def test_fps_must_be_a_positive_number(fps):
     with pytest.raises(ValueError, match="fps must be a positive number"):
-        load_video(encode_video(2, fps=2), fps=fps)
+        Qwen2VLVideoProcessor(fps=fps)
+
+
+@pytest.mark.parametrize("name, value", [("min_frames", 0), ("max_frames", 0), ("min_frames", 2.5),
+                                         ("max_frames", "8"), ("min_frames", True)])
+def test_frame_counts_must_be_positive_ints(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+        Qwen2VLVideoProcessor(**{name: value})

@@ -1,6 +1,7 @@
 """Qwen2-VL's video processor (also Qwen2.5-VL's): frames already sampled in, patches out."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,35 +21,54 @@ class Qwen2VLVideoProcessor(QwenVisionProcessor):
     on uint8 CPU tensors); rescale and normalise fused into one float32 (x - 255 mean) / (255 std); the last
     frame repeated up to a multiple of `temporal_patch_size`; patches of (C, temporal_patch_size, P, P).
 
-    Frame selection happens before, when the video is loaded (`fovea.multimodal.media.load_video`): `fps` is
-    the rate frames are sampled at from files and the rate assumed for frames given without one, `max_frames`
-    the most frames a video may have.
+    Frame selection happens before, when a file is decoded (`fovea.multimodal.media.load_video` calls
+    `sample_frame_indices`): files are sampled at `fps` (between `min_frames` and `max_frames` frames), frames
+    given as arrays are taken as they are (at most `max_frames` of them).
     """
 
     DEFAULT_MIN_PIXELS = 128 * 28 * 28
     DEFAULT_MAX_PIXELS = 28 * 28 * 768
-    DEFAULT_FPS = 2.0
-    extra_options = frozenset({"cap_pixels_per_frame", "max_video_tokens", "fps", "max_frames"})
-    # frame sampling options of transformers' processor; fovea samples frames in load_video instead
-    no_effect_options = QwenVisionProcessor.no_effect_options | {"do_sample_frames", "min_frames", "num_frames",
+    DEFAULT_FPS = 2.0  # qwen-vl-utils' and vLLM's; transformers samples only when asked (do_sample_frames)
+    DEFAULT_MIN_FRAMES = 4  # transformers' Qwen2VLVideoProcessor.min_frames
+    extra_options = frozenset({"cap_pixels_per_frame", "max_video_tokens", "fps", "min_frames", "max_frames"})
+    # transformers' switches for sampling array inputs; fovea samples files always and arrays never
+    no_effect_options = QwenVisionProcessor.no_effect_options | {"do_sample_frames", "num_frames",
                                                                   "return_metadata"}
     _MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
     def __init__(self, *, cap_pixels_per_frame: bool | None = False, max_video_tokens: int = 128000,
-                 fps: float | None = DEFAULT_FPS, max_frames: int = 768, **options: Any):
+                 fps: float | None = DEFAULT_FPS, min_frames: int = DEFAULT_MIN_FRAMES, max_frames: int = 768,
+                 **options: Any):
         super().__init__(**options)
         if self.resample not in self._MODES:
             raise ValueError(f"video resample must be BICUBIC (3) or BILINEAR (2), got {self.resample!r}")
         self.cap_pixels_per_frame = bool(cap_pixels_per_frame)
         self.max_video_tokens = int(max_video_tokens)
         self.fps = check_fps(self.DEFAULT_FPS if fps is None else fps)
-        self.max_frames = int(max_frames)
-        if self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {max_frames!r}")
+        for name, value in (("min_frames", min_frames), ("max_frames", max_frames)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.min_frames, self.max_frames = min_frames, max_frames
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "cap_pixels_per_frame": self.cap_pixels_per_frame,
-                "max_video_tokens": self.max_video_tokens, "fps": self.fps, "max_frames": self.max_frames}
+                "max_video_tokens": self.max_video_tokens, "fps": self.fps, "min_frames": self.min_frames,
+                "max_frames": self.max_frames}
+
+    def sample_frame_indices(self, total_num_frames: int, video_fps: float) -> list[int]:
+        """Which of a file's `total_num_frames` frames (at `video_fps`) to keep: transformers'
+        `Qwen2VLVideoProcessor.sample_frames` with `fps`. The count is the video's length times `fps`, at
+        least `min_frames`, at most `max_frames` and the video's own frames, rounded down to whole temporal
+        patches; the frames are spread evenly from the first. A video shorter than one temporal patch keeps
+        all its frames (transformers divides by zero there)."""
+        tp = self.temporal_patch_size
+        most = math.floor(min(self.max_frames, total_num_frames) / tp) * tp
+        wanted = min(max(total_num_frames / video_fps * self.fps, self.min_frames), most, total_num_frames)
+        num_frames = math.floor(wanted / tp) * tp
+        if num_frames == 0:
+            return list(range(total_num_frames))
+        # float32 steps, as transformers' torch.arange: the rounding decides which frame a tick lands on
+        return torch.arange(0, total_num_frames, total_num_frames / num_frames).int().tolist()
 
     def frame_pixel_cap(self, num_frames: int) -> int:
         """max_pixels for one frame of a video of `num_frames` frames (cap_pixels_per_frame shares a budget)."""
