@@ -11,12 +11,18 @@ canonical order (groups in `SHAPES` order), so the caption is a function of the 
 
     "two small red circles and one large blue square on a white background"    (or "on an orange background")
 
-Deterministic: scene i of seed s depends only on (s, i); the split assignment only on (s, num, splits).
+Scenes are rendered at `DEFAULT_IMAGE_SIZE` (48 px, what the shipped demo model takes) or at several sizes
+(`image_size=(40, 64, 96)`: scene i at the (i mod 3)-th), the same layout scaled: a model's image processor
+resizes them to its input size, as at serving.
+
+Deterministic: scene i of seed s depends only on (s, i) and its size; the split assignment only on
+(s, num, splits).
 """
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLOURS = {  # name -> RGB, far apart so a small vision encoder tells them apart at 64 px
+COLOURS = {  # name -> RGB, far apart so a small vision encoder tells them apart at 40 px
     "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
     "purple": (140, 60, 190), "orange": (245, 135, 30), "white": (245, 245, 245), "black": (20, 20, 20),
     "gray": (128, 128, 128),
@@ -32,6 +38,8 @@ COLOURS = {  # name -> RGB, far apart so a small vision encoder tells them apart
 SIZES = {"small": 0.45, "large": 0.8}  # radius over half a grid cell; < 1 leaves a gap between neighbours
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 GRID = 3
+DEFAULT_IMAGE_SIZE = 48
+"""Scene side in pixels unless asked otherwise: the size the shipped demo model (demo/blip2-shapes) takes."""
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 """Name of grid cell row * GRID + column."""
 SPLIT_NAMES = ("train", "val", "test")
@@ -61,7 +69,7 @@ def _plural(shape: str, count: int) -> str:
     return shape if count == 1 else shape + "s"
 
 
-def generate_scene(seed: int, index: int, image_size: int = 64, max_groups: int = 2,
+def generate_scene(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE, max_groups: int = 2,
                    max_count: int = 3) -> Scene:
     """Scene `index` of `seed`: the same for the same arguments on every machine (numpy's PCG64 seeded by
     the pair), independent of how many scenes are generated."""
@@ -92,7 +100,7 @@ def generate_scene(seed: int, index: int, image_size: int = 64, max_groups: int 
     return Scene(background=background, objects=objects)
 
 
-def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
+def render_scene(scene: Scene, image_size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
     image = Image.new("RGB", (image_size, image_size), COLOURS[scene.background])
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
@@ -173,14 +181,18 @@ def _split_sizes(num: int, splits: tuple[float, float, float]) -> list[int]:
     return [num_train, num_val, num - num_train - num_val]
 
 
-def generate_shapes(out_dir: str | Path, num: int, seed: int = 0, image_size: int = 64,
+def generate_shapes(out_dir: str | Path, num: int, seed: int = 0,
+                    image_size: int | Sequence[int] = DEFAULT_IMAGE_SIZE,
                     splits: tuple[float, float, float] = (0.8, 0.1, 0.1), max_groups: int = 2,
                     max_count: int = 3) -> dict[str, Path]:
     """Render `num` scenes into out_dir/images/NNNNNN.png and write train.jsonl, val.jsonl, test.jsonl (one
-    record per image: image (relative path), caption, image_id (the scene index), qa, scene) and meta.json
-    (the arguments and the vocabulary). Returns {split name: JSONL path}."""
-    if num < 1 or image_size < 4 * GRID:
-        raise ValueError(f"num={num} must be >= 1 and image_size={image_size} >= {4 * GRID}")
+    record per image: image (relative path), caption, image_id (the scene index), qa, scene, image_size) and
+    meta.json (the arguments and the vocabulary). Returns {split name: JSONL path}.
+
+    `image_size`: one side in pixels, or several: scene i is rendered at image_size[i % len(image_size)]."""
+    image_sizes = (image_size,) if isinstance(image_size, int) else tuple(image_size)
+    if num < 1 or not image_sizes or any(not isinstance(px, int) or px < 4 * GRID for px in image_sizes):
+        raise ValueError(f"num={num} must be >= 1 and image_size={image_size} one or more ints >= {4 * GRID}")
     if not 1 <= max_groups <= len(SHAPES) or max_count < 1 or max_groups * max_count > GRID * GRID:
         raise ValueError(f"max_groups={max_groups} must be in [1, {len(SHAPES)}], max_count={max_count} >= 1, "
                          f"and max_groups * max_count <= {GRID * GRID} (one shape per grid cell)")
@@ -192,20 +204,33 @@ def generate_shapes(out_dir: str | Path, num: int, seed: int = 0, image_size: in
     split_of[order] = np.repeat(np.arange(3), sizes)
     records: list[list[str]] = [[], [], []]
     for index in range(num):
-        scene = generate_scene(seed, index, image_size, max_groups, max_count)
+        side = image_sizes[index % len(image_sizes)]
+        scene = generate_scene(seed, index, side, max_groups, max_count)
         relative = f"images/{index:06d}.png"
-        render_scene(scene, image_size).save(out_dir / relative)
+        render_scene(scene, side).save(out_dir / relative)
         record = {"image": relative, "caption": caption_scene(scene), "image_id": index,
-                  "qa": question_answers(scene, seed, index), "scene": asdict(scene)}
+                  "qa": question_answers(scene, seed, index), "scene": asdict(scene), "image_size": side}
         records[split_of[index]].append(json.dumps(record))
     paths = {}
     for name, lines in zip(SPLIT_NAMES, records):
         paths[name] = out_dir / f"{name}.jsonl"
         paths[name].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    meta = {"num": num, "seed": seed, "image_size": image_size, "splits": list(splits), "max_groups": max_groups,
+    meta = {"num": num, "seed": seed, "image_size": image_sizes[0] if len(image_sizes) == 1 else list(image_sizes),
+            "splits": list(splits), "max_groups": max_groups,
             "max_count": max_count, "split_sizes": dict(zip(SPLIT_NAMES, sizes)), "vocabulary": vocabulary()}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return paths
+
+
+def parse_image_sizes(text: str) -> tuple[int, ...]:
+    """"48" or "40,48,64,96" -> (48,) or (40, 48, 64, 96): sides in pixels, each at least 4 per grid cell."""
+    try:
+        sizes = tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 4 * GRID:
+        raise argparse.ArgumentTypeError(f"{text!r}: one or more comma-separated sides in pixels, each >= {4 * GRID}")
+    return sizes
 
 
 def _parse_splits(text: str) -> tuple[float, float, float]:
@@ -225,8 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (required)")
     parser.add_argument("--num", type=int, default=1000, metavar="N", help="number of images (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
-    parser.add_argument("--image-size", type=int, default=64, metavar="PX",
-                        help="image width and height in pixels (default: 64)")
+    parser.add_argument("--image-size", type=parse_image_sizes, default=(DEFAULT_IMAGE_SIZE,), metavar="PX[,PX...]",
+                        help="image width and height in pixels (demo/blip2-shapes takes 48); several, comma-"
+                             "separated, render scene i at the (i mod n)-th, e.g. 40,48,64,96 "
+                             f"(default: {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--splits", type=_parse_splits, default=(0.8, 0.1, 0.1), metavar="TRAIN,VAL,TEST",
                         help="fractions of images per split (default: 0.8,0.1,0.1)")
     parser.add_argument("--max-groups", type=int, default=2,
@@ -239,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        paths = generate_shapes(args.out, args.num, args.seed, image_size=args.image_size, splits=args.splits,
-                                max_groups=args.max_groups, max_count=args.max_count)
+        sizes = args.image_size
+        paths = generate_shapes(args.out, args.num, args.seed, image_size=sizes[0] if len(sizes) == 1 else sizes,
+                                splits=args.splits, max_groups=args.max_groups, max_count=args.max_count)
     except ValueError as e:
         parser.error(str(e))
     counts = {name: sum(1 for _ in path.open(encoding="utf-8")) for name, path in paths.items()}

@@ -23,10 +23,19 @@ def test_the_demo_model_ships_within_25_mb_with_examples():
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
-    """A fresh held-out split: seed 7 (the demo trained on seed 0 and records its figures on seed 1)."""
+    """A fresh held-out split with the generator's default settings (what `fovea data shapes` writes): seed 7
+    (the demo trained on seed 0 and records its figures on seed 1)."""
     from fovea.training.shapes import generate_shapes
 
-    return generate_shapes(tmp_path_factory.mktemp("heldout"), num=60, seed=7, image_size=48, splits=(0, 0, 1))["test"]
+    return generate_shapes(tmp_path_factory.mktemp("heldout"), num=60, seed=7, splits=(0, 0, 1))["test"]
+
+
+def test_the_data_generator_defaults_to_the_demo_models_input_size():
+    from fovea.training.shapes import DEFAULT_IMAGE_SIZE, build_parser
+
+    size = json.loads((MODEL / "processor_config.json").read_text())["image_processor"]["size"]
+    assert (size["height"], size["width"]) == (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    assert build_parser().parse_args(["--out", "x"]).image_size == (DEFAULT_IMAGE_SIZE,)
 
 
 def test_the_demo_model_captions_and_answers_unseen_scenes(heldout):

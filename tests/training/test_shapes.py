@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fovea.training.data import ImageTextDataset
-from fovea.training.shapes import COLOURS, generate_shapes, main
+from fovea.training.shapes import COLOURS, DEFAULT_IMAGE_SIZE, generate_shapes, main
 
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CELLS = [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]]
@@ -71,18 +71,46 @@ def test_captions_describe_the_recorded_scene(generated):
         assert kinds == [s for s in ("circle", "square", "triangle", "diamond") if s in kinds]  # canonical order
 
 
-def test_pixels_show_the_recorded_scene(generated):
+@pytest.fixture(scope="module")
+def several_sizes(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes_sizes")
+    generate_shapes(folder, num=24, seed=3, image_size=(40, 64, 96))
+    return folder
+
+
+@pytest.mark.parametrize("folder", ["generated", "several_sizes"])
+def test_pixels_show_the_recorded_scene(folder, request):
+    generated = request.getfixturevalue(folder)
     for record in all_records(generated)[:30]:
         pixels = np.asarray(Image.open(generated / record["image"]))
-        assert pixels.shape == (64, 64, 3)
+        side = record["image_size"]
+        assert pixels.shape == (side, side, 3)
         scene = record["scene"]
         assert tuple(pixels[0, 0]) == COLOURS[scene["background"]]  # corners are never covered
         for obj in scene["objects"]:
             x, y = obj["center"]
             assert tuple(pixels[y, x]) == COLOURS[obj["colour"]]
-            assert CELLS[y * 3 // 64][x * 3 // 64] == CELLS[obj["cell"] // 3][obj["cell"] % 3]
+            assert CELLS[y * 3 // side][x * 3 // side] == CELLS[obj["cell"] // 3][obj["cell"] % 3]
         colours_drawn = {tuple(c) for c in pixels.reshape(-1, 3)}
         assert colours_drawn == {COLOURS[scene["background"]]} | {COLOURS[o["colour"]] for o in scene["objects"]}
+
+
+def test_default_size_and_several_sizes(generated, several_sizes):
+    """One size by default (the shipped demo model's); several cycle over the scenes, each scene the same
+    layout scaled: same caption and answers as at the default size."""
+    assert DEFAULT_IMAGE_SIZE == 48
+    assert {r["image_size"] for r in all_records(generated)} == {48}
+    assert json.loads((generated / "meta.json").read_text())["image_size"] == 48
+    assert json.loads((several_sizes / "meta.json").read_text())["image_size"] == [40, 64, 96]
+    by_id = {r["image_id"]: r for r in all_records(generated)}
+    for record in all_records(several_sizes):
+        assert record["image_size"] == (40, 64, 96)[record["image_id"] % 3]
+        assert Image.open(several_sizes / record["image"]).size == (record["image_size"],) * 2
+        same = by_id[record["image_id"]]
+        assert (record["caption"], record["qa"]) == (same["caption"], same["qa"])
+        assert [o["cell"] for o in record["scene"]["objects"]] == [o["cell"] for o in same["scene"]["objects"]]
+    with pytest.raises(ValueError, match="image_size"):
+        generate_shapes(several_sizes / "bad", num=2, image_size=(48, 8))
 
 
 def test_answers_follow_from_the_scene(generated):
@@ -130,7 +158,7 @@ def test_cli_help_lists_every_option_with_its_default(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option, default in [("--num", "1000"), ("--seed", "0"), ("--image-size", "64"), ("--splits", "0.8,0.1,0.1"),
+    for option, default in [("--num", "1000"), ("--seed", "0"), ("--image-size", "48"), ("--splits", "0.8,0.1,0.1"),
                             ("--max-groups", "2"), ("--max-count", "3")]:
         assert re.search(rf"{option}\b.*?\(default: {re.escape(default)}\)", text, re.S), option
     assert "--out" in text
@@ -141,6 +169,10 @@ def test_cli_writes_the_dataset_and_rejects_bad_options(tmp_path, capsys):
                  "--splits", "0.6,0.2,0.2"]) == 0
     assert "6 train, 2 val, 2 test" in capsys.readouterr().out
     assert Image.open(tmp_path / "d" / "images" / "000009.png").size == (48, 48)
+    assert main(["--out", str(tmp_path / "m"), "--num", "4", "--image-size", "40,96"]) == 0
+    assert [Image.open(tmp_path / "m" / "images" / f"00000{i}.png").size[0] for i in range(4)] == [40, 96, 40, 96]
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "e"), "--image-size", "48,x"])
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "e"), "--splits", "0.5,0.5,0.5"])
     with pytest.raises(SystemExit):
@@ -152,5 +184,5 @@ def test_the_jsonl_feeds_the_pair_dataset(generated):
     dataset = ImageTextDataset.from_jsonl(generated / "val.jsonl")
     assert len(dataset) == len(records)
     sample = dataset[0]
-    assert sample.image.size == (64, 64) and sample.caption == records[0]["caption"]
+    assert sample.image.size == (48, 48) and sample.caption == records[0]["caption"]
     assert sample.image_id == records[0]["image_id"]
