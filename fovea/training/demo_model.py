@@ -5,7 +5,9 @@
 
 The pipeline, each step one command (printed as it runs, so any step can be re-run by hand):
 
-1. data: synthetic shapes scenes at 48 px, a training set (seed 0) and a held-out test set (seed 1);
+1. data: synthetic shapes scenes, a training set (seed 0) rendered at several sizes (40-96 px; the BLIP
+   processor resizes each to the ViT's 48 px, as at serving, so the model captions a scene whatever its
+   size) and a held-out test set (seed 1) at 48 px;
 2. a ViT pre-trained on the scene metadata (`fovea.training.vision_pretrain`: the class token and each of
    the 3x3 patch tokens learn what their cell holds) and a small OPT pre-trained on the captions and
    question/answer texts (`fovea.training.lm_pretrain`), side by side, each in its own process;
@@ -14,7 +16,8 @@ The pipeline, each step one command (printed as it runs, so any step can be re-r
    "Question: {question} Answer:", masked out of the loss);
 5. the stage-2 export (a `Blip2ForConditionalGeneration` directory) is the demo model; a few held-out images
    are saved next to it as examples, and the held-out figures (caption exact match, BLEU-4, CIDEr-D, VQA
-   accuracy, stage-1 retrieval recall) are printed with their chance levels and written to eval.json.
+   accuracy, stage-1 retrieval recall) are printed with their chance levels and written to eval.json, with
+   the caption exact match of the held-out scenes rendered at each of `eval_image_sizes`.
 
 A step whose outputs are already in the work folder is skipped, so a build that stopped resumes at the step
 it was in (delete the work folder to start from nothing). Stages 1 and 2 run under torchrun with `--nproc` processes (default 2: one per core, one thread each, which
@@ -31,6 +34,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fovea.training.shapes import parse_image_sizes
+
 PYTHON = sys.executable
 EXAMPLES = 4
 
@@ -42,6 +47,11 @@ class DemoPlan:
     train_seed: int = 0
     test_seed: int = 1
     image_size: int = 48
+    """The ViT's input side; the held-out figures use scenes of this size."""
+    train_image_sizes: str = "40,44,48,56,64,72,80,96"
+    """Sides the training scenes are rendered at (scene i at the (i mod n)-th), comma-separated."""
+    eval_image_sizes: str = "40,48,64,96"
+    """Sides at which the held-out scenes are also captioned, for the exact match per scene size."""
     vision_steps: int = 1500
     lm_steps: int = 2000
     stage1_steps: int = 450
@@ -114,7 +124,7 @@ def build(plan: DemoPlan, out: Path, work: Path) -> None:
     data, heldout = work / "shapes", work / "heldout"
     m = [PYTHON, "-m"]
     runner.run(m + ["fovea.training.shapes", "--out", str(data), "--num", str(plan.num_train), "--seed",
-                    str(plan.train_seed), "--image-size", str(plan.image_size), "--splits", "0.98,0.02,0"],
+                    str(plan.train_seed), "--image-size", plan.train_image_sizes, "--splits", "0.98,0.02,0"],
                m + ["fovea.training.shapes", "--out", str(heldout), "--num", str(plan.num_test), "--seed",
                     str(plan.test_seed), "--image-size", str(plan.image_size), "--splits", "0,0,1"],
                done=[data / "meta.json", heldout / "meta.json"])
@@ -200,8 +210,28 @@ def evaluate(plan: DemoPlan, out: Path, work: Path, runner: Runner | None = None
                                        items[:200])
         runner.log(retrieval.format())
         figures["retrieval"] = {"itc": retrieval.itc, "reranked": retrieval.reranked, "chance": retrieval.chance}
+    figures["caption_by_size"] = caption_by_size(plan, llm, work, runner)
     (out / "eval.json").write_text(json.dumps(figures, indent=1) + "\n")
     return figures
+
+
+def caption_by_size(plan: DemoPlan, llm, work: Path, runner: Runner) -> dict[str, dict[str, float]]:
+    """Caption scores of the held-out scenes (same seed, same scenes) rendered at each of eval_image_sizes:
+    {"40": {"exact_match", "bleu4", "cider_d"}, ...}."""
+    from fovea.eval.data import read_eval_images
+    from fovea.eval.generation import evaluate_captions
+
+    scores = {}
+    for side in parse_image_sizes(plan.eval_image_sizes):
+        folder = work / f"heldout-{side}px"
+        if not (folder / "test.jsonl").is_file():
+            runner.run([PYTHON, "-m", "fovea.training.shapes", "--out", str(folder), "--num", str(plan.num_test),
+                        "--seed", str(plan.test_seed), "--image-size", str(side), "--splits", "0,0,1"])
+        result = evaluate_captions(llm, read_eval_images(folder / "test.jsonl", plan.eval_images))
+        scores[str(side)] = result.scores
+    runner.log("caption exact match by scene size: " + ", ".join(
+        f"{side} px {100 * s['exact_match']:.1f}%" for side, s in scores.items()))
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args(argv)
     plan = DemoPlan(**{name: getattr(args, name) for name in asdict(DemoPlan())})
+    for name in ("train_image_sizes", "eval_image_sizes"):
+        try:
+            parse_image_sizes(getattr(plan, name))
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"--{name.replace('_', '-')}: {e}")
     if args.eval_only:
         evaluate(plan, Path(args.out), Path(args.work))
     else:

@@ -107,3 +107,23 @@ def test_pretrained_vit_is_what_vision_from_loads(tmp_path):
     holder.vision_model = BlipVisionModel(Blip2VisionConfig(**config))
     load_parts(holder, out, ["vision_model"])  # strict: every weight there, nothing else
     assert holder.vision_model.embeddings.position_embedding.abs().sum() > 0
+
+
+def test_scenes_of_several_sizes_reach_the_vit_at_its_input_size(tmp_path):
+    """The demo trains on scenes rendered at 40-96 px: each is resized by the BLIP processor to the ViT's size,
+    exactly as the served model's processor resizes a user's image."""
+    from PIL import Image
+
+    from fovea.multimodal.processors import BlipImageProcessor
+    from fovea.training.shapes import generate_shapes
+    from fovea.training.vision_pretrain import load_split
+
+    paths = generate_shapes(tmp_path / "d", num=6, seed=0, image_size=(40, 96, 64), splits=(1, 0, 0))
+    processor = BlipImageProcessor(size=(48, 48))
+    pixels, targets = load_split(paths["train"], processor)
+    assert pixels.shape == (6, 3, 48, 48) and targets.cells.shape == (6, GRID * GRID)
+    records = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert sorted(r["image_size"] for r in records) == [40, 40, 64, 64, 96, 96]
+    for row, record in zip(pixels, records):
+        with Image.open(tmp_path / "d" / record["image"]) as image:
+            assert torch.equal(row, processor([image.convert("RGB")])["pixel_values"][0])
