@@ -1,24 +1,45 @@
-"""Linear layers whose checkpoint tensors are not one-to-one with their parameters, and the CPU fast path.
+"""fovea's linear layers: each owns its parameters and delegates its math to a linear method.
 
-A parameter may carry `weight_loader(param, loaded, shard_id)` and `packed_shards` (the shard ids that
-together fill it); `fovea.models.weights.load_weights` calls the loader for every checkpoint tensor mapped to
-the parameter, and counts it filled once it got the whole tensor (`shard_id=None`) or every packed shard.
+- `Linear`: y = x @ W^T + b, replicated (the whole weight on every rank).
+- `PackedLinear`: projections of the same input stacked into one matmul (q, k, v -> qkv_proj; gate, up ->
+  gate_up_proj), each filled from its own checkpoint tensor.
 
-`prepack_linear_weights` moves a loaded model's linear weights into a packed layout for inference: fovea's own AMX
-kernel's (`fovea.layers.amx_linear`) for bfloat16 where it applies, oneDNN's blocked layout otherwise.
+Column- and row-parallel shards are further subclasses of `LinearBase` with their own weight loaders.
+
+Which method runs (`fovea.layers.linear_methods`: dense torch, oneDNN-packed, AMX-packed) is chosen when the
+layer's weights are loaded (`prepare_linear_layer`), and `repr` names it. `state_dict()` returns the checkpoint's
+dense tensors whatever the method holds.
+
+A parameter may carry `weight_loader(param, loaded, shard_id)` and `packed_shards` (the shard ids that together
+fill it); `fovea.models.weights.load_weights` calls the loader for every checkpoint tensor mapped to the
+parameter, and counts it filled once it got the whole tensor (`shard_id=None`) or every packed shard.
 """
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from types import MethodType
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from fovea.layers import amx_linear
+from fovea.layers.linear_methods import (BF16_SLOW_ROWS, PREPACK_BATCH_HINT, DenseLinearMethod,  # noqa: F401
+                                         LinearMethod, onednn_linear_available, select_linear_method)
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | None"], None]
+
+_initialize_weights = True
+
+
+@contextlib.contextmanager
+def no_weight_init() -> Iterator[None]:
+    """Linear layers built inside leave their weights uninitialised (a checkpoint fills them next): no time
+    spent drawing 4 billion random numbers, and no page of an unfilled weight is touched before it is loaded."""
+    global _initialize_weights
+    previous, _initialize_weights = _initialize_weights, False
+    try:
+        yield
+    finally:
+        _initialize_weights = previous
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -34,15 +55,53 @@ def set_weight_loader(param: nn.Parameter, loader: WeightLoader, packed_shards: 
     param.packed_shards = packed_shards
 
 
-class PackedLinear(nn.Linear):
+class LinearBase(nn.Module):
+    """in_features -> out_features through `self.method`; `params_dtype` is the dtype of the activations it
+    takes and returns (its weights may be held in another form)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
+                 method: LinearMethod | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.params_dtype = dtype or torch.get_default_dtype()
+        self.method = method or DenseLinearMethod()
+        self.is_prepared = False  # see prepare_linear_layer
+        self.method.create_weights(self, in_features, out_features, bias, self.params_dtype, _initialize_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def _apply(self, fn, recurse=True):
+        # .float() / .to(dtype) before loading (transformers' keep-in-float32 modules): follow the weights
+        super()._apply(fn, recurse)
+        weight = self._parameters.get("weight")
+        if weight is not None:
+            self.params_dtype = weight.dtype
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, tensor in self.method.checkpoint_tensors(self).items():
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.method.name}")
+
+
+class Linear(LinearBase):
+    """y = x @ W^T + b with the whole weight (replicated)."""
+
+
+class PackedLinear(LinearBase):
     """Projections of the same input stacked into one matmul, e.g. q, k, v -> qkv_proj.
 
     `shard_sizes` names the checkpoint's separate projections in output order with their output sizes;
     forward returns the stacked output [..., sum(sizes)], `split` cuts it back into one view per shard.
     """
 
-    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = True):
-        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool = True,
+                 dtype: torch.dtype | None = None, method: LinearMethod | None = None):
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias, dtype=dtype, method=method)
         self.shard_sizes = dict(shard_sizes)
         self.shard_offsets: dict[str, int] = {}
         offset = 0
@@ -64,69 +123,33 @@ class PackedLinear(nn.Linear):
     def split(self, stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return stacked.split(list(self.shard_sizes.values()), dim=-1)
 
-
-# ---- CPU inference: oneDNN-packed weights ----------------------------------------------------------------------
-
-PREPACK_BATCH_HINT = 64
-"""Rows oneDNN tunes the packed layout for; measured fast from 1 to several thousand rows either way."""
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", shards={self.shard_sizes}"
 
 
-def onednn_linear_available() -> bool:
-    """oneDNN's packed linear can run here, and FOVEA_NO_ONEDNN_LINEAR=1 does not turn it off."""
-    return os.environ.get("FOVEA_NO_ONEDNN_LINEAR") != "1" and torch.backends.mkldnn.is_available()
+def prepare_linear_layer(layer: LinearBase, keep_weight: bool = False) -> bool:
+    """Choose the method that runs a loaded layer and let it repack the weights (inference only: packed
+    methods have no autograd). `keep_weight`: the dense weight is shared with another module (a tied
+    `lm_head`) and stays registered. Returns whether the layer now runs a packed method. A layer is prepared
+    once; later calls only answer."""
+    if not layer.is_prepared:
+        layer.method = select_linear_method(layer)
+        layer.method.process_weights_after_loading(layer, keep_weight=keep_weight)
+        layer.is_prepared = True
+    return not isinstance(layer.method, DenseLinearMethod)
 
 
-BF16_SLOW_ROWS = range(17, 33)
-"""bfloat16 inputs with this many rows are padded with zero rows to `BF16_SLOW_ROWS.stop`: oneDNN (3.12, AMX,
-2 threads) runs them ~1.5x slower than 16 or 33 rows (Qwen2-0.5B's 896 x 9728 gate/up weight: 2.4 ms at 32 rows,
-1.6 ms at 33, weights cold in memory), and decode batches sit right there. float32 has no such step."""
-
-
-def _onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    rows = x.shape[0]
-    if x.dim() == 2 and rows in BF16_SLOW_ROWS and x.dtype == torch.bfloat16:
-        padded = x.new_zeros(BF16_SLOW_ROWS.stop, x.shape[1])
-        padded[:rows] = x
-        return torch.ops.mkldnn._linear_pointwise(padded, self.onednn_weight, self.bias, "none", [], "")[:rows]
-    return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight, self.bias, "none", [], "")
-
-
-def _amx_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return amx_linear.linear(x, self.amx_weight, self.amx_bias)
-
-
-def prepack_linear_weights(model: nn.Module, batch_hint: int = PREPACK_BATCH_HINT) -> int:
-    """Repack the weight of every CPU float32/bfloat16 `nn.Linear` of `model` (inference only: no autograd)
-    into oneDNN's blocked layout, and run those layers through oneDNN from then on. Returns how many.
-    bfloat16 layers that `amx_linear.supports` (AMX here, K and N multiples of 32) go to that kernel instead
-    (faster here, see its docstring; FOVEA_NO_AMX_LINEAR=1 keeps them on oneDNN).
-
-    Why: on this class of machine, torch's default CPU matmul (MKL) reaches ~150 GFLOP/s in float32 where
-    oneDNN's packed kernels reach ~400 (and bfloat16 gains 1.1-1.7x), with the same float32 arithmetic in a
-    different summation order. The dense weight is released (a packed copy replaces it); `module.weight`
-    becomes an empty placeholder of the same dtype, so code that asks a layer for its dtype still works while
-    code that would read its values fails loudly. A weight shared with another module (a tied `lm_head`)
-    stays with that module. FOVEA_NO_ONEDNN_LINEAR=1 turns the whole path off.
-    """
-    if not onednn_linear_available():
-        return 0
+def prepare_linear_layers(model: nn.Module) -> int:
+    """`prepare_linear_layer` for every linear layer of an already loaded `model`; returns how many run a
+    packed method. (`fovea.models.weights.load_model` does this layer by layer while loading.)"""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
     count = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor) or weight.dim() != 2
-                or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
-                or weight.numel() == 0):
-            continue
-        bias = module.bias
-        if bias is not None and bias.dtype != weight.dtype:
-            continue
-        if amx_linear.supports(weight):
-            module.amx_weight = amx_linear.pack_weight(weight)
-            module.amx_bias = None if bias is None else bias.detach().float()
-            module.forward = MethodType(_amx_forward, module)
-        else:
-            module.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
-            module.forward = MethodType(_onednn_forward, module)
-        module.weight = nn.Parameter(torch.empty(0, dtype=weight.dtype), requires_grad=False)
-        count += 1
+        if isinstance(module, LinearBase):
+            weight = module._parameters.get("weight")
+            count += prepare_linear_layer(module, keep_weight=weight is not None and owners[id(weight)] > 1)
     return count

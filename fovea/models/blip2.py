@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, PretrainedConfig
 
 from fovea.layers.activations import get_activation
-from fovea.layers.linear import copy_checked, set_weight_loader
+from fovea.layers.linear import Linear, copy_checked, set_weight_loader
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
 from fovea.models.interfaces import SupportsMultiModal
 from fovea.models.opt import OPTForCausalLM
@@ -66,10 +66,10 @@ class BlipVisionAttention(nn.Module):
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = dim // self.num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=config.qkv_bias)
         if self.qkv.bias is not None:
             set_weight_loader(self.qkv.bias, _load_qkv_bias, packed_shards=("q_bias", "v_bias"))
-        self.projection = nn.Linear(dim, dim)
+        self.projection = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         batch, seq, dim = x.shape
@@ -81,8 +81,8 @@ class BlipVisionAttention(nn.Module):
 class BlipMLP(nn.Module):
     def __init__(self, config: Blip2VisionConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,9 +134,9 @@ class QFormerMultiHeadAttention(nn.Module):
         kv_dim = config.encoder_hidden_size if is_cross_attention else dim
         self.num_heads = config.num_attention_heads
         self.head_dim = dim // self.num_heads
-        self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(kv_dim, dim)
-        self.value = nn.Linear(kv_dim, dim)
+        self.query = Linear(dim, dim)
+        self.key = Linear(kv_dim, dim)
+        self.value = Linear(kv_dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x [B, Q, D] attends to context [B, T, kv_dim] (x itself for self-attention); no mask
@@ -153,7 +153,7 @@ class QFormerResidualOutput(nn.Module):
 
     def __init__(self, config: Blip2QFormerConfig, in_features: int):
         super().__init__()
-        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.dense = Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -173,7 +173,7 @@ class QFormerAttention(nn.Module):
 class QFormerIntermediate(nn.Module):
     def __init__(self, config: Blip2QFormerConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.act = get_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +246,7 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.vision_model = BlipVisionModel(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = Blip2QFormerModel(config.qformer_config)
-        self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_config.hidden_size)
+        self.language_projection = Linear(config.qformer_config.hidden_size, text_config.hidden_size)
         self.language_model = OPTForCausalLM(text_config)
         self.embed_dim = text_config.word_embed_proj_dim
         if self.embed_dim > text_config.hidden_size:
@@ -315,7 +315,7 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal):
                     f"image_embeds must be [num_images, {self.num_query_tokens}, {hidden}] or "
                     f"[{self.num_query_tokens}, {hidden}], got {list(image_embeds.shape)}"
                 )
-            projected = embeds.to(self.language_projection.weight.dtype)
+            projected = embeds.to(self.language_projection.params_dtype)
         else:
             return []
         return list(self._image_rows(projected).unbind(0))

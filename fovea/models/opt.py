@@ -15,7 +15,7 @@ from transformers import OPTConfig
 
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
-from fovea.layers.linear import PackedLinear
+from fovea.layers.linear import Linear, PackedLinear
 from fovea.models.utils import TokenEmbeddingsMixin
 
 POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0 (a fairseq leftover)
@@ -31,7 +31,7 @@ class OPTAttention(nn.Module):
         head_dim = hidden // num_heads
         shards = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden}
         self.qkv_proj = PackedLinear(hidden, shards, bias=config.enable_bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=config.enable_bias)
+        self.out_proj = Linear(hidden, hidden, bias=config.enable_bias)
         self.attn = Attention(num_heads, head_dim, scale=head_dim**-0.5)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [N, hidden]
@@ -47,8 +47,8 @@ class OPTDecoderLayer(nn.Module):
         self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = nn.Linear(hidden, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = nn.Linear(config.ffn_dim, hidden, bias=config.enable_bias)
+        self.fc1 = Linear(hidden, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = Linear(config.ffn_dim, hidden, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.act = get_activation(config.activation_function)
 
@@ -67,8 +67,8 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         # token embeddings (and lm_head) live in word_embed_proj_dim; the layers in hidden_size
-        self.project_in = nn.Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
-        self.project_out = nn.Linear(hidden, embed_dim, bias=False) if embed_dim != hidden else None
+        self.project_in = Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
+        self.project_out = Linear(hidden, embed_dim, bias=False) if embed_dim != hidden else None
         has_final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
         self.final_layer_norm = (
             nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine) if has_final_norm else None
@@ -101,7 +101,7 @@ class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module):
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
-        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight

@@ -15,7 +15,7 @@ from torch import nn
 from fovea.layers import fused_cpu
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
-from fovea.layers.linear import PackedLinear
+from fovea.layers.linear import Linear, PackedLinear
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, rope_parameters
 from fovea.models.utils import TokenEmbeddingsMixin
@@ -42,7 +42,7 @@ class Qwen2Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         shards = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
         self.qkv_proj = PackedLinear(config.hidden_size, shards, bias=True)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         self.attn = Attention(self.num_heads, self.head_dim, scale=self.head_dim**-0.5, num_kv_heads=self.num_kv_heads)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,7 @@ class GatedMLP(nn.Module):
         super().__init__()
         shards = {"gate_proj": intermediate_size, "up_proj": intermediate_size}
         self.gate_up_proj = PackedLinear(hidden_size, shards, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = get_activation(hidden_act)
         self.is_silu = hidden_act in ("silu", "swish")
 
@@ -110,7 +110,7 @@ class Qwen2ForCausalLM(TokenEmbeddingsMixin, nn.Module):
         self.config = config
         rope = rope_parameters(config)
         self.model = Qwen2Model(config, RotaryEmbedding(head_dim_of(config), rope["rope_theta"]))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea.engine.request import MultiModalFeature
+from fovea.layers.linear import Linear
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
 from fovea.models.qwen2 import GatedMLP, Qwen2Model, head_dim_of
@@ -149,8 +150,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim, bias=True)
+        self.qkv = Linear(dim, 3 * dim, bias=True)
+        self.proj = Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, runs: PackedSegments) -> torch.Tensor:
         n = x.shape[0]
@@ -180,8 +181,8 @@ class PatchMerger(nn.Module):
         super().__init__()
         self.merged_dim = dim * merge * merge
         self.ln_q = RMSNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(),
-                                 nn.Linear(self.merged_dim, out_dim))
+        self.mlp = nn.Sequential(Linear(self.merged_dim, self.merged_dim), nn.GELU(),
+                                 Linear(self.merged_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N / merge^2, out_dim]
         return self.mlp(self.ln_q(x).view(-1, self.merged_dim))
@@ -251,7 +252,7 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, Suppor
         self.config = config
         text_config = config.text_config
         self.model = Qwen2_5_VLModel(config)
-        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.lm_head = Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
@@ -319,7 +320,7 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, Suppor
                 if tuple(embeds.shape) != (sum(rows), hidden):
                     raise ValueError(f"{name}_embeds must be [{sum(rows)}, {hidden}] for grids {grids}, "
                                      f"got {list(embeds.shape)}")
-                outputs += list(embeds.to(self.lm_head.weight.dtype).split(rows))
+                outputs += list(embeds.to(self.lm_head.params_dtype).split(rows))
                 continue
             num_patches = sum(t * h * w for t, h, w in grids)
             if tuple(values.shape) != (num_patches, visual.patch_dim):

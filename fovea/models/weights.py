@@ -15,14 +15,15 @@ shapes; anything else is a ValueError naming the tensor.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from fovea.layers.linear import copy_checked
+from fovea.layers.linear import LinearBase, copy_checked, no_weight_init, prepare_linear_layer
+from fovea.models.safetensors_mmap import SafetensorsFile
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -84,19 +85,35 @@ def _shard_name(param_name: str, shard: str, packed_mapping: dict[str, list[str]
     return f"{param_name} (shard {shard})"
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Fill every parameter of `model` from the checkpoint in `model_dir`, converting to each one's dtype."""
+def load_weights(model: nn.Module, model_dir: str | Path,
+                 on_module_loaded: Callable[[nn.Module], None] | None = None) -> None:
+    """Fill every parameter of `model` from the checkpoint in `model_dir`, converting to each one's dtype.
+
+    `on_module_loaded(module)` runs for each module of `model` as soon as its own parameters are all filled
+    (a tied parameter counts for every module holding it), before the next tensor is read: a linear layer
+    repacks its weights there, so the dense copy is freed before the next layer loads.
+    """
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
+    unfilled_of: dict[int, list[nn.Module]] = {}  # id(param) -> modules holding it
+    num_unfilled: dict[nn.Module, int] = {}
+    if on_module_loaded is not None:
+        for module in model.modules():
+            own = [p for p in module._parameters.values() if p is not None]
+            num_unfilled[module] = len(own)
+            for p in own:
+                unfilled_of.setdefault(id(p), []).append(module)
     loaded: dict[str, set[str | None]] = {}
     packed_mapping = getattr(model, "packed_modules_mapping", {})
     for path in safetensors_files(model_dir):
-        with safe_open(str(path), framework="pt") as f:
+        with SafetensorsFile(path) as f:
             for name in f.keys():
                 target = map_checkpoint_name(model, name)
                 if target is None:
                     continue
                 param = params.get(target.param)
                 if param is None:
+                    if target.param in loaded:
+                        raise ValueError(f"tensor {name!r} in {path.name} fills {target.param!r} a second time")
                     raise ValueError(
                         f"unexpected tensor {name!r} in {path.name}: {type(model).__name__} has no parameter "
                         f"{target.param!r}"
@@ -106,15 +123,23 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
                     raise ValueError(f"tensor {name!r} in {path.name} fills {target.param!r} a second time")
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 try:
-                    loader(param, f.get_tensor(name), target.shard)
+                    loader(param, f.get(name), target.shard)
                 except ValueError as e:
                     raise ValueError(f"tensor {name!r} in {path.name} -> {target.param!r}: {e}") from None
+                f.release(name)
                 done.add(target.shard)
+                if _is_filled(param, done):
+                    del params[target.param]  # the module may now replace it; keep no reference here
+                    for module in unfilled_of.pop(id(param), ()):
+                        num_unfilled[module] -= 1
+                        if num_unfilled[module] == 0:
+                            on_module_loaded(module)
+                del param
     missing = []
     for param_name, param in params.items():
         done = loaded.get(param_name, set())
         shards = getattr(param, "packed_shards", ())
-        if None in done or (shards and done >= set(shards)):
+        if _is_filled(param, done):
             continue
         if not shards:
             missing.append(param_name)
@@ -128,3 +153,53 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
         if len(missing) > 10:
             shown += f" and {len(missing) - 10} more"
         raise ValueError(f"missing tensor(s) in {model_dir}: {shown}")
+
+
+def _is_filled(param: nn.Parameter, done: set[str | None]) -> bool:
+    shards = getattr(param, "packed_shards", ())
+    return None in done or bool(shards and done >= set(shards))
+
+
+def build_model(model_cls: type[nn.Module], hf_config, dtype: torch.dtype) -> nn.Module:
+    """An inference model of `model_cls` in `dtype`, its weights not yet written (a checkpoint fills them):
+    no time spent drawing random numbers, and no memory touched before each weight is loaded."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with no_weight_init():
+            model = model_cls(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    for name in getattr(model, "keep_in_fp32_modules", ()):
+        # as transformers does: these stay float32 whatever the model dtype (BLIP-2's Q-Former)
+        target = model.get_parameter(name) if "." not in name and isinstance(
+            getattr(model, name, None), nn.Parameter) else model.get_submodule(name)
+        if isinstance(target, nn.Parameter):
+            target.data = target.data.float()
+        else:
+            target.float()
+    return model.eval().requires_grad_(False)
+
+
+def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path,
+               dtype: torch.dtype) -> tuple[nn.Module, int]:
+    """`build_model`, then fill it from `model_dir` strictly (see `load_weights`), each linear layer's method
+    chosen and its weights repacked as soon as they are filled, so that loading holds about one copy of the
+    weights, never two. Returns the model and how many of its linear layers run a packed method."""
+    model = build_model(model_cls, hf_config, dtype)
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners[id(param)] = owners.get(id(param), 0) + 1
+    num_packed = 0
+
+    def prepare(module: nn.Module) -> None:
+        nonlocal num_packed
+        if isinstance(module, LinearBase):
+            weight = module._parameters.get("weight")
+            num_packed += prepare_linear_layer(module, keep_weight=weight is not None and owners[id(weight)] > 1)
+
+    with torch.no_grad():
+        load_weights(model, model_dir, on_module_loaded=prepare)
+    return model, num_packed

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Blip2Config
 
+from fovea.layers.linear import LinearBase
 from fovea.models.blip2 import BlipVisionModel
 from fovea.training.distributed import all_gather_with_grad, concat_all_gather, get_rank, is_distributed
 from fovea.training.losses import (count_targets, itc_logits, itc_loss, itg_attention_mask, itg_labels, itg_loss,
@@ -63,9 +64,9 @@ def targets_per_process(labels: torch.Tensor) -> torch.Tensor | None:
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT's initialisation: normal(0, std) matrices and embeddings, zero biases, unit LayerNorms."""
     for sub in module.modules():
-        if isinstance(sub, (nn.Linear, nn.Embedding)):
+        if isinstance(sub, (nn.Linear, LinearBase, nn.Embedding)):
             nn.init.normal_(sub.weight, mean=0.0, std=std)
-        if isinstance(sub, nn.Linear) and sub.bias is not None:
+        if isinstance(sub, (nn.Linear, LinearBase)) and sub.bias is not None:
             nn.init.zeros_(sub.bias)
         if isinstance(sub, nn.LayerNorm):
             nn.init.ones_(sub.weight)

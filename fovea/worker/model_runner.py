@@ -19,8 +19,7 @@ from fovea.config import EngineConfig
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
-from fovea.layers.linear import prepack_linear_weights
-from fovea.models.weights import load_weights
+from fovea.models.weights import load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker.memory import measure_peak_bytes
@@ -67,23 +66,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, hf_config)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            self.model = model_cls(hf_config)
-        finally:
-            torch.set_default_dtype(previous)
-        for name in getattr(self.model, "keep_in_fp32_modules", ()):
-            # as transformers does: these stay float32 whatever the model dtype (BLIP-2's Q-Former)
-            target = self.model.get_parameter(name) if "." not in name and isinstance(
-                getattr(self.model, name, None), nn.Parameter) else self.model.get_submodule(name)
-            if isinstance(target, nn.Parameter):
-                target.data = target.data.float()
-            else:
-                target.float()
-        load_weights(self.model, config.model)
-        self.model.eval().requires_grad_(False)
-        self.num_prepacked_linears = prepack_linear_weights(self.model)
+        self.model, self.num_prepacked_linears = load_model(model_cls, hf_config, config.model, self.dtype)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         # unseeded random rows draw from this: `EngineConfig.seed` makes a whole run repeat exactly

@@ -1,12 +1,12 @@
 """fovea's AMX bfloat16 linear kernel: the packed layout, results against a float32 matmul of the same inputs,
-rows independent of the batch around them, the same result on 1 and 2 threads, clear errors, and the prepack
-switch-over."""
+rows independent of the batch around them, the same result on 1 and 2 threads, clear errors, and which
+loaded layers run it."""
 import pytest
 import torch
 from torch import nn
 
 from fovea.layers import amx_linear
-from fovea.layers.linear import prepack_linear_weights
+from fovea.layers.linear import Linear, prepare_linear_layer, prepare_linear_layers
 
 pytestmark = pytest.mark.skipif(not amx_linear.available(), reason="no AMX-BF16 here (or the kernel did not build)")
 
@@ -89,19 +89,21 @@ def test_bad_inputs_are_named():
         amx_linear.linear(x, packed, b)
 
 
-def test_prepack_sends_supported_bfloat16_layers_to_the_kernel(monkeypatch):
+def test_loaded_supported_bfloat16_layers_run_the_kernel(monkeypatch):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 96, dtype=torch.bfloat16), nn.Linear(96, 40, dtype=torch.bfloat16),
-                          nn.Linear(40, 32, dtype=torch.float32))
+    model = nn.Sequential(Linear(64, 96, dtype=torch.bfloat16), Linear(96, 40, dtype=torch.bfloat16),
+                          Linear(40, 32, dtype=torch.float32))
     x = torch.randn(5, 64, dtype=torch.bfloat16)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.inference_mode():
         expected = model[0](x)
-        assert prepack_linear_weights(model) == 3
+        assert prepare_linear_layers(model) == 3
         got = model[0](x)
-    assert hasattr(model[0], "amx_weight")  # K, N multiples of 32
-    assert hasattr(model[1], "onednn_weight") and not hasattr(model[1], "amx_weight")  # N = 40
-    assert hasattr(model[2], "onednn_weight")  # float32
+    assert [layer.method.name for layer in model] == ["amx", "onednn", "onednn"]  # N = 40; float32
+    assert "method=amx" in repr(model[0])
     assert (got.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) and state[k].dtype == v.dtype for k, v in dense.items())
     monkeypatch.setenv("FOVEA_NO_AMX_LINEAR", "1")
-    off = nn.Linear(64, 96, dtype=torch.bfloat16)
-    assert prepack_linear_weights(off) == 1 and hasattr(off, "onednn_weight")
+    off = Linear(64, 96, dtype=torch.bfloat16)
+    assert prepare_linear_layer(off) and off.method.name == "onednn"

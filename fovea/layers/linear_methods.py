@@ -1,0 +1,151 @@
+"""Linear methods: how a linear layer stores its weight and computes y = x @ W^T + b.
+
+A layer (`fovea.layers.linear`) owns its parameters and hands the math to `layer.method`:
+
+- `create_weights(layer, ...)` registers the parameters the checkpoint fills (dense: `weight` [N, K], `bias` [N]);
+- `process_weights_after_loading(layer)` turns them into what `apply` reads (a packed layout, say) once every
+  one is filled, releasing what is no longer needed;
+- `apply(layer, x)` runs the layer; `checkpoint_tensors(layer)` gives back the checkpoint's dense tensors (what
+  `state_dict()` returns, so a packed model still saves as the file it was loaded from).
+
+Every layer is built with `DenseLinearMethod` (the weights a checkpoint holds); `select_linear_method` picks,
+once its weights are loaded, the method that runs it. An int8 weight-only or LoRA-wrapped method creates and
+reads other parameters through the same four calls, so model files never change.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fovea.layers import amx_linear
+
+
+class LinearMethod:
+    """Base: creates the dense weights of a checkpoint, `weight` [out, in] and an optional `bias` [out]."""
+
+    name = "?"
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool,
+                       dtype: torch.dtype | None, initialize: bool) -> None:
+        layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        layer.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        if initialize:  # nn.Linear's initialisation, so a layer trained from scratch starts where torch's would
+            nn.init.kaiming_uniform_(layer.weight, a=5 ** 0.5)
+            if layer.bias is not None:
+                bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0
+                nn.init.uniform_(layer.bias, -bound, bound)
+
+    def process_weights_after_loading(self, layer: nn.Module, keep_weight: bool = False) -> None:
+        """Repack `layer.weight` for `apply`; `keep_weight` (a weight another module shares, e.g. a tied
+        `lm_head`) keeps the dense parameter registered for that module, at the cost of a second copy."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The layer's tensors as the checkpoint holds them (dense `weight` [out, in], `bias`)."""
+        return {name: p for name, p in layer._parameters.items() if p is not None}
+
+
+class DenseLinearMethod(LinearMethod):
+    """torch's `F.linear` on the dense weight: training (autograd), float16, and wherever no packed path runs."""
+
+    name = "dense"
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class PackedLinearMethod(LinearMethod):
+    """A CPU layout prepared once at load; the dense `weight` parameter is released (unless shared)."""
+
+    def process_weights_after_loading(self, layer: nn.Module, keep_weight: bool = False) -> None:
+        weight = layer.weight.detach()
+        layer.packed_weight = self.pack(weight, layer)
+        if not keep_weight:
+            del layer.weight  # its storage goes now: loading never holds the dense and packed copies of all layers
+
+    def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        tensors = super().checkpoint_tensors(layer)
+        if "weight" not in tensors:
+            tensors = {"weight": self.unpack(layer.packed_weight), **tensors}
+        return tensors
+
+
+PREPACK_BATCH_HINT = 64
+"""Rows oneDNN tunes the packed layout for; measured fast from 1 to several thousand rows either way."""
+
+BF16_SLOW_ROWS = range(17, 33)
+"""bfloat16 inputs with this many rows are padded with zero rows to `BF16_SLOW_ROWS.stop`: oneDNN (3.12, AMX,
+2 threads) runs them ~1.5x slower than 16 or 33 rows (Qwen2-0.5B's 896 x 9728 gate/up weight: 2.4 ms at 32 rows,
+1.6 ms at 33, weights cold in memory), and decode batches sit right there. float32 has no such step."""
+
+
+class OneDNNLinearMethod(PackedLinearMethod):
+    """oneDNN's packed linear: on this class of machine torch's default CPU matmul (MKL) reaches ~150 GFLOP/s
+    in float32 where oneDNN's packed kernels reach ~400 (bfloat16 gains 1.1-1.7x); the same float32
+    arithmetic in a different summation order. The packed weight is an opaque `torch._mkldnn` tensor."""
+
+    name = "onednn"
+
+    def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, PREPACK_BATCH_HINT)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed.to_dense()
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if x.dim() == 2 and rows in BF16_SLOW_ROWS and x.dtype == torch.bfloat16:
+            padded = x.new_zeros(BF16_SLOW_ROWS.stop, x.shape[1])
+            padded[:rows] = x
+            return torch.ops.mkldnn._linear_pointwise(padded, layer.packed_weight, layer.bias, "none", [], "")[:rows]
+        return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
+
+
+class AMXLinearMethod(PackedLinearMethod):
+    """fovea's bfloat16 AMX kernel (`fovea.layers.amx_linear`): weight [N/32, K/32, 2, 16, 16, 2], bias float32."""
+
+    name = "amx"
+
+    def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        layer.amx_bias = None if layer.bias is None else layer.bias.detach().float()
+        return amx_linear.pack_weight(weight)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        # packed [p, s, h, r, n, e] holds W[32p + 16h + n, 32s + 2r + e]
+        num_panels, num_steps = packed.shape[:2]
+        return packed.permute(0, 2, 4, 1, 3, 5).reshape(num_panels * 32, num_steps * 32)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return amx_linear.linear(x, layer.packed_weight, layer.amx_bias)
+
+
+def onednn_linear_available() -> bool:
+    """oneDNN's packed linear can run here, and FOVEA_NO_ONEDNN_LINEAR=1 does not turn it off."""
+    return os.environ.get("FOVEA_NO_ONEDNN_LINEAR") != "1" and torch.backends.mkldnn.is_available()
+
+
+def select_linear_method(layer: nn.Module) -> LinearMethod:
+    """The method a loaded layer runs, from its weight's dtype, shape and device and the kernels usable here:
+    AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear.supports`), else oneDNN for CPU
+    float32/bfloat16, else dense (float16, a bias of another dtype, oneDNN turned off, other devices)."""
+    if type(layer.method) is not DenseLinearMethod:  # already chosen, or a method with weights of its own
+        return layer.method
+    weight, bias = layer.weight, layer.bias
+    if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.numel() == 0
+            or (bias is not None and bias.dtype != weight.dtype) or not onednn_linear_available()):
+        return layer.method
+    if amx_linear.supports(weight):
+        return AMXLinearMethod()
+    return OneDNNLinearMethod()

@@ -1,0 +1,89 @@
+"""Loading holds one copy of the weights: in a fresh process, the resident memory that `load_model` adds
+(at its peak) stays within 1.15x the checkpoint's bytes for a bfloat16 checkpoint of a few hundred MB.
+
+Two copies (the memory-mapped file kept resident while the packed weights are built from it, or every weight
+initialised before being overwritten and packed) would be 2x; the checkpoint here is large enough that the
+libraries' own allocations (a few MB) do not decide the outcome.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+from fovea.layers.linear import onednn_linear_available
+
+MAX_GROWTH = 1.15
+
+_CHILD = r"""
+import json, sys
+import torch, transformers
+from fovea.layers.linear import Linear, prepare_linear_layer
+from fovea.models.registry import resolve_model_class
+from fovea.models.weights import load_model
+
+torch.set_num_threads(2)
+model_dir = sys.argv[1]
+config = transformers.AutoConfig.from_pretrained(model_dir)
+model_cls = resolve_model_class(config.architectures)
+with torch.inference_mode():  # load the kernels' libraries first: their code is not the model's memory
+    warm = Linear(64, 64, dtype=torch.bfloat16)
+    prepare_linear_layer(warm)
+    warm(torch.zeros(2, 64, dtype=torch.bfloat16))
+
+def status_bytes(field):  # VmRSS now, VmHWM its peak
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+# the peak from here on. Not ru_maxrss: after fork + exec it starts at the parent's peak (pytest's, here)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_bytes("VmRSS")
+model, num_packed = load_model(model_cls, config, model_dir, torch.bfloat16)
+print(json.dumps({"before": before, "peak": status_bytes("VmHWM"), "after": status_bytes("VmRSS"),
+                  "num_packed": num_packed}))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A 12-layer OPT 1024 wide, bfloat16, lm_head not tied: 169 M parameters, 338 MB, as `save_pretrained`
+    writes it. Shaped like a real checkpoint: no single tensor is a large part of it (each is read and repacked
+    while the weights before it are held, so the largest one's size comes on top for a moment).
+
+    Untied, because a tied lm_head is packed into a copy of its own (the embedding keeps the dense weight):
+    that copy is what loading adds beyond the file then, vocab x hidden (3% of BLIP-2 OPT-2.7b's bytes)."""
+    out = tmp_path_factory.mktemp("load_memory")
+    config = OPTConfig(hidden_size=1024, ffn_dim=4096, num_hidden_layers=12, num_attention_heads=16,
+                       vocab_size=8192, max_position_embeddings=512, word_embed_proj_dim=1024,
+                       tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = OPTForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
+def test_loading_adds_at_most_the_checkpoint_size(checkpoint, packed):
+    if packed and not onednn_linear_available():
+        pytest.skip("oneDNN is not in this torch build")
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if not packed:
+        env["FOVEA_NO_ONEDNN_LINEAR"] = "1"
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    file_bytes = (checkpoint / "model.safetensors").stat().st_size
+    growth = figures["peak"] - figures["before"]
+    assert (figures["num_packed"] > 0) == packed
+    assert growth <= MAX_GROWTH * file_bytes, (
+        f"loading a {file_bytes / 1e6:.0f} MB checkpoint added {growth / 1e6:.0f} MB at its peak "
+        f"({growth / file_bytes:.2f}x > {MAX_GROWTH}x)")
+    assert figures["after"] - figures["before"] >= 0.9 * file_bytes  # the weights are really there
