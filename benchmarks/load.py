@@ -1,0 +1,110 @@
+"""Model load: fovea's `load_model` vs transformers' `from_pretrained`, time and peak memory, same checkpoint.
+
+Each side loads in a fresh process (2 threads) after importing its libraries; the figures are the wall time of
+the load call and the peak resident memory it adds (VmHWM, reset just before), against the checkpoint's bytes.
+fovea's figure includes repacking every linear layer for its kernel (oneDNN / AMX); transformers keeps them
+dense. The page cache is warmed first (one read of the file), so neither side measures the disk.
+
+The checkpoint is a random bfloat16 OPT (tied embeddings, like BLIP-2's language model) written by
+`save_pretrained` into `CACHE`: `--layers 32` gives OPT-2.7b's shape (2.65 B parameters, 5.3 GB); the default
+8 layers, 1.5 GB. `--model-dir` loads an existing checkpoint instead.
+
+    python benchmarks/load.py [--layers 8] [--model-dir DIR] [--repeats 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import CACHE  # noqa: E402
+
+_PRELUDE = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(2)
+
+def status_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+def measure(load):
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM from here
+    before = status_bytes("VmRSS")
+    start = time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_bytes": status_bytes("VmHWM") - before,
+                      "after_bytes": status_bytes("VmRSS") - before}))
+"""
+
+_FOVEA = _PRELUDE + r"""
+import transformers
+from fovea.layers.linear import Linear, prepare_linear_layer
+from fovea.models.registry import resolve_model_class
+from fovea.models.weights import load_model
+config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+warm = Linear(64, 64, dtype=torch.bfloat16)  # the kernels' libraries load here, not in the timed call
+prepare_linear_layer(warm)
+measure(lambda: load_model(resolve_model_class(config.architectures), config, sys.argv[1], torch.bfloat16))
+"""
+
+_TRANSFORMERS = _PRELUDE + r"""
+import transformers
+measure(lambda: transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16))
+"""
+
+
+def build_checkpoint(layers: int) -> Path:
+    out = CACHE / f"load_opt2560_l{layers}"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(hidden_size=2560, ffn_dim=10240, num_hidden_layers=layers, num_attention_heads=32,
+                       vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=2560)
+    torch.manual_seed(0)
+    model = OPTForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(out))
+    return out
+
+
+def run(script: str, model_dir: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    result = subprocess.run([sys.executable, "-c", script, str(model_dir)], env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(result.stderr)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    model_dir = args.model_dir or build_checkpoint(args.layers)
+    files = sorted(model_dir.glob("*.safetensors"))
+    file_bytes = sum(p.stat().st_size for p in files)
+    for path in files:  # warm the page cache
+        with open(path, "rb") as f:
+            while f.read(1 << 26):
+                pass
+    print(f"{model_dir}: {file_bytes / 1e9:.2f} GB")
+    for name, script in (("fovea", _FOVEA), ("transformers", _TRANSFORMERS)):
+        runs = [run(script, model_dir) for _ in range(args.repeats)]
+        best = min(runs, key=lambda r: r["seconds"])
+        times = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+        print(f"{name:>12}: {best['seconds']:.2f} s (runs: {times}), "
+              f"peak +{best['peak_bytes'] / 1e9:.2f} GB = {best['peak_bytes'] / file_bytes:.2f}x the file, "
+              f"after +{best['after_bytes'] / 1e9:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
