@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from fovea.layers.linear_methods import (BF16_SLOW_ROWS, PREPACK_BATCH_HINT, DenseLinearMethod,  # noqa: F401
-                                         LinearMethod, onednn_linear_available, select_linear_method)
+from fovea.layers.linear_methods import (DenseLinearMethod, LinearMethod, onednn_linear_available,  # noqa: F401
+                                         select_linear_method)
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | None"], None]
 
@@ -139,17 +139,26 @@ def prepare_linear_layer(layer: LinearBase, keep_weight: bool = False) -> bool:
     return not isinstance(layer.method, DenseLinearMethod)
 
 
-def prepare_linear_layers(model: nn.Module) -> int:
-    """`prepare_linear_layer` for every linear layer of an already loaded `model`; returns how many run a
-    packed method. (`fovea.models.weights.load_model` does this layer by layer while loading.)"""
+def parameter_owners(model: nn.Module) -> dict[int, int]:
+    """id(parameter) -> how many modules of `model` hold it (2 for a tied `lm_head`'s weight)."""
     owners: dict[int, int] = {}
     for module in model.modules():
         for param in module._parameters.values():
             if param is not None:
                 owners[id(param)] = owners.get(id(param), 0) + 1
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LinearBase):
-            weight = module._parameters.get("weight")
-            count += prepare_linear_layer(module, keep_weight=weight is not None and owners[id(weight)] > 1)
-    return count
+    return owners
+
+
+def prepare_loaded_layer(layer: nn.Module, owners: dict[int, int]) -> bool:
+    """`prepare_linear_layer` if `layer` is a linear layer (else False), keeping a shared weight."""
+    if not isinstance(layer, LinearBase):
+        return False
+    weight = layer._parameters.get("weight")
+    return prepare_linear_layer(layer, keep_weight=weight is not None and owners.get(id(weight), 1) > 1)
+
+
+def prepare_linear_layers(model: nn.Module) -> int:
+    """`prepare_linear_layer` for every linear layer of an already loaded `model`; returns how many run a
+    packed method. (`fovea.models.weights.load_model` does this layer by layer while loading.)"""
+    owners = parameter_owners(model)
+    return sum(prepare_loaded_layer(module, owners) for module in model.modules())

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fovea.layers.linear import LinearBase, copy_checked, no_weight_init, prepare_linear_layer
+from fovea.layers.linear import copy_checked, no_weight_init, parameter_owners, prepare_loaded_layer
 from fovea.models.safetensors_mmap import SafetensorsFile
 
 SINGLE_FILE = "model.safetensors"
@@ -187,18 +187,12 @@ def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path,
     chosen and its weights repacked as soon as they are filled, so that loading holds about one copy of the
     weights, never two. Returns the model and how many of its linear layers run a packed method."""
     model = build_model(model_cls, hf_config, dtype)
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None:
-                owners[id(param)] = owners.get(id(param), 0) + 1
+    owners = parameter_owners(model)
     num_packed = 0
 
     def prepare(module: nn.Module) -> None:
         nonlocal num_packed
-        if isinstance(module, LinearBase):
-            weight = module._parameters.get("weight")
-            num_packed += prepare_linear_layer(module, keep_weight=weight is not None and owners[id(weight)] > 1)
+        num_packed += prepare_loaded_layer(module, owners)
 
     with torch.no_grad():
         load_weights(model, model_dir, on_module_loaded=prepare)

@@ -8,6 +8,7 @@ from torch import nn
 from fovea.layers import amx_linear
 from fovea.layers.linear import (Linear, PackedLinear, no_weight_init, onednn_linear_available,
                                  prepare_linear_layer, prepare_linear_layers)
+from fovea.layers.linear_methods import AMXLinearMethod
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="oneDNN not available in this torch build")
 
@@ -100,6 +101,12 @@ def test_bfloat16_row_counts_around_the_padded_range(rows):
     assert got.shape == (rows, layer.out_features) and got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max() <= 0.02 * expected.abs().max()
     assert (got.float() - alone.float()).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_amx_unpack_inverts_the_packing():
+    # pure torch: checked on every CPU, whether or not the kernel runs here
+    weight = torch.randn(64, 96).bfloat16()
+    assert torch.equal(AMXLinearMethod().unpack(amx_linear.pack_weight(weight)), weight)
 
 
 def test_initialised_as_nn_linear_unless_built_for_loading():
