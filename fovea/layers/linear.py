@@ -4,7 +4,8 @@
 - `PackedLinear`: projections of the same input stacked into one matmul (q, k, v -> qkv_proj; gate, up ->
   gate_up_proj), each filled from its own checkpoint tensor.
 
-Column- and row-parallel shards are further subclasses of `LinearBase` with their own weight loaders.
+Column- and row-parallel shards (tensor parallelism, a later issue) will be further subclasses of `LinearBase`
+with their own weight loaders.
 
 Which method runs (`fovea.layers.linear_methods`: dense torch, oneDNN-packed, AMX-packed) is chosen when the
 layer's weights are loaded (`prepare_linear_layer`), and `repr` names it. `state_dict()` returns the checkpoint's
@@ -57,7 +58,9 @@ def set_weight_loader(param: nn.Parameter, loader: WeightLoader, packed_shards: 
 
 class LinearBase(nn.Module):
     """in_features -> out_features through `self.method`; `params_dtype` is the dtype of the activations it
-    takes and returns (its weights may be held in another form)."""
+    takes and returns (its weights may be held in another form). `method` creates the parameters the
+    checkpoint fills: None is the dense weight and bias; an int8 weight-only method would create its int8
+    weight and scales instead, with no change to the model file that builds the layer."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype | None = None,
                  method: LinearMethod | None = None):
