@@ -136,9 +136,14 @@ def onednn_linear_available() -> bool:
     return os.environ.get("FOVEA_NO_ONEDNN_LINEAR") != "1" and torch.backends.mkldnn.is_available()
 
 
+def amx_linear_supports(weight: torch.Tensor) -> bool:
+    """fovea's AMX kernel runs here and takes `weight` (CPU bfloat16, K and N multiples of 32)."""
+    return amx_linear.supports(weight)
+
+
 def select_linear_method(layer: nn.Module) -> LinearMethod:
     """The method a loaded layer runs, from its weight's dtype, shape and device and the kernels usable here:
-    AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear.supports`), else oneDNN for CPU
+    AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear_supports`), else oneDNN for CPU
     float32/bfloat16, else dense (float16, a bias of another dtype, oneDNN turned off, other devices)."""
     if type(layer.method) is not DenseLinearMethod:  # already chosen, or a method with weights of its own
         return layer.method
@@ -146,6 +151,6 @@ def select_linear_method(layer: nn.Module) -> LinearMethod:
     if (weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or weight.numel() == 0
             or (bias is not None and bias.dtype != weight.dtype) or not onednn_linear_available()):
         return layer.method
-    if amx_linear.supports(weight):
+    if amx_linear_supports(weight):
         return AMXLinearMethod()
     return OneDNNLinearMethod()

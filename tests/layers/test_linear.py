@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fovea.layers import amx_linear
+from fovea.layers import amx_linear, linear_methods
 from fovea.layers.linear import (Linear, PackedLinear, no_weight_init, onednn_linear_available,
                                  prepare_linear_layer, prepare_linear_layers)
 from fovea.layers.linear_methods import AMXLinearMethod
@@ -61,7 +61,7 @@ def test_repr_names_the_method():
 
 
 def test_off_switch_leaves_the_layers_dense(monkeypatch):
-    monkeypatch.setenv("FOVEA_NO_ONEDNN_LINEAR", "1")
+    monkeypatch.setattr(linear_methods, "onednn_linear_available", lambda: False)
     model = _Tiny(torch.float32)
     assert prepare_linear_layers(model) == 0 and model.down.weight.shape == (24, 40)
     assert model.down.method.name == "dense"

@@ -7,15 +7,15 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from fovea.layers import amx_linear
+from fovea.layers import amx_linear, linear_methods
 from fovea.layers.linear import LinearBase, PackedLinear, onednn_linear_available
 from fovea.models.registry import resolve_model_class
 from fovea.models.weights import load_model, map_checkpoint_name
 from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2
 
-# method -> environment that makes it the one chosen (where the CPU and torch build allow it at all)
-METHODS = {"dense": {"FOVEA_NO_ONEDNN_LINEAR": "1"}, "onednn": {"FOVEA_NO_AMX_LINEAR": "1"}, "amx": {}}
+# method -> the selection's inputs turned off to make it the one chosen (where the CPU and torch allow it at all)
+METHODS = {"dense": ["onednn_linear_available"], "onednn": ["amx_linear_supports"], "amx": []}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def test_state_dict_gives_back_the_checkpoint(checkpoints, family, dtype, method
         pytest.skip("oneDNN is not in this torch build")
     if method == "amx" and (dtype != torch.bfloat16 or not amx_linear.available()):
         pytest.skip("the AMX kernel runs bfloat16 on CPUs with AMX-BF16; this one has none")
-    for name, value in METHODS[method].items():
-        monkeypatch.setenv(name, value)
+    for name in METHODS[method]:
+        monkeypatch.setattr(linear_methods, name, lambda *args: False)
     model, num_packed = _load(checkpoints[family], dtype)
     methods = {m.method.name for m in model.modules() if isinstance(m, LinearBase)}
     if method == "amx":  # layers of other shapes, and BLIP-2's float32 Q-Former, run oneDNN
