@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         except argparse.ArgumentTypeError as e:
             parser.error(f"--{name.replace('_', '-')}: {e}")
     if args.eval_only:
-        evaluate(plan, Path(args.out), Path(args.work))
+        # the build's stage-1 export, when the work folder still has it, keeps the retrieval figures in eval.json
+        evaluate(plan, Path(args.out), Path(args.work), retrieval_model=Path(args.work) / "stage1" / "export")
     else:
         build(plan, Path(args.out), Path(args.work))
     return 0
