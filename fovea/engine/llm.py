@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from fovea.config import EngineConfig
 from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
-from fovea.entrypoints.chat_utils import ChatMessage, parse_chat_messages, render_chat
+from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
 
@@ -80,37 +80,33 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         mm_processor_kwargs: Mapping[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of messages) or to several (a list of such lists).
 
         Messages are OpenAI-style (see `fovea.entrypoints.chat_utils`): text, `image_url` / `video_url` with a
-        data URL or a local path, `image_pil`. Each conversation is rendered with `chat_template` or the
-        checkpoint's own, tokenized without adding special tokens (the template has them, as in vLLM), and
-        generated like a `generate` prompt; `RequestOutput.prompt` is the rendered text.
+        data URL or a local path, `image_pil`. Each conversation becomes a prompt by `build_chat_prompt`, the
+        function the server's /v1/chat/completions uses too (rendered with `chat_template` or the checkpoint's
+        own, `chat_template_kwargs` as extra template variables, tokenized without adding special tokens), and
+        is generated like a `generate` prompt; `RequestOutput.prompt` is the rendered text.
         """
         is_batch = (isinstance(messages, Sequence) and not isinstance(messages, str) and bool(messages)
                     and not isinstance(messages[0], Mapping))
         conversations = list(messages) if is_batch else [messages]
         tokenizer = self.get_tokenizer()
-        prompts, rendered = [], []
+        chats = []
         for i, conversation in enumerate(conversations):
             try:
-                parsed, mm_data = parse_chat_messages(conversation, allowed_modalities=self.llm_engine.mm_limits,
-                                                      allow_local_paths=True)
-                text = render_chat(tokenizer, parsed, chat_template, add_generation_prompt)
+                chats.append(build_chat_prompt(
+                    tokenizer, conversation, allowed_modalities=self.llm_engine.mm_limits, chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs,
+                    mm_processor_kwargs=mm_processor_kwargs, allow_local_paths=True))
             except ValueError as err:
                 raise ValueError(f"conversation {i}: {err}" if is_batch else str(err)) from err
-            prompt: dict[str, Any] = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
-            if mm_data:
-                prompt["multi_modal_data"] = mm_data
-            if mm_processor_kwargs:
-                prompt["mm_processor_kwargs"] = dict(mm_processor_kwargs)
-            prompts.append(prompt)
-            rendered.append(text)
-        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-        for output, text in zip(outputs, rendered):
-            output.prompt = text
+        outputs = self.generate([chat.prompt for chat in chats], sampling_params, use_tqdm=use_tqdm)
+        for output, chat in zip(outputs, chats):
+            output.prompt = chat.text
         return outputs
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -4,9 +4,12 @@ Shared by `LLM.chat` and the OpenAI server, so nothing here knows about the engi
 a conversation in transformers' content-part format (what `tokenizer.apply_chat_template` renders) and the
 media in prompt order come out.
 
-    conversation, mm_data = parse_chat_messages(messages, allowed_modalities={"image", "video"})
-    prompt = render_chat(tokenizer, conversation)
-    # -> {"prompt_token_ids": tokenizer.encode(prompt, add_special_tokens=False), "multi_modal_data": mm_data}
+    chat = build_chat_prompt(tokenizer, messages, allowed_modalities={"image", "video"})
+    chat.prompt  # {"prompt_token_ids": [...], "multi_modal_data": {"image": [...]}}: an engine prompt
+    chat.text    # the rendered template, special tokens included
+
+`build_chat_prompt` is the one way from messages to an engine prompt; `parse_chat_messages` and `render_chat` are
+its two steps.
 
 Content is a str or a list of parts:
 
@@ -27,6 +30,7 @@ import re
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -38,12 +42,66 @@ _PART_TYPES = ("text", "image_url", "video_url", "image_pil")
 _URL_PARTS = {"image_url": "image", "video_url": "video"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _MAX_SHOWN_CHARS = 80
+# apply_chat_template's own arguments: chat_template_kwargs must not override the template or how it is rendered
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "chat_template", "conversation", "tokenize", "add_generation_prompt", "continue_final_message", "tools",
+    "documents", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
+    "max_length", "tokenizer_kwargs", "processor_kwargs",
+})
+
+
+@dataclass(slots=True)
+class ChatPrompt:
+    """One conversation made ready for the engine."""
+
+    text: str  # the rendered template, special tokens included
+    prompt: dict[str, Any]  # {"prompt_token_ids", and "multi_modal_data" / "mm_processor_kwargs" when given}
 
 
 def no_fetch(url: str) -> Any:
     """The default `fetch`: remote media is refused."""
     raise ValueError(f"remote URLs are not fetched here: {_shorten(url)}; pass the media as a data URL or a "
                      f"file path")
+
+
+def build_chat_prompt(
+    tokenizer: Any,
+    messages: Sequence[ChatMessage],
+    *,
+    allowed_modalities: Collection[str],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    mm_processor_kwargs: Mapping[str, Any] | None = None,
+    fetch: Fetch = no_fetch,
+    allow_local_paths: bool = False,
+    read_media: Callable[[str], Any] | None = None,
+) -> ChatPrompt:
+    """OpenAI-style messages -> an engine prompt: what `LLM.chat` and the server's /v1/chat/completions both run.
+
+    The messages are parsed (`parse_chat_messages`, which takes `fetch` and `allow_local_paths`), rendered with
+    `chat_template` or the tokenizer's own, and tokenized without adding special tokens (the template has them,
+    as in vLLM). `read_media(item)`, when given, replaces every media string the parser passed through (a data
+    URL, a local path) with what it returns: the server reads them itself, under its size limits, while
+    `LLM.chat` leaves them to the engine's loaders. Every problem is a ValueError.
+    """
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(chat_template_kwargs or {}))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(reserved)} (arguments of the rendering "
+                         f"itself)")
+    conversation, mm_data = parse_chat_messages(messages, allowed_modalities=allowed_modalities, fetch=fetch,
+                                                allow_local_paths=allow_local_paths)
+    if read_media is not None:
+        mm_data = {modality: [read_media(item) if isinstance(item, str) else item for item in items]
+                   for modality, items in mm_data.items()}
+    text = render_chat(tokenizer, conversation, chat_template, add_generation_prompt,
+                       chat_template_kwargs=chat_template_kwargs)
+    prompt: dict[str, Any] = {"prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    if mm_data:
+        prompt["multi_modal_data"] = mm_data
+    if mm_processor_kwargs:
+        prompt["mm_processor_kwargs"] = dict(mm_processor_kwargs)
+    return ChatPrompt(text, prompt)
 
 
 def parse_chat_messages(

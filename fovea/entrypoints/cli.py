@@ -209,7 +209,7 @@ def _check_model_dir(path: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from fovea.entrypoints.media_fetch import MediaFetcher
-    from fovea.entrypoints.openai.server import ServerSettings, run_server
+    from fovea.entrypoints.openai.app import ServerSettings, run_server
 
     _check_model_dir(args.model)
     chat_template = args.chat_template
@@ -255,7 +255,7 @@ def _bench(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from fovea.engine.llm_engine import LLMEngine
-    from fovea.entrypoints.chat_utils import render_chat
+    from fovea.entrypoints.chat_utils import build_chat_prompt
     from fovea.sampling_params import SamplingParams
 
     _check_model_dir(args.model)
@@ -270,14 +270,15 @@ def _bench(args: argparse.Namespace) -> int:
     prompts = []
     for i in range(args.num_requests):
         text = " ".join(rng.choice(_BENCH_WORDS, args.input_words))
+        image = images[i % len(images)] if images else None
         if getattr(tokenizer, "chat_template", None):
-            content = ([{"type": "image"}] if images else []) + [{"type": "text", "text": text}]
-            rendered = render_chat(tokenizer, [{"role": "user", "content": content}])
-            prompt: dict[str, Any] = {"prompt_token_ids": tokenizer.encode(rendered, add_special_tokens=False)}
+            content = ([{"type": "image_pil", "image_pil": image}] if images else []) + [{"type": "text", "text": text}]
+            prompt = build_chat_prompt(tokenizer, [{"role": "user", "content": content}],
+                                       allowed_modalities=engine.mm_limits).prompt
         else:
             prompt = {"prompt": text}
-        if images:
-            prompt["multi_modal_data"] = {"image": images[i % len(images)]}
+            if images:
+                prompt["multi_modal_data"] = {"image": image}
         prompts.append(prompt)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fovea import LLM, SamplingParams
-from fovea.entrypoints.chat_utils import parse_chat_messages, render_chat
+from fovea.entrypoints.chat_utils import build_chat_prompt, parse_chat_messages, render_chat
 from tests.e2e.blip2_cases import make_image
 from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.qwen2_5_vl import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, build_qwen_tokenizer
@@ -128,6 +128,26 @@ def test_render_errors_are_value_errors(tokenizer):
     bare.chat_template = None
     with pytest.raises(ValueError, match="has no chat template; pass chat_template="):
         render_chat(bare, conversation)
+
+
+def test_build_chat_prompt_is_parse_render_encode(tokenizer, tmp_path):
+    pil = Image.new("RGB", (4, 4))
+    url = data_url(pil)
+    messages = [{"role": "user", "content": [image_part(url), {"type": "image_pil", "image_pil": pil},
+                                             {"type": "text", "text": "Hi"}]}]
+    chat = build_chat_prompt(tokenizer, messages, allowed_modalities=BOTH, mm_processor_kwargs={"max_pixels": 3136})
+    conversation, _ = parse_chat_messages(messages, allowed_modalities=BOTH)
+    assert chat.text == render_chat(tokenizer, conversation)
+    assert chat.prompt == {"prompt_token_ids": tokenizer.encode(chat.text, add_special_tokens=False),
+                           "multi_modal_data": {"image": [url, pil]}, "mm_processor_kwargs": {"max_pixels": 3136}}
+    # read_media takes the strings the parser passed through (the server reads them under its limits), not objects
+    read = build_chat_prompt(tokenizer, messages, allowed_modalities=BOTH, read_media=lambda item: item[:10].encode())
+    assert read.prompt["multi_modal_data"] == {"image": [url[:10].encode(), pil]}
+    text_only = build_chat_prompt(tokenizer, [{"role": "user", "content": "Hi"}], allowed_modalities=BOTH)
+    assert set(text_only.prompt) == {"prompt_token_ids"}
+    with pytest.raises(ValueError, match="chat_template_kwargs may not set add_generation_prompt, tokenize"):
+        build_chat_prompt(tokenizer, messages, allowed_modalities=BOTH,
+                          chat_template_kwargs={"tokenize": True, "add_generation_prompt": False, "x": 1})
 
 
 @pytest.fixture(scope="module")

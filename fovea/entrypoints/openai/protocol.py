@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fovea.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
 
@@ -88,14 +89,6 @@ class SamplingRequest(OpenAIModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-# apply_chat_template's own arguments: a client must not override the template or how it is rendered
-_RESERVED_TEMPLATE_KWARGS = frozenset({
-    "chat_template", "conversation", "tokenize", "add_generation_prompt", "continue_final_message", "tools",
-    "documents", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
-    "max_length", "tokenizer_kwargs", "processor_kwargs",
-})
-
-
 class ChatCompletionRequest(SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -115,7 +108,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise RequestError("tools are not supported by fovea", "tools")
         if self.response_format and self.response_format.get("type", "text") != "text":
             raise RequestError("only response_format type 'text' is supported", "response_format")
-        reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
+        reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
         if reserved:
             raise RequestError(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from fovea.entrypoints.openai import protocol as p
-from fovea.entrypoints.openai.server import _advance, _Cursor, _holdback
+from fovea.entrypoints.openai import streaming
 from fovea.outputs import CompletionOutput, Logprob
 from fovea.sampling_params import SamplingParams
 
@@ -71,15 +71,16 @@ def test_logprob_shapes():
 
 def test_stream_cursor_holds_back_what_a_stop_string_may_claim():
     params = SamplingParams(stop=["END"])
-    holdback = _holdback(params)
-    assert holdback == 2 and _holdback(SamplingParams(stop=["END"], include_stop_str_in_output=True)) == 0
-    cursor, sent = _Cursor(), []
+    holdback = streaming.holdback(params)
+    assert holdback == 2 and streaming.holdback(SamplingParams(stop=["END"], include_stop_str_in_output=True)) == 0
+    cursor, sent = streaming.Cursor(), []
     # cumulative outputs as the engine gives them: the final text is cut before "END" once it completes
     steps = [("hello", [1], None), ("hello E", [1, 2], None), ("hello EN", [1, 2, 3], None),
              ("hello ", [1, 2, 3, 4], "stop")]
     for text, ids, finish in steps:
-        step = _advance(cursor, CompletionOutput(0, text, ids, finish_reason=finish), holdback, wants_tokens=False)
+        output = CompletionOutput(0, text, ids, finish_reason=finish)
+        step = streaming.advance(cursor, output, holdback, wants_tokens=False)
         if step is not None:
             sent.append(step[0])
     assert "".join(sent) == "hello "  # without the hold-back "hello EN" would have gone out
-    assert _advance(cursor, CompletionOutput(0, "hello ", [1], finish_reason="stop"), 0, False) is None
+    assert streaming.advance(cursor, CompletionOutput(0, "hello ", [1], finish_reason="stop"), 0, False) is None

@@ -1,0 +1,120 @@
+"""The OpenAI-compatible HTTP server: a FastAPI app over one `AsyncLLMEngine`, run by uvicorn.
+
+    POST /v1/chat/completions   messages (text, image_url, video_url parts) -> chat template -> engine (chat.py)
+    POST /v1/completions        prompt strings or token ids -> engine (completions.py)
+    GET  /v1/models, /health, /metrics
+
+Every request is validated and added to the engine before its response starts, so a refusal is a proper
+status code with OpenAI's error body (errors.py). After that the request belongs to its response: whatever way
+the response ends (done, client gone, server stopping) aborts it, which frees its KV blocks at once (a no-op if
+it had finished).
+
+Shutdown (SIGTERM) is uvicorn's: stop accepting, let open responses finish, then stop the engine loop.
+"""
+from __future__ import annotations
+
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import transformers
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response
+
+from fovea.config import EngineConfig
+from fovea.engine.async_engine import AsyncLLMEngine
+from fovea.engine.llm_engine import LLMEngine
+from fovea.entrypoints.media_fetch import MediaFetcher
+from fovea.entrypoints.openai import protocol as p
+from fovea.entrypoints.openai.chat import ChatServing
+from fovea.entrypoints.openai.completions import CompletionServing
+from fovea.entrypoints.openai.errors import APIError, install_error_handlers
+from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+
+
+@dataclass(slots=True)
+class ServerSettings:
+    """Everything about serving that is not the engine's."""
+
+    served_model_names: list[str] = field(default_factory=list)  # empty: the model path
+    api_key: str | None = None
+    max_waiting_requests: int | None = None
+    chat_template: str | None = None  # a Jinja string; None: the checkpoint's own
+    fetcher: MediaFetcher = field(default_factory=MediaFetcher)
+    shutdown_timeout_s: float | None = None  # after SIGTERM: None waits for every running request
+
+
+def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
+    llm_engine: LLMEngine = engine.engine
+    model_names = settings.served_model_names or [llm_engine.config.model]
+    metrics = ServerMetrics(model_names[0], lambda: engine.stats)
+    engine.stat_loggers.append(metrics)
+    # the server's own tokenizer: chats are rendered and encoded in request threads, never racing the engine thread
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llm_engine.config.tokenizer_path)
+    chat = ChatServing(engine, tokenizer, settings.fetcher, settings.chat_template)
+    completion = CompletionServing(engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        yield
+        await engine.shutdown(timeout_s=settings.shutdown_timeout_s)
+
+    app = FastAPI(title="fovea", lifespan=lifespan)
+    install_error_handlers(app)
+
+    async def check_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           "invalid_request_error", code="invalid_api_key")
+
+    def check_model(name: str | None) -> str:
+        if name is None:
+            return model_names[0]
+        if name not in model_names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {', '.join(model_names)}",
+                           "invalid_request_error", param="model", code="model_not_found")
+        return name
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.is_running else 503)
+
+    @app.get("/metrics")
+    async def get_metrics() -> Response:
+        if engine.is_running:
+            await engine.get_stats()  # let queued aborts and adds land before reading the snapshot
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @v1.get("/models")
+    async def list_models() -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=name, root=llm_engine.config.model,
+                                             max_model_len=llm_engine.max_model_len) for name in model_names])
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: p.ChatCompletionRequest, raw: Request) -> Response:
+        return await chat.create(body, check_model(body.model), raw)
+
+    @v1.post("/completions")
+    async def completions(body: p.CompletionRequest, raw: Request) -> Response:
+        return await completion.create(body, check_model(body.model), raw)
+
+    app.include_router(v1)
+    return app
+
+
+def run_server(engine_config: EngineConfig, settings: ServerSettings, *, host: str = "127.0.0.1",
+               port: int = 8000, log_level: str = "info") -> None:
+    """Load the model (before the port opens, so `/health` answers only when ready) and serve until SIGTERM."""
+    engine = AsyncLLMEngine(LLMEngine(engine_config), max_waiting_requests=settings.max_waiting_requests)
+    app = build_app(engine, settings)
+    # after SIGTERM uvicorn waits for open responses; past the timeout it cancels them (which aborts their requests)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    uvicorn.Server(config).run()

@@ -1,0 +1,92 @@
+"""POST /v1/chat/completions: messages -> `build_chat_prompt` (the function `LLM.chat` uses) -> the engine."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from fovea.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestAbortedError, RequestStream
+from fovea.entrypoints.chat_utils import ChatPrompt, build_chat_prompt
+from fovea.entrypoints.media_fetch import MediaFetcher
+from fovea.entrypoints.openai import protocol as p
+from fovea.entrypoints.openai.streaming import (
+    Cursor,
+    SSEResponse,
+    advance,
+    holdback,
+    last_output,
+    sse,
+    sse_error,
+    unless_disconnected,
+)
+from fovea.sampling_params import SamplingParams
+
+
+class ChatServing:
+    """Chat completions over one engine.
+
+    `tokenizer` is the server's own (not the engine thread's); `fetcher` fetches http(s) media and reads data
+    URLs and allowed local files under the server's size limits; `chat_template` (a Jinja string) replaces the
+    checkpoint's own when set.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, fetcher: MediaFetcher, chat_template: str | None):
+        self.engine, self.tokenizer, self.fetcher, self.chat_template = engine, tokenizer, fetcher, chat_template
+
+    def build_prompt(self, body: p.ChatCompletionRequest) -> ChatPrompt:
+        """Blocking (media fetches): the route runs it in a worker thread. Rendering and encoding happen there
+        too; the fast tokenizer's encode only reads its state, so concurrent requests may share it."""
+        return build_chat_prompt(
+            self.tokenizer, body.messages, allowed_modalities=self.engine.engine.mm_limits,
+            chat_template=self.chat_template, add_generation_prompt=body.add_generation_prompt,
+            chat_template_kwargs=body.chat_template_kwargs, fetch=self.fetcher,
+            allow_local_paths=self.fetcher.allowed_local_media_path is not None, read_media=self.fetcher.resolve_item)
+
+    async def create(self, body: p.ChatCompletionRequest, model: str, raw: Request) -> Response:
+        params = body.to_sampling_params()
+        chat = await asyncio.to_thread(self.build_prompt, body)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = await self.engine.add_request(request_id, chat.prompt, params)
+        created = int(time.time())
+        on_close = lambda: self.engine.abort(request_id)  # noqa: E731
+        if body.stream:
+            return SSEResponse(chat_chunks(body, params, request_id, created, model, stream), on_close)
+        final = await unless_disconnected(raw, last_output(stream), on_close)
+        return JSONResponse(p.chat_response(body, request_id, created, model, final).model_dump())
+
+
+async def chat_chunks(body: p.ChatCompletionRequest, params: SamplingParams, request_id: str, created: int,
+                      model: str, stream: RequestStream) -> AsyncIterator[str]:
+    def chunk(choices, usage=None) -> str:
+        return sse(p.ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage))
+
+    yield chunk([p.ChatCompletionStreamChoice(index=i, delta=p.DeltaMessage(role="assistant", content=""))
+                 for i in range(params.n)])
+    num_held, cursors, final = holdback(params), [Cursor() for _ in range(params.n)], None
+    try:
+        async for final in stream:
+            choices = []
+            for c in final.outputs:
+                if (step := advance(cursors[c.index], c, num_held, body.logprobs)) is None:
+                    continue
+                text, start = step
+                logprobs = None
+                if body.logprobs:
+                    logprobs = p.chat_logprobs(c.token_ids[start:], c.logprobs[start:len(c.token_ids)],
+                                               body.top_logprobs or 0)
+                choices.append(p.ChatCompletionStreamChoice(
+                    index=c.index, delta=p.DeltaMessage(content=text), logprobs=logprobs,
+                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            if choices:
+                yield chunk(choices)
+    except (RequestAbortedError, EngineDeadError) as err:
+        yield sse_error(err)
+    else:
+        if body.include_usage:
+            num_completion = sum(len(c.token_ids) for c in final.outputs)
+            yield chunk([], p.make_usage(len(final.prompt_token_ids), num_completion))
+    yield "data: [DONE]\n\n"

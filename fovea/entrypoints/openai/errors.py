@@ -1,0 +1,77 @@
+"""Every refusal as OpenAI's error body with the status code a client expects.
+
+    400 invalid request (validation, bad media, a template that fails)   401 API key   404 model
+    413 media too large   499 client gone   500 engine dead   503 queue full, or the server is stopping
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fovea.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestAbortedError
+from fovea.entrypoints.media_fetch import MediaTooLargeError
+from fovea.entrypoints.openai import protocol as p
+
+
+class APIError(Exception):
+    def __init__(self, status_code: int, message: str, type_: str, param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status_code, self.message, self.type, self.param, self.code = status_code, message, type_, param, code
+
+
+def error_response(status_code: int, message: str, type_: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    body = p.ErrorResponse(error=p.ErrorInfo(message=message, type=type_, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status_code)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return error_response(err.status_code, err.message, err.type, err.param, err.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # a union (prompt: str | list[...]) reports each branch; the field is the first name in the path
+        param = next((x for x in loc if not x.isdigit() and "[" not in x), None) if loc else None
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error")
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
+        if first.get("input") is not None and first.get("type") != "missing":
+            message += f" (got {first.get('input')!r:.80})"
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(p.RequestError)
+    async def request_error(_: Request, err: p.RequestError) -> JSONResponse:
+        return error_response(400, str(err), "invalid_request_error", err.param)
+
+    @app.exception_handler(MediaTooLargeError)
+    async def media_too_large(_: Request, err: MediaTooLargeError) -> JSONResponse:
+        return error_response(413, str(err), "invalid_request_error", "messages", "media_too_large")
+
+    @app.exception_handler(ValueError)
+    async def value_error(_: Request, err: ValueError) -> JSONResponse:
+        if isinstance(err.__cause__, MediaTooLargeError) or isinstance(err.__context__, MediaTooLargeError):
+            return await media_too_large(_, err)  # chat_utils wraps it with the message and part
+        return error_response(400, str(err), "invalid_request_error")
+
+    @app.exception_handler(EngineOverloadedError)
+    async def overloaded(_: Request, err: EngineOverloadedError) -> JSONResponse:
+        return error_response(503, str(err), "server_error", code="overloaded")
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, err: EngineDeadError) -> JSONResponse:
+        return error_response(500, str(err), "server_error", code="engine_dead")
+
+    @app.exception_handler(RequestAbortedError)
+    async def aborted(_: Request, err: RequestAbortedError) -> JSONResponse:  # the server is stopping
+        return error_response(503, str(err), "server_error", code="aborted")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail), "invalid_request_error")
