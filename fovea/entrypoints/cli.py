@@ -15,19 +15,14 @@ happen inside the subcommands, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import importlib
-import inspect
-import json
 import os
 import sys
-import textwrap
-import typing
 from pathlib import Path
 from typing import Any
 
 from fovea.config import EngineConfig
+from fovea.entrypoints.arg_utils import add_dataclass_options, dataclass_kwargs
 
 # The model `generate` and `bench` use without --model: the demo BLIP-2 fovea trained on synthetic shapes and ships
 # in the repository (`make demo-model` rebuilds it).
@@ -53,54 +48,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 # ---- engine options from EngineConfig ---------------------------------------------------------------------------
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (a string statement right after the annotated assignment)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                and isinstance(following.value.value, str)):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    return value
-
-
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (fovea.config.EngineConfig)")
-    hints = typing.get_type_hints(EngineConfig)
-    docs = _field_docs(EngineConfig)
-    for f in dataclasses.fields(EngineConfig):
-        if f.name in _SKIPPED_FIELDS:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        base = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
-        base_type = typing.get_origin(base[0]) or base[0]
-        help_text = docs.get(f.name, f.name.replace("_", " "))
-        if base_type is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=help_text)
-        elif base_type is dict:
-            group.add_argument(flag, dest=f.name, type=_json_object, default=f.default, metavar="JSON",
-                               help=help_text + " As a JSON object.")
-        else:
-            group.add_argument(flag, dest=f.name, type=base_type, default=f.default,
-                               metavar=base_type.__name__.upper(), help=help_text)
+    add_dataclass_options(group, EngineConfig, skip=_SKIPPED_FIELDS)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name not in _SKIPPED_FIELDS}
+    return dataclass_kwargs(args, EngineConfig, skip=_SKIPPED_FIELDS)
 
 
 # ---- the parser -----------------------------------------------------------------------------------------------

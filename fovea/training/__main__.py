@@ -11,48 +11,15 @@ the JSON file. `--nproc N` re-launches the same command under torchrun with N pr
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
-import inspect
 import os
 import subprocess
 import sys
-import textwrap
-import typing
 from pathlib import Path
 
+from fovea.entrypoints.arg_utils import add_dataclass_options, dataclass_kwargs
 from fovea.training.config import TrainConfig
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(following, ast.Expr)
-                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    docs = _field_docs(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        if field.name == "stage":
-            continue
-        flag = "--" + field.name.replace("_", "-")
-        kinds = [t for t in typing.get_args(hints[field.name]) if t is not type(None)] or [hints[field.name]]
-        default = "required" if field.default is dataclasses.MISSING else repr(field.default)
-        help_text = f"{docs.get(field.name, '')} (default: {default})".replace("%", "%%")
-        if kinds[0] is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=field.name, type=kinds[0], default=argparse.SUPPRESS,
-                                metavar=kinds[0].__name__.upper(), help=help_text)
 
 
 def build_parser(prog: str = "python -m fovea.training") -> argparse.ArgumentParser:
@@ -64,7 +31,8 @@ def build_parser(prog: str = "python -m fovea.training") -> argparse.ArgumentPar
         p = sub.add_parser(stage, help=text, description=f"BLIP-2 {stage}: {text}.")
         p.add_argument("--config", default=None, help="JSON file of TrainConfig options (flags override it)")
         p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun); default 1")
-        _add_config_flags(p)
+        # flags override the JSON file, so a flag left out must not land as a default
+        add_dataclass_options(p, TrainConfig, skip={"stage"}, fill_defaults=False)
     export = sub.add_parser("export", help="write the Hugging Face checkpoint of a training checkpoint")
     export.add_argument("--checkpoint", required=True, help="a checkpoints/step_NNNNNN folder")
     export.add_argument("--out", required=True, help="output directory")
@@ -101,7 +69,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m fovea.training") 
         return 0
     if args.nproc > 1 and not all(k in os.environ for k in TORCHRUN_ENV):
         return _relaunch(args.nproc, argv)
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "nproc")}
+    values = dataclass_kwargs(args, TrainConfig, skip={"stage"})
     try:
         if args.config is not None:
             config = TrainConfig.from_file(args.config, stage=args.command, **values)
