@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_CPU_KERNEL_MODES = ("auto", "off", "require")  # fovea.kernels.MODES, spelled out so this module imports no torch
 
 
 @dataclass
@@ -51,11 +52,18 @@ class EngineConfig:
     same order sample the same tokens run after run (as vLLM's `seed`). Seeded requests keep their own."""
     num_threads: int | None = None
     """torch intra-op threads; None leaves torch's default."""
+    cpu_kernels: str = "auto"
+    """fovea's CPU kernels (C++ fused ops and paged attention, AMX and oneDNN-packed linears): "auto" uses them
+    where they build and the CPU allows, "off" runs torch's own ops only, "require" makes a failed C++ build an
+    error that shows the compiler's message. Applies to the whole process; the active paths are logged."""
 
     def __post_init__(self) -> None:
         path = Path(self.model)
         if not (path / "config.json").is_file():
             raise ValueError(f"model={self.model!r}: no config.json there; pass a directory written by save_pretrained")
+        if self.cpu_kernels not in _CPU_KERNEL_MODES:
+            raise ValueError(f"cpu_kernels={self.cpu_kernels!r} is not supported; choose one of "
+                             f"{', '.join(_CPU_KERNEL_MODES)}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks",

@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as err:
         print(f"fovea {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # --cpu-kernels require and the C++ kernels did not build: the compiler's message
+        from fovea.kernels import KernelBuildError
+
+        if not isinstance(err, KernelBuildError):
+            raise
+        print(f"fovea {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 # ---- subcommands ----------------------------------------------------------------------------------------------
@@ -161,11 +168,22 @@ def _check_model_dir(path: str) -> None:
         raise FileNotFoundError(f"no checkpoint at {path}{hint}; pass --model DIR")
 
 
+def _start_cpu_kernels(args: argparse.Namespace) -> str:
+    """Apply --cpu-kernels before the engine starts and print which CPU paths are active, on stderr (stdout
+    carries generate's text and bench's report)."""
+    from fovea import kernels
+
+    summary = kernels.configure(args.cpu_kernels).summary()
+    print(summary, file=sys.stderr, flush=True)
+    return summary
+
+
 def _serve(args: argparse.Namespace) -> int:
     from fovea.entrypoints.media_fetch import MediaFetcher
     from fovea.entrypoints.openai.app import ServerSettings, run_server
 
     _check_model_dir(args.model)
+    _start_cpu_kernels(args)
     chat_template = args.chat_template
     if chat_template is not None and Path(chat_template).is_file():
         chat_template = Path(chat_template).read_text()
@@ -187,6 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
     from fovea import LLM, SamplingParams
 
     _check_model_dir(args.model)
+    _start_cpu_kernels(args)
     llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     if getattr(llm.get_tokenizer(), "chat_template", None) and not args.raw_prompt:
@@ -215,6 +234,7 @@ def _bench(args: argparse.Namespace) -> int:
     _check_model_dir(args.model)
     if args.num_requests < 1 or args.output_len < 1:
         raise ValueError("--num-requests and --output-len must be >= 1")
+    kernel_summary = _start_cpu_kernels(args)
     engine = LLMEngine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
     rng = np.random.default_rng(0)
     num_images = args.num_distinct_images or args.num_requests
@@ -268,6 +288,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     image_desc = f" + a {args.image_size}x{args.image_size} image" if images else ""
     print(f"fovea bench: {args.model}")
+    print(f"  {kernel_summary}")
     print(f"  {args.num_requests} requests at once, {args.input_words} words{image_desc} each "
           f"({num_prompt_tokens / args.num_requests:.0f} prompt tokens on average), {args.output_len} output "
           f"tokens each (greedy, EOS ignored); {len(images)} distinct images")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.layers import paged_attention_cpu
+from fovea import kernels
 
 
 @dataclass(slots=True)
@@ -137,7 +137,8 @@ class Attention(nn.Module):
     """Causal self-attention against the paged KV cache.
 
     forward(q [N, num_heads*head_dim], k, v [N, num_kv_heads*head_dim]) -> [N, num_heads*head_dim].
-    The runner binds `self.kv_cache = (k_cache, v_cache)` after allocating the pool.
+    The runner binds `self.kv_cache = (k_cache, v_cache)` after allocating the pool. Decode groups run fovea's C++
+    kernel (`fovea.kernels.paged_decode`) when `use_kernel` and the kernels run here, else gather + SDPA.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int | None = None,
@@ -148,7 +149,7 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._kernel = paged_attention_cpu.load() if use_kernel else None
+        self.use_kernel = use_kernel
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = get_attention_metadata()
@@ -165,9 +166,9 @@ class Attention(nn.Module):
         v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
         for g in meta.groups:
             num_reqs = g.block_table.shape[0]
-            if g.is_decode and self._kernel is not None:
+            if g.is_decode and self.use_kernel and kernels.is_available():
                 is_whole_step = num_reqs == num_tokens  # a decode-only step: rows already in token order
-                og = self._kernel.paged_decode(q if is_whole_step else q[g.token_index], k_cache, v_cache,
+                og = kernels.paged_decode(q if is_whole_step else q[g.token_index], k_cache, v_cache,
                                                g.block_table, g.context_lens, self.scale, bs)  # (B, nh, hs)
                 if is_whole_step:
                     return og.view(num_tokens, -1).to(out.dtype)

@@ -15,13 +15,13 @@ reads other parameters through the same four calls, so model files never change.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fovea.layers import amx_linear
+from fovea import kernels
+from fovea.kernels import amx_linear
 
 
 class LinearMethod:
@@ -114,7 +114,7 @@ class OneDNNLinearMethod(PackedLinearMethod):
 
 
 class AMXLinearMethod(PackedLinearMethod):
-    """fovea's bfloat16 AMX kernel (`fovea.layers.amx_linear`): weight [N/32, K/32, 2, 16, 16, 2], bias float32."""
+    """fovea's bfloat16 AMX kernel (`fovea.kernels.amx_linear`): weight [N/32, K/32, 2, 16, 16, 2], bias float32."""
 
     name = "amx"
 
@@ -132,8 +132,9 @@ class AMXLinearMethod(PackedLinearMethod):
 
 
 def onednn_linear_available() -> bool:
-    """oneDNN's packed linear can run here, and FOVEA_NO_ONEDNN_LINEAR=1 does not turn it off."""
-    return os.environ.get("FOVEA_NO_ONEDNN_LINEAR") != "1" and torch.backends.mkldnn.is_available()
+    """oneDNN's packed linear runs here: torch has oneDNN and `cpu_kernels` is not "off"
+    (`fovea.kernels.status().onednn_linear` says which)."""
+    return kernels.status().onednn_linear.is_active
 
 
 def amx_linear_supports(weight: torch.Tensor) -> bool:
@@ -144,7 +145,7 @@ def amx_linear_supports(weight: torch.Tensor) -> bool:
 def select_linear_method(layer: nn.Module) -> LinearMethod:
     """The method a loaded layer runs, from its weight's dtype, shape and device and the kernels usable here:
     AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear_supports`), else oneDNN for CPU
-    float32/bfloat16, else dense (float16, a bias of another dtype, oneDNN turned off, other devices)."""
+    float32/bfloat16, else dense (float16, a bias of another dtype, `cpu_kernels="off"`, other devices)."""
     if type(layer.method) is not DenseLinearMethod:  # already chosen, or a method with weights of its own
         return layer.method
     weight, bias = layer.weight, layer.bias

@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fovea.layers import fused_cpu
+from fovea import kernels
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back before the weight (as transformers' Qwen2).
 
-    Over rows with contiguous features at inference, one fused CPU kernel (`fovea.layers.fused_cpu`) instead
+    Over rows with contiguous features at inference, one fused CPU kernel (`fovea.kernels.rms_norm`) instead
     of seven ops, with the same roundings.
     """
 
@@ -21,8 +21,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() == 2 and x.stride(1) == 1 and x.dtype == self.weight.dtype
-                and fused_cpu.can_fuse(x, self.weight)):
-            return fused_cpu.kernels().rms_norm(x, self.weight, self.eps)
+                and kernels.can_fuse(x, self.weight)):
+            return kernels.rms_norm(x, self.weight, self.eps)
         return rms_norm_reference(x, self.weight, self.eps)
 
 

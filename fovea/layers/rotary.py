@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fovea.layers import fused_cpu
+from fovea import kernels
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +42,8 @@ def apply_rotary_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     qkv: float32 arithmetic, one rounding at the end (as transformers' vision towers).
     """
     head_dim = cos.shape[-1]
-    if qkv.dim() == 2 and qkv.stride(1) == 1 and fused_cpu.can_fuse(qkv, cos, sin) and cos.stride(1) == 1:
-        fused_cpu.kernels().rotary_(qkv, cos, sin, num_heads, head_dim)
+    if qkv.dim() == 2 and qkv.stride(1) == 1 and kernels.can_fuse(qkv, cos, sin) and cos.stride(1) == 1:
+        kernels.rotary_(qkv, cos, sin, num_heads, head_dim)
         return qkv
     width = num_heads * head_dim
     rotated = qkv[:, :width]

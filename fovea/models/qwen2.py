@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fovea.layers import fused_cpu
+from fovea import kernels
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
 from fovea.layers.linear import Linear, PackedLinear
@@ -65,8 +65,8 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.is_silu and gate_up.dim() == 2 and fused_cpu.can_fuse(gate_up):
-            return self.down_proj(fused_cpu.kernels().silu_mul(gate_up))  # one pass instead of two
+        if self.is_silu and gate_up.dim() == 2 and kernels.can_fuse(gate_up):
+            return self.down_proj(kernels.silu_mul(gate_up))  # one pass instead of two
         gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(self.act(gate) * up)
 

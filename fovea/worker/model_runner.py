@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fovea import kernels
 from fovea.config import EngineConfig
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
@@ -66,6 +67,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, hf_config)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        # process-wide: which CPU paths the layers below take (builds the C++ kernels unless "off"; logged once)
+        self.cpu_kernels = kernels.configure(config.cpu_kernels)
         self.model, self.num_prepacked_linears = load_model(model_cls, hf_config, config.model, self.dtype)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()

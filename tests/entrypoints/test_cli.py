@@ -128,6 +128,34 @@ def test_bench_reports_its_figures(blip_dir, capsys):
         assert words in report
 
 
+def test_serve_generate_and_bench_print_the_active_cpu_kernel_paths(blip_dir, images, capsys, monkeypatch):
+    from fovea import kernels
+    from fovea.entrypoints.openai import server
+
+    started = []
+    monkeypatch.setattr(server, "run_server", lambda config, *args, **kwargs: started.append(config))
+    assert cli.main(["serve", blip_dir, "--cpu-kernels", "off"]) == 0
+    assert started[0].cpu_kernels == "off"
+    off = ("cpu kernels: fused=off (cpu_kernels=off) paged_attention=off (cpu_kernels=off) "
+           "amx_linear=off (cpu_kernels=off) onednn_linear=off (cpu_kernels=off)")
+    assert capsys.readouterr().err.splitlines() == [off]
+
+    assert cli.main(["generate", "--model", blip_dir, "--image", images[0], "--prompt", "a photo of",
+                     "--max-tokens", "2", *FAST]) == 0
+    auto = kernels.status().summary()
+    assert kernels.get_mode() == "auto" and auto.startswith("cpu kernels: fused=")
+    out = capsys.readouterr()
+    assert out.err.splitlines()[0] == auto and auto not in out.out  # stdout keeps only the text
+
+    assert cli.main(["bench", "--model", blip_dir, "--num-requests", "2", "--output-len", "2", "--image-size", "0",
+                     *FAST]) == 0
+    out = capsys.readouterr()
+    assert out.err.splitlines()[0] == auto and f"  {auto}\n" in out.out  # the report names them too
+
+    assert cli.main(["generate", "--model", blip_dir, "--prompt", "x", "--cpu-kernels", "fast", *FAST]) == 2
+    assert "cpu_kernels='fast' is not a mode; choose one of auto, off, require" in capsys.readouterr().err
+
+
 def fovea(*argv: str) -> subprocess.CompletedProcess:
     """The real command line in a subprocess (what the `fovea` console script runs, see the test below)."""
     return subprocess.run([sys.executable, "-m", "fovea.entrypoints.cli", *argv], cwd=ROOT, capture_output=True,

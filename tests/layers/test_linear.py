@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fovea.layers import amx_linear, linear_methods
+from fovea.kernels import amx_linear
+from fovea.layers import linear_methods
 from fovea.layers.linear import (Linear, PackedLinear, no_weight_init, onednn_linear_available,
                                  prepare_linear_layer, prepare_linear_layers)
 from fovea.layers.linear_methods import AMXLinearMethod

@@ -7,7 +7,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from fovea.layers import amx_linear, linear_methods
+from fovea.kernels import amx_linear
+from fovea.layers import linear_methods
 from fovea.layers.linear import LinearBase, PackedLinear, onednn_linear_available
 from fovea.models.registry import resolve_model_class
 from fovea.models.weights import load_model, map_checkpoint_name

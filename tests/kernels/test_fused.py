@@ -1,14 +1,16 @@
-"""The fused CPU kernels (RMSNorm, rotary) against the torch formulas they replace, rounding for rounding."""
+"""The fused CPU kernels (RMSNorm, rotary, SiLU-and-multiply, first argmax) against the torch formulas they replace,
+rounding for rounding."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fovea.layers import fused_cpu
+from fovea import kernels
 from fovea.layers.norms import RMSNorm, rms_norm_reference
 from fovea.layers.rotary import apply_rotary, apply_rotary_packed
+from tests.kernels import requires_compiler
 
-pytestmark = pytest.mark.skipif(fused_cpu.kernels() is None, reason="C++ kernels could not be built here")
+pytestmark = requires_compiler
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -17,7 +19,7 @@ def test_rms_norm_kernel_equals_the_torch_formula(dtype, rows, dim):
     gen = torch.Generator().manual_seed(rows * dim)
     x = (torch.randn(rows, dim + 8, generator=gen) * 3)[:, 4:4 + dim].to(dtype)  # strided rows too
     weight = (1 + torch.randn(dim, generator=gen)).to(dtype)
-    got = fused_cpu.kernels().rms_norm(x, weight, 1e-6)
+    got = kernels.rms_norm(x, weight, 1e-6)
     want = rms_norm_reference(x, weight, 1e-6)
     assert got.dtype == dtype and got.shape == want.shape
     if dtype == torch.float32:
@@ -68,13 +70,14 @@ def test_rotary_kernel_equals_the_torch_formula_bit_for_bit(qkv_dtype, cos_dtype
     assert torch.equal(got, want)  # v columns untouched, q and k rounded as torch rounds them
 
 
-def test_rotary_packed_falls_back_to_torch_without_the_kernel(monkeypatch):
+def test_rotary_packed_falls_back_to_torch_with_the_kernels_off():
     gen = torch.Generator().manual_seed(3)
     qkv = torch.randn(5, 6 * 8, generator=gen).bfloat16()
     angles = torch.randn(5, 8, generator=gen)
     cos, sin = angles.cos(), angles.sin()
     fused = apply_rotary_packed(qkv.clone(), cos, sin, 4)
-    monkeypatch.setattr(fused_cpu, "kernels", lambda: None)
+    kernels.set_mode("off")
+    assert not kernels.can_fuse(qkv, cos, sin)
     plain = apply_rotary_packed(qkv.clone(), cos, sin, 4)
     assert torch.equal(fused, plain) and torch.equal(plain, _torch_rotary(qkv, cos, sin, 4))
 
@@ -84,7 +87,7 @@ def test_silu_mul_kernel_equals_silu_gate_times_up(dtype):
     gen = torch.Generator().manual_seed(5)
     gate_up = (torch.randn(33, 2 * 300, generator=gen) * 6).to(dtype)
     gate_up[0, :6] = torch.tensor([0.0, -90.0, 90.0, 1e-30, -1e-30, 20.0])  # the exp's clamps and tiny values
-    got = fused_cpu.kernels().silu_mul(gate_up)
+    got = kernels.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     want = torch.nn.functional.silu(gate) * up
     assert got.dtype == dtype and got.shape == want.shape
@@ -107,6 +110,6 @@ def test_first_argmax_kernel_equals_argmax_with_ties_infinities_and_nan(dtype):
     values[5, 255:257] = 50.0  # on a chunk boundary
     wide = torch.randn(4, 151936, generator=gen).to(dtype)
     for x in (values, wide, values[:, ::1][:, :700], torch.randn(3, 2000, generator=gen).to(dtype)[:, 500:]):
-        assert torch.equal(fused_cpu.kernels().first_argmax(x), x.argmax(dim=-1))
+        assert torch.equal(kernels.first_argmax(x), x.argmax(dim=-1))
     with pytest.raises(RuntimeError, match="contiguous rows"):
-        fused_cpu.kernels().first_argmax(values[:, ::2])
+        kernels.first_argmax(values[:, ::2])

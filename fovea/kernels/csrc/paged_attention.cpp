@@ -1,30 +1,21 @@
-"""A C++ kernel for decode attention straight from the paged KV cache (CPU).
-
-Decode is bound by memory traffic: gathering each request's blocks into a padded tensor and then running
-SDPA reads and writes the whole context twice more than needed. This kernel reads every key and value once,
-where it lies in the pool, one (request, kv head) pair per work item, items taken from a shared counter. It is
-compiled on first use with `fovea.layers.cpp_build`; if that fails, `load()` returns None and attention falls
-back to gather + SDPA, which computes the same thing.
-"""
-from __future__ import annotations
-
-from fovea.layers.cpp_build import EXP_APPROX, LOAD_AS_FLOAT, WORK_COUNTER, load_kernels
-
-_SOURCE = EXP_APPROX + WORK_COUNTER + r"""
-#include <torch/extension.h>
+// Decode attention straight from the paged KV cache: every key and value read once, where it lies in the pool,
+// one (request, kv head) pair per work item. Decode is bound by memory traffic; gathering each request's blocks
+// into a padded tensor and then running SDPA reads and writes the whole context twice more than needed.
 #include <ATen/Parallel.h>
-#include <algorithm>
-#include <cmath>
-#include <cstring>
+
 #include <limits>
 #include <vector>
 
-""" + LOAD_AS_FLOAT + r"""
+#include "common.h"
+#include "ops.h"
+
+namespace fovea {
+namespace {
 
 // DC > 0: the head size known at compile time (fixed trip counts unroll and vectorise better); 0: runtime `dim`
 template <typename T, int64_t DC>
-static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out,
-                   int64_t B, int64_t H, int64_t Hkv, int64_t dim, int64_t max_blocks, int64_t bs, float scale) {
+void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out, int64_t B,
+            int64_t H, int64_t Hkv, int64_t dim, int64_t max_blocks, int64_t bs, float scale) {
   const int64_t D = DC > 0 ? DC : dim;
   const int64_t G = H / Hkv;  // query heads per kv head (GQA): each K/V row is read once for all G of them
   WorkCounter items(B * Hkv);  // contexts differ in length, and so may the threads' speeds
@@ -45,7 +36,7 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
           const float* qg = qf.data() + g * D;
           float s = 0.f;
 #pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += qg[d] * kf[d];
+          for (int64_t d = 0; d < D; ++d) s = mul_add<true>(qg[d], kf[d], s);
           scores[g * L + t] = s;
         }
       }
@@ -56,7 +47,7 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t t = 0; t < L; ++t) {
-          sg[t] = exp_approx(sg[t] - m);
+          sg[t] = exp_approx<true>(sg[t] - m);
           sum += sg[t];
         }
         denom[g] = sum;
@@ -71,7 +62,7 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
           const float p = scores[g * L + t];
           float* ag = acc.data() + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * vf[d];
+          for (int64_t d = 0; d < D; ++d) ag[d] = mul_add<true>(p, vf[d], ag[d]);
         }
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -82,13 +73,15 @@ static void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, 
   });
 }
 
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_table,
-                           torch::Tensor context_lens, double scale, int64_t block_size) {
+}  // namespace
+
+at::Tensor paged_decode(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor block_table,
+                        at::Tensor context_lens, double scale, int64_t block_size) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3, "q [B, H, D], caches [slots, Hkv, D]");
   q = q.contiguous().to(k_cache.scalar_type());
   block_table = block_table.contiguous();
   context_lens = context_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k_cache.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     auto run = D == 64 ? decode<scalar_t, 64> : D == 128 ? decode<scalar_t, 128> : decode<scalar_t, 0>;
@@ -98,9 +91,5 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   });
   return out;
 }
-"""
 
-
-def load():
-    """The compiled module, or None when it cannot be built here (FOVEA_NO_CPP_KERNELS=1 skips it)."""
-    return load_kernels("fovea_paged_attention_v7", _SOURCE, ["paged_decode"])
+}  // namespace fovea

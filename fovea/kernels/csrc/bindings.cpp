@@ -1,0 +1,17 @@
+// The Python module: one extension for every kernel (built by fovea/kernels/build.py).
+#include <torch/extension.h>
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace pybind11::literals;
+  m.def("rms_norm", &fovea::rms_norm, "x"_a, "weight"_a, "eps"_a);
+  m.def("rotary_", &fovea::rotary_, "x"_a, "cos"_a, "sin"_a, "heads"_a, "head_dim"_a);
+  m.def("silu_mul", &fovea::silu_mul, "gate_up"_a);
+  m.def("first_argmax", &fovea::first_argmax, "values"_a);
+  m.def("paged_decode", &fovea::paged_decode, "q"_a, "k_cache"_a, "v_cache"_a, "block_table"_a, "context_lens"_a,
+        "scale"_a, "block_size"_a);
+  m.def("amx_compiled", &fovea::amx_compiled);
+  m.def("enable_amx", &fovea::enable_amx);
+  m.def("amx_linear", &fovea::amx_linear, "x"_a, "packed"_a, "bias"_a);
+}

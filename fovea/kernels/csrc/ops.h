@@ -1,0 +1,25 @@
+// Every function the extension exposes; bindings.cpp registers them with Python.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace fovea {
+
+// fused.cpp: element-wise parts of a decoder layer, and the sampler's argmax
+at::Tensor rms_norm(const at::Tensor& x, at::Tensor weight, double eps);
+void rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t head_dim);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+at::Tensor first_argmax(const at::Tensor& values);
+
+// paged_attention.cpp: decode attention straight from the paged KV cache
+at::Tensor paged_decode(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor block_table,
+                        at::Tensor context_lens, double scale, int64_t block_size);
+
+// amx_linear.cpp: bfloat16 linear on Intel AMX tiles
+bool amx_compiled();
+bool enable_amx();
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
+
+}  // namespace fovea
