@@ -130,7 +130,7 @@ def test_bench_reports_its_figures(blip_dir, capsys):
 
 def test_serve_generate_and_bench_print_the_active_cpu_kernel_paths(blip_dir, images, capsys, monkeypatch):
     from fovea import kernels
-    from fovea.entrypoints.openai import server
+    from fovea.entrypoints.openai import app as server
 
     started = []
     monkeypatch.setattr(server, "run_server", lambda config, *args, **kwargs: started.append(config))
