@@ -4,7 +4,7 @@ An image becomes `num_query_tokens` rows in the language model's input: ViT patc
 (queries self-attend, cross-attend to the patches every `cross_attention_frequency` layers) ->
 `language_projection`. The prompt holds that many placeholder tokens (transformers' processor puts them
 before BOS) and `embed_input_ids` puts the rows there. Only the language model is paged; the encoders see
-whole images and use SDPA directly.
+whole images (`fovea.layers.encoder_attention`). The Q-Former is `fovea.models.blip2_qformer`, shared with training.
 
 Parameter names follow transformers' `Blip2ForConditionalGeneration`, so its checkpoints load as they are.
 """
@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, PretrainedConfig
+from transformers import Blip2Config, Blip2VisionConfig, PretrainedConfig
 
 from fovea.layers.activations import get_activation
+from fovea.layers.encoder_attention import encoder_attention
 from fovea.layers.linear import Linear, copy_checked, set_weight_loader
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
+from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.models.interfaces import SupportsMultiModal
 from fovea.models.opt import OPTForCausalLM
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
@@ -73,9 +74,8 @@ class BlipVisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D]
         batch, seq, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # (B, nh, T, hs)
-        return self.projection(out.transpose(1, 2).reshape(batch, seq, dim))
+        q, k, v = self.qkv(x).view(batch, seq, 3, dim).unbind(2)  # each (B, T, D), views
+        return self.projection(encoder_attention(q, k, v, self.num_heads, self.head_dim**-0.5))
 
 
 class BlipMLP(nn.Module):
@@ -122,103 +122,6 @@ class BlipVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, 1 + P, D]
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
-
-
-# ---------------------------------------------------------------------------------------------- Q-Former
-
-
-class QFormerMultiHeadAttention(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool):
-        super().__init__()
-        dim = config.hidden_size
-        kv_dim = config.encoder_hidden_size if is_cross_attention else dim
-        self.num_heads = config.num_attention_heads
-        self.head_dim = dim // self.num_heads
-        self.query = Linear(dim, dim)
-        self.key = Linear(kv_dim, dim)
-        self.value = Linear(kv_dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x [B, Q, D] attends to context [B, T, kv_dim] (x itself for self-attention); no mask
-        batch, num_q, dim = x.shape
-        q = self.query(x).view(batch, num_q, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, Q, hs)
-        k = self.key(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.value(context).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)
-        return out.transpose(1, 2).reshape(batch, num_q, dim)
-
-
-class QFormerResidualOutput(nn.Module):
-    """dense, then post-norm with the residual: LayerNorm(dense(x) + residual)."""
-
-    def __init__(self, config: Blip2QFormerConfig, in_features: int):
-        super().__init__()
-        self.dense = Linear(in_features, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class QFormerAttention(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, is_cross_attention: bool = False):
-        super().__init__()
-        self.attention = QFormerMultiHeadAttention(config, is_cross_attention)
-        self.output = QFormerResidualOutput(config, config.hidden_size)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.output(self.attention(x, x if context is None else context), x)
-
-
-class QFormerIntermediate(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig):
-        super().__init__()
-        self.dense = Linear(config.hidden_size, config.intermediate_size)
-        self.act = get_activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
-
-
-class QFormerLayer(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig, layer_idx: int):
-        super().__init__()
-        self.attention = QFormerAttention(config)
-        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
-        if self.has_cross_attention:
-            self.crossattention = QFormerAttention(config, is_cross_attention=True)
-        if config.use_qformer_text_input:
-            # the text branch's FFN: in the checkpoint, never run when generating (queries only)
-            self.intermediate = QFormerIntermediate(config)
-            self.output = QFormerResidualOutput(config, config.intermediate_size)
-        self.intermediate_query = QFormerIntermediate(config)
-        self.output_query = QFormerResidualOutput(config, config.intermediate_size)
-
-    def forward(self, queries: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        x = self.attention(queries)
-        if self.has_cross_attention:
-            x = self.crossattention(x, image_features)
-        return self.output_query(self.intermediate_query(x), x)
-
-
-class QFormerEncoder(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(QFormerLayer(config, i) for i in range(config.num_hidden_layers))
-
-
-class Blip2QFormerModel(nn.Module):
-    def __init__(self, config: Blip2QFormerConfig):
-        super().__init__()
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.encoder = QFormerEncoder(config)
-
-    def forward(self, query_embeds: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        # query_embeds [B, Q, D], image_features [B, T, encoder_hidden_size] -> [B, Q, D]
-        x = self.layernorm(query_embeds)
-        for layer in self.encoder.layer:
-            x = layer(x, image_features)
-        return x
 
 
 # ---------------------------------------------------------------------------------------------- glue

@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fovea import kernels
-from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention
 from fovea.layers.linear import Linear, PackedLinear
+from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, rope_parameters
 from fovea.models.utils import TokenEmbeddingsMixin
@@ -50,25 +49,6 @@ class Qwen2Attention(nn.Module):
         qkv = apply_rotary_packed(self.qkv_proj(x), cos, sin, self.num_heads + self.num_kv_heads)
         q, k, v = self.qkv_proj.split(qkv)  # (N, nh*hs), (N, nkv*hs), (N, nkv*hs)
         return self.o_proj(self.attn(q, k, v))
-
-
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)); gate and up packed into one matmul."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool):
-        super().__init__()
-        shards = {"gate_proj": intermediate_size, "up_proj": intermediate_size}
-        self.gate_up_proj = PackedLinear(hidden_size, shards, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = get_activation(hidden_act)
-        self.is_silu = hidden_act in ("silu", "swish")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if self.is_silu and gate_up.dim() == 2 and kernels.can_fuse(gate_up):
-            return self.down_proj(kernels.silu_mul(gate_up))  # one pass instead of two
-        gate, up = self.gate_up_proj.split(gate_up)
-        return self.down_proj(self.act(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):

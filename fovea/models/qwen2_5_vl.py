@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea.engine.request import MultiModalFeature
+from fovea.layers.encoder_attention import PackedSegments
 from fovea.layers.linear import Linear
+from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
-from fovea.models.qwen2 import GatedMLP, Qwen2Model, head_dim_of
 from fovea.models.interfaces import SupportsMRoPE, SupportsMultiModal
+from fovea.models.qwen2 import Qwen2Model, head_dim_of
 from fovea.models.qwen2_5_vl_processing import (
     Qwen2_5_VLDummyInputsBuilder,
     Qwen2_5_VLMultiModalProcessor,
@@ -40,51 +42,7 @@ from fovea.models.qwen2_5_vl_processing import (
 from fovea.models.utils import TokenEmbeddingsMixin
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 
-# ---------------------------------------------------------------------------------------------- packing
-
-
-class PackedSegments:
-    """Disjoint runs of a packed sequence, each attending only to itself.
-
-    Runs of equal length are batched into one SDPA call (windows mostly share a length), so there is neither
-    a mask nor a Python loop per window. `groups` holds one [num_runs, length] index tensor per length.
-    """
-
-    def __init__(self, lengths: Sequence[int]):
-        starts: dict[int, list[int]] = {}
-        offset = 0
-        for n in lengths:
-            if n:
-                starts.setdefault(n, []).append(offset)
-            offset += n
-        self.num_rows = offset
-        # a group whose runs follow one another is a slice of the sequence: (start, runs, length), no gather
-        self.groups: list[torch.Tensor | tuple[int, int, int]] = []
-        for n, s in starts.items():
-            is_slice = s == list(range(s[0], s[0] + n * len(s), n))
-            self.groups.append((s[0], len(s), n) if is_slice else torch.tensor(s)[:, None] + torch.arange(n))
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        # q, k, v [N, H, D] -> [N, H, D]
-        if len(self.groups) == 1 and isinstance(self.groups[0], tuple) and self.groups[0][1] == 1:
-            # one run over everything: no copy at all (4-D: torch's CPU flash kernel takes only batched inputs)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                                 v.transpose(0, 1)[None], scale=scale)
-            return out[0].transpose(0, 1)
-        out = torch.empty_like(q)
-        for group in self.groups:
-            if isinstance(group, tuple):
-                start, runs, length = group
-                qg, kg, vg = (t[start:start + runs * length].unflatten(0, (runs, length)) for t in (q, k, v))
-                og = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
-                                                    scale=scale)  # (runs, H, L, D)
-                out[start:start + runs * length] = og.transpose(1, 2).flatten(0, 1)
-                continue
-            og = F.scaled_dot_product_attention(
-                q[group].transpose(1, 2), k[group].transpose(1, 2), v[group].transpose(1, 2), scale=scale
-            )  # (runs, H, L, D)
-            out[group] = og.transpose(1, 2)
-        return out
+# ---------------------------------------------------------------------------------------------- layout
 
 
 @dataclass(slots=True)

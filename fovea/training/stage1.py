@@ -19,10 +19,11 @@ from transformers import Blip2Config
 
 from fovea.layers.linear import LinearBase
 from fovea.models.blip2 import BlipVisionModel
+from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.training.distributed import all_gather_with_grad, concat_all_gather, get_rank, is_distributed
 from fovea.training.losses import (count_targets, itc_logits, itc_loss, itg_attention_mask, itg_labels, itg_loss,
                                    itm_loss, sample_itm_negatives)
-from fovea.training.qformer import QFormer, QFormerLMHead, QFormerTextEmbeddings
+from fovea.training.qformer import QFormerLMHead, QFormerTextEmbeddings
 
 TEMPERATURE_RANGE = (0.001, 0.5)
 """BLIP-2 clamps its learnable temperature into this range before every step."""
@@ -101,7 +102,7 @@ class Stage1Model(nn.Module):
         self.vision_model = freeze(BlipVisionModel(config.vision_config))
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qformer_config.hidden_size))
         self.embeddings = QFormerTextEmbeddings(qformer_config)
-        self.qformer = QFormer(qformer_config, has_text_branch=True)
+        self.qformer = Blip2QFormerModel(qformer_config, has_text_branch=True, has_dropout=True)
         self.vision_projection = nn.Linear(qformer_config.hidden_size, config.image_text_hidden_size)
         self.text_projection = nn.Linear(qformer_config.hidden_size, config.image_text_hidden_size)
         self.itm_head = nn.Linear(qformer_config.hidden_size, 2)
@@ -138,7 +139,7 @@ class Stage1Model(nn.Module):
                       layer_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, P, Dv) -> (B, Q, D): the queries after reading the image."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
-        return self.qformer(queries, self.num_query_tokens, image_embeds=image_embeds, layer_inputs=layer_inputs)
+        return self.qformer(queries, image_embeds, layer_inputs=layer_inputs)
 
     def image_features(self, query_output: torch.Tensor) -> torch.Tensor:
         """(B, Q, D) -> (B, Q, E), L2-normalised: one ITC embedding per query."""
@@ -146,7 +147,7 @@ class Stage1Model(nn.Module):
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, T) -> (B, E), L2-normalised: the ITC embedding of the text's first ([CLS]) position."""
-        text_output = self.qformer(self.embeddings(input_ids), 0, attention_mask=attention_mask)
+        text_output = self.qformer(self.embeddings(input_ids), num_query=0, attention_mask=attention_mask)
         return F.normalize(self.text_projection(text_output[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
@@ -159,7 +160,7 @@ class Stage1Model(nn.Module):
         if attention_mask is not None:
             query_mask = attention_mask.new_ones(batch, self.num_query_tokens)
             attention_mask = torch.cat([query_mask, attention_mask], dim=1)
-        output = self.qformer(embeds, self.num_query_tokens, attention_mask=attention_mask, image_embeds=image_embeds)
+        output = self.qformer(embeds, image_embeds, self.num_query_tokens, attention_mask=attention_mask)
         return self.itm_head(output[:, : self.num_query_tokens]).mean(dim=1)
 
     def itg_logits(self, decoder_input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -17,10 +17,10 @@ from torch import nn
 from transformers import Blip2Config
 
 from fovea.models.blip2 import BlipVisionModel
+from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.models.opt import OPTForCausalLM
 from fovea.training.lm import opt_logits
 from fovea.training.losses import lm_loss, stage2_labels
-from fovea.training.qformer import QFormer
 from fovea.training.stage1 import freeze, targets_per_process
 
 
@@ -85,7 +85,7 @@ class Stage2Model(nn.Module):
         self.gradient_checkpointing = False
         self.vision_model = freeze(BlipVisionModel(config.vision_config))
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        self.qformer = QFormer(config.qformer_config, has_text_branch=False)
+        self.qformer = Blip2QFormerModel(config.qformer_config, has_text_branch=False, has_dropout=True)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, text_config.hidden_size)
         self.language_model = freeze(language_model if language_model is not None else OPTForCausalLM(text_config))
 
@@ -103,7 +103,7 @@ class Stage2Model(nn.Module):
         """(B, P, Dv) -> (B, Q, hidden): the rows that stand for the image in the LLM input."""
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         self.qformer.gradient_checkpointing = self.gradient_checkpointing
-        return self.language_projection(self.qformer(queries, self.num_query_tokens, image_embeds=image_embeds))
+        return self.language_projection(self.qformer(queries, image_embeds))
 
     def forward(self, batch: Stage2Batch) -> Stage2Output:
         image_embeds = batch.image_embeds if batch.image_embeds is not None else self.encode_images(batch.pixel_values)

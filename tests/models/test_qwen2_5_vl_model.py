@@ -253,19 +253,3 @@ def test_precomputed_image_embeds(ckpt, model, processor, requests):
     assert torch.equal(embedded.ids, request.ids) and torch.equal(embedded.positions, request.positions)
     out = generate(model, [embedded])["embeds"]
     check(ckpt, request, out)
-
-
-@pytest.mark.parametrize("lengths", [[12], [4, 4, 4], [4, 6, 4, 0, 4], [6, 6, 2, 6], [3, 0, 5, 5, 5, 3]])
-def test_packed_segments_attend_only_within_each_run(lengths):
-    from fovea.models.qwen2_5_vl import PackedSegments
-
-    gen = torch.Generator().manual_seed(sum(lengths))
-    q, k, v = (torch.randn(sum(lengths), 3, 8, generator=gen) for _ in range(3))
-    got = PackedSegments(lengths).attend(q, k, v, scale=0.3)
-    want, start = [], 0
-    for n in lengths:  # each run on its own, in float64
-        s = slice(start, start + n)
-        probs = (torch.einsum("qhd,khd->hqk", q[s].double(), k[s].double()) * 0.3).softmax(-1)
-        want.append(torch.einsum("hqk,khd->qhd", probs, v[s].double()))
-        start += n
-    torch.testing.assert_close(got.double(), torch.cat(want), rtol=0, atol=1e-5)
