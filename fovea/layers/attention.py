@@ -1,7 +1,9 @@
-"""Paged attention over the engine's flat batch, and the per-step context that carries its metadata.
+"""Causal attention for decoders: paged over the engine's flat batch, or plain over the given sequences.
 
 The runner builds one `AttentionMetadata` per step and enters `forward_context(meta)`; every `Attention`
-layer reads it from there, so model code keeps `forward(input_ids, positions)`.
+layer reads it from there, so model code keeps `forward(input_ids, positions)`. Training and export run the
+same modules without a KV cache: under `forward_context(DenseAttentionMetadata(mask))` for a padded batch
+[B, L, ...], or outside any context for one sequence (causal SDPA over the tokens given, nothing cached).
 
 KV cache layout per layer: two tensors `[num_slots, num_kv_heads, head_dim]`, `num_slots = num_blocks *
 block_size`; token `t` of a request lives in slot `block_table[t // block_size] * block_size + t % block_size`.
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fovea import kernels
 
@@ -49,11 +52,31 @@ class AttentionMetadata:
     block_size: int
 
 
-_CONTEXT: list[AttentionMetadata] = []
+@dataclass(slots=True)
+class DenseAttentionMetadata:
+    """No KV cache: each sequence of the batch attends to its own tokens (training, export).
+
+    mask: [B, 1, L, L] bool "may attend" for inputs [B, L, ...] (`from_padding` builds the causal + padding
+    one); None: plain causal attention over every sequence, all tokens real.
+    """
+
+    mask: torch.Tensor | None = None
+
+    @staticmethod
+    def from_padding(attention_mask: torch.Tensor) -> DenseAttentionMetadata:
+        """attention_mask [B, L], 1 = real token: each row attends to earlier-or-same real tokens. Every row
+        also sees itself, so a padding row is never empty (its output is unused); left or right padding."""
+        length = attention_mask.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+        keys = attention_mask.bool()[:, None, None, :] | torch.eye(length, dtype=torch.bool, device=causal.device)
+        return DenseAttentionMetadata(causal[None, None] & keys)
+
+
+_CONTEXT: list[AttentionMetadata | DenseAttentionMetadata] = []
 
 
 @contextlib.contextmanager
-def forward_context(meta: AttentionMetadata):
+def forward_context(meta: AttentionMetadata | DenseAttentionMetadata):
     _CONTEXT.append(meta)
     try:
         yield meta
@@ -61,10 +84,24 @@ def forward_context(meta: AttentionMetadata):
         _CONTEXT.pop()
 
 
-def get_attention_metadata() -> AttentionMetadata:
-    if not _CONTEXT:
-        raise RuntimeError("Attention layers run inside fovea.layers.attention.forward_context(meta)")
-    return _CONTEXT[-1]
+def get_attention_metadata() -> AttentionMetadata | DenseAttentionMetadata | None:
+    """The innermost context's metadata; None outside any (plain causal attention, no cache)."""
+    return _CONTEXT[-1] if _CONTEXT else None
+
+
+def checkpoint_in_context(fn, *args):
+    """torch's activation checkpointing of `fn(*args)` for modules whose attention reads the context: the
+    recomputation runs during backward, after the `with forward_context` block has exited, so it re-enters
+    the metadata of the forward pass."""
+    meta = get_attention_metadata()
+
+    def run(*inputs):
+        if meta is None:
+            return fn(*inputs)
+        with forward_context(meta):
+            return fn(*inputs)
+
+    return checkpoint(run, *args, use_reentrant=False)
 
 
 def _group(rows: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor, tables: torch.Tensor,
@@ -134,11 +171,15 @@ def build_attention_metadata(
 
 
 class Attention(nn.Module):
-    """Causal self-attention against the paged KV cache.
+    """Causal self-attention, against the paged KV cache or over the given sequences.
 
-    forward(q [N, num_heads*head_dim], k, v [N, num_kv_heads*head_dim]) -> [N, num_heads*head_dim].
-    The runner binds `self.kv_cache = (k_cache, v_cache)` after allocating the pool. Decode groups run fovea's C++
-    kernel (`fovea.kernels.paged_decode`) when `use_kernel` and the kernels run here, else gather + SDPA.
+    Paged (an `AttentionMetadata` in the context): forward(q [N, num_heads*head_dim], k, v [N,
+    num_kv_heads*head_dim]) -> [N, num_heads*head_dim] over the step's flat batch; the runner binds
+    `self.kv_cache = (k_cache, v_cache)` after allocating the pool.
+    Non-paged (a `DenseAttentionMetadata`, or no context): q, k, v [B, L, width] (or [L, width], one
+    sequence) -> [B, L, num_heads*head_dim]; nothing is cached.
+    Paged decode groups run fovea's C++ kernel (`fovea.kernels.paged_decode`) when `use_kernel` and the
+    kernels run here, else gather + SDPA.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int | None = None,
@@ -153,6 +194,10 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         meta = get_attention_metadata()
+        if not isinstance(meta, AttentionMetadata):
+            if meta is None and self.kv_cache is not None:  # a serving model run outside its step's context
+                raise RuntimeError("a layer with a bound KV cache runs inside fovea.layers.attention.forward_context")
+            return self._forward_dense(q, k, v, None if meta is None else meta.mask)
         if self.kv_cache is None:
             raise RuntimeError("KV cache not bound to this attention layer")
         k_cache, v_cache = self.kv_cache
@@ -195,3 +240,13 @@ class Attention(nn.Module):
             og = og.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
             out[g.token_index] = og[g.out_index]
         return out
+
+    def _forward_dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        batch, length = (1, q.shape[0]) if q.dim() == 2 else q.shape[:2]
+        q4 = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hs)
+        k4 = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hs)
+        v4 = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)  # (B, nh, L, hs)
+        return out.transpose(1, 2).reshape(*q.shape[:-1], self.num_heads * self.head_dim)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import OPTConfig
 
 from fovea.layers.activations import get_activation
-from fovea.layers.attention import Attention
+from fovea.layers.attention import Attention, checkpoint_in_context
 from fovea.layers.linear import Linear, PackedLinear
 from fovea.models.utils import TokenEmbeddingsMixin
 
@@ -74,13 +74,16 @@ class OPTDecoder(nn.Module):
             nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine) if has_final_norm else None
         )
         self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False  # training: recompute each layer in backward instead of keeping it
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # inputs_embeds [N, word_embed_proj_dim], positions [N] 0-based within each request
+        # inputs_embeds [N, word_embed_proj_dim], positions [N] 0-based within each request (serving); or
+        # [B, L, word_embed_proj_dim] and [B, L] for a padded batch without KV cache (training)
         x = inputs_embeds if self.project_in is None else self.project_in(inputs_embeds)
         x = x + self.embed_positions(positions + POSITION_OFFSET)
+        is_checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x)
+            x = checkpoint_in_context(layer, x) if is_checkpointed else layer(x)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
