@@ -15,6 +15,7 @@ happen inside the subcommands, so `--help` is instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -23,11 +24,14 @@ from typing import Any
 
 from fovea.config import EngineConfig
 from fovea.entrypoints.arg_utils import add_dataclass_options, dataclass_kwargs
+from fovea.entrypoints.media_config import MediaConfig
 
 # The model `generate` and `bench` use without --model: the demo BLIP-2 fovea trained on synthetic shapes and ships
 # in the repository (`make demo-model` rebuilds it).
 DEMO_MODEL_PATH = Path(__file__).resolve().parents[2] / "demo" / "blip2-shapes"
 
+_MEDIA_DEFAULTS = MediaConfig()
+_MEDIA_OPTIONS = [f.name for f in dataclasses.fields(MediaConfig)]  # each is `serve --name-with-dashes`
 _SKIPPED_FIELDS = {"model"}  # given per subcommand (positional for serve, --model elsewhere)
 
 # Commands with their own parser in their own package: `main` hands them every word after the command before
@@ -78,10 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answer 503 while this many sequences wait to be scheduled (none: no limit)")
     serve.add_argument("--allowed-local-media-path", default=None,
                        help="directory whose files requests may name (file:// URLs or paths); none: no local files")
-    serve.add_argument("--max-media-bytes", type=int, default=20 * 1024 * 1024,
+    serve.add_argument("--max-media-bytes", type=int, default=_MEDIA_DEFAULTS.max_media_bytes,
                        help="largest image or video a request may carry or make the server fetch (413 above)")
-    serve.add_argument("--media-fetch-timeout-s", type=float, default=10.0,
+    serve.add_argument("--media-fetch-timeout-s", type=float, default=_MEDIA_DEFAULTS.media_fetch_timeout_s,
                        help="time limit of each http(s) media fetch, the whole download")
+    serve.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                       help="the only hosts http(s) media may come from, every redirect hop included (names or IP "
+                            "literals; a listed host may be on a private address); none: any public host")
+    serve.add_argument("--allow-private-media-urls", action="store_true",
+                       help="also fetch media from loopback, private and link-local addresses (cloud metadata "
+                            "included): only on a trusted network")
+    serve.add_argument("--max-image-pixels", type=int, default=_MEDIA_DEFAULTS.max_image_pixels,
+                       help="largest image (width x height from its header, checked before decoding; 413 above)")
+    serve.add_argument("--max-video-frame-pixels", type=int, default=_MEDIA_DEFAULTS.max_video_frame_pixels,
+                       help="largest video frame (width x height from the container's header; 413 above)")
+    serve.add_argument("--max-video-frames", type=int, default=_MEDIA_DEFAULTS.max_video_frames,
+                       help="most frames a video file may hold (from the container; 413 above)")
+    serve.add_argument("--max-concurrent-media-decodes", type=int,
+                       default=_MEDIA_DEFAULTS.max_concurrent_media_decodes,
+                       help="images and video headers decoded at once; other requests wait their turn")
     serve.add_argument("--chat-template", default=None,
                        help="Jinja chat template (a file, or the template itself); none: the checkpoint's own")
     serve.add_argument("--shutdown-timeout-s", type=float, default=None,
@@ -192,8 +211,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_waiting_requests=args.max_waiting_requests,
         chat_template=chat_template,
-        fetcher=MediaFetcher(max_bytes=args.max_media_bytes, timeout_s=args.media_fetch_timeout_s,
-                             allowed_local_media_path=args.allowed_local_media_path),
+        fetcher=MediaFetcher(MediaConfig.from_kwargs(**{name: getattr(args, name) for name in _MEDIA_OPTIONS})),
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
     config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))

@@ -1,4 +1,7 @@
-"""MediaFetcher against a loopback HTTP server and a temporary directory: caps, timeouts, local-path rules."""
+"""MediaFetcher against a loopback HTTP server and a temporary directory: caps, timeouts, local-path rules.
+
+The loopback server is reachable only because these tests allow private addresses (`fetcher` below);
+test_media_ssrf.py checks that the default refuses it."""
 from __future__ import annotations
 
 import base64
@@ -8,7 +11,14 @@ import time
 
 import pytest
 
+from fovea.entrypoints.media_config import MediaConfig
 from fovea.entrypoints.media_fetch import MediaFetcher, MediaTooLargeError
+
+
+
+def fetcher(**options) -> MediaFetcher:
+    return MediaFetcher(MediaConfig(allow_private_media_urls=True, **options))
+
 
 SMALL = b"x" * 1000
 BIG = b"y" * 5000
@@ -65,7 +75,7 @@ def http_base():
 
 
 def test_http_fetch_with_cap_and_timeout(http_base):
-    fetch = MediaFetcher(max_bytes=2000, timeout_s=0.3)
+    fetch = fetcher(max_media_bytes=2000, media_fetch_timeout_s=0.3)
     assert fetch(http_base + "/small") == SMALL
     assert fetch(http_base + "/redirect") == SMALL
     with pytest.raises(MediaTooLargeError, match="2000 bytes"):
@@ -81,7 +91,7 @@ def test_http_fetch_with_cap_and_timeout(http_base):
 
 
 def test_data_urls_are_capped():
-    fetch = MediaFetcher(max_bytes=2000)
+    fetch = fetcher(max_media_bytes=2000)
     assert fetch("data:image/png;base64," + base64.b64encode(SMALL).decode()) == SMALL
     with pytest.raises(MediaTooLargeError):
         fetch("data:image/png;base64," + base64.b64encode(BIG).decode())
@@ -97,8 +107,8 @@ def test_local_files_only_under_the_allowed_directory(tmp_path):
     (allowed / "link.png").symlink_to(tmp_path / "secret.txt")
 
     with pytest.raises(ValueError, match="allowed-local-media-path"):
-        MediaFetcher()(f"file://{allowed / 'a.png'}")
-    fetch = MediaFetcher(max_bytes=2000, allowed_local_media_path=str(allowed))
+        fetcher()(f"file://{allowed / 'a.png'}")
+    fetch = fetcher(max_media_bytes=2000, allowed_local_media_path=str(allowed))
     assert fetch(f"file://{allowed / 'a.png'}") == SMALL
     assert fetch.resolve_item(str(allowed / "a.png")) == SMALL
     for outside in (tmp_path / "secret.txt", allowed / ".." / "secret.txt", allowed / "link.png"):
@@ -111,4 +121,4 @@ def test_local_files_only_under_the_allowed_directory(tmp_path):
     with pytest.raises(ValueError, match="unsupported media URL"):
         fetch("ftp://example.com/a.png")
     with pytest.raises(ValueError, match="not a directory"):
-        MediaFetcher(allowed_local_media_path=str(tmp_path / "nope"))
+        MediaConfig(allowed_local_media_path=str(tmp_path / "nope"))

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from fovea.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestAbortedError, RequestStream
 from fovea.entrypoints.chat_utils import ChatPrompt, build_chat_prompt
 from fovea.entrypoints.media_fetch import MediaFetcher
+from fovea.entrypoints.media_limits import prepare_media_async
 from fovea.entrypoints.openai import protocol as p
 from fovea.entrypoints.openai.streaming import (
     Cursor,
@@ -36,6 +37,7 @@ class ChatServing:
 
     def __init__(self, engine: AsyncLLMEngine, tokenizer, fetcher: MediaFetcher, chat_template: str | None):
         self.engine, self.tokenizer, self.fetcher, self.chat_template = engine, tokenizer, fetcher, chat_template
+        self.decode_slots = asyncio.Semaphore(fetcher.config.max_concurrent_media_decodes)
 
     def build_prompt(self, body: p.ChatCompletionRequest) -> ChatPrompt:
         """Blocking (media fetches): the route runs it in a worker thread. Rendering and encoding happen there
@@ -49,8 +51,12 @@ class ChatServing:
     async def create(self, body: p.ChatCompletionRequest, model: str, raw: Request) -> Response:
         params = body.to_sampling_params()
         chat = await asyncio.to_thread(self.build_prompt, body)
+        prompt = chat.prompt
+        if prompt.get("multi_modal_data"):  # header limits, then images decoded, in at most N requests at once
+            prompt = {**prompt, "multi_modal_data": await prepare_media_async(
+                prompt["multi_modal_data"], self.fetcher.config, self.decode_slots)}
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self.engine.add_request(request_id, chat.prompt, params)
+        stream = await self.engine.add_request(request_id, prompt, params)
         created = int(time.time())
         on_close = lambda: self.engine.abort(request_id)  # noqa: E731
         if body.stream:

@@ -16,6 +16,7 @@ import pytest
 from fovea import LLM, SamplingParams
 from tests.entrypoints import ServerProcess, data_url, png_bytes, random_image
 from tests.entrypoints import restore_torch_threads  # noqa: F401 (an autouse fixture)
+from tests.entrypoints.media_bombs import png_bomb
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl
 
 API_KEY = "sk-test"
@@ -70,7 +71,7 @@ def media_dir(tmp_path_factory):
 def server(qwen_dir, media_dir, tmp_path_factory):
     proc = ServerProcess(qwen_dir, "--api-key", API_KEY, "--served-model-name", MODEL, "--max-model-len",
                          str(MAX_MODEL_LEN), "--num-kv-blocks", "768", "--max-media-bytes", str(MAX_MEDIA_BYTES),
-                         "--allowed-local-media-path", str(media_dir),
+                         "--allowed-local-media-path", str(media_dir), "--allowed-media-domains", "127.0.0.1",
                          log_dir=tmp_path_factory.mktemp("qwen_server_log"))
     yield proc
     proc.stop()
@@ -264,6 +265,9 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
     ({"messages": image_message("data:image/png;base64," + "QUJD" * 20, "Hi")}, None, "decode"),
     ({"messages": image_message("file:///etc/passwd", "Hi")}, None, "outside --allowed-local-media-path"),
     ({"messages": image_message("http://127.0.0.1:9/none.png", "Hi")}, None, "could not fetch"),
+    ({"messages": image_message("http://localhost:9/none.png", "Hi")}, None, "not in --allowed-media-domains"),
+    ({"messages": image_message("http://169.254.169.254/latest/meta-data/", "Hi")}, None,
+     "not in --allowed-media-domains"),
 ])
 def test_invalid_requests_are_400_naming_the_field(server, changes, param, text):
     assert_error(post(server, good_body(**changes)), 400, param, text)
@@ -296,3 +300,11 @@ def test_media_over_the_cap_is_413(server, media_server):
     assert error["code"] == "media_too_large" and str(MAX_MEDIA_BYTES) in error["message"]
     assert_error(post(server, good_body(messages=image_message(media_server + "/big.png", "Hi"))), 413)
     assert post(server, good_body(messages=image_message(media_server + "/small.png", "Hi"))).status_code == 200
+
+
+def test_image_bomb_is_413_naming_the_limit(server):
+    """A 20 KiB PNG declaring 13000 x 13000 (169 Mpx): refused from its header (default --max-image-pixels)."""
+    bomb = "data:image/png;base64," + base64.b64encode(png_bomb()).decode()
+    error = assert_error(post(server, good_body(messages=image_message(bomb, "Hi"))), 413)
+    assert "--max-image-pixels" in error["message"] and "169,000,000" in error["message"]
+    assert post(server, good_body(messages=image_message(data_url(IMAGE), "Hi"))).status_code == 200
