@@ -57,6 +57,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     add_dataclass_options(group, EngineConfig, skip=_SKIPPED_FIELDS)
 
 
+def media_config(args: argparse.Namespace) -> MediaConfig:
+    """`serve`'s media flags as the server's validated MediaConfig."""
+    return MediaConfig.from_kwargs(**{name: getattr(args, name) for name in _MEDIA_OPTIONS})
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dataclass_kwargs(args, EngineConfig, skip=_SKIPPED_FIELDS)
 
@@ -211,7 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_waiting_requests=args.max_waiting_requests,
         chat_template=chat_template,
-        fetcher=MediaFetcher(MediaConfig.from_kwargs(**{name: getattr(args, name) for name in _MEDIA_OPTIONS})),
+        fetcher=MediaFetcher(media_config(args)),
         shutdown_timeout_s=args.shutdown_timeout_s,
     )
     config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))

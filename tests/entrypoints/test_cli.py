@@ -14,6 +14,7 @@ import pytest
 from fovea import LLM, SamplingParams
 from fovea.config import EngineConfig
 from fovea.entrypoints import cli
+from fovea.entrypoints.media_config import MediaConfig
 from fovea.training.shapes import generate_shapes
 from tests.entrypoints import ROOT, png_bytes, random_image
 from tests.entrypoints import restore_torch_threads  # noqa: F401 (an autouse fixture)
@@ -87,6 +88,22 @@ def test_engine_options_parse_into_engine_config_fields():
     assert kwargs["dtype"] == "auto" and kwargs["block_size"] == 16  # EngineConfig's defaults
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "m", "--limit-mm-per-prompt", "[1]"])
+
+
+def test_media_flags_parse_into_media_config(tmp_path):
+    default = cli.media_config(cli.build_parser().parse_args(["serve", "m"]))
+    assert default == MediaConfig()  # the flags' defaults are the config's documented ones
+    args = cli.build_parser().parse_args([
+        "serve", "m", "--allowed-media-domains", "Images.Example.com", "10.0.0.7", "--allow-private-media-urls",
+        "--max-image-pixels", "5", "--max-video-frame-pixels", "6", "--max-video-frames", "7",
+        "--max-concurrent-media-decodes", "3", "--max-media-bytes", "8", "--media-fetch-timeout-s", "0.5",
+        "--allowed-local-media-path", str(tmp_path)])
+    assert cli.media_config(args) == MediaConfig(
+        max_media_bytes=8, media_fetch_timeout_s=0.5, allowed_local_media_path=str(tmp_path),
+        allowed_media_domains=("images.example.com", "10.0.0.7"), allow_private_media_urls=True,
+        max_image_pixels=5, max_video_frame_pixels=6, max_video_frames=7, max_concurrent_media_decodes=3)
+    with pytest.raises(ValueError, match="max_concurrent_media_decodes must be >= 1"):
+        cli.media_config(cli.build_parser().parse_args(["serve", "m", "--max-concurrent-media-decodes", "0"]))
 
 
 def test_generate_prints_what_llm_generates(blip_dir, images, capsys):
