@@ -13,11 +13,13 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from PIL import Image
 
 from fovea import LLM, SamplingParams
 from fovea.config import EngineConfig
 from fovea.engine.async_engine import AsyncLLMEngine
 from fovea.engine.llm_engine import LLMEngine
+from fovea.entrypoints.media_config import MediaConfig
 from fovea.entrypoints.media_fetch import MediaFetcher
 from fovea.entrypoints.openai.app import ServerSettings, build_app
 from fovea.multimodal.media import load_image
@@ -54,7 +56,7 @@ def server(qwen_dir, media_dir):
         return await add_request(request_id, prompt, params)
 
     engine.add_request = recording_add_request
-    settings = ServerSettings(chat_template=TEMPLATE, fetcher=MediaFetcher(allowed_local_media_path=str(media_dir)))
+    settings = ServerSettings(chat_template=TEMPLATE, fetcher=MediaFetcher(MediaConfig(allowed_local_media_path=str(media_dir))))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(build_app(engine, settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -114,7 +116,8 @@ def test_llm_chat_and_the_server_build_the_same_prompt(server, llm, media_dir, t
     assert text.endswith("<|im_start|>assistant\n") != bool(template_options)
     assert set(ours) == set(theirs) == {"prompt_token_ids", "multi_modal_data"}
     assert list(ours["multi_modal_data"]) == list(theirs["multi_modal_data"]) == ["image"]
-    assert isinstance(theirs["multi_modal_data"]["image"][1], bytes)  # the server read the file itself
+    # the server read the file itself and decoded it within its media limits (never a path to the engine)
+    assert isinstance(theirs["multi_modal_data"]["image"][1], Image.Image)
     ours_pixels = [pixels(item) for item in ours["multi_modal_data"]["image"]]
     theirs_pixels = [pixels(item) for item in theirs["multi_modal_data"]["image"]]
     assert [p.shape for p in ours_pixels] == [(60, 90, 3), (50, 70, 3)]
