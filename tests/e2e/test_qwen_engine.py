@@ -183,8 +183,6 @@ def test_chat_equals_generate_on_the_same_prompt(ckpt, references):
 
 
 def test_video_file_through_generate(ckpt, references, tmp_path):
-    av = pytest.importorskip("av")
-    del av
     # 12 frames at 10 fps (1.2 s), sampled at the default 2 fps: 2.4 frames, raised to min_frames 4 (rate 10/3)
     path = write_video(tmp_path / "clip.mp4", frames(40, 12, 64, 48), fps=10)
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256)

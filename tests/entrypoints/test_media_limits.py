@@ -21,8 +21,6 @@ from fovea.entrypoints.media_limits import prepare_media, prepare_media_async
 from tests.entrypoints import ROOT, png_bytes, random_image
 from tests.entrypoints import media_bombs as bombs
 
-pytest.importorskip("av")
-
 MAX_RSS_GROWTH_KIB = 48 * 1024  # what refusing a bomb may add to the peak RSS (decoding one adds 100-170 MB)
 MAX_SECONDS = 3.0  # per bomb, fetch + header check, on a busy shared machine (each takes ~10-100 ms alone)
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 import base64
 import io
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from fovea.multimodal.media import LoadedVideo, load_video
 from fovea.multimodal.processors import Qwen2VLVideoProcessor
-
-av = pytest.importorskip("av")
 
 
 def frames(num_frames: int, width: int = 32, height: int = 24, seed: int = 0) -> np.ndarray:
