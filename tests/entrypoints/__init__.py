@@ -5,6 +5,8 @@ Every wait is bounded; a server that does not come up fails the test with the en
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import io
 import os
 import re
@@ -12,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +37,29 @@ def restore_torch_threads():
     num_threads = torch.get_num_threads()
     yield
     torch.set_num_threads(num_threads)
+
+
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    """A loopback test server whose handlers log nothing and whose clients may hang up mid-body (the point of
+    the drip and cap tests) without a traceback."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+@contextlib.contextmanager
+def loopback_http_server(handler: type[http.server.BaseHTTPRequestHandler]):
+    """Serve `handler` on 127.0.0.1 from a daemon thread; yields the base URL, shuts down on exit."""
+    handler.log_message = lambda self, *args: None
+    server = QuietHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port() -> int:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import base64
 import http.server
-import threading
 import time
 
 import pytest
 
 from fovea.entrypoints.media_config import MediaConfig
 from fovea.entrypoints.media_fetch import MediaFetcher, MediaTooLargeError
-
+from tests.entrypoints import loopback_http_server
 
 
 def fetcher(**options) -> MediaFetcher:
@@ -59,19 +58,8 @@ def http_base():
             self.end_headers()
             self.wfile.write(body or b"")
 
-        def log_message(self, *args):
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        def handle_error(self, request, client_address):
-            pass  # a client that gives up mid-body (the point of some tests) is not an error here
-
-    server = Server(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http_server(Handler) as base_url:
+        yield base_url
 
 
 def test_http_fetch_with_cap_and_timeout(http_base):

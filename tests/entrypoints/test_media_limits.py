@@ -18,7 +18,7 @@ from fovea.entrypoints import media_limits
 from fovea.entrypoints.media_config import MediaConfig
 from fovea.entrypoints.media_fetch import MediaFetcher, MediaTooLargeError
 from fovea.entrypoints.media_limits import prepare_media, prepare_media_async
-from tests.entrypoints import ROOT, png_bytes, random_image
+from tests.entrypoints import ROOT, loopback_http_server, png_bytes, random_image
 from tests.entrypoints import media_bombs as bombs
 
 MAX_RSS_GROWTH_KIB = 48 * 1024  # what refusing a bomb may add to the peak RSS (decoding one adds 100-170 MB)
@@ -65,19 +65,8 @@ def media_server():
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        def handle_error(self, request, client_address):
-            pass  # the fetcher hanging up on a drip is the point
-
-    server = Server(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http_server(Handler) as base_url:
+        yield base_url
 
 
 # Runs in a fresh process with the server's default limits (loopback allowed so the test server can be reached).

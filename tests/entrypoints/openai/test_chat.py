@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import http.server
 import io
-import threading
 
 import httpx
 import numpy as np
@@ -14,7 +13,7 @@ import openai
 import pytest
 
 from fovea import LLM, SamplingParams
-from tests.entrypoints import ServerProcess, data_url, png_bytes, random_image
+from tests.entrypoints import ServerProcess, data_url, loopback_http_server, png_bytes, random_image
 from tests.entrypoints import restore_torch_threads  # noqa: F401 (an autouse fixture)
 from tests.entrypoints.media_bombs import png_bomb
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl
@@ -45,19 +44,8 @@ def media_server():
             self.end_headers()
             self.wfile.write(body or b"")
 
-        def log_message(self, *args):
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        def handle_error(self, request, client_address):
-            pass  # a client that gives up mid-body (the point of some tests) is not an error here
-
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with loopback_http_server(Handler) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
