@@ -8,17 +8,9 @@ import torch
 from fovea import kernels
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
 from tests.kernels import requires_compiler
+from tests.layers import causal_attention_float64
 
 H, KV, D, BS = 6, 2, 16, 4
-
-
-def _reference(q, k, v):
-    """Dense causal attention of one sequence, float64. q [T, H, D], k/v [T, KV, D]."""
-    k = k.double().repeat_interleave(H // KV, dim=1)
-    v = v.double().repeat_interleave(H // KV, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * D**-0.5
-    scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
 @pytest.mark.parametrize("use_kernel", [pytest.param(True, marks=requires_compiler), False])
@@ -59,7 +51,7 @@ def test_chunked_prefill_then_decode_equals_dense(use_kernel, dtype, atol):
             done[i] += n
     for i, n in enumerate(lengths):
         got = torch.cat(outputs[i]).view(n, H, D).double()
-        want = _reference(*(t.to(dtype) for t in seqs[i]))
+        want = causal_attention_float64(*(t.to(dtype) for t in seqs[i]))
         assert (got - want).abs().max().item() < atol
 
 

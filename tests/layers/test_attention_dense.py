@@ -7,17 +7,9 @@ import pytest
 import torch
 
 from fovea.layers.attention import Attention, DenseAttentionMetadata, checkpoint_in_context, forward_context
+from tests.layers import causal_attention_float64
 
 H, KV, D = 6, 2, 8
-
-
-def _reference(q, k, v):
-    """Causal attention of one sequence, float64. q [T, H, D], k/v [T, KV, D] -> [T, H, D]."""
-    k = k.double().repeat_interleave(H // KV, dim=1)
-    v = v.double().repeat_interleave(H // KV, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * D**-0.5
-    scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
 def _qkv(shape, gen):
@@ -35,7 +27,7 @@ def test_one_sequence_outside_any_context_is_causal_attention():
     q, k, v = _qkv((11,), torch.Generator().manual_seed(0))
     got = Attention(H, D, D**-0.5, KV)(q, k, v)
     assert got.shape == (11, H * D)
-    want = _reference(q.view(11, H, D), k.view(11, KV, D), v.view(11, KV, D))
+    want = causal_attention_float64(q.view(11, H, D), k.view(11, KV, D), v.view(11, KV, D))
     torch.testing.assert_close(got.view(11, H, D).double(), want, rtol=0, atol=1e-5)
 
 
@@ -52,7 +44,7 @@ def test_padded_batch_equals_each_sequence_alone():
     for b in range(3):
         rows = real[b].bool()
         n = int(rows.sum())
-        want = _reference(q[b, rows].view(n, H, D), k[b, rows].view(n, KV, D), v[b, rows].view(n, KV, D))
+        want = causal_attention_float64(q[b, rows].view(n, H, D), k[b, rows].view(n, KV, D), v[b, rows].view(n, KV, D))
         torch.testing.assert_close(got[b, rows].view(n, H, D).double(), want, rtol=0, atol=1e-5)
 
 

@@ -16,31 +16,29 @@ def read_video_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """transformers 5's order: processor_config.json's "video_processor", video_preprocessor_config.json, and
     failing both the image processor's config (the released Qwen2.5-VL checkpoints have only that one, so
     their videos use the image pixel limits)."""
-    model_dir = Path(model_dir)
-    processor_file = model_dir / "processor_config.json"
-    if processor_file.is_file():
-        processor_config = _read_json(processor_file)
-        if isinstance(processor_config.get("video_processor"), dict):
-            return processor_config["video_processor"]
-    video_file = model_dir / "video_preprocessor_config.json"
-    if video_file.is_file():
-        return _read_json(video_file)
-    return read_image_processor_config(model_dir)
+    found = _find_processor_config(Path(model_dir), "video_processor", "video_preprocessor_config.json")
+    return found if found is not None else read_image_processor_config(model_dir)
 
 
 def read_image_processor_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """The image processor's options in a checkpoint directory, found the way transformers 5 finds them."""
-    model_dir = Path(model_dir)
+    found = _find_processor_config(Path(model_dir), "image_processor", "preprocessor_config.json")
+    if found is not None:
+        return found
+    raise ValueError(f"no image processor config in {os.fspath(model_dir)!r}: expected processor_config.json with "
+                     f"an 'image_processor' entry, or preprocessor_config.json")
+
+
+def _find_processor_config(model_dir: Path, entry: str, own_file: str) -> dict[str, Any] | None:
+    """`entry` of processor_config.json (transformers 5 writes one file for every processor), else the
+    processor's own file as older versions wrote it, else None."""
     processor_file = model_dir / "processor_config.json"
     if processor_file.is_file():
         processor_config = _read_json(processor_file)
-        if isinstance(processor_config.get("image_processor"), dict):
-            return processor_config["image_processor"]
-    legacy_file = model_dir / "preprocessor_config.json"
-    if legacy_file.is_file():
-        return _read_json(legacy_file)
-    raise ValueError(f"no image processor config in {os.fspath(model_dir)!r}: expected processor_config.json with "
-                     f"an 'image_processor' entry, or preprocessor_config.json")
+        if isinstance(processor_config.get(entry), dict):
+            return processor_config[entry]
+    legacy_file = model_dir / own_file
+    return _read_json(legacy_file) if legacy_file.is_file() else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
