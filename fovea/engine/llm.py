@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from fovea.config import EngineConfig
 from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
+from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
@@ -87,19 +88,26 @@ class LLM:
 
         Messages are OpenAI-style (see `fovea.entrypoints.chat_utils`): text, `image_url` / `video_url` with a
         data URL or a local path, `image_pil`. Each conversation becomes a prompt by `build_chat_prompt`, the
-        function the server's /v1/chat/completions uses too (rendered with `chat_template` or the checkpoint's
-        own, `chat_template_kwargs` as extra template variables, tokenized without adding special tokens), and
+        function the server's /v1/chat/completions uses too (rendered with `chat_template`, else the checkpoint's
+        own, else fovea's fallback for the model type (`fovea.entrypoints.chat_templates`), `chat_template_kwargs`
+        as extra template variables, tokenized without adding special tokens), and
         is generated like a `generate` prompt; `RequestOutput.prompt` is the rendered text.
         """
         is_batch = (isinstance(messages, Sequence) and not isinstance(messages, str) and bool(messages)
                     and not isinstance(messages[0], Mapping))
         conversations = list(messages) if is_batch else [messages]
         tokenizer = self.get_tokenizer()
+        model_type = self.llm_engine.hf_config.model_type
+        template = resolve_chat_template(tokenizer, model_type, chat_template).template
+        if template is None:
+            raise ValueError(f"this model has no chat template (none in the checkpoint, and fovea has no fallback "
+                             f"for model type {model_type!r}); pass chat_template= (a Jinja string), or format the "
+                             f"prompt yourself and use generate()")
         chats = []
         for i, conversation in enumerate(conversations):
             try:
                 chats.append(build_chat_prompt(
-                    tokenizer, conversation, allowed_modalities=self.llm_engine.mm_limits, chat_template=chat_template,
+                    tokenizer, conversation, allowed_modalities=self.llm_engine.mm_limits, chat_template=template,
                     add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs,
                     mm_processor_kwargs=mm_processor_kwargs, allow_local_paths=True))
             except ValueError as err:

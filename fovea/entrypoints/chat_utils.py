@@ -164,8 +164,9 @@ def render_chat(
     `chat_template_kwargs` are extra variables for the template (e.g. Qwen's `add_vision_id`).
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("this model's tokenizer has no chat template; pass chat_template= (a Jinja string), or "
-                         "format the prompt yourself and use generate()")
+        # callers resolve the template first (`resolve_chat_template`) and refuse in their own terms; this is the
+        # last guard, so it names no API
+        raise ValueError("no chat template to render the messages with: the tokenizer has none and none was given")
     import jinja2  # transformers renders templates with jinja2
 
     try:

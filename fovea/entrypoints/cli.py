@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default=_MEDIA_DEFAULTS.max_concurrent_media_decodes,
                        help="images and video headers decoded at once; other requests wait their turn")
     serve.add_argument("--chat-template", default=None,
-                       help="Jinja chat template (a file, or the template itself); none: the checkpoint's own")
+                       help="Jinja chat template (a file, or the template itself); none: the checkpoint's own, else "
+                            "fovea's fallback for the model type (BLIP-2, InstructBLIP)")
     serve.add_argument("--shutdown-timeout-s", type=float, default=None,
                        help="after SIGTERM, abort requests still running after this long (none: wait for all)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

@@ -1,5 +1,5 @@
 """OpenAI-style messages -> transformers' content parts + media in order, rendered with the chat template;
-and `LLM.chat` on a checkpoint without a template (BLIP-2)."""
+and `LLM.chat` on a checkpoint without a template (BLIP-2: fovea's fallback, or the one given)."""
 from __future__ import annotations
 
 import base64
@@ -126,7 +126,7 @@ def test_render_errors_are_value_errors(tokenizer):
         render_chat(tokenizer, conversation, "{% for %}")
     bare = build_qwen_tokenizer()
     bare.chat_template = None
-    with pytest.raises(ValueError, match="has no chat template; pass chat_template="):
+    with pytest.raises(ValueError, match="no chat template to render the messages with"):
         render_chat(bare, conversation)
 
 
@@ -157,12 +157,15 @@ def blip2(tmp_path_factory):
 
 
 def test_chat_on_a_checkpoint_without_template(blip2):
-    """BLIP-2 ships no template: a clear error; with one given, chat equals generate on the rendered text
-    (the template writes the BOS token, as chat templates do, and chat adds no special tokens of its own)."""
+    """BLIP-2 ships no template: fovea's fallback (BLIP-2's VQA prompt) unless one is given; with one given, chat
+    equals generate on the rendered text (the template writes the BOS token, as chat templates do, and chat adds
+    no special tokens of its own). A system message has no place in BLIP-2's prompt: an error, not dropped."""
     messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": make_image(3, (40, 30))},
                                              {"type": "text", "text": "a photo of"}]}]
-    with pytest.raises(ValueError, match="no chat template"):
-        blip2.chat(messages)
+    assert blip2.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt == \
+        "</s>Question: a photo of Answer:"
+    with pytest.raises(ValueError, match="roles 'user' and 'assistant', not 'system'"):
+        blip2.chat([{"role": "system", "content": "Be brief."}, *messages])
     template = ("{{ bos_token }}{% for m in messages %}{% for part in m['content'] %}"
                 "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endfor %}")
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)

@@ -14,6 +14,7 @@ Shutdown (SIGTERM) is uvicorn's: stop accepting, let open responses finish, then
 from __future__ import annotations
 
 import secrets
+import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from fastapi.responses import Response
 from fovea.config import EngineConfig
 from fovea.engine.async_engine import AsyncLLMEngine
 from fovea.engine.llm_engine import LLMEngine
+from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.media_fetch import MediaFetcher
 from fovea.entrypoints.openai import protocol as p
 from fovea.entrypoints.openai.chat import ChatServing
@@ -40,7 +42,7 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # empty: the model path
     api_key: str | None = None
     max_waiting_requests: int | None = None
-    chat_template: str | None = None  # a Jinja string; None: the checkpoint's own
+    chat_template: str | None = None  # a Jinja string; None: the checkpoint's own, else fovea's fallback
     fetcher: MediaFetcher = field(default_factory=MediaFetcher)
     shutdown_timeout_s: float | None = None  # after SIGTERM: None waits for every running request
 
@@ -52,7 +54,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     engine.stat_loggers.append(metrics)
     # the server's own tokenizer: chats are rendered and encoded in request threads, never racing the engine thread
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_engine.config.tokenizer_path)
-    chat = ChatServing(engine, tokenizer, settings.fetcher, settings.chat_template)
+    chat_template = resolve_chat_template(tokenizer, llm_engine.hf_config.model_type, settings.chat_template)
+    chat = ChatServing(engine, tokenizer, settings.fetcher, chat_template)
     completion = CompletionServing(engine)
 
     @asynccontextmanager
@@ -62,6 +65,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         await engine.shutdown(timeout_s=settings.shutdown_timeout_s)
 
     app = FastAPI(title="fovea", lifespan=lifespan)
+    app.state.chat_template = chat_template
     install_error_handlers(app)
 
     async def check_api_key(request: Request) -> None:
@@ -114,6 +118,7 @@ def run_server(engine_config: EngineConfig, settings: ServerSettings, *, host: s
     """Load the model (before the port opens, so `/health` answers only when ready) and serve until SIGTERM."""
     engine = AsyncLLMEngine(LLMEngine(engine_config), max_waiting_requests=settings.max_waiting_requests)
     app = build_app(engine, settings)
+    print(app.state.chat_template.describe(), file=sys.stderr, flush=True)  # next to the CPU kernels' line
     # after SIGTERM uvicorn waits for open responses; past the timeout it cancels them (which aborts their requests)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=settings.shutdown_timeout_s)

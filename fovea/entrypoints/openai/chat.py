@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from fovea.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestAbortedError, RequestStream
+from fovea.entrypoints.chat_templates import ResolvedChatTemplate
 from fovea.entrypoints.chat_utils import ChatPrompt, build_chat_prompt
 from fovea.entrypoints.media_fetch import MediaFetcher
 from fovea.entrypoints.media_limits import prepare_media_async
@@ -31,20 +32,25 @@ class ChatServing:
     """Chat completions over one engine.
 
     `tokenizer` is the server's own (not the engine thread's); `fetcher` fetches http(s) media and reads data
-    URLs and allowed local files under the server's size limits; `chat_template` (a Jinja string) replaces the
-    checkpoint's own when set.
+    URLs and allowed local files under the server's size limits; `chat_template` is what `--chat-template`, the
+    checkpoint or fovea's fallbacks give (`resolve_chat_template`), resolved once at start-up.
     """
 
-    def __init__(self, engine: AsyncLLMEngine, tokenizer, fetcher: MediaFetcher, chat_template: str | None):
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, fetcher: MediaFetcher, chat_template: ResolvedChatTemplate):
         self.engine, self.tokenizer, self.fetcher, self.chat_template = engine, tokenizer, fetcher, chat_template
         self.decode_slots = asyncio.Semaphore(fetcher.config.max_concurrent_media_decodes)
 
     def build_prompt(self, body: p.ChatCompletionRequest) -> ChatPrompt:
         """Blocking (media fetches): the route runs it in a worker thread. Rendering and encoding happen there
         too; the fast tokenizer's encode only reads its state, so concurrent requests may share it."""
+        if self.chat_template.template is None:  # said in the client's terms: the server's flag, its other route
+            raise ValueError(f"this model has no chat template (none in the checkpoint, and fovea has no fallback "
+                             f"for model type {self.chat_template.model_type!r}), so the server cannot turn messages "
+                             f"into a prompt; start it with --chat-template FILE, or send a formatted text prompt "
+                             f"to /v1/completions")
         return build_chat_prompt(
             self.tokenizer, body.messages, allowed_modalities=self.engine.engine.mm_limits,
-            chat_template=self.chat_template, add_generation_prompt=body.add_generation_prompt,
+            chat_template=self.chat_template.template, add_generation_prompt=body.add_generation_prompt,
             chat_template_kwargs=body.chat_template_kwargs, fetch=self.fetcher,
             allow_local_paths=self.fetcher.allowed_local_media_path is not None, read_media=self.fetcher.resolve_item)
 

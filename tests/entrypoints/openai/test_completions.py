@@ -1,4 +1,4 @@
-"""`fovea serve` on a tiny BLIP-2 (no chat template): /v1/completions equals `LLM.generate`, the waiting-queue
+"""`fovea serve` on a tiny BLIP-2 (no chat template of its own): /v1/completions equals `LLM.generate`, the waiting-queue
 limit answers 503, and clients that leave (mid-stream or while waiting for a whole response) have their
 requests aborted with every KV block freed."""
 from __future__ import annotations
@@ -108,10 +108,14 @@ def test_completion_errors(server, body, status, param, text):
     assert text is None or text in error["message"]
 
 
-def test_chat_without_a_chat_template_is_a_clear_400(server):
-    response = httpx.post(server.base_url + "/v1/chat/completions", timeout=30,
-                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-    assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]
+def test_chat_on_a_checkpoint_without_template_is_the_fallback_prompt_as_a_completion(client, model):
+    """The checkpoint has no chat template: chat renders fovea's BLIP-2 fallback ("Question: ... Answer:"), the
+    same prompt a completions client writes (test_chat_fallback.py has the rest)."""
+    chatted = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=8, temperature=0.0)
+    completed = client.completions.create(model=model, prompt="Question: hi Answer:", max_tokens=8, temperature=0.0)
+    assert chatted.choices[0].message.content == completed.choices[0].text
+    assert chatted.usage.prompt_tokens == completed.usage.prompt_tokens
 
 
 # ---- queue limit and disconnects -----------------------------------------------------------------------------
