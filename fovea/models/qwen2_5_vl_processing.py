@@ -224,7 +224,8 @@ class Qwen2_5_VLMultiModalProcessor(BaseMultiModalProcessor):
         for num_tokens in (processed["image_grid_thw"].prod(-1) // processor.merge_size**2).tolist():
             if num_tokens > most:
                 raise ValueError(f"an image of {num_tokens} tokens exceeds the {most} this engine was sized for; "
-                                 f"lower max_pixels for the request, or raise it in LLM(mm_processor_kwargs=...)")
+                                 f"send a smaller image, or start the engine with a larger max_pixels in its "
+                                 f"mm_processor_kwargs (fovea serve --mm-processor-kwargs, LLM(mm_processor_kwargs=))")
         return processed
 
     def _videos(self, videos: list[Any], mm_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -99,7 +99,9 @@ def test_pixel_limits_per_model_and_per_request(ckpt):
         apply(make_processor(ckpt), PROMPT, [image(20, 20), image(20, 20)], size=4)
     small = make_processor(ckpt, max_pixels=28 * 28 * 20)
     sized_for = small.info.get_max_image_tokens()
-    with pytest.raises(ValueError, match=f"exceeds the {sized_for} this engine was sized for"):
+    # the message reaches HTTP clients too: it names the server's flag beside the Python argument
+    with pytest.raises(ValueError, match=f"exceeds the {sized_for} this engine was sized for; send a smaller "
+                                         f"image, .*fovea serve --mm-processor-kwargs"):
         apply(small, PROMPT, [image(20, 20), image(600, 400)], max_pixels=28 * 28 * 200)
 
 
