@@ -2,6 +2,7 @@
 
     python -m fovea.training.demo_model --out demo/blip2-shapes --work runs/demo-build              # make demo-model
     python -m fovea.training.demo_model --out demo/blip2-shapes --work runs/demo-build --eval-only  # make eval-demo
+    python -m fovea.training.demo_model --out demo/blip2-shapes --write-chat-template  # the template step alone
 
 The pipeline, each step one command (printed as it runs, so any step can be re-run by hand):
 
@@ -14,7 +15,8 @@ The pipeline, each step one command (printed as it runs, so any step can be re-r
 3. stage 1 with the ViT frozen (ITC + ITM + ITG), on the captions;
 4. stage 2 with ViT and OPT frozen, on the captions (no prompt) and the answers (prompt
    "Question: {question} Answer:", masked out of the loss);
-5. the stage-2 export (a `Blip2ForConditionalGeneration` directory) is the demo model; a few held-out images
+5. the stage-2 export (a `Blip2ForConditionalGeneration` directory) is the demo model, given its chat template
+   (`write_chat_template`: an image alone is captioned, text is asked as a question); a few held-out images
    are saved next to it as examples, and the held-out figures (caption exact match, BLEU-4, CIDEr-D, VQA
    accuracy, stage-1 retrieval recall) are printed with their chance levels and written to eval.json, with
    the caption exact match of the held-out scenes rendered at each of `eval_image_sizes`.
@@ -38,6 +40,8 @@ from fovea.training.shapes import parse_image_sizes
 
 PYTHON = sys.executable
 EXAMPLES = 4
+CHAT_TEMPLATE = Path(__file__).with_name("demo_chat_template.jinja")
+"""The demo's chat template: an image alone is captioned, a question is asked as in stage 2."""
 
 
 @dataclass(slots=True)
@@ -117,6 +121,26 @@ def write_stage2_data(train_jsonl: Path, out: Path, caption_repeats: int) -> int
     return len(rows)
 
 
+def write_chat_template(model_dir: Path) -> Path:
+    """Give an exported demo checkpoint its chat template, so chat (LLM.chat, the server's /v1/chat/completions)
+    prompts it as it was trained; returns the file written.
+
+    The template goes where transformers' `save_pretrained` puts one, `chat_template.jinja` (the tokenizer reads
+    it from there); a `chat_template` entry left in tokenizer_config.json is removed so only one template is in the
+    checkpoint. Idempotent: run again on the same or a re-trained checkpoint, the result is the same.
+    """
+    if not (model_dir / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer_config.json in {model_dir}; give the exported demo checkpoint")
+    path = model_dir / "chat_template.jinja"
+    path.write_text(CHAT_TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "chat_template" in config:
+        del config["chat_template"]
+        config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
 def build(plan: DemoPlan, out: Path, work: Path) -> None:
     work.mkdir(parents=True, exist_ok=True)
     runner = Runner(work / "demo_model.log")
@@ -165,6 +189,7 @@ def build(plan: DemoPlan, out: Path, work: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(work / "stage2" / "export", out)
+    runner.log(f"chat template: {write_chat_template(out)}")
     examples = out / "examples"
     examples.mkdir()
     captions = {}
@@ -240,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo/blip2-shapes", help="where the demo checkpoint goes")
     parser.add_argument("--work", default="runs/demo-build", help="intermediate files (data, checkpoints, logs)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate an existing demo model")
+    parser.add_argument("--write-chat-template", action="store_true",
+                        help="only write the demo's chat template into the checkpoint at --out (idempotent)")
     for name, value in asdict(DemoPlan()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -249,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
             parse_image_sizes(getattr(plan, name))
         except argparse.ArgumentTypeError as e:
             parser.error(f"--{name.replace('_', '-')}: {e}")
-    if args.eval_only:
+    if args.write_chat_template:
+        print(f"wrote {write_chat_template(Path(args.out))}")
+    elif args.eval_only:
         # the build's stage-1 export, when the work folder still has it, keeps the retrieval figures in eval.json
         evaluate(plan, Path(args.out), Path(args.work), retrieval_model=Path(args.work) / "stage1" / "export")
     else:

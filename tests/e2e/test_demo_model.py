@@ -1,5 +1,6 @@
 """The demo model that ships in demo/blip2-shapes (issue 5): small enough to commit, served by fovea's engine with
 the held-out quality it claims, and `make demo`'s script runs on it."""
+import base64
 import json
 import subprocess
 import sys
@@ -77,3 +78,62 @@ def test_eval_demo_reports_caption_exact_match_per_scene_size(tmp_path):
     assert scores["48"]["exact_match"] >= 0.9 and 0 <= scores["40"]["exact_match"] <= 1
     assert Image.open(next((tmp_path / "heldout-40px" / "images").glob("*.png"))).size == (40, 40)
     assert "40 px" in (tmp_path / "log").read_text()
+
+
+def test_the_demo_checkpoint_carries_the_template_its_build_writes(tmp_path):
+    """demo/blip2-shapes/chat_template.jinja is what `--write-chat-template` writes; writing it again (or into a
+    checkpoint whose tokenizer_config.json holds another template) gives the same files."""
+    from fovea.training.demo_model import CHAT_TEMPLATE, main, write_chat_template
+
+    assert (MODEL / "chat_template.jinja").read_text() == CHAT_TEMPLATE.read_text()
+    assert "chat_template" not in json.loads((MODEL / "tokenizer_config.json").read_text())
+    copy = tmp_path / "demo"
+    copy.mkdir()
+    config = {**json.loads((MODEL / "tokenizer_config.json").read_text()), "chat_template": "{{ 'stale' }}"}
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    assert main(["--out", str(copy), "--write-chat-template"]) == 0
+    first = {p.name: p.read_bytes() for p in copy.iterdir()}
+    assert write_chat_template(copy) == copy / "chat_template.jinja"
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == first
+    assert first["chat_template.jinja"] == CHAT_TEMPLATE.read_bytes()
+    assert "chat_template" not in json.loads(first["tokenizer_config.json"])
+    with pytest.raises(FileNotFoundError, match="no tokenizer_config.json"):
+        write_chat_template(tmp_path / "nothing")
+
+
+def test_the_demo_server_captions_an_image_alone_and_answers_a_question(tmp_path):
+    """`fovea serve demo/blip2-shapes`, as a new user runs it: a chat message with only an image gets the caption
+    (what generate gives with the empty captioning prompt), one with a question the VQA answer."""
+    import openai
+
+    from fovea import LLM, SamplingParams
+    from tests.entrypoints import ServerProcess
+
+    image = sorted((MODEL / "examples").glob("*.png"))[0]
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    question = "how many shapes are there?"
+    server = ServerProcess(MODEL, "--num-kv-blocks", "64", log_dir=tmp_path)
+    try:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(content: list[dict]):
+            return client.chat.completions.create(model=str(MODEL), temperature=0.0, max_tokens=30,
+                                                  messages=[{"role": "user", "content": content}])
+
+        image_part = {"type": "image_url", "image_url": {"url": url}}
+        caption = ask([image_part])
+        answer = ask([image_part, {"type": "text", "text": question}])
+        log = server.log_tail()
+    finally:
+        server.stop()
+    assert "chat template: the checkpoint's own" in log
+    llm = LLM(str(MODEL), dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=30)
+    expected = llm.generate([{"prompt": "", "multi_modal_data": {"image": str(image)}},
+                             {"prompt": f"Question: {question} Answer:", "multi_modal_data": {"image": str(image)}}],
+                            params, use_tqdm=False)
+    assert caption.choices[0].message.content == expected[0].outputs[0].text
+    assert caption.usage.prompt_tokens == len(expected[0].prompt_token_ids)
+    assert answer.choices[0].message.content == expected[1].outputs[0].text
+    assert answer.usage.prompt_tokens == len(expected[1].prompt_token_ids)
+    assert caption.usage.prompt_tokens < answer.usage.prompt_tokens  # BOS alone: not an empty question
