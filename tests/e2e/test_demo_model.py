@@ -61,7 +61,12 @@ def test_make_demo_script_captions_the_examples():
     lines = done.stdout.splitlines()
     right = sum(f"{name}: {caption!r}   (truth: {caption!r})" in lines for name, caption in truths.items())
     assert right >= len(truths) - 1, done.stdout  # the held-out exact match is 98%: one miss is allowed
-    assert any("how many shapes are there? ->" in line for line in lines), done.stdout
+    offline = [line.split(" -> ")[1] for line in lines if "how many shapes are there? ->" in line]
+    assert len(offline) == 1, done.stdout
+    # then one request through `fovea serve`: the chat template makes the question the prompt generate() was given
+    assert "chat template: the checkpoint's own" in lines, done.stdout
+    served = [line for line in lines if line.startswith("POST /v1/chat/completions (")]
+    assert len(served) == 1 and f"'how many shapes are there?') -> {offline[0]}   (" in served[0], done.stdout
 
 
 def test_eval_demo_reports_caption_exact_match_per_scene_size(tmp_path):
