@@ -17,6 +17,8 @@ from fovea.config import EngineConfig
 from fovea.engine.core import EngineCore
 from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
+from fovea.layers.rotary import context_scaling_factor
+from fovea.models.llama import sliding_window_of
 from fovea.models.interfaces import supports_mrope, supports_multimodal
 from fovea.models.registry import resolve_model_class
 from fovea.multimodal.processing import InputProcessingContext
@@ -63,11 +65,19 @@ class LLMEngine:
 
     def _resolve_max_model_len(self, text_config) -> int:
         limit = getattr(text_config, "max_position_embeddings", None)
-        wanted = self.config.max_model_len or limit
+        if limit is not None:  # linear / dynamic RoPE scaling stretch the context by their factor (as vLLM)
+            limit = int(limit * context_scaling_factor(text_config))
+        window = sliding_window_of(text_config)
+        wanted = self.config.max_model_len or (min(limit, window) if limit and window else limit)
         if wanted is None:
             raise ValueError("the checkpoint does not say its max_position_embeddings; pass max_model_len")
         if limit is not None and wanted > limit:
             raise ValueError(f"max_model_len={wanted} exceeds the model's max_position_embeddings={limit}")
+        if window is not None and wanted > window:
+            # fovea attends over the whole context; that equals the checkpoint's windowed attention only while
+            # no sequence is longer than the window
+            raise ValueError(f"max_model_len={wanted} exceeds the checkpoint's sliding_window={window}; fovea does "
+                             f"not implement sliding-window attention, so max_model_len must be at most {window}")
         return wanted
 
     @property

@@ -8,6 +8,8 @@ from torch import nn
 # architecture -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
     "Blip2ForConditionalGeneration": ("fovea.models.blip2", "Blip2ForConditionalGeneration"),
+    "LlamaForCausalLM": ("fovea.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("fovea.models.llama", "MistralForCausalLM"),
     "OPTForCausalLM": ("fovea.models.opt", "OPTForCausalLM"),
     "Qwen2_5_VLForConditionalGeneration": ("fovea.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "Qwen2ForCausalLM": ("fovea.models.qwen2", "Qwen2ForCausalLM"),

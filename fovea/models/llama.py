@@ -1,0 +1,141 @@
+"""Llama (Touvron et al. 2023): a pre-norm decoder with grouped-query attention, rotary positions, SwiGLU and
+RMSNorm; the blocks Qwen2 and Mistral share (qwen2.py and `MistralForCausalLM` below are differences over it).
+
+Parameter names follow transformers' `LlamaForCausalLM` (`model.layers.N...`), except that each layer's q/k/v
+projections are packed into `qkv_proj` and the MLP's gate/up projections into `gate_up_proj` (one matmul each
+instead of three and two).
+
+What the config varies: `num_key_value_heads` (GQA), `head_dim`, `attention_bias` (q/k/v/o) and `mlp_bias`,
+tied or untied `lm_head`, and RoPE: plain, "linear", "dynamic" (NTK) or "llama3" (`build_rotary_embedding`).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from fovea.layers.attention import Attention
+from fovea.layers.linear import Linear, PackedLinear
+from fovea.layers.mlp import GatedMLP
+from fovea.layers.norms import RMSNorm
+from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, build_rotary_embedding
+from fovea.models.utils import TokenEmbeddingsMixin
+
+logger = logging.getLogger(__name__)
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    """q/k/v packed, rotary on q and k, paged causal attention with `num_key_value_heads` KV heads."""
+
+    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_kv_heads}")
+        self.head_dim = head_dim_of(config)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shards = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.qkv_proj = PackedLinear(config.hidden_size, shards, bias=qkv_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
+        self.attn = Attention(self.num_heads, self.head_dim, scale=self.head_dim**-0.5, num_kv_heads=self.num_kv_heads)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x [N, hidden]; cos, sin [N, head_dim]
+        qkv = apply_rotary_packed(self.qkv_proj(x), cos, sin, self.num_heads + self.num_kv_heads)
+        q, k, v = self.qkv_proj.split(qkv)  # (N, nh*hs), (N, nkv*hs), (N, nkv*hs)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, mlp_bias: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, qkv_bias, o_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack. The caller builds the rotary module (1-D here, M-RoPE for Qwen2.5-VL) and says
+    which projections carry biases (Llama: `attention_bias` on all four; Qwen2: q/k/v only)."""
+
+    def __init__(self, config, rotary: RotaryEmbedding, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, o_bias, mlp_bias)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = rotary
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # inputs_embeds [N, hidden]; positions [N] (or [3, N] for M-RoPE), each request's own
+        cos, sin = self.rotary(positions, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module):
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = self.build_model(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def build_model(config) -> LlamaModel:
+        bias = bool(getattr(config, "attention_bias", False))
+        return LlamaModel(config, build_rotary_embedding(config, head_dim_of(config)), qkv_bias=bias, o_bias=bias,
+                          mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+    def get_text_config(self):
+        return self.config
+
+    def rename_checkpoint_weight(self, name: str) -> str | None:
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return None  # the same tensor as embed_tokens; some checkpoints store both
+        if name.endswith("rotary_emb.inv_freq"):
+            return None  # older checkpoints store the (recomputed) frequencies
+        return name
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def forward(
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
+        return self.model(inputs_embeds, positions)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, hidden]
+        return self.lm_head(hidden_states)  # [n, vocab]
+
+
+def sliding_window_of(text_config) -> int | None:
+    """The attention window a Mistral-style config applies on every layer (None: full attention). fovea's
+    attention is full; it equals the windowed one while no sequence is longer than the window, so the engine
+    keeps max_model_len within it (`LLMEngine`)."""
+    if getattr(text_config, "model_type", None) != "mistral":
+        return None
+    return getattr(text_config, "sliding_window", None)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama's blocks (no biases) with a sliding attention window, exact while max_model_len <= window."""
