@@ -56,9 +56,9 @@ class InputProcessor:
         text, token_ids, mm_data, mm_kwargs = self._parse(prompt)
         kwargs = {**self.mm_processor_kwargs, **mm_kwargs}
         mm_items = self._load_media(mm_data, kwargs)
-        if mm_items:
-            if self.processor is None:
-                raise ValueError(f"this model takes text only; got {', '.join(mm_items)} input")
+        if mm_items and self.processor is None:
+            raise ValueError(f"this model takes text only; got {', '.join(mm_items)} input")
+        if self.processor is not None:  # text-only prompts too: the processor checks for stray placeholders
             hashes = {m: [hash_mm_item(m, item, **kwargs) for item in items] for m, items in mm_items.items()}
             inputs = self.processor.apply(text if text is not None else token_ids, mm_items, hashes, kwargs)
             token_ids, features = inputs.prompt_token_ids, inputs.mm_features

@@ -1,5 +1,7 @@
 """Feed-forward blocks shared by model families.
 
+`MLP` is the two-layer fc1 -> act -> fc2 block of the ViTs (BLIP's and CLIP's vision towers).
+
 `GatedMLP` is the gate/up/down MLP of Llama-style decoders (Qwen2's language model) and of Qwen2.5-VL's vision
 blocks: down(act(gate(x)) * up(x)), with gate and up packed into one matmul (`gate_up_proj`, loaded from the
 checkpoint's separate `gate_proj` / `up_proj` through the model's `packed_modules_mapping`).
@@ -31,3 +33,16 @@ class GatedMLP(nn.Module):
             return self.down_proj(kernels.silu_mul(gate_up))  # one pass instead of two
         gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(self.act(gate) * up)
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))) over x [..., hidden_size] (ViT blocks: BLIP's, CLIP's)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = True):
+        super().__init__()
+        self.fc1 = Linear(hidden_size, intermediate_size, bias=bias)
+        self.fc2 = Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = get_activation(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import Blip2Config, Blip2VisionConfig, PretrainedConfig
 
-from fovea.layers.activations import get_activation
 from fovea.layers.encoder_attention import encoder_attention
 from fovea.layers.linear import Linear, copy_checked, set_weight_loader
+from fovea.layers.mlp import MLP
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
 from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.models.interfaces import SupportsMultiModal
@@ -78,24 +78,13 @@ class BlipVisionAttention(nn.Module):
         return self.projection(encoder_attention(q, k, v, self.num_heads, self.head_dim**-0.5))
 
 
-class BlipMLP(nn.Module):
-    def __init__(self, config: Blip2VisionConfig):
-        super().__init__()
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
-        self.act = get_activation(config.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class BlipVisionLayer(nn.Module):
     def __init__(self, config: Blip2VisionConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = BlipVisionAttention(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = BlipMLP(config)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))

@@ -9,6 +9,7 @@ from torch import nn
 _MODELS: dict[str, tuple[str, str]] = {
     "Blip2ForConditionalGeneration": ("fovea.models.blip2", "Blip2ForConditionalGeneration"),
     "LlamaForCausalLM": ("fovea.models.llama", "LlamaForCausalLM"),
+    "LlavaForConditionalGeneration": ("fovea.models.llava", "LlavaForConditionalGeneration"),
     "MistralForCausalLM": ("fovea.models.llama", "MistralForCausalLM"),
     "OPTForCausalLM": ("fovea.models.opt", "OPTForCausalLM"),
     "Qwen2_5_VLForConditionalGeneration": ("fovea.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),

@@ -112,7 +112,7 @@ def test_unknown_architecture_lists_supported():
         resolve_model_class(["FuyuForCausalLM"])
     assert resolve_model_class(["Foo", "Blip2ForConditionalGeneration"]) is Blip2ForConditionalGeneration
     assert set(supported_architectures()) == {"Blip2ForConditionalGeneration", "LlamaForCausalLM",
-                                             "MistralForCausalLM", "OPTForCausalLM",
+                                             "LlavaForConditionalGeneration", "MistralForCausalLM", "OPTForCausalLM",
                                              "Qwen2_5_VLForConditionalGeneration", "Qwen2ForCausalLM"}
 
 
