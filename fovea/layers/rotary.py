@@ -9,6 +9,10 @@ of transformers' checkpoints). They differ only in which position drives which f
 - 2-D vision: a (row, column) per patch; the first D/4 frequencies are driven by the row, the next D/4 by the
   column, each with frequencies over a D/2-wide base.
 
+1-D RoPE's frequencies may be scaled as Llama-family configs say (`build_rotary_embedding`): "linear" (all divided
+by the factor), "llama3" (Llama 3.1's bands) or "dynamic" (NTK: the base grows with the sequence length past
+max_position_embeddings, per request; `DynamicNTKRotaryEmbedding`), each bit-equal to transformers' frequencies.
+
 cos/sin are computed in float32 (as transformers does) once per forward and shared by every layer.
 """
 from __future__ import annotations
