@@ -1,0 +1,162 @@
+"""int8 linear methods: weights stored as int8 per output channel, y = (x @ q^T) * scale + b.
+
+- `Int8LinearMethod` ("int8", `EngineConfig.quantization="int8"`): the checkpoint's dense weight is loaded as
+  usual, then quantized once (`process_weights_after_loading`): symmetric per output channel, q in [-127, 127],
+  scale = max|W[n, :]| / 127 rounded to the activation dtype, q = round(W / scale). Activations stay in the model
+  dtype (W8A16).
+- `CompressedInt8LinearMethod` ("int8-w8a16" / "int8-w8a8"): the int8 weight and its scales are read from a
+  compressed-tensors checkpoint as they are (`fovea.layers.quantization.compressed_tensors`); W8A8 also
+  quantizes each activation row dynamically (symmetric int8, scale = max|x| / 127.5, q in [-128, 127], as
+  compressed-tensors' `forward_quantize` does) and multiplies int8 by int8 into int32 (`torch._int_mm`).
+
+Both leave `layer.int8_weight` [N, K] int8 (contiguous) and `layer.int8_scale` [N] in the activation dtype,
+and release the parameters they were loaded from (unless another module shares the dense weight, a tied
+`lm_head`). How a weight-only matmul runs (`int8_weight_only_linear`): up to `INT8_MM_MAX_ROWS` rows of
+bfloat16, torch's int8 weight-only CPU kernel (`aten._weight_int8pack_mm`, which reads the int8 weight
+directly: half the bytes of bfloat16); otherwise the weight is dequantized to the activation dtype and the
+dense GEMM runs (prefill is bound by compute, not by the bytes read).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fovea.layers.linear_methods import LinearMethod
+
+INT8_MM_MAX_ROWS = 16
+"""bfloat16 rows up to which `aten._weight_int8pack_mm` runs (measured on a busy 2-core AMD EPYC, Qwen2-0.5B's
+896 x 4864: 0.28 ms vs 0.44 ms for bfloat16 F.linear at 1 row, even at 8, 1.5x slower at 64). float32 never
+takes it (10-50x slower than dequantize + GEMM)."""
+
+ACTIVATION_QMAX = 127.5
+"""compressed-tensors' symmetric int8 scale divisor: its range [-128, 127] is 255 wide, halved."""
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q [N, K] int8 in [-127, 127], scale [N] in `scale_dtype`), symmetric per output row.
+
+    The scale is rounded to `scale_dtype` before dividing, so q * scale is the nearest point the kernel can
+    reproduce; an all-zero row gets scale 1 (its q is 0 either way)."""
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax)).to(scale_dtype)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] int8, scale [M, 1] in x.dtype): compressed-tensors' dynamic symmetric per-token
+    quantization, step for step in x's dtype (scale = max|x| / 127.5, 0 -> eps; round half to even; clamp)."""
+    absmax = x.abs().amax(dim=-1, keepdim=True)
+    scale = absmax / torch.tensor(ACTIVATION_QMAX, dtype=x.dtype)
+    scale = torch.where(scale == 0, torch.tensor(torch.finfo(x.dtype).eps, dtype=x.dtype), scale)
+    q = torch.round(x / scale).clamp_(-128, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] int8 and [N] scales -> [N, K] in `dtype` (each product rounded once)."""
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def int8_weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (float) @ (q * scale)^T + bias -> [..., N] in x.dtype; `scale` [N] in x.dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_MM_MAX_ROWS and x.device.type == "cpu":
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
+        if bias is not None:
+            y = y + bias
+    else:
+        y = F.linear(x2, dequantize_weight(q, scale, x.dtype), bias)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8: each row of x quantized to int8 (`quantize_activation_per_token`), int8 x int8 -> int32 exactly,
+    then y = acc * x_scale * w_scale (in float32, rounded once to x.dtype) + bias."""
+    x2 = x.reshape(-1, x.shape[-1])
+    qx, x_scale = quantize_activation_per_token(x2)
+    acc = torch._int_mm(qx, q.t())  # (M, N) int32: |acc| <= K * 128 * 128 < 2^31 for K < 131072
+    y = (acc.float() * x_scale.float() * scale.float()).to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+class Int8LinearMethod(LinearMethod):
+    """Quantizes a loaded dense weight to int8 per output channel (W8A16). Built with the dense weights (the
+    checkpoint's), so loading is unchanged; `state_dict()` then gives the dequantized weight (q * scale)."""
+
+    name = "int8"
+
+    def process_weights_after_loading(self, layer: nn.Module, keep_weight: bool = False) -> None:
+        layer.int8_weight, layer.int8_scale = quantize_weight_per_channel(layer.weight, layer.params_dtype)
+        if not keep_weight:
+            del layer.weight
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return int8_weight_only_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+
+    def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        tensors = super().checkpoint_tensors(layer)
+        if "weight" not in tensors:
+            tensors = {"weight": dequantize_weight(layer.int8_weight, layer.int8_scale, layer.params_dtype), **tensors}
+        return tensors
+
+
+class CompressedInt8LinearMethod(LinearMethod):
+    """int8 weights as a compressed-tensors checkpoint stores them, per output channel, symmetric:
+    `weight` [N, K] int8 ("int-quantized" / "naive-quantized") or `weight_packed` [N, K / 4] int32 with
+    `weight_shape` [2] ("pack-quantized": four int8 values + 128 per little-endian word), and `weight_scale`
+    [N, 1]. `is_dynamic_activation`: W8A8 (activations quantized per token at run time), else W8A16."""
+
+    def __init__(self, is_packed: bool, is_dynamic_activation: bool):
+        self.is_packed = is_packed
+        self.is_dynamic_activation = is_dynamic_activation
+        self.name = "int8-w8a8" if is_dynamic_activation else "int8-w8a16"
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool,
+                       dtype: torch.dtype | None, initialize: bool) -> None:
+        if self.is_packed:
+            if in_features % 4:
+                raise ValueError(f"pack-quantized int8 needs in_features divisible by 4, got {in_features}")
+            layer.weight_packed = nn.Parameter(torch.empty(out_features, in_features // 4, dtype=torch.int32),
+                                               requires_grad=False)
+            layer.weight_shape = nn.Parameter(torch.tensor([out_features, in_features]), requires_grad=False)
+        else:
+            layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8), requires_grad=False)
+        # float32 while loading whatever the checkpoint's scale dtype; rounded to the activation dtype after
+        layer.weight_scale = nn.Parameter(torch.empty(out_features, 1, dtype=torch.float32), requires_grad=False)
+        layer.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def process_weights_after_loading(self, layer: nn.Module, keep_weight: bool = False) -> None:
+        if self.is_packed:
+            layer.int8_weight = unpack_int8_from_int32(layer.weight_packed.data, layer.in_features)
+            del layer.weight_packed, layer.weight_shape
+        else:
+            layer.int8_weight = layer.weight.data.contiguous()
+            del layer.weight
+        layer.int8_scale = layer.weight_scale.data.view(-1).to(layer.params_dtype)
+        del layer.weight_scale
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.is_dynamic_activation:
+            return int8_dynamic_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+        return int8_weight_only_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+
+    def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """As an "int-quantized" checkpoint holds them (a pack-quantized one saves unpacked)."""
+        tensors = {"weight": layer.int8_weight, "weight_scale": layer.int8_scale.view(-1, 1)}
+        return {**tensors, **super().checkpoint_tensors(layer)}
+
+
+def unpack_int8_from_int32(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """compressed-tensors' 8-bit "pack-quantized" layout: element k of a row is byte k % 4 (least significant
+    first) of word k // 4, stored as value + 128. [N, K / 4] int32 -> [N, K] int8."""
+    as_bytes = packed.contiguous().view(torch.uint8)  # little-endian: byte j of a word is bits 8j..8j+7
+    if torch.tensor([1], dtype=torch.int32).view(torch.uint8)[0] != 1:
+        as_bytes = as_bytes.view(packed.shape[0], -1, 4).flip(-1).reshape(packed.shape[0], -1)
+    return (as_bytes[:, :in_features].to(torch.int16) - 128).to(torch.int8)
