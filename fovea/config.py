@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
-_CPU_KERNEL_MODES = ("auto", "off", "require")  # fovea.kernels.MODES, spelled out so this module imports no torch
+_CPU_KERNEL_MODES = ("auto", "off", "require")
+_QUANTIZATION_METHODS = ("int8", "compressed-tensors")  # fovea.models.quantization.QUANTIZATION_METHODS  # fovea.kernels.MODES, spelled out so this module imports no torch
 
 
 @dataclass
@@ -56,6 +57,12 @@ class EngineConfig:
     """fovea's CPU kernels (C++ fused ops and paged attention, AMX and oneDNN-packed linears): "auto" uses them
     where they build and the CPU allows, "off" runs torch's own ops only, "require" makes a failed C++ build an
     error that shows the compiler's message. Applies to the whole process; the active paths are logged."""
+    quantization: str | None = None
+    """None: the checkpoint as it is (int8 if its config.json has a compressed-tensors quantization_config).
+    "int8": the language model's linear layers quantized at load to int8 per output channel (weight-only); the
+    encoders, projector, embeddings and lm_head stay in `dtype`. "compressed-tensors": require that format."""
+    quantize_lm_head: bool = False
+    """With quantization="int8", quantize the lm_head too (its cost on logprobs is in the README)."""
 
     def __post_init__(self) -> None:
         path = Path(self.model)
@@ -64,6 +71,11 @@ class EngineConfig:
         if self.cpu_kernels not in _CPU_KERNEL_MODES:
             raise ValueError(f"cpu_kernels={self.cpu_kernels!r} is not supported; choose one of "
                              f"{', '.join(_CPU_KERNEL_MODES)}")
+        if self.quantization is not None and self.quantization not in _QUANTIZATION_METHODS:
+            raise ValueError(f"quantization={self.quantization!r} is not supported; choose one of "
+                             f"{', '.join(_QUANTIZATION_METHODS)} or leave it unset (None)")
+        if self.quantize_lm_head and self.quantization != "int8":
+            raise ValueError("quantize_lm_head=True needs quantization='int8'")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks",

@@ -21,7 +21,7 @@ from fovea.layers.linear import Linear, copy_checked, set_weight_loader
 from fovea.layers.mlp import MLP
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
 from fovea.models.blip2_qformer import Blip2QFormerModel
-from fovea.models.interfaces import SupportsMultiModal
+from fovea.models.interfaces import SupportsMultiModal, SupportsQuant
 from fovea.models.opt import OPTForCausalLM
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 
@@ -119,13 +119,15 @@ class BlipVisionModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(
     Blip2MultiModalProcessor, info=Blip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder
 )
-class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal):
+class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
         "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias
     }
     # transformers keeps these in float32 whatever the model dtype; a runner casting the model should too
     keep_in_fp32_modules = ("query_tokens", "qformer")
+    language_model_modules = ("language_model.model",)  # OPT's decoder; not vision_model, qformer, projection
+    lm_head_module = "language_model.lm_head"
 
     def __init__(self, config: Blip2Config):
         super().__init__()

@@ -58,3 +58,21 @@ def supports_multimodal(model: type | object) -> bool:
 def supports_mrope(model: type | object) -> bool:
     cls = model if isinstance(model, type) else type(model)
     return issubclass(cls, SupportsMRoPE)
+
+
+class SupportsQuant(ABC):
+    """A model whose language model fovea can quantize at load (`EngineConfig.quantization="int8"`).
+
+    `language_model_modules`: the modules holding the language model's decoder (every linear layer under them
+    is quantized); `lm_head_module`: the output projection, quantized only with `quantize_lm_head=True`. The
+    encoders, projector and embeddings are never named here, so they stay in the model dtype.
+    """
+
+    supports_quant: ClassVar[Literal[True]] = True
+    language_model_modules: ClassVar[tuple[str, ...]]
+    lm_head_module: ClassVar[str]
+
+
+def supports_quant(model: type | object) -> bool:
+    cls = model if isinstance(model, type) else type(model)
+    return issubclass(cls, SupportsQuant)

@@ -20,6 +20,7 @@ from fovea.layers.linear import Linear, PackedLinear
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, build_rotary_embedding
+from fovea.models.interfaces import SupportsQuant
 from fovea.models.utils import TokenEmbeddingsMixin
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,10 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module):
+class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    language_model_modules = ("model",)
+    lm_head_module = "lm_head"
 
     def __init__(self, config):
         super().__init__()

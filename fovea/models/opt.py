@@ -16,6 +16,7 @@ from transformers import OPTConfig
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention, checkpoint_in_context
 from fovea.layers.linear import Linear, PackedLinear
+from fovea.models.interfaces import SupportsQuant
 from fovea.models.utils import TokenEmbeddingsMixin
 
 POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0 (a fairseq leftover)
@@ -97,8 +98,10 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
 
-class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module):
+class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
+    language_model_modules = ("model",)
+    lm_head_module = "lm_head"
 
     def __init__(self, config: OPTConfig):
         super().__init__()

@@ -31,7 +31,7 @@ from fovea.layers.linear import Linear
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
-from fovea.models.interfaces import SupportsMRoPE, SupportsMultiModal
+from fovea.models.interfaces import SupportsMRoPE, SupportsMultiModal, SupportsQuant
 from fovea.models.qwen2 import Qwen2Model, head_dim_of
 from fovea.models.qwen2_5_vl_processing import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -202,8 +202,11 @@ class Qwen2_5_VLModel(nn.Module):
 
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
-class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsMultiModal, SupportsMRoPE):
+class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsMultiModal, SupportsMRoPE,
+                                         SupportsQuant):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    language_model_modules = ("model.language_model",)
+    lm_head_module = "lm_head"
 
     def __init__(self, config):
         super().__init__()

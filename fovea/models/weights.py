@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fovea.layers.linear import copy_checked, no_weight_init, parameter_owners, prepare_loaded_layer
+from fovea.models.quantization import prepare_quantization
 from fovea.models.safetensors_mmap import SafetensorsFile
 
 SINGLE_FILE = "model.safetensors"
@@ -181,12 +182,16 @@ def build_model(model_cls: type[nn.Module], hf_config, dtype: torch.dtype) -> nn
     return model.eval().requires_grad_(False)
 
 
-def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path,
-               dtype: torch.dtype) -> tuple[nn.Module, int]:
+def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dtype: torch.dtype,
+               quantization: str | None = None, quantize_lm_head: bool = False) -> tuple[nn.Module, int]:
     """`build_model`, then fill it from `model_dir` strictly (see `load_weights`), each linear layer's method
     chosen and its weights repacked as soon as they are filled, so that loading holds about one copy of the
-    weights, never two. Returns the model and how many of its linear layers run a packed method."""
+    weights, never two. Which layers run int8 (`quantization`, or the checkpoint's own quantization_config) is
+    decided before loading (`fovea.models.quantization`). Returns the model and how many of its linear layers
+    run a packed or int8 method."""
     model = build_model(model_cls, hf_config, dtype)
+    config_dict = json.loads((Path(model_dir) / "config.json").read_text())
+    prepare_quantization(model, config_dict, model_dir, quantization, quantize_lm_head)
     owners = parameter_owners(model)
     num_packed = 0
 

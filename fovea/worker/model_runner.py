@@ -69,7 +69,8 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         # process-wide: which CPU paths the layers below take (builds the C++ kernels unless "off"; logged once)
         self.cpu_kernels = kernels.configure(config.cpu_kernels)
-        self.model, self.num_prepacked_linears = load_model(model_cls, hf_config, config.model, self.dtype)
+        self.model, self.num_prepacked_linears = load_model(
+            model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         # unseeded random rows draw from this: `EngineConfig.seed` makes a whole run repeat exactly

@@ -86,6 +86,9 @@ def test_engine_options_parse_into_engine_config_fields():
     assert kwargs["enable_prefix_caching"] is False and kwargs["max_num_seqs"] == 7
     assert kwargs["limit_mm_per_prompt"] == {"image": 2} and kwargs["memory_utilization"] == 0.3
     assert kwargs["dtype"] == "auto" and kwargs["block_size"] == 16  # EngineConfig's defaults
+    assert kwargs["quantization"] is None and kwargs["quantize_lm_head"] is False
+    args = cli.build_parser().parse_args(["serve", "m", "--quantization", "int8", "--quantize-lm-head"])
+    assert cli.engine_kwargs(args)["quantization"] == "int8" and cli.engine_kwargs(args)["quantize_lm_head"] is True
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["serve", "m", "--limit-mm-per-prompt", "[1]"])
 
