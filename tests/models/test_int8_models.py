@@ -17,11 +17,13 @@ from tests.models.test_qwen2_5_vl_model import PagedSteps
 from tests.oracle import blip2 as blip2_oracle
 from tests.oracle import qwen2_5_vl as qwen_oracle
 from tests.oracle.compressed_tensors import quantize_checkpoint, token_rows_for_2d_inputs
+from tests.oracle.llava import build_tiny_llava
 
 KL_BOUND = 0.05
 """KL(float32 || int8) of the first step's next-token distribution. Measured on these tiny checkpoints over 6
 random prompts: at most 0.008 (Qwen2), 0.003 (Qwen2.5-VL), 0.020 (BLIP-2's OPT, hidden 32, init gain 3: a
-chaotic random net that amplifies the up-to-half-a-step error of each weight, 0.4% of its row's largest)."""
+chaotic random net that amplifies the up-to-half-a-step error of each weight, 0.4% of its row's largest); LLaVA's
+Llama within it on the 3 prompts here."""
 
 LANGUAGE_ONLY = {  # compressed-tensors `ignore`: what llm-compressor recipes leave dense for these models
     "blip2": ["re:.*vision_model.*", "re:.*qformer.*", "re:.*language_projection.*", "re:.*lm_head"],
@@ -51,7 +53,8 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
     return {"qwen2": qwen_oracle.build_tiny_qwen2(root / "qwen2", seed=3, tie_word_embeddings=False),
             "qwen2_5_vl": qwen_oracle.build_tiny_qwen2_5_vl(root / "qwen2_5_vl"),
-            "blip2": blip2_oracle.build_tiny_blip2(root / "blip2")}
+            "blip2": blip2_oracle.build_tiny_blip2(root / "blip2"),
+            "llava": build_tiny_llava(root / "llava")}
 
 
 def load(model_dir, **options) -> torch.nn.Module:
@@ -75,7 +78,7 @@ def methods(model) -> dict[str, str]:
     return {name: m.method.name for name, m in model.named_modules() if isinstance(m, LinearBase)}
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2", "llava"])
 def test_int8_at_load_quantizes_the_language_model_only(checkpoints, name):
     model = load(checkpoints[name], quantization="int8")
     lm, head = model.language_model_modules[0] + ".", model.lm_head_module
@@ -88,7 +91,7 @@ def test_int8_at_load_quantizes_the_language_model_only(checkpoints, name):
     assert methods(with_head)[head] == "int8"
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2", "llava"])
 def test_int8_at_load_stays_close_to_float32(checkpoints, name):
     base, int8 = load(checkpoints[name]), load(checkpoints[name], quantization="int8")
     for ids in PROMPTS:
