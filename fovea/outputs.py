@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass(slots=True)
@@ -30,8 +30,9 @@ class CompletionOutput:
     """One of the `n` completions of a request.
 
     `finish_reason` is "stop" (EOS, a stop token id or a stop string), "length" (max_tokens or the context
-    length), "abort", or None while generating. `stop_reason` is the stop token id or the stop string that
-    ended it, None for EOS or any other reason.
+    length), "abort", "error" (the model raised on this request alone: `stop_reason` is the exception's text;
+    see fovea.engine.scheduler), or None while generating. Otherwise `stop_reason` is the stop token id or the
+    stop string that ended it, None for EOS or any other reason.
     """
 
     index: int

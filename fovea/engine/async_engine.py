@@ -10,6 +10,10 @@ and never waits on model math, so it keeps answering `/health` and accepting req
 
 Outputs are cumulative (all text and ids so far), so a stream keeps only the newest one: a slow reader skips
 intermediate outputs without losing anything, and memory per request is bounded.
+
+A request the model raised on (one of its completions finished with reason "error", see fovea.engine.core)
+fails its stream with `RequestFailedError` and its other completions are aborted; the engine and every other
+request go on.
 """
 from __future__ import annotations
 
@@ -37,6 +41,11 @@ class EngineDeadError(RuntimeError):
     """A step raised; the engine state cannot be trusted any more and no request is accepted."""
 
 
+class RequestFailedError(RuntimeError):
+    """The model raised on this request alone (the other requests of its steps were answered); the server
+    answers 500."""
+
+
 class RequestAbortedError(RuntimeError):
     """The request was aborted (by `abort`, or at shutdown) while someone was still reading its stream."""
 
@@ -55,6 +64,11 @@ class EngineStats:
     prefix_cache_hits: int = 0
     encoder_cache_queries: int | None = None  # multimodal items looked up, since start (None: not counted)
     encoder_cache_hits: int | None = None
+    num_encoder_cache_tokens_used: int = 0  # encoder outputs referenced by requests, in encoder tokens
+    num_encoder_cache_tokens_total: int = 0  # the encoder cache's size, in encoder tokens
+    encoder_cache_bytes: int = 0  # tensors the runner holds (freed ones go at its next step)
+    num_suspects: int = 0  # sequences being retried alone after a failed step
+    num_failed_steps: int = 0  # steps whose model run raised, since start
 
 
 @dataclass(slots=True)
@@ -66,6 +80,7 @@ class IterationStats:
     time_to_first_token_s: list[float] = field(default_factory=list)
     time_per_output_token_s: list[float] = field(default_factory=list)  # one per token after the first
     num_finished: int = 0
+    num_failed: int = 0  # requests the model raised on (RequestFailedError)
 
 
 class StatLogger(Protocol):
@@ -127,6 +142,7 @@ class AsyncLLMEngine:
         self.max_waiting_requests = max_waiting_requests
         self.stat_loggers = list(stat_loggers or [])
         self.stats = EngineStats()
+        self.num_aborted_requests = 0  # ended by `abort` before they finished (client gone, shutdown), since start
         self.dead_error: BaseException | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fovea-engine")
         self._streams: dict[str, RequestStream] = {}
@@ -193,6 +209,7 @@ class AsyncLLMEngine:
         streams = [s for i in ids if (s := self._streams.pop(i, None)) is not None]
         if not streams:
             return
+        self.num_aborted_requests += len(streams)
         for stream in streams:
             stream.fail(RequestAbortedError(f"request {stream.request_id!r} was aborted"))
         try:
@@ -249,6 +266,14 @@ class AsyncLLMEngine:
                 stream.last_token_time = now
                 iteration.num_generation_tokens += num_tokens - stream.num_generation_tokens
                 stream.num_generation_tokens, stream.num_token_steps = num_tokens, num_steps
+            errors = [c.stop_reason for c in output.outputs if c.finish_reason == "error"]
+            if errors:  # the model raised on it: fail the stream, withdraw its other completions
+                del self._streams[output.request_id]
+                stream.fail(RequestFailedError(f"the model failed on request {output.request_id!r}: {errors[0]}"))
+                if not output.finished:
+                    self._executor.submit(self._job, self.engine.abort_request, ([output.request_id],))
+                iteration.num_failed += 1
+                continue
             stream.put(output)
             if output.finished:
                 del self._streams[output.request_id]
@@ -290,4 +315,9 @@ class AsyncLLMEngine:
             prefix_cache_hits=kv.prefix_cache_hits,
             encoder_cache_queries=getattr(encoder, "num_queries", None),
             encoder_cache_hits=getattr(encoder, "num_hits", None),
+            num_encoder_cache_tokens_used=encoder.cache_size - encoder.num_free_slots,
+            num_encoder_cache_tokens_total=encoder.cache_size,
+            encoder_cache_bytes=sum(t.nbytes for t in self.engine.runner.encoder_cache.values()),
+            num_suspects=len(scheduler.suspects),
+            num_failed_steps=scheduler.num_failed_steps,
         )

@@ -7,9 +7,14 @@
 It sees sequences (a request with n > 1 is n of them, made by the output processor) and token ids, never text:
 prompts come in processed (fovea.engine.input_processor) and updates go out to be turned into `RequestOutput`s
 (fovea.engine.output_processor).
+
+A step whose model run raises does not stop the engine: the scheduler's `fail_step` retries the step's sequences
+one at a time until the one that raises alone is found; it finishes with FINISHED_ERROR (finish reason "error",
+the exception as its stop reason) and every other request goes on as after a preemption.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -20,6 +25,8 @@ from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
 from fovea.multimodal.processing import BaseMultiModalProcessor
 from fovea.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -75,5 +82,12 @@ class EngineCore:
 
     def step(self) -> list[RequestUpdate]:
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+        except Exception as err:
+            if not scheduler_output.num_scheduled_tokens:
+                raise  # no request to blame: the runner itself is broken
+            logger.exception("the model raised in a step of %d sequence(s)",
+                             len(scheduler_output.num_scheduled_tokens))
+            return self.scheduler.fail_step(scheduler_output, err)
         return self.scheduler.update_from_output(scheduler_output, runner_output)

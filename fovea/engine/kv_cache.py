@@ -157,6 +157,12 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached_blocks[block_hash] = block
 
+    def uncache_block(self, block: KVCacheBlock) -> None:
+        """Forget one block's hash (its contents cannot be trusted); the block itself is untouched."""
+        if block.block_hash is not None and self.cached_blocks.get(block.block_hash) is block:
+            del self.cached_blocks[block.block_hash]
+        block.block_hash = None
+
     def reset_prefix_cache(self) -> bool:
         """Forget every hash (e.g. after new weights). Refused (False) while any block is in use, as in vLLM."""
         if self.num_free_blocks != self.num_usable_blocks:
@@ -275,6 +281,17 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
         self.block_pool.free_blocks(reversed(blocks))
+
+    def uncache_blocks(self, request: Request, num_valid_tokens: int) -> None:
+        """Forget the hashes of the request's blocks past its first `num_valid_tokens` tokens: they were
+        registered when allocated, but the step meant to write them failed, so their contents are not what the
+        hash says. The blocks stay the request's; only future prefix hits on them are lost."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        first = num_valid_tokens // self.block_size
+        for block in blocks[first:]:
+            self.block_pool.uncache_block(block)
+        if request.request_id in self.num_cached_blocks:
+            self.num_cached_blocks[request.request_id] = min(first, self.num_cached_blocks[request.request_id])
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, ())]

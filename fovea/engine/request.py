@@ -19,6 +19,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3  # EOS, a stop token id or a stop string
     FINISHED_LENGTH = 4  # max_tokens or max_model_len
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6  # the model raised while computing it (fovea.engine.scheduler: failed steps)
 
     @property
     def is_finished(self) -> bool:

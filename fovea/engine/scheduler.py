@@ -19,9 +19,16 @@ is first scheduled; afterwards only ids, new blocks and counts.
   that does not fit. Its output is released once the request has computed all of its placeholders.
 - Nothing is ever dropped: a request that could never fit the pool or the encoder limits is refused by
   `add_request` (ValueError), because that is a configuration error, not a load problem.
+- A step whose model run raised (`fail_step`) cannot say which request broke it. If it ran one sequence, that
+  one finishes with FINISHED_ERROR (the error text as its stop reason). If it ran several, every running
+  request is preempted (recompute; the blocks the failed step was to write lose their prefix-cache hashes) and
+  the step's sequences become *suspects*: while any remain, steps run one suspect alone until it has recomputed
+  past the point where the batch failed (then it is cleared and preempted again, its blocks now prefix hits)
+  or fails alone. Then normal batching resumes. A fault costs recompute, never another request's answer.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +38,8 @@ from fovea.engine.kv_cache import KVCacheManager
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from fovea.outputs import Logprob, ModelRunnerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -88,6 +97,7 @@ class RequestUpdate:
     stop_reason: int | str | None
     new_logprobs: list[dict[int, Logprob]] | None = None  # one entry per new token, if the request asked
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when it was first scheduled
+    error: str | None = None  # status FINISHED_ERROR: what the model raised
 
 
 class Scheduler:
@@ -100,6 +110,9 @@ class Scheduler:
         self.running: list[Request] = []  # admission order; the tail is preempted first
         self.finished_request_ids: list[str] = []  # since the last schedule()
         self.num_preemptions = 0
+        # after a failed batched step: sequence id -> tokens it must compute alone to be cleared (see fail_step)
+        self.suspects: dict[str, int] = {}
+        self.num_failed_steps = 0
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -182,6 +195,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         self.encoder_cache_manager.free(request)
         del self.requests[request.request_id]
+        self.suspects.pop(request.request_id, None)
         self.finished_request_ids.append(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -202,6 +216,13 @@ class Scheduler:
             finished_request_ids=[], freed_mm_hashes=[],
         )
         preempted_ids = out.preempted_request_ids
+        max_num_seqs = cfg.max_num_seqs
+        if self.suspects:  # isolating after a failed step: one suspect alone (fail_step preempted the rest)
+            max_num_seqs = 1
+            if not self.running:  # the last one first: each that steps aside goes back to the front, in order
+                suspect = next(r for r in reversed(self.waiting) if r.request_id in self.suspects)
+                self.waiting.remove(suspect)
+                self.waiting.appendleft(suspect)
 
         index = 0
         while index < len(self.running) and token_budget > 0:
@@ -232,7 +253,7 @@ class Scheduler:
             token_budget -= num_new
             index += 1
 
-        while not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < cfg.max_num_seqs:
+        while not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting[0]
             computed_blocks, num_computed = kv.get_computed_blocks(request)
             num_remaining = request.num_tokens - num_computed
@@ -374,7 +395,49 @@ class Scheduler:
                 )
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
+        if self.suspects:
+            self._clear_suspects()
         return updates
+
+    # ---- failed steps ------------------------------------------------------------------------------------------
+
+    def fail_step(self, scheduler_output: SchedulerOutput, error: BaseException) -> list[RequestUpdate]:
+        """The runner raised on `scheduler_output`'s step: nothing it computed counts. Returns the update of
+        the sequence that failed when it ran alone (FINISHED_ERROR), or [] when the batch is to be retried
+        one suspect at a time (see the module docstring)."""
+        self.num_failed_steps += 1
+        step = [(r, n) for rid, n in scheduler_output.num_scheduled_tokens.items()
+                if (r := self.requests.get(rid)) is not None]
+        for request, num_new in step:  # the blocks this step was to fill hold nothing a hash may promise
+            self.kv_cache_manager.uncache_blocks(request, request.num_computed_tokens - num_new)
+        if len(step) == 1:
+            request = step[0][0]
+            message = f"{type(error).__name__}: {error}"
+            logger.error("request %s failed: the model raised on it alone (%s)", request.request_id, message)
+            self.running.remove(request)
+            request.status, request.stop_reason = RequestStatus.FINISHED_ERROR, message
+            self._free_request(request)
+            return [RequestUpdate(request_id=request.request_id, new_token_ids=[], finished=True,
+                                  status=request.status, stop_reason=message, error=message,
+                                  num_cached_tokens=request.num_cached_prompt_tokens)]
+        for request, _ in step:
+            self.suspects[request.request_id] = max(self.suspects.get(request.request_id, 0),
+                                                    request.num_computed_tokens)
+        logger.warning("a step of %d sequences failed (%r); retrying them one at a time", len(step), error)
+        while self.running:  # tail first, so the waiting queue keeps admission order
+            self._preempt(self.running.pop())
+        return []
+
+    def _clear_suspects(self) -> None:
+        """A suspect that ran alone past the point where its batch failed is cleared; while others remain it
+        steps aside (preempted: its computed blocks are prefix hits when it returns)."""
+        for request in list(self.running):
+            mark = self.suspects.get(request.request_id)
+            if mark is not None and request.num_computed_tokens >= mark:
+                del self.suspects[request.request_id]
+        if self.suspects:
+            while self.running and self.running[-1].request_id not in self.suspects:
+                self._preempt(self.running.pop())
 
     def _free_computed_encoder_inputs(self, request: Request) -> None:
         encoder_cache = self.encoder_cache_manager

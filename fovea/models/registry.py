@@ -17,6 +17,16 @@ _MODELS: dict[str, tuple[str, str]] = {
 }
 
 
+def register_model(architecture: str, model_cls: str) -> None:
+    """Serve checkpoints whose config.json names `architecture` with `model_cls` ("package.module:ClassName",
+    imported when resolved), as vLLM's `ModelRegistry.register_model`. Replaces an existing entry. The tests use
+    it for a model that raises on purpose (tests/e2e/faulty_model.py)."""
+    module_name, sep, class_name = model_cls.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ValueError(f"model_cls must be 'package.module:ClassName', got {model_cls!r}")
+    _MODELS[architecture] = (module_name, class_name)
+
+
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 

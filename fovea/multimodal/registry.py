@@ -30,10 +30,11 @@ class MultiModalRegistry:
         return wrapper
 
     def create_processor(self, model_cls: type, ctx: InputProcessingContext) -> BaseMultiModalProcessor:
-        try:
-            factories = self._factories[model_cls]
-        except KeyError:
-            raise ValueError(f"{model_cls.__name__} has no multimodal processor registered") from None
+        # a subclass of a registered model (e.g. a variant registered with fovea.models.registry.register_model)
+        # keeps its parent's processor
+        factories = next((self._factories[c] for c in model_cls.__mro__ if c in self._factories), None)
+        if factories is None:
+            raise ValueError(f"{model_cls.__name__} has no multimodal processor registered")
         info = factories.info(ctx)
         return factories.processor(info, factories.dummy_inputs(info))
 

@@ -9,7 +9,13 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from fovea.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestAbortedError, RequestStream
+from fovea.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    RequestAbortedError,
+    RequestFailedError,
+    RequestStream,
+)
 from fovea.entrypoints.chat_templates import ResolvedChatTemplate
 from fovea.entrypoints.chat_utils import ChatPrompt, build_chat_prompt
 from fovea.entrypoints.media_fetch import MediaFetcher
@@ -95,7 +101,7 @@ async def chat_chunks(body: p.ChatCompletionRequest, params: SamplingParams, req
                     finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             if choices:
                 yield chunk(choices)
-    except (RequestAbortedError, EngineDeadError) as err:
+    except (RequestAbortedError, EngineDeadError, RequestFailedError) as err:
         yield sse_error(err)
     else:
         if body.include_usage:

@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from fovea.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestAbortedError, RequestStream
+from fovea.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    RequestAbortedError,
+    RequestFailedError,
+    RequestStream,
+)
 from fovea.entrypoints.openai import protocol as p
 from fovea.entrypoints.openai.streaming import (
     Cursor,
@@ -80,7 +86,7 @@ async def completion_chunks(body: p.CompletionRequest, params: SamplingParams, r
             num_completion[prompt_index] = sum(len(c.token_ids) for c in output.outputs)
             if choices:
                 yield chunk(choices)
-    except (RequestAbortedError, EngineDeadError) as err:
+    except (RequestAbortedError, EngineDeadError, RequestFailedError) as err:
         yield sse_error(err)
     else:
         if body.include_usage:

@@ -1,7 +1,8 @@
 """Every refusal as OpenAI's error body with the status code a client expects.
 
     400 invalid request (validation, bad media, a template that fails)   401 API key   404 model
-    413 media too large   499 client gone   500 engine dead   503 queue full, or the server is stopping
+    413 media too large   499 client gone   500 engine dead, or the model raised on this request (the others
+    go on)   503 queue full, or the server is stopping
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fovea.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestAbortedError
+from fovea.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestAbortedError, RequestFailedError
 from fovea.entrypoints.media_fetch import MediaTooLargeError
 from fovea.entrypoints.openai import protocol as p
 
@@ -67,6 +68,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, err: EngineDeadError) -> JSONResponse:
         return error_response(500, str(err), "server_error", code="engine_dead")
+
+    @app.exception_handler(RequestFailedError)
+    async def request_failed(_: Request, err: RequestFailedError) -> JSONResponse:
+        return error_response(500, str(err), "server_error", code="model_error")
 
     @app.exception_handler(RequestAbortedError)
     async def aborted(_: Request, err: RequestAbortedError) -> JSONResponse:  # the server is stopping
