@@ -3,7 +3,7 @@
 under its own architecture name, so the real model class is untouched for every other test in the process.
 
     make_faulty(model_dir, token_id)   # config.json: architectures + fault_token_id
-    register()                         # in-process; `python -m tests.e2e.faulty_model serve ...` for a server
+    register(); unregister()           # in-process; `python -m tests.e2e.faulty_model serve ...` for a server
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fovea.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from fovea.models import registry
 from fovea.models.registry import register_model
 
 ARCHITECTURE = "FaultyQwen2_5_VLForConditionalGeneration"
@@ -37,6 +38,11 @@ class FaultyQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
 
 def register() -> None:
     register_model(ARCHITECTURE, "tests.e2e.faulty_model:FaultyQwen2_5_VL")
+
+
+def unregister() -> None:
+    """Leave the registry as other tests expect it (it is process-wide)."""
+    registry._MODELS.pop(ARCHITECTURE, None)
 
 
 def make_faulty(model_dir: str | Path, token_id: int) -> Path:

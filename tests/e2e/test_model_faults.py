@@ -45,7 +45,8 @@ def setup(tmp_path_factory):
     del llm
     faulty_model.make_faulty(model_dir, fault_token_id)
     faulty_model.register()
-    return model_dir, cases, expected, fault_token_id, prompt_ids
+    yield model_dir, cases, expected, fault_token_id, prompt_ids
+    faulty_model.unregister()
 
 
 def test_a_request_that_raises_in_the_model_fails_alone_and_leaks_nothing(setup):
