@@ -69,6 +69,7 @@ class EngineStats:
     encoder_cache_bytes: int = 0  # tensors the runner holds (freed ones go at its next step)
     num_suspects: int = 0  # sequences being retried alone after a failed step
     num_failed_steps: int = 0  # steps whose model run raised, since start
+    num_aborted_requests: int = 0  # ended by `abort` before they finished (client gone, shutdown), since start
 
 
 @dataclass(slots=True)
@@ -320,4 +321,5 @@ class AsyncLLMEngine:
             encoder_cache_bytes=sum(t.nbytes for t in self.engine.runner.encoder_cache.values()),
             num_suspects=len(scheduler.suspects),
             num_failed_steps=scheduler.num_failed_steps,
+            num_aborted_requests=self.num_aborted_requests,
         )

@@ -1,5 +1,6 @@
 """A test build of Qwen2.5-VL that raises inside the model: its forward fails whenever the checkpoint's
-`fault_token_id` (an extra key the test writes into config.json) is among the step's input ids. Registered
+`fault_token_id` (an extra key the test writes into config.json) is among the step's input ids, and never
+samples that token, so only a prompt holding it raises. Registered
 under its own architecture name, so the real model class is untouched for every other test in the process.
 
     make_faulty(model_dir, token_id)   # config.json: architectures + fault_token_id
@@ -34,6 +35,12 @@ class FaultyQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
         if input_ids is not None and bool((input_ids == self.fault_token_id).any()):
             raise InjectedFault(f"injected fault: token {self.fault_token_id} reached the forward")
         return super().forward(input_ids, positions, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # never sampled, so only a prompt that holds the token raises (greedy answers that avoid it are unchanged)
+        logits = super().compute_logits(hidden_states)
+        logits[:, self.fault_token_id] = float("-inf")
+        return logits
 
 
 def register() -> None:

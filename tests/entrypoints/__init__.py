@@ -69,11 +69,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str | Path, *flags: str, log_dir: Path):
+    def __init__(self, model: str | Path, *flags: str, log_dir: Path, module: str = "fovea.entrypoints.cli"):
+        """`module`: what `python -m` runs (another entry point that ends in fovea's CLI, e.g. one that first
+        registers a test model: tests/e2e/faulty_model.py)."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "fovea.entrypoints.cli", "serve", str(model), "--port", str(self.port),
+        cmd = [sys.executable, "-m", module, "serve", str(model), "--port", str(self.port),
                *COMMON_FLAGS, *flags]
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -99,14 +101,21 @@ class ServerProcess:
         return self.log_path.read_text()[-num_chars:]
 
     def metrics(self) -> dict[str, float]:
-        """`fovea:*` samples of /metrics by name (labels dropped: one model per server)."""
+        """`fovea:*`, `fovea_*` and `process_*` samples of /metrics by name (labels dropped: one model per
+        server; see `request_errors` for the one labelled family)."""
         text = httpx.get(self.base_url + "/metrics", timeout=10.0).text
         out = {}
         for line in text.splitlines():
-            match = re.match(r"^(fovea:[a-z_]+)(?:\{[^}]*\})? (\S+)$", line)
+            match = re.match(r"^((?:fovea[:_]|process_)[a-z_]+)(?:\{[^}]*\})? (\S+)$", line)
             if match and "_bucket" not in match.group(1):
                 out[match.group(1)] = float(match.group(2))
         return out
+
+    def request_errors(self) -> dict[int, float]:
+        """`fovea_request_errors_total` by status code."""
+        text = httpx.get(self.base_url + "/metrics", timeout=10.0).text
+        return {int(m.group(1)): float(m.group(2))
+                for m in re.finditer(r'^fovea_request_errors_total\{[^}]*status="(\d+)"[^}]*\} (\S+)$', text, re.M)}
 
     def wait_idle(self, timeout_s: float = 30.0) -> dict[str, float]:
         """Poll /metrics until nothing runs or waits and every KV block is free; return the last reading."""

@@ -32,7 +32,7 @@ from fovea.entrypoints.openai import protocol as p
 from fovea.entrypoints.openai.chat import ChatServing
 from fovea.entrypoints.openai.completions import CompletionServing
 from fovea.entrypoints.openai.errors import APIError, install_error_handlers
-from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ServerMetrics
+from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ErrorCountingMiddleware, ServerMetrics
 
 
 @dataclass(slots=True)
@@ -67,6 +67,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="fovea", lifespan=lifespan)
     app.state.chat_template = chat_template
     install_error_handlers(app)
+    app.add_middleware(ErrorCountingMiddleware, metrics=metrics, model_name=model_names[0])
 
     async def check_api_key(request: Request) -> None:
         if settings.api_key is None:

@@ -3,13 +3,16 @@
 Two sources. The engine's state (requests running and waiting, KV blocks, and its own running totals:
 preemptions, prefix- and encoder-cache lookups) is read from `AsyncLLMEngine.stats` at scrape time by a
 collector, so it is never stale or double-counted. What happens per step (tokens, latencies) comes from the
-engine loop's `IterationStats` through `record`.
+engine loop's `IterationStats` through `record`. Every response that is not 2xx is counted by status code by
+`ErrorCountingMiddleware` (an error event inside a started stream is not a response status: the stream is a
+200). The process's own figures (resident memory, CPU, open files) are prometheus_client's standard
+`process_*` metrics.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -53,6 +56,18 @@ class _EngineCollector(Collector):
                       stats.prefix_cache_queries)
         yield counter("fovea:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
                       stats.prefix_cache_hits)
+        yield gauge("fovea:encoder_cache_tokens_used", "Encoder outputs held for requests, in encoder tokens.",
+                    stats.num_encoder_cache_tokens_used)
+        yield gauge("fovea:encoder_cache_tokens_total", "The encoder cache's size, in encoder tokens.",
+                    stats.num_encoder_cache_tokens_total)
+        yield gauge("fovea:encoder_cache_bytes", "Encoder output tensors the model runner holds.",
+                    stats.encoder_cache_bytes)
+        yield gauge("fovea:num_requests_suspect", "Sequences retried one at a time after a failed step.",
+                    stats.num_suspects)
+        yield counter("fovea:failed_steps", "Steps whose model run raised (each fails or retries its requests).",
+                      stats.num_failed_steps)
+        yield counter("fovea_requests_aborted", "Requests aborted before they finished: client disconnects, "
+                      "cancellations, shutdown.", stats.num_aborted_requests)
         if stats.encoder_cache_queries is not None:
             yield counter("fovea:encoder_cache_queries", "Multimodal items looked up in the encoder cache.",
                           stats.encoder_cache_queries)
@@ -68,6 +83,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name}
         self.registry.register(_EngineCollector(read_stats, model_name))
+        ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends (Linux /proc)
+        self.request_errors = Counter("fovea_request_errors", "Responses with a status other than 2xx.",
+                                      ["model_name", "status"], registry=self.registry)
         self.prompt_tokens = Counter("fovea:prompt_tokens", "Prompt tokens processed (counted at first token).",
                                      ["model_name"], registry=self.registry).labels(**labels)
         self.generation_tokens = Counter("fovea:generation_tokens", "Tokens generated.", ["model_name"],
@@ -93,3 +111,34 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ErrorCountingMiddleware:
+    """ASGI middleware: counts every HTTP response whose status is not 2xx in `fovea_request_errors_total`,
+    by status; an exception that escapes every handler is counted as the 500 the server then sends."""
+
+    def __init__(self, app, metrics: ServerMetrics, model_name: str):
+        self.app, self.metrics, self.model_name = app, metrics, model_name
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_counted(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self._count(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            if not started:
+                self._count(500)
+            raise
+
+    def _count(self, status: int) -> None:
+        if not 200 <= status < 300:
+            self.metrics.request_errors.labels(model_name=self.model_name, status=str(status)).inc()
