@@ -150,6 +150,7 @@ class AsyncLLMEngine:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._is_stopping = False
+        self._event_loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -158,7 +159,8 @@ class AsyncLLMEngine:
             raise RuntimeError("the engine loop is already running")
         self.stats = self._snapshot()  # nothing runs on the engine thread yet
         self._wakeup = asyncio.Event()
-        self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(), name="fovea-engine-loop")
+        self._event_loop = asyncio.get_running_loop()
+        self._loop_task = self._event_loop.create_task(self._run_loop(), name="fovea-engine-loop")
 
     async def shutdown(self, timeout_s: float | None = None) -> None:
         """Stop taking requests, let the running ones finish (at most `timeout_s`, then abort them), stop."""
@@ -175,6 +177,21 @@ class AsyncLLMEngine:
                 await self._loop_task
         self._executor.shutdown(wait=True)
 
+    def stop_soon(self, timeout_s: float) -> None:
+        """Callable from any thread or a signal handler (SIGTERM): refuse new requests from now on, and abort
+        the ones still running after `timeout_s`, so that each ends with an error its client can read (an
+        error event in its stream, or a 503) before the server closes connections."""
+        loop = self._event_loop
+        if loop is None or loop.is_closed():
+            return
+
+        def begin() -> None:
+            self._is_stopping = True
+            self._wakeup.set()
+            loop.call_later(timeout_s, lambda: self.abort(list(self._streams)))
+
+        loop.call_soon_threadsafe(begin)
+
     @property
     def is_running(self) -> bool:
         return self._loop_task is not None and not self._loop_task.done() and self.dead_error is None
@@ -188,7 +205,8 @@ class AsyncLLMEngine:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead_error!r}")
         if self._is_stopping or self._loop_task is None:
-            raise RuntimeError("the engine is not accepting requests (not started, or shutting down)")
+            # a RuntimeError the server answers with 503, as any request cut short by shutdown
+            raise RequestAbortedError("the engine is not accepting requests (not started, or shutting down)")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, time.monotonic())

@@ -9,7 +9,8 @@ status code with OpenAI's error body (errors.py). After that the request belongs
 the response ends (done, client gone, server stopping) aborts it, which frees its KV blocks at once (a no-op if
 it had finished).
 
-Shutdown (SIGTERM) is uvicorn's: stop accepting, let open responses finish, then stop the engine loop.
+Shutdown (SIGTERM) is uvicorn's: stop accepting, let open responses finish, then stop the engine loop; with
+--shutdown-timeout-s, requests still running then are aborted and answered with an error (see run_server).
 """
 from __future__ import annotations
 
@@ -120,7 +121,20 @@ def run_server(engine_config: EngineConfig, settings: ServerSettings, *, host: s
     engine = AsyncLLMEngine(LLMEngine(engine_config), max_waiting_requests=settings.max_waiting_requests)
     app = build_app(engine, settings)
     print(app.state.chat_template.describe(), file=sys.stderr, flush=True)  # next to the CPU kernels' line
-    # after SIGTERM uvicorn waits for open responses; past the timeout it cancels them (which aborts their requests)
+    # After SIGTERM uvicorn stops accepting and waits for open responses. With a timeout, the engine aborts what
+    # still runs at `shutdown_timeout_s`, so each response ends with an error event or a 503 in OpenAI's shape;
+    # uvicorn's own cut-off (cancelling responses mid-write) comes only a grace period later, as a last resort.
+    timeout_s = settings.shutdown_timeout_s
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=None if timeout_s is None else timeout_s + _FLUSH_GRACE_S)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if timeout_s is not None and not self.should_exit:
+                engine.stop_soon(timeout_s)
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
+
+
+_FLUSH_GRACE_S = 5.0  # after the engine's aborts at --shutdown-timeout-s: time for the error replies to go out
