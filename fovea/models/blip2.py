@@ -128,6 +128,7 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
     keep_in_fp32_modules = ("query_tokens", "qformer")
     language_model_modules = ("language_model.model",)  # OPT's decoder; not vision_model, qformer, projection
     lm_head_module = "language_model.lm_head"
+    qformer_class: type[nn.Module] = Blip2QFormerModel  # InstructBLIP's reads the instruction too
 
     def __init__(self, config: Blip2Config):
         super().__init__()
@@ -139,7 +140,7 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         self.image_token_index = config.image_token_index
         self.vision_model = BlipVisionModel(config.vision_config)
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.qformer = self.qformer_class(config.qformer_config)
         self.language_projection = Linear(config.qformer_config.hidden_size, text_config.hidden_size)
         self.language_model = OPTForCausalLM(text_config)
         self.embed_dim = text_config.word_embed_proj_dim
@@ -177,7 +178,7 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
             return projected
         return projected.reshape(batch, -1)[:, : num_q * self.embed_dim].reshape(batch, num_q, self.embed_dim)
 
-    def _encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _encode_pixels(self, pixel_values: torch.Tensor, **qformer_inputs: torch.Tensor) -> torch.Tensor:
         size = self.config.vision_config.image_size
         expected = (3, size, size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -186,8 +187,11 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         image_features = self.vision_model(pixel_values.to(vision_dtype))  # (B, 1 + P, Dv)
         qformer_dtype = self.qformer.layernorm.weight.dtype
         queries = self.query_tokens.expand(image_features.shape[0], -1, -1).to(qformer_dtype)
-        query_output = self.qformer(queries, image_features.to(qformer_dtype))  # (B, Q, Dq)
+        query_output = self._run_qformer(queries, image_features.to(qformer_dtype), **qformer_inputs)  # (B, Q, Dq)
         return self.language_projection(query_output.to(vision_dtype))  # (B, Q, hidden)
+
+    def _run_qformer(self, queries: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        return self.qformer(queries, image_features)
 
     def embed_multimodal(
         self, pixel_values: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None

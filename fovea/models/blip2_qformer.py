@@ -135,6 +135,24 @@ class QFormerLayer(nn.Module):
         return self.output(self.intermediate(text), text)
 
 
+class QFormerTextEmbeddings(nn.Module):
+    """Word + absolute position embeddings of the text (positions from 0); the Q-Former's own `layernorm`
+    normalises them, as it does the queries."""
+
+    def __init__(self, config: Blip2QFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        length = input_ids.shape[1]
+        if length > self.position_embeddings.num_embeddings:
+            raise ValueError(f"text of {length} tokens; the Q-Former has {self.position_embeddings.num_embeddings} "
+                             "positions")
+        positions = torch.arange(length, device=input_ids.device)
+        return self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+
+
 class QFormerEncoder(nn.Module):
     def __init__(self, config: Blip2QFormerConfig, has_text_branch: bool, has_dropout: bool):
         super().__init__()

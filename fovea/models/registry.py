@@ -8,6 +8,7 @@ from torch import nn
 # architecture -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
     "Blip2ForConditionalGeneration": ("fovea.models.blip2", "Blip2ForConditionalGeneration"),
+    "InstructBlipForConditionalGeneration": ("fovea.models.instructblip", "InstructBlipForConditionalGeneration"),
     "LlamaForCausalLM": ("fovea.models.llama", "LlamaForCausalLM"),
     "LlavaForConditionalGeneration": ("fovea.models.llava", "LlavaForConditionalGeneration"),
     "MistralForCausalLM": ("fovea.models.llama", "MistralForCausalLM"),

@@ -1,9 +1,10 @@
 """The Q-Former's training heads: text embeddings (the text branch's input) and the ITG language-model head.
 
 The Q-Former itself is the serving one, `fovea.models.blip2_qformer.Blip2QFormerModel`, built with its text
-branch and dropout for training; the stages put these heads around it. `QFormerTextEmbeddings` has
-transformers' `Blip2TextEmbeddings` names (`word_embeddings`, `position_embeddings`), so a stage-1 model saves
-as a `Blip2ForImageTextRetrieval` checkpoint without renaming. The ITG head (`QFormerLMHead`) has no
+branch and dropout for training; the stages put these heads around it. `QFormerTextEmbeddings` (serving's too:
+InstructBLIP embeds its instruction with it, so it lives in `blip2_qformer`) has transformers'
+`Blip2TextEmbeddings` names (`word_embeddings`, `position_embeddings`), so a stage-1 model saves as a
+`Blip2ForImageTextRetrieval` checkpoint without renaming. The ITG head (`QFormerLMHead`) has no
 counterpart in transformers and is left out of exports.
 
 Shapes: B batch, T text tokens, D hidden size, V the Q-Former vocabulary.
@@ -15,24 +16,9 @@ from torch import nn
 from transformers import Blip2QFormerConfig
 
 from fovea.layers.activations import get_activation
+from fovea.models.blip2_qformer import QFormerTextEmbeddings
 
-
-class QFormerTextEmbeddings(nn.Module):
-    """Word + absolute position embeddings of the text (positions from 0); the Q-Former's own `layernorm`
-    normalises them, as it does the queries."""
-
-    def __init__(self, config: Blip2QFormerConfig):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
-        length = input_ids.shape[1]
-        if length > self.position_embeddings.num_embeddings:
-            raise ValueError(f"text of {length} tokens; the Q-Former has {self.position_embeddings.num_embeddings} "
-                             "positions")
-        positions = torch.arange(length, device=input_ids.device)
-        return self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+__all__ = ["QFormerLMHead", "QFormerTextEmbeddings"]
 
 
 class QFormerLMHead(nn.Module):

@@ -111,9 +111,9 @@ def test_unknown_architecture_lists_supported():
     with pytest.raises(ValueError, match=r"FuyuForCausalLM.*Blip2ForConditionalGeneration"):
         resolve_model_class(["FuyuForCausalLM"])
     assert resolve_model_class(["Foo", "Blip2ForConditionalGeneration"]) is Blip2ForConditionalGeneration
-    assert set(supported_architectures()) == {"Blip2ForConditionalGeneration", "LlamaForCausalLM",
-                                             "LlavaForConditionalGeneration", "MistralForCausalLM", "OPTForCausalLM",
-                                             "Qwen2_5_VLForConditionalGeneration", "Qwen2ForCausalLM"}
+    assert set(supported_architectures()) == {"Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration",
+                                             "LlamaForCausalLM", "LlavaForConditionalGeneration", "MistralForCausalLM",
+                                             "OPTForCausalLM", "Qwen2_5_VLForConditionalGeneration", "Qwen2ForCausalLM"}
 
 
 def test_separate_q_and_v_bias_fill_the_fused_vision_bias(ckpt, tmp_path):
