@@ -123,3 +123,16 @@ def test_bfloat16_stays_as_close_to_float32_as_transformers_bfloat16(ckpt):
         ours = max(abs(entry[t].logprob - exact[t].item()) for t in entry)
         theirs = max(abs(hf_bf16[t].item() - exact[t].item()) for t in entry)
         assert ours <= 3 * theirs + 0.02, f"{prompt!r}: fovea bf16 off by {ours:.3f}, transformers bf16 {theirs:.3f}"
+
+
+def test_a_prompt_longer_than_the_qformer_reads_is_a_clear_error(ckpt):
+    llm = LLM(ckpt, dtype="float32", block_size=4)
+    long_prompt = " ".join(["the cat sat on the red sofa"] * 12)  # > 64 Q-Former tokens (its positions)
+    image = make_image(9, (30, 30))
+    with pytest.raises(ValueError, match=r"prompt 1: the prompt is \d+ tokens for InstructBLIP's Q-Former, which "
+                                         r"reads at most 64 \(its max_position_embeddings\); shorten the prompt"):
+        llm.generate([{"prompt": "a photo of", "multi_modal_data": {"image": image}},
+                      {"prompt": long_prompt, "multi_modal_data": {"image": image}}], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    # text alone is not read by the Q-Former: no limit but the LM's
+    assert llm.generate(long_prompt, SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
