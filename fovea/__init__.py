@@ -10,6 +10,7 @@ _EXPORTS = {
     "RequestOutput": "fovea.outputs",
     "CompletionOutput": "fovea.outputs",
     "Logprob": "fovea.outputs",
+    "LoRARequest": "fovea.lora.request",
 }
 
 

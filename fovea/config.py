@@ -63,6 +63,15 @@ class EngineConfig:
     encoders, projector, embeddings and lm_head stay in `dtype`. "compressed-tensors": require that format."""
     quantize_lm_head: bool = False
     """With quantization="int8", quantize the lm_head too (its cost on logprobs is in the README)."""
+    enable_lora: bool = False
+    """Serve LoRA adapters (PEFT's format) on the language model's attention and MLP projections, chosen per
+    request with a `LoRARequest` (vLLM's API); requests with different adapters, or none, share a batch."""
+    max_loras: int = 1
+    """Most distinct adapters in one batch (each has a slot of stacked weights in every LoRA layer)."""
+    max_lora_rank: int = 16
+    """Largest adapter rank `r` accepted; the slots are sized for it."""
+    max_cpu_loras: int | None = None
+    """Adapters kept loaded in memory, least recently used evicted (and read again when needed); None: max_loras."""
 
     def __post_init__(self) -> None:
         path = Path(self.model)
@@ -87,6 +96,19 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.enable_lora and self.quantization is not None:
+            raise ValueError(f"enable_lora=True with quantization={self.quantization!r} is not supported yet: LoRA "
+                             f"adapters run over float weights (dtype float32 / bfloat16); drop one of the two")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        elif (not isinstance(self.max_cpu_loras, int) or isinstance(self.max_cpu_loras, bool)
+              or self.max_cpu_loras < self.max_loras):
+            raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} must be an integer >= max_loras "
+                             f"({self.max_loras}): every adapter of a batch is also kept in memory")
         if not 0.0 < self.memory_utilization <= 1.0:
             raise ValueError(f"memory_utilization={self.memory_utilization!r} must be in (0, 1]")
         if self.limit_mm_per_prompt is not None:

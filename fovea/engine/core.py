@@ -23,6 +23,7 @@ from fovea.config import EngineConfig
 from fovea.engine.input_processor import profile_mm_features
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
+from fovea.lora.request import LoRARequest
 from fovea.multimodal.processing import BaseMultiModalProcessor
 from fovea.worker.model_runner import ModelRunner
 
@@ -67,11 +68,16 @@ class EngineCore:
             max_num_encoder_input_tokens=encoder_budget,
             encoder_cache_size=config.encoder_cache_size or encoder_budget,
             max_tokens_per_mm_item=largest_item,
+            max_loras=config.max_loras if config.enable_lora else None,
         ))
 
     def add_requests(self, requests: list[Request]) -> None:
         """Queue sequences all or none (ValueError naming the problem, nothing queued)."""
         self.scheduler.add_requests(requests)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Read and check an adapter now (vLLM's `add_lora`), so a bad one is refused before any request runs it."""
+        self.runner.add_lora(lora_request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)

@@ -10,9 +10,10 @@ Free queue. Blocks with ref count 0 wait in an ordered queue; allocation takes f
 to the tail, so blocks are reused least-recently-freed first. A request frees its blocks tail first: the end
 of a sequence is the part least likely to be shared, so it should be evicted before its prefix.
 
-Prefix caching. A *full* block's hash chains the previous block's hash, the block's token ids and the
+Prefix caching. A *full* block's hash chains the previous block's hash, the block's token ids, the
 `mm_hash` of every multimodal item whose placeholder range overlaps the block (two prompts that differ only in
-their image share no block). A block is registered under its hash as soon as it is allocated for the step
+their image share no block) and the LoRA adapter the request runs (the same tokens under two adapters, or an
+adapter and the base model, have different KV, so they share no block either). A block is registered under its hash as soon as it is allocated for the step
 that fills it: the runner writes the whole step's KV before any request attends to it (see
 `fovea.layers.attention`), so a request admitted later in the same step may already share it. A cached block
 whose ref count drops to 0 stays findable while it sits in the free queue; it loses its hash only when it is
@@ -73,11 +74,14 @@ def update_block_hashes(request: Request, block_size: int) -> list[BlockHash]:
     if len(hashes) >= num_full_blocks:
         return hashes
     tokens, features = request.all_token_ids, request.mm_features
+    lora = request.lora_request
     parent = hashes[-1] if hashes else None
     cursor = 0
     for i in range(len(hashes), num_full_blocks):
         start, end = i * block_size, (i + 1) * block_size
-        extra, cursor = _block_extra_keys(features, start, end, cursor) if features else ((), 0)
+        extra, cursor = _block_extra_keys(features, start, end, cursor) if features else ([], 0)
+        if lora is not None:  # the chain alone would carry it on; every block names it, as vLLM's hashes do
+            extra = [*extra, lora.cache_key]
         parent = hash_block_tokens(parent, tokens[start:end], extra)
         hashes.append(parent)
     return hashes

@@ -12,6 +12,7 @@ from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
 from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
+from fovea.lora.request import LoRARequest
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
 
@@ -43,8 +44,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in prompt order.
+
+        `lora_request`: one adapter for every prompt, or a list with one entry (an adapter or None for the
+        base model) per prompt, as vLLM takes it; prompts with different adapters run in the same batches.
 
         Prompts are validated as they are added. If one is invalid, the ones already added are aborted and
         a ValueError names the prompt's index and the problem, so the engine is left clean for the next call
@@ -61,12 +66,18 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts; give one or one per prompt")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompts)
+        else:
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompts):
+                raise ValueError(f"{len(lora_list)} LoRA requests for {len(prompts)} prompts; give one or one per prompt")
         engine = self.llm_engine
         ids = []
-        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+        for i, (prompt, params, lora) in enumerate(zip(prompts, params_list, lora_list)):
             request_id = str(next(self._counter))
             try:
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, lora_request=lora)
             except ValueError as err:
                 engine.abort_request(ids)
                 raise ValueError(f"prompt {i}: {err}") from err
@@ -83,6 +94,7 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         mm_processor_kwargs: Mapping[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of messages) or to several (a list of such lists).
 
@@ -91,7 +103,8 @@ class LLM:
         function the server's /v1/chat/completions uses too (rendered with `chat_template`, else the checkpoint's
         own, else fovea's fallback for the model type (`fovea.entrypoints.chat_templates`), `chat_template_kwargs`
         as extra template variables, tokenized without adding special tokens), and
-        is generated like a `generate` prompt; `RequestOutput.prompt` is the rendered text.
+        is generated like a `generate` prompt (`lora_request` too: one, or one per conversation);
+        `RequestOutput.prompt` is the rendered text.
         """
         is_batch = (isinstance(messages, Sequence) and not isinstance(messages, str) and bool(messages)
                     and not isinstance(messages[0], Mapping))
@@ -112,7 +125,8 @@ class LLM:
                     mm_processor_kwargs=mm_processor_kwargs, allow_local_paths=True))
             except ValueError as err:
                 raise ValueError(f"conversation {i}: {err}" if is_batch else str(err)) from err
-        outputs = self.generate([chat.prompt for chat in chats], sampling_params, use_tqdm=use_tqdm)
+        outputs = self.generate([chat.prompt for chat in chats], sampling_params, use_tqdm=use_tqdm,
+                                lora_request=lora_request)
         for output, chat in zip(outputs, chats):
             output.prompt = chat.text
         return outputs

@@ -18,8 +18,9 @@ from fovea.engine.core import EngineCore
 from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
 from fovea.layers.rotary import context_scaling_factor
-from fovea.models.llama import sliding_window_of
+from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import supports_mrope, supports_multimodal
+from fovea.models.llama import sliding_window_of
 from fovea.models.registry import resolve_model_class
 from fovea.multimodal.processing import InputProcessingContext
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
@@ -90,14 +91,25 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
-        """Validate and queue a request; a bad one raises ValueError and leaves the engine untouched."""
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Validate and queue a request (with `lora_request`: run by that adapter); a bad one raises ValueError
+        and leaves the engine untouched."""
         if request_id in self.output_processor:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(f"lora_request must be a fovea.LoRARequest, got {type(lora_request).__name__}")
+            self.add_lora(lora_request)
         request = self.input_processor.process(request_id, prompt, params or SamplingParams(), next(self._arrivals))
+        request.lora_request = lora_request
         sequences = fan_out(request)
         self.engine_core.add_requests(sequences)  # all or none
         self.output_processor.add_request(request, sequences)
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load and check an adapter ahead of its requests (vLLM's `add_lora`); ValueError naming the problem."""
+        self.engine_core.add_lora(lora_request)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

@@ -39,7 +39,7 @@ def fan_out(request: Request) -> list[Request]:
             request_id=f"{index}_{request.request_id}", prompt_token_ids=request.prompt_token_ids,
             sampling_params=child_params, eos_token_id=request.eos_token_id, mm_features=request.mm_features,
             prompt=request.prompt, arrival_index=request.arrival_index, mrope_positions=request.mrope_positions,
-            mrope_position_delta=request.mrope_position_delta,
+            mrope_position_delta=request.mrope_position_delta, lora_request=request.lora_request,
         ))
     return children
 

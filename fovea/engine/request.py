@@ -65,6 +65,7 @@ class Request:
     # M-RoPE models: [3, num_prompt_tokens] positions (a torch tensor) and the delta for later tokens.
     mrope_positions: Any = None
     mrope_position_delta: int = 0
+    lora_request: Any = None  # fovea.lora.request.LoRARequest, or None for the base model
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -13,7 +13,9 @@ is first scheduled; afterwards only ids, new blocks and counts.
   waiting queue) and later resumes by recomputing prompt + outputs ("recompute" preemption; the prefix cache
   may cover part of it). A step that preempted admits no one.
 - Waiting requests are then admitted first-come first-served while the token budget, `max_num_seqs` and the
-  pool allow; the first that does not fit stops admission (no overtaking).
+  pool allow; the first that does not fit stops admission (no overtaking). The one exception is LoRA: a
+  request whose adapter would make more than `max_loras` distinct adapters among the running requests is
+  passed over (it keeps its place in the queue) and later ones may be admitted, as vLLM does.
 - A multimodal item is encoded whole, once, in the step whose chunk first overlaps its placeholders; it is
   charged to the step's encoder budget and to the encoder cache, and the chunk stops just before an item
   that does not fit. Its output is released once the request has computed all of its placeholders.
@@ -55,12 +57,15 @@ class SchedulerConfig:
     # per-step encoder compute budget, in encoder tokens; None = max(max_num_batched_tokens, max_tokens_per_mm_item)
     max_num_encoder_input_tokens: int | None = None
     encoder_cache_size: int | None = None  # encoder outputs kept, in encoder tokens; None: as above
+    max_loras: int | None = None  # most distinct LoRA adapters among running requests; None: no limit
 
     def __post_init__(self) -> None:
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive int, got {value!r}")
+        if self.max_loras is not None and (not isinstance(self.max_loras, int) or self.max_loras < 1):
+            raise ValueError(f"SchedulerConfig.max_loras must be a positive int or None, got {self.max_loras!r}")
         for name in ("enable_chunked_prefill", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SchedulerConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -253,8 +258,12 @@ class Scheduler:
             token_budget -= num_new
             index += 1
 
+        passed_over: deque[Request] = deque()  # adapters over max_loras this step: back to the queue's front
         while not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < max_num_seqs:
             request = self.waiting[0]
+            if not self._lora_fits(request):
+                passed_over.append(self.waiting.popleft())
+                continue
             computed_blocks, num_computed = kv.get_computed_blocks(request)
             num_remaining = request.num_tokens - num_computed
             num_new = min(num_remaining, token_budget)
@@ -277,7 +286,7 @@ class Scheduler:
                     sampling_params=request.sampling_params, eos_token_id=request.eos_token_id,
                     mm_features=request.mm_features, mrope_positions=request.mrope_positions,
                     mrope_position_delta=request.mrope_position_delta, block_ids=block_ids,
-                    num_computed_tokens=num_computed,
+                    num_computed_tokens=num_computed, lora_request=request.lora_request,
                 ))
             else:  # back from preemption: the runner still holds its tokens, its blocks are all new
                 cached = out.scheduled_cached_reqs
@@ -292,10 +301,19 @@ class Scheduler:
             encoder_budget -= sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
             token_budget -= num_new
 
+        self.waiting.extendleft(reversed(passed_over))
         out.total_num_scheduled_tokens = cfg.max_num_batched_tokens - token_budget
         out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
         out.freed_mm_hashes = self.encoder_cache_manager.get_freed_mm_hashes()
         return out
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Admitting `request` keeps the running batch within `max_loras` distinct adapters."""
+        lora = request.lora_request
+        if lora is None or self.config.max_loras is None:
+            return True
+        running = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        return lora.lora_int_id in running or len(running) < self.config.max_loras
 
     def _plan_encoder(
         self, request: Request, num_computed: int, num_new: int, encoder_budget: int

@@ -30,6 +30,7 @@ class NewRequestData:
     mrope_position_delta: int
     block_ids: list[int]  # the whole block table after this step's allocation
     num_computed_tokens: int  # before this step: the prefix-cache hit, in tokens
+    lora_request: Any = None  # fovea.lora.request.LoRARequest the request runs with; None: the base model
 
 
 @dataclass(slots=True)

@@ -21,8 +21,8 @@ from fovea.layers.linear import Linear, copy_checked, set_weight_loader
 from fovea.layers.mlp import MLP
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
 from fovea.models.blip2_qformer import Blip2QFormerModel
-from fovea.models.interfaces import SupportsMultiModal, SupportsQuant
-from fovea.models.opt import OPTForCausalLM
+from fovea.models.interfaces import SupportsLoRA, SupportsMultiModal, SupportsQuant
+from fovea.models.opt import OPT_LORA_TARGET_MODULES, OPTForCausalLM
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -119,11 +119,13 @@ class BlipVisionModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(
     Blip2MultiModalProcessor, info=Blip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder
 )
-class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant):
+class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant, SupportsLoRA):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
         "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias
     }
+    lora_layers_prefix = "language_model.model.decoder.layers."  # the OPT decoder only, never the ViT's fc1/fc2
+    lora_target_modules = OPT_LORA_TARGET_MODULES
     # transformers keeps these in float32 whatever the model dtype; a runner casting the model should too
     keep_in_fp32_modules = ("query_tokens", "qformer")
     language_model_modules = ("language_model.model",)  # OPT's decoder; not vision_model, qformer, projection

@@ -50,6 +50,25 @@ class SupportsMRoPE(ABC):
         position p >= len(input_tokens) is p + delta on all three rows."""
 
 
+class SupportsLoRA(ABC):
+    """A model whose language model takes LoRA adapters (PEFT's format) on its attention and MLP projections.
+
+    `lora_layers_prefix`: fovea's module path of the language model's decoder layers (adapters touch nothing
+    outside it: not the vision tower, the Q-Former, the projector or `lm_head`). `lora_target_modules`: the
+    projections an adapter may name, as PEFT names them for this family (a packed fovea layer answers to each
+    of its shards' names).
+    """
+
+    supports_lora: ClassVar[Literal[True]] = True
+    lora_layers_prefix: ClassVar[str]
+    lora_target_modules: ClassVar[tuple[str, ...]]
+
+
+def supports_lora(model: type | object) -> bool:
+    cls = model if isinstance(model, type) else type(model)
+    return issubclass(cls, SupportsLoRA)
+
+
 def supports_multimodal(model: type | object) -> bool:
     cls = model if isinstance(model, type) else type(model)
     return issubclass(cls, SupportsMultiModal)

@@ -20,7 +20,7 @@ from fovea.layers.linear import Linear, PackedLinear
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, build_rotary_embedding
-from fovea.models.interfaces import SupportsQuant
+from fovea.models.interfaces import SupportsLoRA, SupportsQuant
 from fovea.models.utils import TokenEmbeddingsMixin
 
 logger = logging.getLogger(__name__)
@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
+
+# PEFT's names for the projections of Llama-style decoders (Qwen2, Mistral: the same)
+LLAMA_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 class LlamaAttention(nn.Module):
     """q/k/v packed, rotary on q and k, paged causal attention with `num_key_value_heads` KV heads."""
@@ -88,10 +91,12 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant):
+class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"
+    lora_layers_prefix = "model.layers."
+    lora_target_modules = LLAMA_LORA_TARGET_MODULES
 
     def __init__(self, config):
         super().__init__()

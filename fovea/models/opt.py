@@ -16,9 +16,10 @@ from transformers import OPTConfig
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention, checkpoint_in_context
 from fovea.layers.linear import Linear, PackedLinear
-from fovea.models.interfaces import SupportsQuant
+from fovea.models.interfaces import SupportsLoRA, SupportsQuant
 from fovea.models.utils import TokenEmbeddingsMixin
 
+OPT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # PEFT's names for OPT's projections
 POSITION_OFFSET = 2  # OPT's position table keeps two rows before position 0 (a fairseq leftover)
 
 
@@ -98,10 +99,12 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
 
-class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant):
+class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"
+    lora_layers_prefix = "model.decoder.layers."
+    lora_target_modules = OPT_LORA_TARGET_MODULES
 
     def __init__(self, config: OPTConfig):
         super().__init__()

@@ -31,7 +31,8 @@ from fovea.layers.linear import Linear
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
-from fovea.models.interfaces import SupportsMRoPE, SupportsMultiModal, SupportsQuant
+from fovea.models.interfaces import SupportsLoRA, SupportsMRoPE, SupportsMultiModal, SupportsQuant
+from fovea.models.llama import LLAMA_LORA_TARGET_MODULES
 from fovea.models.qwen2 import Qwen2Model, head_dim_of
 from fovea.models.qwen2_5_vl_processing import (
     Qwen2_5_VLDummyInputsBuilder,
@@ -203,10 +204,12 @@ class Qwen2_5_VLModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsMultiModal, SupportsMRoPE,
-                                         SupportsQuant):
+                                         SupportsQuant, SupportsLoRA):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model.language_model",)
     lm_head_module = "lm_head"
+    lora_layers_prefix = "model.language_model.layers."  # the LM only: the vision blocks have gate/up/down too
+    lora_target_modules = LLAMA_LORA_TARGET_MODULES
 
     def __init__(self, config):
         super().__init__()

@@ -20,6 +20,9 @@ from fovea.config import EngineConfig
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
+from fovea.lora.layers import lora_context
+from fovea.lora.manager import LoRAManager
+from fovea.lora.request import LoRARequest
 from fovea.models.weights import load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
@@ -54,6 +57,7 @@ class CachedRequestState:
     mrope_positions: torch.Tensor | None  # [3, num_prompt_tokens] for M-RoPE models
     mrope_position_delta: int
     sampling: SamplingRow  # built once; its generator (seeded requests) lives as long as the request
+    lora_request: LoRARequest | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +76,9 @@ class ModelRunner:
         self.model, self.num_prepacked_linears = load_model(
             model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.lora_manager = LoRAManager(
+            self.model, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras, dtype=self.dtype) if config.enable_lora else None
         self.sampler = Sampler()
         # unseeded random rows draw from this: `EngineConfig.seed` makes a whole run repeat exactly
         self.generator = seeded_generator(config.seed)
@@ -146,6 +153,12 @@ class ModelRunner:
                 layer.kv_cache = None
         return peak
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        if self.lora_manager is None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r} requested, but the engine was started "
+                             f"without enable_lora=True")
+        self.lora_manager.add_adapter(lora_request)
+
     # ---- one step ---------------------------------------------------------------------------------------
 
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -165,6 +178,7 @@ class ModelRunner:
                 sampling=SamplingRow(params=params, prompt_token_ids=new.prompt_token_ids,
                                      output_token_ids=output_token_ids, generator=generator,
                                      eos_token_id=new.eos_token_id),
+                lora_request=new.lora_request,
             )
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -190,6 +204,7 @@ class ModelRunner:
         is_mm = torch.zeros(num_tokens, dtype=torch.bool)
         query_lens, context_lens, block_tables = [], [], []
         mm_rows, logits_index, sampled = [], [], []
+        lora_rows: list[tuple[LoRARequest, int, int]] = []  # (adapter, first flat row, count) per request
         start = 0
         for req_id, n in out.num_scheduled_tokens.items():
             state = self.requests[req_id]
@@ -208,6 +223,8 @@ class ModelRunner:
                                                hi - feature.offset)
                 is_mm[start + lo - c:start + hi - c] = local_mask
                 mm_rows.append(rows)
+            if state.lora_request is not None:
+                lora_rows.append((state.lora_request, start, n))
             start += n
             query_lens.append(n)
             context_lens.append(end)
@@ -222,7 +239,8 @@ class ModelRunner:
         positions = torch.cat(positions, dim=1) if positions and isinstance(positions[0], torch.Tensor) \
             else torch.tensor(positions, dtype=torch.long)
         embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
-        with forward_context(meta):
+        lora_mapping = self.lora_manager.prepare_step(lora_rows) if lora_rows else None
+        with forward_context(meta), lora_context(lora_mapping):
             hidden = self.model(ids, positions, inputs_embeds=embeds)
         if not sampled:
             return ModelRunnerOutput.empty()
