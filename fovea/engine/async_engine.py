@@ -27,6 +27,7 @@ from typing import Protocol
 
 from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
+from fovea.lora.request import LoRARequest
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
 
@@ -198,7 +199,8 @@ class AsyncLLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------------------------
 
-    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> RequestStream:
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                          lora_request: LoRARequest | None = None) -> RequestStream:
         """Validate and queue a request. Raises ValueError (bad request), EngineOverloadedError (queue full),
         EngineDeadError, or RuntimeError when shutting down. The caller must `abort` the request if it stops
         reading before the stream is done (abort of a finished request is a no-op)."""
@@ -212,7 +214,7 @@ class AsyncLLMEngine:
         stream = RequestStream(request_id, time.monotonic())
         self._streams[request_id] = stream  # before the job runs: the first step may already have its output
         try:
-            await self._call(self._add_now, request_id, prompt, params)
+            await self._call(self._add_now, request_id, prompt, params, lora_request)
         except BaseException as err:
             self._streams.pop(request_id, None)
             if isinstance(err, asyncio.CancelledError):  # the add job may still run: withdraw it right after
@@ -311,13 +313,14 @@ class AsyncLLMEngine:
         finally:
             self.stats = self._snapshot()
 
-    def _add_now(self, request_id: str, prompt: PromptType, params: SamplingParams) -> None:
+    def _add_now(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                 lora_request: LoRARequest | None = None) -> None:
         limit = self.max_waiting_requests
         if limit is not None and self.engine.scheduler.num_waiting >= limit:
             raise EngineOverloadedError(
                 f"the server is overloaded: {self.engine.scheduler.num_waiting} sequences are waiting "
                 f"(--max-waiting-requests={limit}); retry later")
-        self.engine.add_request(request_id, prompt, params)
+        self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
 
     def _snapshot(self) -> EngineStats:
         scheduler = self.engine.scheduler

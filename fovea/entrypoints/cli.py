@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-concurrent-media-decodes", type=int,
                        default=_MEDIA_DEFAULTS.max_concurrent_media_decodes,
                        help="images and video headers decoded at once; other requests wait their turn")
+    serve.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
+                       help="LoRA adapters (PEFT directories) to serve, each chosen by 'model': NAME in a request "
+                            "and listed by /v1/models; turns on --enable-lora")
     serve.add_argument("--chat-template", default=None,
                        help="Jinja chat template (a file, or the template itself); none: the checkpoint's own, else "
                             "fovea's fallback for the model type (BLIP-2, InstructBLIP)")
@@ -206,6 +209,7 @@ def _start_cpu_kernels(args: argparse.Namespace) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from fovea.entrypoints.media_fetch import MediaFetcher
     from fovea.entrypoints.openai.app import ServerSettings, run_server
+    from fovea.lora.request import LoRARequest
 
     _check_model_dir(args.model)
     _start_cpu_kernels(args)
@@ -219,10 +223,22 @@ def _serve(args: argparse.Namespace) -> int:
         chat_template=chat_template,
         fetcher=MediaFetcher(media_config(args)),
         shutdown_timeout_s=args.shutdown_timeout_s,
+        lora_modules=[LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora_modules or [], 1)],
     )
-    config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+    options = engine_kwargs(args)
+    if args.lora_modules:
+        options["enable_lora"] = True
+    config = EngineConfig.from_kwargs(args.model, **options)
     run_server(config, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    """argparse type of one --lora-modules entry: NAME=PATH."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH (a LoRA module's served name and directory)")
+    return name, path
 
 
 def _generate(args: argparse.Namespace) -> int:

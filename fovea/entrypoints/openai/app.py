@@ -4,6 +4,9 @@
     POST /v1/completions        prompt strings or token ids -> engine (completions.py)
     GET  /v1/models, /health, /metrics
 
+LoRA adapters (`--lora-modules name=path`) are served models of their own: listed by /v1/models with the base
+model as `parent`, and chosen per request by `"model": name`; the base model's names run without adapter.
+
 Every request is validated and added to the engine before its response starts, so a refusal is a proper
 status code with OpenAI's error body (errors.py). After that the request belongs to its response: whatever way
 the response ends (done, client gone, server stopping) aborts it, which frees its KV blocks at once (a no-op if
@@ -34,6 +37,7 @@ from fovea.entrypoints.openai.chat import ChatServing
 from fovea.entrypoints.openai.completions import CompletionServing
 from fovea.entrypoints.openai.errors import APIError, install_error_handlers
 from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ErrorCountingMiddleware, ServerMetrics
+from fovea.lora.request import LoRARequest
 
 
 @dataclass(slots=True)
@@ -46,11 +50,20 @@ class ServerSettings:
     chat_template: str | None = None  # a Jinja string; None: the checkpoint's own, else fovea's fallback
     fetcher: MediaFetcher = field(default_factory=MediaFetcher)
     shutdown_timeout_s: float | None = None  # after SIGTERM: None waits for every running request
+    lora_modules: list[LoRARequest] = field(default_factory=list)  # served by their lora_name
 
 
 def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     llm_engine: LLMEngine = engine.engine
-    model_names = settings.served_model_names or [llm_engine.config.model]
+    base_names = settings.served_model_names or [llm_engine.config.model]
+    loras = {lora.lora_name: lora for lora in settings.lora_modules}
+    clash = sorted(set(loras) & set(base_names))
+    if clash or len(loras) != len(settings.lora_modules):
+        raise ValueError(f"LoRA module names must be unique and differ from the served model names; "
+                         f"{clash or 'a LoRA name'} repeats")
+    for lora in settings.lora_modules:  # read and checked now: a bad adapter stops the server from starting
+        llm_engine.add_lora(lora)
+    model_names = base_names + list(loras)
     metrics = ServerMetrics(model_names[0], lambda: engine.stats)
     engine.stat_loggers.append(metrics)
     # the server's own tokenizer: chats are rendered and encoded in request threads, never racing the engine thread
@@ -100,16 +113,21 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @v1.get("/models")
     async def list_models() -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=name, root=llm_engine.config.model,
-                                             max_model_len=llm_engine.max_model_len) for name in model_names])
+        cards = [p.ModelCard(id=name, root=llm_engine.config.model, max_model_len=llm_engine.max_model_len)
+                 for name in base_names]
+        cards += [p.ModelCard(id=name, root=lora.lora_path, parent=base_names[0],
+                              max_model_len=llm_engine.max_model_len) for name, lora in loras.items()]
+        return p.ModelList(data=cards)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: p.ChatCompletionRequest, raw: Request) -> Response:
-        return await chat.create(body, check_model(body.model), raw)
+        name = check_model(body.model)
+        return await chat.create(body, name, raw, loras.get(name))
 
     @v1.post("/completions")
     async def completions(body: p.CompletionRequest, raw: Request) -> Response:
-        return await completion.create(body, check_model(body.model), raw)
+        name = check_model(body.model)
+        return await completion.create(body, name, raw, loras.get(name))
 
     app.include_router(v1)
     return app

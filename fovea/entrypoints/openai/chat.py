@@ -21,6 +21,7 @@ from fovea.entrypoints.chat_utils import ChatPrompt, build_chat_prompt
 from fovea.entrypoints.media_fetch import MediaFetcher
 from fovea.entrypoints.media_limits import prepare_media_async
 from fovea.entrypoints.openai import protocol as p
+from fovea.lora.request import LoRARequest
 from fovea.entrypoints.openai.streaming import (
     Cursor,
     SSEResponse,
@@ -60,7 +61,8 @@ class ChatServing:
             chat_template_kwargs=body.chat_template_kwargs, fetch=self.fetcher,
             allow_local_paths=self.fetcher.allowed_local_media_path is not None, read_media=self.fetcher.resolve_item)
 
-    async def create(self, body: p.ChatCompletionRequest, model: str, raw: Request) -> Response:
+    async def create(self, body: p.ChatCompletionRequest, model: str, raw: Request,
+                     lora_request: LoRARequest | None = None) -> Response:
         params = body.to_sampling_params()
         chat = await asyncio.to_thread(self.build_prompt, body)
         prompt = chat.prompt
@@ -68,7 +70,7 @@ class ChatServing:
             prompt = {**prompt, "multi_modal_data": await prepare_media_async(
                 prompt["multi_modal_data"], self.fetcher.config, self.decode_slots)}
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        stream = await self.engine.add_request(request_id, prompt, params)
+        stream = await self.engine.add_request(request_id, prompt, params, lora_request)
         created = int(time.time())
         on_close = lambda: self.engine.abort(request_id)  # noqa: E731
         if body.stream:

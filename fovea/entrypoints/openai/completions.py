@@ -16,6 +16,7 @@ from fovea.engine.async_engine import (
     RequestStream,
 )
 from fovea.entrypoints.openai import protocol as p
+from fovea.lora.request import LoRARequest
 from fovea.entrypoints.openai.streaming import (
     Cursor,
     SSEResponse,
@@ -36,7 +37,8 @@ class CompletionServing:
     def __init__(self, engine: AsyncLLMEngine):
         self.engine = engine
 
-    async def create(self, body: p.CompletionRequest, model: str, raw: Request) -> Response:
+    async def create(self, body: p.CompletionRequest, model: str, raw: Request,
+                     lora_request: LoRARequest | None = None) -> Response:
         params = body.to_sampling_params()
         prompts = body.prompts()
         base_id = f"cmpl-{uuid.uuid4().hex}"
@@ -45,7 +47,7 @@ class CompletionServing:
         on_close = lambda: self.engine.abort(ids)  # noqa: E731
         try:
             for request_id, prompt in zip(ids, prompts):
-                streams.append(await self.engine.add_request(request_id, prompt, params))
+                streams.append(await self.engine.add_request(request_id, prompt, params, lora_request))
         except BaseException:
             on_close()
             raise
