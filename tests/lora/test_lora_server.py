@@ -79,3 +79,13 @@ def test_a_bad_adapter_stops_the_server_from_starting(setup, tmp_path):
     with pytest.raises(RuntimeError, match="no adapter_config.json"):
         ServerProcess(base, "--lora-modules", f"bad={tmp_path / 'empty'}", "--num-kv-blocks", "64",
                       log_dir=tmp_path)
+
+
+def test_lora_modules_flag_takes_name_equals_path(capsys):
+    from fovea.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "m", "--lora-modules", "a=/x/a", "b=/y/b=c", "--max-loras", "2"])
+    assert args.lora_modules == [("a", "/x/a"), ("b", "/y/b=c")] and args.max_loras == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m", "--lora-modules", "just-a-path"])
+    assert "'just-a-path' is not NAME=PATH" in capsys.readouterr().err

@@ -51,9 +51,9 @@ def server(qwen_dir, media_dir):
     received = []
     add_request = engine.add_request
 
-    async def recording_add_request(request_id, prompt, params):
+    async def recording_add_request(request_id, prompt, params, lora_request=None):
         received.append(prompt)
-        return await add_request(request_id, prompt, params)
+        return await add_request(request_id, prompt, params, lora_request)
 
     engine.add_request = recording_add_request
     settings = ServerSettings(chat_template=TEMPLATE, fetcher=MediaFetcher(MediaConfig(allowed_local_media_path=str(media_dir))))
@@ -76,9 +76,9 @@ def llm(qwen_dir):
     received = []
     add_request = llm.llm_engine.add_request
 
-    def recording_add_request(request_id, prompt, params):
+    def recording_add_request(request_id, prompt, params, lora_request=None):
         received.append(prompt)
-        return add_request(request_id, prompt, params)
+        return add_request(request_id, prompt, params, lora_request=lora_request)
 
     llm.llm_engine.add_request = recording_add_request
     return llm, received
