@@ -89,6 +89,8 @@ def test_bad_adapters_and_options_are_clear_errors(setup, tmp_path):
     base, _, loras = setup
     with pytest.raises(ValueError, match="max_cpu_loras=1 must be an integer >= max_loras"):
         LLM(str(base), enable_lora=True, max_loras=2, max_cpu_loras=1)
+    with pytest.raises(ValueError, match="enable_lora=True with quantization='int8' is not supported yet"):
+        LLM(str(base), enable_lora=True, quantization="int8")
     plain = LLM(str(base), dtype="float32", block_size=4, num_kv_blocks=64)
     with pytest.raises(ValueError, match="without enable_lora=True"):
         plain.generate("hello", lora_request=loras["attn"], use_tqdm=False)
