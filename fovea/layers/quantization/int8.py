@@ -12,7 +12,7 @@
 Both leave `layer.int8_weight` [N, K] int8 (contiguous) and `layer.int8_scale` [N] in the activation dtype,
 and release the parameters they were loaded from (unless another module shares the dense weight, a tied
 `lm_head`). How a weight-only matmul runs (`int8_weight_only_linear`): up to `INT8_MM_MAX_ROWS` rows of
-bfloat16, torch's int8 weight-only CPU kernel (`aten._weight_int8pack_mm`, which reads the int8 weight
+bfloat16 (K a multiple of 16), torch's int8 weight-only CPU kernel (`aten._weight_int8pack_mm`, which reads the int8 weight
 directly: half the bytes of bfloat16); otherwise the weight is dequantized to the activation dtype and the
 dense GEMM runs (prefill is bound by compute, not by the bytes read).
 """
@@ -28,6 +28,10 @@ INT8_MM_MAX_ROWS = 16
 """bfloat16 rows up to which `aten._weight_int8pack_mm` runs (measured on a busy 2-core AMD EPYC, Qwen2-0.5B's
 896 x 4864: 0.28 ms vs 0.44 ms for bfloat16 F.linear at 1 row, even at 8, 1.5x slower at 64). float32 never
 takes it (10-50x slower than dequantize + GEMM)."""
+
+INT8_MM_K_MULTIPLE = 16
+"""`aten._weight_int8pack_mm` (torch 2.13, CPU) crashes the process (a segmentation fault, not an error) when K is
+not a multiple of 16 (found with K = 97, 99, 100, 104); such layers dequantize instead."""
 
 ACTIVATION_QMAX = 127.5
 """compressed-tensors' symmetric int8 scale divisor: its range [-128, 127] is 255 wide, halved."""
@@ -64,7 +68,8 @@ def int8_weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
                             bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] (float) @ (q * scale)^T + bias -> [..., N] in x.dtype; `scale` [N] in x.dtype."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_MM_MAX_ROWS and x.device.type == "cpu":
+    if (x.dtype == torch.bfloat16 and x2.shape[0] <= INT8_MM_MAX_ROWS and x.device.type == "cpu"
+            and x2.shape[1] % INT8_MM_K_MULTIPLE == 0):
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), q, scale)
         if bias is not None:
             y = y + bias
