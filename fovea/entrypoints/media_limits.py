@@ -18,7 +18,8 @@ from PIL import Image
 
 from fovea.entrypoints.media_config import MediaConfig
 from fovea.entrypoints.media_fetch import MediaTooLargeError
-from fovea.multimodal.media import _count_frames, load_image
+from fovea.multimodal.media import load_image
+from fovea.multimodal.video_decoding import VideoHeader, read_video_header
 
 
 async def prepare_media_async(mm_data: dict[str, list[Any]], config: MediaConfig,
@@ -57,7 +58,8 @@ def decode_image(data: bytes, config: MediaConfig) -> Image.Image:
 
 
 def check_video(data: bytes, config: MediaConfig) -> bytes:
-    width, height, num_frames = probe_video(data)
+    header = probe_video(data)
+    width, height, num_frames = header.width, header.height, header.num_frames
     if width * height > config.max_video_frame_pixels:
         raise MediaTooLargeError(f"the video's frames are {width} x {height} = {width * height:,} pixels, over the "
                                  f"server's limit of {config.max_video_frame_pixels:,} (--max-video-frame-pixels)")
@@ -67,20 +69,13 @@ def check_video(data: bytes, config: MediaConfig) -> bytes:
     return data
 
 
-def probe_video(data: bytes) -> tuple[int, int, int]:
-    """(width, height, frames) of the first video stream, from the container without decoding a frame."""
+def probe_video(data: bytes) -> VideoHeader:
+    """The first video stream's size, frame count and rate, from the container without decoding a frame."""
     try:
-        import av
+        import av  # noqa: F401
     except ImportError as err:
         raise ValueError("decoding video needs PyAV (pip install av)") from err
     try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            width, height, num_frames = stream.codec_context.width, stream.codec_context.height, stream.frames
-        if not num_frames:  # Matroska / WebM headers give no count: count the packets (no decoding)
-            num_frames = _count_frames(data)
+        return read_video_header(data)
     except Exception as err:  # PyAV raises its own error types on bad data
         raise ValueError(f"could not decode video bytes: {err}") from err
-    return width, height, num_frames

@@ -7,8 +7,8 @@ in how they do it (BLIP composites transparency onto white, a plain `convert("RG
 
 Videos (`load_video`) share the modality-neutral helpers (`_read_path`, `_parse_data_url`) and become
 (T, H, W, 3) RGB frames: a stack of frames has one layout, so the image rule for RGB is applied here; files
-are decoded with PyAV. Fetching http(s) URLs belongs to the server, which owns timeouts and size limits;
-nothing here touches the network.
+are decoded with PyAV, seeking to the sampled frames (`video_decoding`). Fetching http(s) URLs belongs to the
+server, which owns timeouts and size limits; nothing here touches the network.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import base64
 import binascii
 import io
 import os
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -25,6 +24,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from fovea.multimodal.processors.transforms import convert_to_rgb
+from fovea.multimodal.video_decoding import (  # noqa: F401  (FrameSampler: load_video's callers name it here)
+    FrameSampler,
+    decode_frames,
+    read_video_header,
+    sample_video_indices,
+)
 
 ImageInput = Union[Image.Image, np.ndarray, str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -163,9 +168,6 @@ _ACCEPTED_VIDEO_INPUTS = (
 UNKNOWN_VIDEO_FPS = 24.0
 """The rate of frames given without one: transformers' `VideoMetadata.sampled_fps` falls back to 24."""
 
-FrameSampler = Callable[[int, float], Sequence[int]]
-"""(total_num_frames, video_fps) -> the indices of the frames to keep, increasing (transformers'
-`sample_indices_fn`; the model's video processor supplies it)."""
 
 
 @dataclass(slots=True)
@@ -254,44 +256,18 @@ def _frames_from_images(items: list | tuple) -> np.ndarray:
 
 def _decode_video(data: bytes, what: str, sample_frames: FrameSampler | None) -> LoadedVideo:
     try:
-        import av
+        import av  # noqa: F401
     except ImportError as e:
         raise ValueError(f"decoding {what} needs PyAV (pip install av); or pass the frames as an array") from e
     if not data:
         raise ValueError(f"could not decode {what}: no data (0 bytes)")
-    kept: list[np.ndarray] = []
     try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise ValueError("no video stream")
-            stream = container.streams.video[0]
-            # the metadata transformers' PyAV reader takes: the header's frame count and average rate
-            video_fps = float(stream.average_rate) if stream.average_rate else None
-            total = stream.frames or _count_frames(data)  # Matroska / WebM headers give no count
-            if total == 0:
-                raise ValueError("no frames")
-            indices = range(total)
-            if sample_frames is not None and video_fps:
-                indices = sorted(set(int(i) for i in sample_frames(total, video_fps)))
-            wanted, last = set(indices), indices[-1]
-            stream.thread_type = "AUTO"
-            for index, frame in enumerate(container.decode(stream)):
-                if index > last:
-                    break
-                if index in wanted:
-                    kept.append(frame.to_ndarray(format="rgb24"))
+        header = read_video_header(data)
+        decoded = decode_frames(data, sample_video_indices(header, sample_frames))
     except Exception as e:  # PyAV raises its own error types on bad data
         raise ValueError(f"could not decode {what}: {e}") from e
-    if not kept:
+    if not decoded.frames:
         raise ValueError(f"could not decode {what}: no frames")
+    num_kept, fps = len(decoded.frames), header.fps
     # operands in VideoMetadata.sampled_fps's order, so the float is the same to the last bit
-    return LoadedVideo(np.stack(kept), len(kept) / total * video_fps if video_fps else None)
-
-
-def _count_frames(data: bytes) -> int:
-    """Frames in the first video stream, counted from its packets (no decoding)."""
-    import av
-
-    with av.open(io.BytesIO(data)) as container:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+    return LoadedVideo(np.stack(decoded.frames), num_kept / header.num_frames * fps if fps else None)
