@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest video frame (width x height from the container's header; 413 above)")
     serve.add_argument("--max-video-frames", type=int, default=_MEDIA_DEFAULTS.max_video_frames,
                        help="most frames a video file may hold (from the container; 413 above)")
+    serve.add_argument("--max-video-decoded-bytes", type=int, default=_MEDIA_DEFAULTS.max_video_decoded_bytes,
+                       help="most memory a video's sampled frames may take decoded (frames x width x height x 3, "
+                            "checked before decoding; 413 above)")
+    serve.add_argument("--media-ca-bundle", default=None, metavar="PEM",
+                       help="CA certificates to check https media servers against (a private CA); none: certifi's")
     serve.add_argument("--max-concurrent-media-decodes", type=int,
                        default=_MEDIA_DEFAULTS.max_concurrent_media_decodes,
                        help="images and video headers decoded at once; other requests wait their turn")

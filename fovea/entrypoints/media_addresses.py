@@ -15,6 +15,8 @@ import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 
+from fovea.entrypoints.media_errors import MediaURLRefusedError
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Sequence[str]]
 """(hostname, port) -> its IP addresses as strings (`system_resolver`; tests inject their own)."""
@@ -23,15 +25,11 @@ Resolver = Callable[[str, int], Sequence[str]]
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
 
 
-class MediaURLRefusedError(ValueError):
-    """The URL's host or address is not one the server fetches from (HTTP 400)."""
-
-
 def system_resolver(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise ValueError(f"could not resolve media host {host!r}: {err}") from err
+        raise MediaURLRefusedError(f"could not resolve media host {host!r}: {err}", reason="bad_url") from err
     return [info[4][0] for info in infos]
 
 
@@ -66,22 +64,23 @@ def pick_address(host: str, port: int, *, allowed_domains: frozenset[str] | None
     """
     name = host.strip("[]").lower().rstrip(".")
     if not name:
-        raise MediaURLRefusedError("the media URL has no host")
+        raise MediaURLRefusedError("the media URL has no host", reason="bad_url")
     is_listed = allowed_domains is not None and name in allowed_domains
     if allowed_domains is not None and not is_listed:
         raise MediaURLRefusedError(f"media host {name!r} is not in --allowed-media-domains "
-                                   f"({', '.join(sorted(allowed_domains)) or 'empty'})")
+                                   f"({', '.join(sorted(allowed_domains)) or 'empty'})", reason="domain_not_allowed")
     literal = parse_host(name)
     addresses = [literal] if literal is not None else [_parse_resolved(a, name) for a in resolver(name, port)]
     if not addresses:
-        raise ValueError(f"media host {name!r} resolved to no address")
+        raise MediaURLRefusedError(f"media host {name!r} resolved to no address", reason="bad_url")
     if not (allow_private or is_listed):
         for address in addresses:
             if not is_public_address(address):
                 shown = "" if literal is not None else f" (it resolves to {address})"
                 raise MediaURLRefusedError(
                     f"media host {name!r}{shown} is not a public address; the server fetches only public "
-                    f"addresses unless the host is in --allowed-media-domains or --allow-private-media-urls is set")
+                    f"addresses unless the host is in --allowed-media-domains or --allow-private-media-urls is set",
+                    reason="private_address")
     return addresses[0]
 
 
@@ -89,4 +88,5 @@ def _parse_resolved(address: str, host: str) -> IPAddress:
     try:  # getaddrinfo gives scoped IPv6 link-local addresses as 'fe80::1%eth0'
         return ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError as err:
-        raise ValueError(f"media host {host!r} resolved to {address!r}, not an IP address") from err
+        raise MediaURLRefusedError(f"media host {host!r} resolved to {address!r}, not an IP address",
+                                   reason="bad_url") from err

@@ -31,15 +31,22 @@ class MediaConfig:
     max_video_frame_pixels: int = 3840 * 2160
     """Largest video frame, width x height from the container's header (4K)."""
     max_video_frames: int = 14_400
-    """Most frames a video file may hold (10 minutes at 24 fps); the frames are decoded only up to the last
-    sampled one, but decoding runs through every frame before it."""
+    """Most frames a video file may hold (10 minutes at 24 fps). Only the sampled frames are decoded (from
+    the keyframe before each), but the file's packets are all read to find them."""
+    max_video_decoded_bytes: int = 2 * 1024**3
+    """Most memory a video's kept frames may take decoded: kept frames x width x height x 3 bytes, from the
+    header and the model's frame sampling, checked before decoding (Qwen2.5-VL keeps up to 768 frames: of a 4K
+    video, 19 GB). 2 GiB holds 768 frames of 1280 x 720, or 86 of 4K."""
     max_concurrent_media_decodes: int = 2
     """Images and video headers decoded at the same time; more requests wait their turn (a burst of large
     images cannot exhaust memory)."""
+    media_ca_bundle: str | None = None
+    """PEM file of the certificate authorities https media servers are checked against (a private CA); None:
+    the CAs httpx trusts by default (certifi's). The certificate is always checked against the URL's host name."""
 
     def __post_init__(self) -> None:
         for name in ("max_media_bytes", "max_image_pixels", "max_video_frame_pixels", "max_video_frames",
-                     "max_concurrent_media_decodes"):
+                     "max_video_decoded_bytes", "max_concurrent_media_decodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.media_fetch_timeout_s > 0:
@@ -49,6 +56,8 @@ class MediaConfig:
             if not root.is_dir():
                 raise ValueError(f"allowed_local_media_path={self.allowed_local_media_path!r} is not a directory")
             object.__setattr__(self, "allowed_local_media_path", str(root))
+        if self.media_ca_bundle is not None and not Path(self.media_ca_bundle).is_file():
+            raise ValueError(f"media_ca_bundle={self.media_ca_bundle!r} is not a file")
         if self.allowed_media_domains is not None:
             if isinstance(self.allowed_media_domains, str):
                 raise ValueError("allowed_media_domains must be a list of host names, not one string")

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from fovea.entrypoints.media_config import MediaConfig
+from fovea.entrypoints.media_errors import MediaRefusedError
 from fovea.entrypoints.media_fetch import MediaFetcher, MediaTooLargeError
 from tests.entrypoints import loopback_http_server
 
@@ -46,9 +47,10 @@ def http_base():
                     self.wfile.flush()
                     time.sleep(0.1)
                 return
-            if self.path == "/redirect":
+            if self.path in ("/redirect", "/redirect-ftp", "/loop"):
                 self.send_response(302)
-                self.send_header("Location", "/small")
+                self.send_header("Location", {"/redirect": "/small", "/redirect-ftp": "ftp://127.0.0.1/a.png",
+                                              "/loop": "/loop"}[self.path])
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
@@ -110,3 +112,24 @@ def test_local_files_only_under_the_allowed_directory(tmp_path):
         fetch("ftp://example.com/a.png")
     with pytest.raises(ValueError, match="not a directory"):
         MediaConfig(allowed_local_media_path=str(tmp_path / "nope"))
+
+
+def test_every_refusal_names_its_reason(http_base, tmp_path):
+    fetch = fetcher(max_media_bytes=2000, media_fetch_timeout_s=0.3, allowed_local_media_path=str(tmp_path))
+    cases = {http_base + "/big": "body_too_large", http_base + "/slow": "timeout",
+             http_base + "/missing": "fetch_failed", "http://127.0.0.1:9/none": "fetch_failed",
+             http_base + "/redirect-ftp": "bad_redirect", http_base + "/loop": "bad_redirect",
+             "ftp://example.com/a.png": "bad_url", "data:image/png;base64,%%%": "bad_url", "http://[zz/": "bad_url",
+             "file:///etc/passwd": "local_file_refused"}
+    for url, reason in cases.items():
+        with pytest.raises(MediaRefusedError) as info:
+            fetch(url)
+        assert info.value.reason == reason, (url, str(info.value))
+    strict = MediaFetcher(MediaConfig(allowed_media_domains=("media.test",)))
+    for url in ("http://127.0.0.1/a.png", "http://10.0.0.1/a.png"):
+        with pytest.raises(MediaRefusedError) as info:
+            strict(url)
+        assert info.value.reason == "domain_not_allowed", url
+    with pytest.raises(MediaRefusedError) as info:
+        MediaFetcher()("http://169.254.169.254/latest/meta-data/")
+    assert info.value.reason == "private_address"

@@ -16,8 +16,10 @@ from PIL import Image
 
 from fovea.entrypoints import media_limits
 from fovea.entrypoints.media_config import MediaConfig
+from fovea.entrypoints.media_errors import MediaRefusedError
 from fovea.entrypoints.media_fetch import MediaFetcher, MediaTooLargeError
 from fovea.entrypoints.media_limits import prepare_media, prepare_media_async
+from fovea.multimodal.processors import Qwen2VLVideoProcessor
 from tests.entrypoints import ROOT, loopback_http_server, png_bytes, random_image
 from tests.entrypoints import media_bombs as bombs
 
@@ -180,3 +182,34 @@ def test_lying_and_dripping_servers_are_cut_off(media_server):
     with pytest.raises(ValueError, match="timed out after 1.0 s"):
         fetch(media_server + "/drip")
     assert time.monotonic() - start < 3.0
+
+
+def test_decoded_bytes_of_the_kept_frames_are_capped_before_decoding():
+    """A 1080p clip of 30 frames at 24 fps: all of them take 186,624,000 bytes decoded; Qwen's sampling at 2 fps
+    keeps 4 (24,883,200). The check uses the frames the model keeps, from the header alone."""
+    clip = bombs.video(30, 1920, 1080)
+    config = MediaConfig(max_video_decoded_bytes=100_000_000)
+    at_2_fps = Qwen2VLVideoProcessor(fps=2.0).sample_frame_indices
+    assert prepare_media({"video": [clip]}, config, at_2_fps)["video"][0] is clip
+    every_frame = Qwen2VLVideoProcessor(fps=24.0).sample_frame_indices
+    for sampler in (every_frame, None):  # None: load_video keeps every frame
+        with pytest.raises(MediaTooLargeError, match=r"the 30 frames kept of the video's 30 .* 1920 x 1080 each, "
+                                                     r"would take 186,624,000 bytes decoded, over the server's limit "
+                                                     r"of 100,000,000 \(--max-video-decoded-bytes\)") as info:
+            prepare_media({"video": [clip]}, config, sampler)
+        assert info.value.reason == "decoded_bytes"
+    assert prepare_media({"video": [clip]}, MediaConfig(), None)["video"][0] is clip  # the default: 2 GiB
+    with pytest.raises(ValueError, match="max_video_decoded_bytes must be >= 1"):
+        MediaConfig(max_video_decoded_bytes=0)
+
+
+def test_every_refusal_names_its_reason():
+    config = MediaConfig(max_image_pixels=64 * 48, max_video_frame_pixels=32 * 32, max_video_frames=48)
+    cases = [({"image": [png_bytes(random_image(0, 65, 48))]}, "too_many_pixels"),
+             ({"video": [bombs.video(49, 32, 32)]}, "too_many_frames"),
+             ({"video": [bombs.video(2, 32, 48)]}, "frame_too_large"),
+             ({"image": [b"not an image"]}, "undecodable"), ({"video": [b"not a video"]}, "undecodable")]
+    for mm_data, reason in cases:
+        with pytest.raises(MediaRefusedError) as info:
+            prepare_media(mm_data, config)
+        assert info.value.reason == reason, mm_data

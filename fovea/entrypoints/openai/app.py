@@ -64,7 +64,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     for lora in settings.lora_modules:  # read and checked now: a bad adapter stops the server from starting
         llm_engine.add_lora(lora)
     model_names = base_names + list(loras)
-    metrics = ServerMetrics(model_names[0], lambda: engine.stats)
+    metrics = ServerMetrics(model_names[0], lambda: engine.stats, settings.fetcher.refusals)
     engine.stat_loggers.append(metrics)
     # the server's own tokenizer: chats are rendered and encoded in request threads, never racing the engine thread
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_engine.config.tokenizer_path)

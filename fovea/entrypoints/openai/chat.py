@@ -4,7 +4,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -18,6 +19,7 @@ from fovea.engine.async_engine import (
 )
 from fovea.entrypoints.chat_templates import ResolvedChatTemplate
 from fovea.entrypoints.chat_utils import ChatPrompt, build_chat_prompt
+from fovea.entrypoints.media_errors import find_refusal
 from fovea.entrypoints.media_fetch import MediaFetcher
 from fovea.entrypoints.media_limits import prepare_media_async
 from fovea.entrypoints.openai import protocol as p
@@ -32,6 +34,7 @@ from fovea.entrypoints.openai.streaming import (
     sse_error,
     unless_disconnected,
 )
+from fovea.multimodal.video_decoding import FrameSampler
 from fovea.sampling_params import SamplingParams
 
 
@@ -61,14 +64,30 @@ class ChatServing:
             chat_template_kwargs=body.chat_template_kwargs, fetch=self.fetcher,
             allow_local_paths=self.fetcher.allowed_local_media_path is not None, read_media=self.fetcher.resolve_item)
 
+    def frame_sampler(self, mm_kwargs: Mapping[str, Any] | None) -> FrameSampler | None:
+        """The frames the engine's video loader will keep of a file: its model's sampler with the options the
+        input processor gives it (the engine's, then the request's). None: the model keeps every frame."""
+        llm_engine = self.engine.engine
+        get_video_processor = getattr(getattr(llm_engine.processor, "info", None), "get_video_processor", None)
+        if get_video_processor is None:
+            return None
+        options = {**llm_engine.input_processor.mm_processor_kwargs, **(mm_kwargs or {})}
+        return getattr(get_video_processor(options), "sample_frame_indices", None)
+
     async def create(self, body: p.ChatCompletionRequest, model: str, raw: Request,
                      lora_request: LoRARequest | None = None) -> Response:
         params = body.to_sampling_params()
-        chat = await asyncio.to_thread(self.build_prompt, body)
-        prompt = chat.prompt
-        if prompt.get("multi_modal_data"):  # header limits, then images decoded, in at most N requests at once
-            prompt = {**prompt, "multi_modal_data": await prepare_media_async(
-                prompt["multi_modal_data"], self.fetcher.config, self.decode_slots)}
+        try:
+            chat = await asyncio.to_thread(self.build_prompt, body)
+            prompt = chat.prompt
+            if prompt.get("multi_modal_data"):  # header limits, then images decoded, in at most N requests at once
+                prompt = {**prompt, "multi_modal_data": await prepare_media_async(
+                    prompt["multi_modal_data"], self.fetcher.config, self.decode_slots,
+                    self.frame_sampler(prompt.get("mm_processor_kwargs")))}
+        except ValueError as err:
+            if (refusal := find_refusal(err)) is not None:
+                self.fetcher.refusals.add(refusal.reason)
+            raise
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         stream = await self.engine.add_request(request_id, prompt, params, lora_request)
         created = int(time.time())

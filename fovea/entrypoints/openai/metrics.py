@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fovea.engine.async_engine import EngineStats, IterationStats
+from fovea.entrypoints.media_errors import MediaRefusals
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -76,16 +77,33 @@ class _EngineCollector(Collector):
                           stats.encoder_cache_hits)
 
 
+class _MediaRefusalCollector(Collector):
+    """`fovea_media_refused_total{reason}` (named as the other per-cause counters: fovea_request_errors_total
+    {status}, fovea_requests_aborted_total): client media the server refused, by `media_errors.REASONS` (every
+    reason listed from the start, at 0), read from the fetcher's running counts at scrape time."""
+
+    def __init__(self, refusals: MediaRefusals):
+        self._refusals = refusals
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("fovea_media_refused", "Client media refused, by reason.", labels=["reason"])
+        for reason, count in self._refusals:
+            family.add_metric([reason], count)
+        yield family
+
+
 class ServerMetrics:
     """One per app, on its own registry (so several apps in one process do not collide)."""
 
-    def __init__(self, model_name: str, read_stats):
+    def __init__(self, model_name: str, read_stats, media_refusals: MediaRefusals | None = None):
         self.registry = CollectorRegistry()
         labels = {"model_name": model_name}
         self.registry.register(_EngineCollector(read_stats, model_name))
         ProcessCollector(registry=self.registry)  # process_resident_memory_bytes and friends (Linux /proc)
         self.request_errors = Counter("fovea_request_errors", "Responses with a status other than 2xx.",
                                       ["model_name", "status"], registry=self.registry)
+        if media_refusals is not None:
+            self.registry.register(_MediaRefusalCollector(media_refusals))
         self.prompt_tokens = Counter("fovea:prompt_tokens", "Prompt tokens processed (counted at first token).",
                                      ["model_name"], registry=self.registry).labels(**labels)
         self.generation_tokens = Counter("fovea:generation_tokens", "Tokens generated.", ["model_name"],
