@@ -129,6 +129,8 @@ def _decode_seeking(data: bytes, indices: Sequence[int]) -> DecodedFrames:
         raise _CannotSeek
     order = sorted(pts)  # frame k of the sequential decode has pts order[k]
     keys = sorted((p.pts, p.dts) for p in packets if p.is_keyframe)
+    if not keys or keys[0][0] != order[0]:
+        raise _CannotSeek  # frames shown before the first keyframe (a decoder may drop them, shifting the count)
     key_pts = [k[0] for k in keys]
     container, stream = open_video(data)
     with container:
@@ -139,9 +141,7 @@ def _decode_seeking(data: bytes, indices: Sequence[int]) -> DecodedFrames:
         frames: Iterator | None = None
         last_pts = None  # of the last frame decoded in the current run
         for target in (order[i] for i in indices if i < len(order)):
-            at = bisect.bisect_right(key_pts, target) - 1
-            if at < 0:
-                raise _CannotSeek  # frames before the first keyframe
+            at = bisect.bisect_right(key_pts, target) - 1  # >= 0: the first frame is a keyframe
             key_pts_k, key_dts_k = keys[at]
             if frames is None or last_pts is None or key_pts_k > last_pts:  # the keyframe is ahead: jump to it
                 frames = _run_from(container, stream, key_pts_k, key_dts_k)
