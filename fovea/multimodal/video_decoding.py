@@ -84,6 +84,8 @@ def sample_video_indices(header: VideoHeader, sample_frames: FrameSampler | None
 def decode_frames(data: bytes, indices: Sequence[int], *, allow_seeking: bool = True) -> DecodedFrames:
     """The RGB frames at `indices` (increasing) of `data`'s first video stream; indices past the stream's end
     are left out (as the sequential decode leaves them)."""
+    if not indices:
+        return DecodedFrames([], 0, is_seeking=False)
     if allow_seeking:
         try:
             return _decode_seeking(data, indices)

@@ -89,3 +89,11 @@ def test_load_video_decodes_only_around_the_sampled_frames(monkeypatch):
     assert runs[0].is_seeking and runs[0].num_decoded <= len(indices) * GOP
     sequential = decode_frames(data, sorted(set(indices)), allow_seeking=False).frames
     assert all(np.array_equal(a, b) for a, b in zip(loaded.frames, sequential))
+
+
+def test_no_indices_or_indices_past_the_end():
+    data = encode(30, "mpeg4", "mp4")
+    for allow_seeking in (True, False):
+        assert decode_frames(data, [], allow_seeking=allow_seeking).frames == []
+        past = decode_frames(data, [5, 30, 100], allow_seeking=allow_seeking)
+        assert len(past.frames) == 1  # only frame 5 exists, as the sequential decode has always given
