@@ -131,12 +131,14 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
     language_model_modules = ("language_model.model",)  # OPT's decoder; not vision_model, qformer, projection
     lm_head_module = "language_model.lm_head"
     qformer_class: type[nn.Module] = Blip2QFormerModel  # InstructBLIP's reads the instruction too
+    language_models: dict[str, type[nn.Module]] = {"opt": OPTForCausalLM}  # text_config.model_type -> class
 
     def __init__(self, config: Blip2Config):
         super().__init__()
         text_config = config.text_config
-        if text_config.model_type != "opt":
-            raise ValueError(f"fovea's BLIP-2 runs OPT language models, not {text_config.model_type!r}")
+        if text_config.model_type not in self.language_models:
+            raise ValueError(f"fovea's {type(self).__name__} runs {' or '.join(self.language_models)} language "
+                             f"models, not {text_config.model_type!r}")
         self.config = config
         self.num_query_tokens = config.num_query_tokens
         self.image_token_index = config.image_token_index
@@ -144,8 +146,9 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = self.qformer_class(config.qformer_config)
         self.language_projection = Linear(config.qformer_config.hidden_size, text_config.hidden_size)
-        self.language_model = OPTForCausalLM(text_config)
-        self.embed_dim = text_config.word_embed_proj_dim
+        self.language_model = self.language_models[text_config.model_type](text_config)
+        # OPT may embed narrower than its hidden size (word_embed_proj_dim); other LMs embed at it
+        self.embed_dim = getattr(text_config, "word_embed_proj_dim", None) or text_config.hidden_size
         if self.embed_dim > text_config.hidden_size:
             raise ValueError(  # transformers' masked_scatter runs out of feature values and fails too
                 f"BLIP-2 needs word_embed_proj_dim <= hidden_size, got {self.embed_dim} > {text_config.hidden_size}"

@@ -1,4 +1,4 @@
-"""InstructBLIP (Dai et al. 2023): BLIP-2 whose Q-Former also reads the instruction.
+"""InstructBLIP (Dai et al. 2023): BLIP-2 whose Q-Former also reads the instruction; an OPT or a Llama (Vicuna) LM.
 
 What differs from `fovea.models.blip2`, and only that:
 - the prompt, tokenized by the Q-Former's own (BERT) tokenizer, is embedded (word + position) and put after the
@@ -19,9 +19,10 @@ import torch
 from transformers import PretrainedConfig
 
 from fovea.models.blip2 import Blip2ForConditionalGeneration
-from fovea.models.blip2_qformer import Blip2QFormerModel, QFormerTextEmbeddings
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder
+from fovea.models.blip2_qformer import Blip2QFormerModel, QFormerTextEmbeddings
 from fovea.models.instructblip_processing import InstructBlipMultiModalProcessor, InstructBlipProcessingInfo
+from fovea.models.llama import LlamaForCausalLM
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 
 
@@ -45,6 +46,10 @@ class InstructBlipQFormerModel(Blip2QFormerModel):
 )
 class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration):
     qformer_class = InstructBlipQFormerModel
+    # Salesforce/instructblip-vicuna-* run a Llama-architecture LM (Vicuna); the flan-t5 ones an encoder-decoder
+    language_models = {**Blip2ForConditionalGeneration.language_models, "llama": LlamaForCausalLM}
+    packed_modules_mapping = {**Blip2ForConditionalGeneration.packed_modules_mapping,
+                              "gate_up_proj": ["gate_proj", "up_proj"]}  # Llama's MLP
 
     def rename_checkpoint_weight(self, name: str) -> str | None:
         if name.startswith("qformer.embeddings.layernorm."):

@@ -1,4 +1,4 @@
-"""fovea's engine against transformers' InstructBlipForConditionalGeneration (OPT LM) on tiny random checkpoints.
+"""fovea's engine against transformers' InstructBlipForConditionalGeneration (OPT or Llama LM) on tiny checkpoints.
 
 As for BLIP-2 (test_blip2_engine.py): greedy ids equal transformers' batch-of-one reference and logprobs are within
 1e-4 of its raw `output_logits` (float32), in one mixed batch, under preemption, with prefill chunks smaller than
@@ -23,6 +23,12 @@ def ckpt(tmp_path_factory):
     return build_tiny_instructblip(tmp_path_factory.mktemp("instructblip"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def ckpt_llama(tmp_path_factory):
+    """A Llama LM (Vicuna's architecture: GQA, untied head) and a Llama-style tokenizer."""
+    return build_tiny_instructblip(tmp_path_factory.mktemp("instructblip_llama"), seed=1, language_model="llama")
+
+
 def _check(llm: LLM, model_dir, batch):
     params = [SamplingParams(temperature=0.0, max_tokens=m, logprobs=LOGPROBS, ignore_eos=True) for _, _, m in batch]
     outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": img}} for p, img, _ in batch], params,
@@ -43,6 +49,17 @@ def test_mixed_batch_matches_transformers(ckpt):
     llm = LLM(ckpt, dtype="float32", block_size=4)
     outs = _check(llm, ckpt, cases(8))
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) > 4  # not degenerate
+
+
+def test_llama_lm_mixed_batch_chunked_preempted_and_prefix_cached(ckpt_llama):
+    llm = LLM(ckpt_llama, dtype="float32", block_size=4, max_model_len=48, num_kv_blocks=14,
+              max_num_batched_tokens=5, max_num_seqs=4)
+    outs = _check(llm, ckpt_llama, cases(8))
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) > 4
+    _check(llm, ckpt_llama, cases(1))
+    again = _check(llm, ckpt_llama, cases(1))  # right after: its blocks are still cached (14 blocks in all)
+    assert again[0].num_cached_tokens > 0
 
 
 def test_preemption_and_chunks_smaller_than_the_placeholder_run(ckpt):

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from tests.oracle.blip2 import IMAGE_TOKEN, _reinit_
+from tests.oracle.llama import build_llama_tokenizer, llama_text_config
 from tests.oracle.tokenizer import _CORPUS, build_tokenizer
 
 QFORMER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT's, ids 0..4
@@ -56,14 +57,27 @@ def build_tiny_instructblip(
     max_position_embeddings: int = 256,
     init_gain: float = 2.0,
     embed_std: float = 1.0,
+    language_model: str = "opt",
 ) -> Path:
-    """Build, randomise and save a tiny `InstructBlipForConditionalGeneration` with an OPT LM."""
+    """Build, randomise and save a tiny `InstructBlipForConditionalGeneration` with an OPT LM, or with a Llama one
+    (`language_model="llama"`: GQA, untied head, Vicuna's architecture) and a Llama-style tokenizer."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if language_model == "llama":
+        tokenizer = build_llama_tokenizer(extra_special=(IMAGE_TOKEN,))
+    else:
+        tokenizer = build_tokenizer()
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     qformer_tokenizer = build_qformer_tokenizer()
     vocab_size = (len(tokenizer) + 15) // 16 * 16 + 16
+    text_config = dict(model_type="opt", hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=num_layers,
+                       num_attention_heads=num_heads, vocab_size=vocab_size,
+                       max_position_embeddings=max_position_embeddings, word_embed_proj_dim=hidden,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    if language_model == "llama":
+        text_config = llama_text_config(tokenizer, hidden=hidden, num_heads=num_heads, num_kv_heads=num_heads // 2,
+                                        num_layers=num_layers, max_position_embeddings=max_position_embeddings).to_dict()
     config = InstructBlipConfig(
         vision_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                            num_attention_heads=num_heads, image_size=image_size, patch_size=patch_size),
@@ -71,11 +85,7 @@ def build_tiny_instructblip(
                             num_attention_heads=num_heads, cross_attention_frequency=cross_attention_frequency,
                             max_position_embeddings=64, vocab_size=len(qformer_tokenizer),
                             pad_token_id=qformer_tokenizer.pad_token_id),
-        text_config=dict(model_type="opt", hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=num_layers,
-                         num_attention_heads=num_heads, vocab_size=vocab_size,
-                         max_position_embeddings=max_position_embeddings, word_embed_proj_dim=hidden,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id),
+        text_config=text_config,
         num_query_tokens=num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
