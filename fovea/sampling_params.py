@@ -13,6 +13,9 @@ from dataclasses import dataclass
 # Below this temperature a request is greedy (vLLM's _SAMPLING_EPS): dividing logits by it would only
 # amplify float noise, and argmax is what such a temperature means anyway.
 SAMPLING_EPS = 1e-5
+# The sampler applies penalties in float32: a factor outside its normal range would become 0 or inf there, and
+# 0 * inf is NaN (a logit of exactly 0 times an infinite penalty).
+_FLOAT32_MIN_NORMAL, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
 
 
 @dataclass
@@ -92,8 +95,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be <= max_tokens={self.max_tokens}, got {self.min_tokens}.")
         for name in ("presence_penalty", "frequency_penalty"):
             _check_real(name, getattr(self, name), "in [-2, 2]", lambda v: -2.0 <= v <= 2.0)
-        _check_real("repetition_penalty", self.repetition_penalty, "a finite number > 0 (1 = off)",
-                    lambda v: v > 0.0)
+        _check_real("repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off) within float32's range "
+                    "[1.2e-38, 3.4e38]", lambda v: _FLOAT32_MIN_NORMAL <= v <= _FLOAT32_MAX)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0, allowed="None or an integer >= 0")
         for s in self.stop:

@@ -68,6 +68,8 @@ def test_unknown_keyword_is_type_error():
     (dict(frequency_penalty=-3.0), ["frequency_penalty", "-3.0", "[-2, 2]"]),
     (dict(repetition_penalty=0.0), ["repetition_penalty", "0.0", "> 0"]),
     (dict(repetition_penalty=-1.0), ["repetition_penalty", "-1.0", "> 0"]),
+    (dict(repetition_penalty=1.5e308), ["repetition_penalty", "1.5e+308", "float32"]),  # inf in float32: 0 * inf
+    (dict(repetition_penalty=1e-300), ["repetition_penalty", "1e-300", "float32"]),
     (dict(logprobs=-1), ["logprobs", "-1", ">= 0"]),
     (dict(stop=["ok", ""]), ["stop", "''", "non-empty"]),
     (dict(stop=""), ["stop", "non-empty"]),

@@ -304,7 +304,8 @@ def _cut_top_p(values: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor) -
     # A token is kept while the mass strictly before it is below p, so the most likely one always is.
     mass_before = torch.nn.functional.pad(mass[:, :-1], (1, 0))
     num_kept = (mass_before < top_p.unsqueeze(1)).sum(dim=-1, keepdim=True)
-    return values.gather(1, num_kept - 1), mass[:, -1] >= top_p
+    # at least that one, also when top_p is so small (1e-60) that float32 holds it as 0 and nothing is below it
+    return values.gather(1, num_kept.clamp(min=1) - 1), mass[:, -1] >= top_p
 
 
 def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator],

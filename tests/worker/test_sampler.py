@@ -107,6 +107,7 @@ def _expected(logits, temperature=1.0, min_p=0.0, top_k=0, top_p=1.0):
     dict(top_k=1),
     dict(top_p=0.7),
     dict(top_p=0.8),  # 0.5 + 0.25 < 0.8 -> the 0.1 token is also kept
+    dict(top_p=1e-60),  # 0 in float32: the most likely token still stays (it crashed the engine before)
     dict(min_p=0.25),
     dict(min_p=0.15),  # threshold 0.075: 0.08 stays, 0.05 goes
     dict(temperature=0.7, top_k=4, top_p=0.9),
