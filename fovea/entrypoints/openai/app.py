@@ -37,6 +37,7 @@ from fovea.entrypoints.openai.chat import ChatServing
 from fovea.entrypoints.openai.completions import CompletionServing
 from fovea.entrypoints.openai.errors import APIError, install_error_handlers
 from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ErrorCountingMiddleware, ServerMetrics
+from fovea.entrypoints.openai.openapi import error_responses, openapi_schema
 from fovea.lora.request import LoRARequest
 
 
@@ -80,6 +81,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="fovea", lifespan=lifespan)
     app.state.chat_template = chat_template
+    app.openapi = lambda: openapi_schema(app, model_names, llm_engine.input_processor.vocab_size)
     install_error_handlers(app)
     app.add_middleware(ErrorCountingMiddleware, metrics=metrics, model_name=model_names[0])
 
@@ -99,17 +101,20 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
                            "invalid_request_error", param="model", code="model_not_found")
         return name
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "the engine is running", "content": None},
+        503: {"description": "the engine is not running", "content": None}})
     async def health() -> Response:
         return Response(status_code=200 if engine.is_running else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses={
+        200: {"description": "Prometheus text format", "content": {CONTENT_TYPE.split(";")[0]: {}}}})
     async def get_metrics() -> Response:
         if engine.is_running:
             await engine.get_stats()  # let queued aborts and adds land before reading the snapshot
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)], responses=error_responses(401))
 
     @v1.get("/models")
     async def list_models() -> p.ModelList:
@@ -119,12 +124,18 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
                               max_model_len=llm_engine.max_model_len) for name, lora in loras.items()]
         return p.ModelList(data=cards)
 
-    @v1.post("/chat/completions")
+    generation = error_responses(400, 404, 413, 500, 503)
+
+    @v1.post("/chat/completions", response_model=None, responses={**generation, 200: {
+        "model": p.ChatCompletionResponse, "description": "the completion; with stream: server-sent events of "
+        "ChatCompletionChunk, ending with 'data: [DONE]'", "content": {"text/event-stream": {}}}})
     async def chat_completions(body: p.ChatCompletionRequest, raw: Request) -> Response:
         name = check_model(body.model)
         return await chat.create(body, name, raw, loras.get(name))
 
-    @v1.post("/completions")
+    @v1.post("/completions", response_model=None, responses={**generation, 200: {
+        "model": p.CompletionResponse, "description": "the completion; with stream: server-sent events of "
+        "CompletionResponse chunks, ending with 'data: [DONE]'", "content": {"text/event-stream": {}}}})
     async def completions(body: p.CompletionRequest, raw: Request) -> Response:
         name = check_model(body.model)
         return await completion.create(body, name, raw, loras.get(name))

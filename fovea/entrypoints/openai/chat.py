@@ -59,7 +59,7 @@ class ChatServing:
                              f"into a prompt; start it with --chat-template FILE, or send a formatted text prompt "
                              f"to /v1/completions")
         return build_chat_prompt(
-            self.tokenizer, body.messages, allowed_modalities=self.engine.engine.mm_limits,
+            self.tokenizer, body.message_dicts(), allowed_modalities=self.engine.engine.mm_limits,
             chat_template=self.chat_template.template, add_generation_prompt=body.add_generation_prompt,
             chat_template_kwargs=body.chat_template_kwargs, fetch=self.fetcher,
             allow_local_paths=self.fetcher.allowed_local_media_path is not None, read_media=self.fetcher.resolve_item)

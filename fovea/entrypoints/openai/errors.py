@@ -36,13 +36,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        # a union (prompt: str | list[...]) reports each branch; the field is the first name in the path
-        param = next((x for x in loc if not x.isdigit() and "[" not in x), None) if loc else None
-        if first.get("type") == "json_invalid":
+        errors = err.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            first = next(e for e in errors if e.get("type") == "json_invalid")
             return error_response(400, f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error")
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
+        # a union (content: str | list[part]) reports each branch: the deepest error is the one that says most,
+        # and branches failing at the same depth are all named (prompt.0: a str; or an int; or a list)
+        depth = max(len(e.get("loc", ())) for e in errors)
+        first = next(e for e in errors if len(e.get("loc", ())) == depth)
+        loc = _field_path(first.get("loc", ()))
+        same = [e for e in errors if len(e.get("loc", ())) == depth and _field_path(e.get("loc", ())) == loc]
+        param = loc[0] if loc else None
+        message = f"{'.'.join(loc) or 'body'}: {'; or '.join(dict.fromkeys(e.get('msg') for e in same))}"
         if first.get("input") is not None and first.get("type") != "missing":
             message += f" (got {first.get('input')!r:.80})"
         return error_response(400, message, "invalid_request_error", param)
@@ -79,4 +84,28 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail), "invalid_request_error")
+        response = error_response(err.status_code, str(err.detail), "invalid_request_error")
+        response.headers.update(err.headers or {})  # a 405's Allow (RFC 9110)
+        return response
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """pydantic's error location as the request's own path: messages.0.content.1.image_url.url.
+
+    Unions put a label in the path for the branch that failed: the type ('str', 'constrained-str', 'list[...]')
+    and, for a union chosen by a field, the tag ('user', 'image_url') right after the list index. Neither is a
+    field the client wrote, so both are left out; so is FastAPI's leading 'body'.
+    """
+    path: list[str] = []
+    previous: object = None
+    for item in loc:
+        is_tag = isinstance(previous, int) and item in _UNION_TAGS
+        is_label = isinstance(item, str) and ("[" in item or "-" in item or item in _TYPE_LABELS)
+        if item != "body" and not is_tag and not is_label:
+            path.append(str(item))
+        previous = item
+    return path
+
+
+_UNION_TAGS = frozenset({"system", "developer", "user", "assistant", "tool", "text", "image_url", "video_url"})
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "none"})

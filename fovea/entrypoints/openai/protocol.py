@@ -9,17 +9,43 @@ fovea's extras use vLLM's names: `top_k`, `min_p`, `repetition_penalty`, `ignore
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import annotated_types
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from fovea.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS
+from fovea.entrypoints.openai.messages import ChatMessageParam, message_dicts
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class OpenAIRequestModel(OpenAIModel):
+    """A request's part: JSON types as the schema states them (strict: `true` is no 1, "2" no 2.0), except that
+    an integral float is an integer, as in JSON Schema."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def Integer(**bounds: int) -> Any:
+    """A JSON integer within `bounds` (ge, le). The bounds go before the validator so that they reach the schema
+    as minimum / maximum, also inside unions (`Integer(ge=1) | None`)."""
+    return Annotated[int, annotated_types.Interval(**bounds), BeforeValidator(_integral)]
+
+
+Int = Integer()
+# marked so that the server's schema can give the served model's vocabulary as the maximum (openapi.py)
+TokenId = Annotated[Integer(ge=0), Field(json_schema_extra={"x-token-id": True})]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+_FLOAT32_MIN_NORMAL, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # SamplingParams' bounds
 
 
 class RequestError(ValueError):
@@ -33,33 +59,34 @@ class RequestError(ValueError):
 # ---- requests -----------------------------------------------------------------------------------------------
 
 
-class StreamOptions(OpenAIModel):
+class StreamOptions(OpenAIRequestModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIModel):
+class SamplingRequest(OpenAIRequestModel):
     """Fields /v1/chat/completions and /v1/completions share. OpenAI's defaults and ranges."""
 
     model: str | None = None  # None: the served model
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=128)
-    max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: Integer(ge=1, le=128) = 1
+    max_tokens: Integer(ge=1) | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    seed: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty or null",
+                                                 json_schema_extra={"maxProperties": 0})
     user: str | None = None
     # fovea's extras, vLLM's names and defaults
-    top_k: int = Field(0, ge=-1)
+    top_k: Integer(ge=-1) = 0
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=_FLOAT32_MIN_NORMAL, le=_FLOAT32_MAX)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[int] | None = None
+    min_tokens: Integer(ge=0) = 0
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -89,13 +116,20 @@ class SamplingRequest(OpenAIModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class ResponseFormat(OpenAIRequestModel):
+    # the schema names only what is served; the other two validate, to be refused with a message saying so
+    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})
+    json_schema: dict[str, Any] | None = None
+
+
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    max_completion_tokens: Integer(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: Integer(ge=0, le=20) | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty or null",
+                                               json_schema_extra={"maxItems": 0})
     # vLLM's extras for the template
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -106,7 +140,7 @@ class ChatCompletionRequest(SamplingRequest):
             raise RequestError("top_logprobs needs logprobs to be true", "top_logprobs")
         if self.tools:
             raise RequestError("tools are not supported by fovea", "tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
+        if self.response_format is not None and self.response_format.type != "text":
             raise RequestError("only response_format type 'text' is supported", "response_format")
         reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
         if reserved:
@@ -114,14 +148,20 @@ class ChatCompletionRequest(SamplingRequest):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
+    def message_dicts(self) -> list[dict[str, Any]]:
+        """The messages as plain dicts, what `build_chat_prompt` takes."""
+        return message_dicts(self.messages)
+
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: (NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    max_tokens: Integer(ge=1) | None = 16  # OpenAI's default for completions
+    logprobs: Integer(ge=0, le=20) | None = None
+    echo: bool = Field(False, description="not supported: must be false", json_schema_extra={"const": False})
+    suffix: str | None = Field(None, description="not supported: must be empty or null",
+                               json_schema_extra={"maxLength": 0})
+    best_of: Int | None = Field(None, description="only null or equal to n")
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string, or token ids."""

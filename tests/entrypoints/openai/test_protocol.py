@@ -27,7 +27,6 @@ def test_chat_request_maps_to_sampling_params():
 @pytest.mark.parametrize("fields, param", [
     ({"n": 2, "temperature": 0.0}, "n"),
     ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
-    ({"stop": [""]}, "stop"),
     ({"top_logprobs": 1}, "top_logprobs"),
     ({"logit_bias": {"1": 2.0}}, "logit_bias"),
     ({"tools": [{"type": "function"}]}, "tools"),
@@ -44,6 +43,9 @@ def test_range_checks_are_pydantic_errors_on_the_field():
     with pytest.raises(ValidationError) as info:
         p.ChatCompletionRequest(messages=MESSAGES, temperature=2.5)
     assert info.value.errors()[0]["loc"] == ("temperature",)
+    with pytest.raises(ValidationError) as info:  # the schema says a stop string is not empty
+        p.ChatCompletionRequest(messages=MESSAGES, stop=[""])
+    assert all(e["loc"][0] == "stop" for e in info.value.errors())
 
 
 def test_completion_prompts_and_defaults():
@@ -52,9 +54,13 @@ def test_completion_prompts_and_defaults():
     assert p.CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
     assert p.CompletionRequest(prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
     assert p.CompletionRequest(prompt="a").to_sampling_params().max_tokens == 16  # OpenAI's default
-    for empty in ("", [], [[]]):
-        with pytest.raises(p.RequestError):
-            p.CompletionRequest(prompt=empty).prompts()
+    for empty in ("", [], [[]], [""]):  # the schema says so: a 400 from validation
+        with pytest.raises(ValidationError):
+            p.CompletionRequest(prompt=empty)
+    for not_json_type in ([True], [1.5], "a".encode()):
+        with pytest.raises(ValidationError):
+            p.CompletionRequest(prompt=not_json_type)
+    assert p.CompletionRequest(prompt=[1.0, 2]).prompts() == [[1, 2]]  # JSON Schema's integer: 1.0 is one
 
 
 def test_logprob_shapes():
