@@ -46,7 +46,8 @@ _MAX_SHOWN_CHARS = 80
 RESERVED_TEMPLATE_KWARGS = frozenset({
     "chat_template", "conversation", "tokenize", "add_generation_prompt", "continue_final_message", "tools",
     "documents", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding", "truncation",
-    "max_length", "tokenizer_kwargs", "processor_kwargs",
+    "max_length", "tokenizer_kwargs", "processor_kwargs", "sanitize_control_tokens",
+    "self", "conversations", "messages",  # passed twice otherwise (to the method, the renderer, the template)
 })
 
 
@@ -175,6 +176,9 @@ def render_chat(
                                                  **dict(chat_template_kwargs or {}))
     except jinja2.TemplateError as e:
         raise ValueError(f"the chat template failed to render the messages: {e}") from e
+    except (TypeError, AttributeError, KeyError, IndexError, ArithmeticError) as e:
+        # Jinja lets Python's own errors through: a template iterating a value the client set to null
+        raise ValueError(f"the chat template failed to render the messages: {type(e).__name__}: {e}") from e
     if not isinstance(rendered, str):
         raise ValueError(f"the chat template rendered to {type(rendered).__name__}, not a str")
     return rendered
