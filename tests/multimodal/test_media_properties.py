@@ -163,8 +163,8 @@ def test_damaged_video_files_are_frames_or_a_value_error(data, max_frames, keep_
     check_video_item(lambda d: load_video(d), data_url(data, "video/mp4"))
 
     def probe(d):  # the server's header check, then the loader as the engine runs it
-        width, height, num_frames = probe_video(d)
-        assert width >= 0 and height >= 0 and num_frames >= 0
+        header = probe_video(d)
+        assert header.width >= 0 and header.height >= 0 and header.num_frames >= 0
         return load_video(check_video(d, SERVER_LIMITS))
 
     check_video_item(probe, data)
