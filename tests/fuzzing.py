@@ -10,7 +10,8 @@ marked slow). `FOVEA_FUZZ_EXAMPLES=<factor>` multiplies the slow count further, 
 
     FOVEA_FUZZ_EXAMPLES=10 .venv/bin/python -m pytest -q -m slow tests -k properties
 
-Hypothesis' example database is off in both: a test's result depends on its code only.
+Hypothesis' example database is off in both: a test's result depends on its code only. `test.property(profile,
+**fixtures)` runs one outside pytest (e.g. to count `hypothesis.event`s while tuning its strategies).
 """
 from __future__ import annotations
 
