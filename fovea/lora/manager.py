@@ -28,7 +28,7 @@ class LoRAManager:
                  dtype: torch.dtype):
         if not supports_lora(model):
             raise ValueError(f"{type(model).__name__} does not take LoRA adapters (enable_lora=True); fovea "
-                             f"serves LoRA on BLIP-2 (OPT), OPT, Llama, Mistral, Qwen2 and Qwen2.5-VL")
+                             f"serves LoRA on BLIP-2 (OPT), LLaVA, OPT, Llama, Mistral, Qwen2 and Qwen2.5-VL")
         self.model = model
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         self.dtype = dtype
