@@ -62,3 +62,27 @@ def test_adapter_on_the_vision_tower_is_refused(setup, tmp_path):
     with pytest.raises(ValueError, match=r"module 'vision_model\.encoder\.layers\.\d\.mlp\.fc1' is not one fovea "
                                          r"applies LoRA to; supported: the language model's q_proj"):
         llm.generate("a photo of", lora_request=LoRARequest("tower", 1, str(tower)), use_tqdm=False)
+
+
+def test_instructblip_takes_the_same_adapters_on_its_opt(tmp_path):
+    from tests.oracle.instructblip import build_tiny_instructblip
+    from tests.oracle.instructblip import hf_reference as instructblip_reference
+
+    base = build_tiny_instructblip(tmp_path / "base", seed=0)
+    adapter = make_peft_adapter(base, tmp_path / "lm", target_modules=LM + r"(self_attn\.(q_proj|out_proj)|fc2)",
+                                r=4, lora_alpha=8, seed=13)
+    merged = merged_checkpoint(base, adapter, tmp_path / "merged")
+    llm = LLM(str(base), dtype="float32", block_size=4, enable_lora=True)
+    lora = LoRARequest("lm", 1, str(adapter))
+    runs = [(prompt, img, m, on) for prompt, img, m in cases(2) for on in (True, False)]
+    outs = llm.generate([{"prompt": p, "multi_modal_data": {"image": img}} for p, img, _, _ in runs],
+                        [SamplingParams(temperature=0.0, max_tokens=m, logprobs=LOGPROBS, ignore_eos=True)
+                         for _, _, m, _ in runs],
+                        lora_request=[lora if on else None for *_, on in runs], use_tqdm=False)
+    for (prompt, img, max_tokens, on), out in zip(runs, outs):
+        ref_ids, ref_logprobs = instructblip_reference(merged if on else base, prompt, img, max_tokens)
+        assert out.outputs[0].token_ids == ref_ids, (prompt, on)
+        for step, (entry, ref) in enumerate(zip(out.outputs[0].logprobs, ref_logprobs)):
+            for token_id, lp in entry.items():
+                assert abs(lp.logprob - ref[token_id].item()) < 1e-4, (prompt, on, step, token_id)
+    assert any(a.outputs[0].token_ids != b.outputs[0].token_ids for a, b in zip(outs[0::2], outs[1::2]))
