@@ -124,7 +124,9 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
         "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias
     }
-    lora_layers_prefix = "language_model.model.decoder.layers."  # the OPT decoder only, never the ViT's fc1/fc2
+    # LoRA reaches the LM's decoder only, never the ViT's fc1/fc2; an LM other than OPT (InstructBLIP's Llama)
+    # replaces these with its own in __init__
+    lora_layers_prefix = "language_model.model.decoder.layers."
     lora_target_modules = OPT_LORA_TARGET_MODULES
     # transformers keeps these in float32 whatever the model dtype; a runner casting the model should too
     keep_in_fp32_modules = ("query_tokens", "qformer")
@@ -147,6 +149,8 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         self.qformer = self.qformer_class(config.qformer_config)
         self.language_projection = Linear(config.qformer_config.hidden_size, text_config.hidden_size)
         self.language_model = self.language_models[text_config.model_type](text_config)
+        self.lora_layers_prefix = "language_model." + self.language_model.lora_layers_prefix
+        self.lora_target_modules = self.language_model.lora_target_modules
         # OPT may embed narrower than its hidden size (word_embed_proj_dim); other LMs embed at it
         self.embed_dim = getattr(text_config, "word_embed_proj_dim", None) or text_config.hidden_size
         if self.embed_dim > text_config.hidden_size:

@@ -64,13 +64,16 @@ def test_adapter_on_the_vision_tower_is_refused(setup, tmp_path):
         llm.generate("a photo of", lora_request=LoRARequest("tower", 1, str(tower)), use_tqdm=False)
 
 
-def test_instructblip_takes_the_same_adapters_on_its_opt(tmp_path):
+@pytest.mark.parametrize("language_model, targets", [
+    ("opt", LM + r"(self_attn\.(q_proj|out_proj)|fc2)"),
+    ("llama", r"language_model\.model\.layers\.\d+\.(self_attn\.(q_proj|o_proj)|mlp\.(gate_proj|down_proj))"),
+])
+def test_instructblip_takes_adapters_on_its_opt_or_llama(tmp_path, language_model, targets):
     from tests.oracle.instructblip import build_tiny_instructblip
     from tests.oracle.instructblip import hf_reference as instructblip_reference
 
-    base = build_tiny_instructblip(tmp_path / "base", seed=0)
-    adapter = make_peft_adapter(base, tmp_path / "lm", target_modules=LM + r"(self_attn\.(q_proj|out_proj)|fc2)",
-                                r=4, lora_alpha=8, seed=13)
+    base = build_tiny_instructblip(tmp_path / "base", seed=0, language_model=language_model)
+    adapter = make_peft_adapter(base, tmp_path / "lm", target_modules=targets, r=4, lora_alpha=8, seed=13)
     merged = merged_checkpoint(base, adapter, tmp_path / "merged")
     llm = LLM(str(base), dtype="float32", block_size=4, enable_lora=True)
     lora = LoRARequest("lm", 1, str(adapter))
