@@ -39,8 +39,9 @@ MIN_SHARE_OK = 0.5  # of the positive requests to the generation routes: they re
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = Path(build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("fuzz_qwen"), seed=0))
-    # a short context: a request without max_tokens generates what the context leaves, so keep that small
-    proc = ServerProcess(model, "--max-model-len", "96", "--num-kv-blocks", "512",
+    # a short context: a request without max_tokens generates what the context leaves, so keep that small; a fixed
+    # served name, since the schema lists the names and a temporary path in it would change the derandomized examples
+    proc = ServerProcess(model, "--max-model-len", "96", "--num-kv-blocks", "512", "--served-model-name", "fuzz-qwen",
                          log_dir=tmp_path_factory.mktemp("fuzz_server_log"))
     proc.model_dir = model
     yield proc
