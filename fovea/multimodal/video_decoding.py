@@ -66,7 +66,10 @@ def read_video_header(data: bytes) -> VideoHeader:
         # the metadata transformers' PyAV reader takes: the header's frame count and average rate
         header = VideoHeader(stream.codec_context.width, stream.codec_context.height, stream.frames,
                              float(stream.average_rate) if stream.average_rate else None)
-    if not header.num_frames:  # Matroska / WebM headers give no count: count the packets (no decoding)
+    # Matroska / WebM headers give no count: count the packets (no decoding). So for a count the file cannot
+    # hold (every frame takes a non-empty packet, so at most one frame per byte): a damaged header claiming
+    # 400 M frames in 1 kB would otherwise size every frame list by the claim (7 GB, found by the fuzzer)
+    if not header.num_frames or header.num_frames > len(data):
         header = VideoHeader(header.width, header.height, len(_list_packets(data)), header.fps)
     return header
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import av
 import numpy as np
@@ -105,3 +106,19 @@ def test_fps_must_be_a_positive_number(fps):
 def test_frame_counts_must_be_positive_ints(name, value):
     with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
         Qwen2VLVideoProcessor(**{name: value})
+
+
+def test_a_header_claiming_more_frames_than_the_file_can_hold_is_not_believed():
+    """A 927-byte MP4 the fuzzer damaged (tests/multimodal/test_media_properties.py) whose header claims
+    402,653,186 frames: sizing the frame list by the claim took 7 GB and 7 s; the packets say 2."""
+    import resource
+
+    from fovea.multimodal.video_decoding import read_video_header
+
+    data = (Path(__file__).parent / "damaged_header_400m_frames.mp4").read_bytes()
+    before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    header = read_video_header(data)
+    assert (header.width, header.height, header.num_frames) == (16, 32, 2)
+    video = load_video(data)
+    assert video.frames.shape == (2, 32, 16, 3)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_kb < 200_000  # kB
