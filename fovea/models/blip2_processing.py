@@ -10,11 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from PIL import Image
 
 from fovea.multimodal.processors import BlipImageProcessor
-from fovea.multimodal.media import ACCEPTED_IMAGE_INPUTS, type_name
 from fovea.multimodal.processing import (
+    preprocess_images_or_embeds,
     BaseMultiModalProcessor,
     BaseProcessingInfo,
     MultiModalFieldConfig,
@@ -70,31 +69,9 @@ class Blip2MultiModalProcessor(BaseMultiModalProcessor):
     info: Blip2ProcessingInfo
 
     def _preprocess(self, mm_items: Mapping[str, list[Any]], mm_kwargs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        images = mm_items.get("image", [])
-        for item in images:  # the input processor has decoded every image; what is left is embeddings or wrong
-            if not isinstance(item, (Image.Image, torch.Tensor)):
-                given = f"a dict with keys {sorted(map(str, item))}" if isinstance(item, Mapping) else type_name(item)
-                raise ValueError(f"BLIP-2 cannot take {given} as an image; pass an image ({ACCEPTED_IMAGE_INPUTS}), "
-                                 f"or precomputed image_embeds as a torch.Tensor of shape "
-                                 f"{list(self.info.get_embed_shape())} (num_query_tokens, text hidden size)")
-        pixels = [im for im in images if not isinstance(im, torch.Tensor)]
-        embeds = [im for im in images if isinstance(im, torch.Tensor)]
-        if pixels and embeds:
-            raise ValueError("one prompt cannot mix images and pre-computed image_embeds")
-        if embeds:
-            return {"image_embeds": torch.stack([self._check_embeds(e) for e in embeds])}
-        return self.info.image_processor(pixels)
-
-    def _check_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
-        expected = self.info.get_embed_shape()
-        if embeds.dim() == 3 and embeds.shape[0] == 1:
-            embeds = embeds[0]
-        if tuple(embeds.shape) != expected:
-            raise ValueError(
-                f"image_embeds has shape {tuple(embeds.shape)}; BLIP-2 expects {expected} per image "
-                f"(num_query_tokens, text hidden size), optionally with a leading batch dimension of 1"
-            )
-        return embeds
+        return preprocess_images_or_embeds(mm_items.get("image", []), self.info.image_processor, model="BLIP-2",
+                                           embed_shape=self.info.get_embed_shape(),
+                                           embed_dims="num_query_tokens, text hidden size")
 
     def _get_mm_fields_config(self, processed, mm_kwargs) -> dict[str, MultiModalFieldConfig]:
         return {"pixel_values": MultiModalFieldConfig.batched("image"),

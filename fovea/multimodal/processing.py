@@ -253,6 +253,38 @@ class MultiModalInputs:
     mm_features: list[MultiModalFeature]
 
 
+def preprocess_images_or_embeds(images: list[Any], image_processor: Callable[[list[Any]], dict[str, torch.Tensor]],
+                                *, model: str, embed_shape: tuple[int, ...], embed_dims: str) -> dict[str, torch.Tensor]:
+    """`pixel_values` of decoded images, or `image_embeds` [N, *embed_shape] when the prompt's items are pre-computed
+    embeddings (each `embed_shape`, or with a leading batch dimension of 1); `embed_dims` names the shape's
+    dimensions in the errors (BLIP-2: "num_query_tokens, text hidden size")."""
+    from PIL import Image
+
+    from fovea.multimodal.media import ACCEPTED_IMAGE_INPUTS, type_name
+
+    for item in images:  # the input processor has decoded every image; what is left is embeddings or wrong
+        if not isinstance(item, (Image.Image, torch.Tensor)):
+            given = f"a dict with keys {sorted(map(str, item))}" if isinstance(item, Mapping) else type_name(item)
+            raise ValueError(f"{model} cannot take {given} as an image; pass an image ({ACCEPTED_IMAGE_INPUTS}), "
+                             f"or precomputed image_embeds as a torch.Tensor of shape {list(embed_shape)} "
+                             f"({embed_dims})")
+    embeds = [im for im in images if isinstance(im, torch.Tensor)]
+    if not embeds:
+        return image_processor(images)
+    if len(embeds) != len(images):
+        raise ValueError("one prompt cannot mix images and pre-computed image_embeds")
+    checked = []
+    for e in embeds:
+        if e.dim() == len(embed_shape) + 1 and e.shape[0] == 1:
+            e = e[0]
+        if tuple(e.shape) != tuple(embed_shape) or not e.is_floating_point():
+            raise ValueError(f"image_embeds has shape {tuple(e.shape)} ({e.dtype}); {model} expects floats of shape "
+                             f"{tuple(embed_shape)} per image ({embed_dims}), optionally with a leading batch "
+                             f"dimension of 1")
+        checked.append(e)
+    return {"image_embeds": torch.stack(checked)}
+
+
 class BaseMultiModalProcessor(ABC):
     def __init__(self, info: BaseProcessingInfo, dummy_inputs: Any = None):
         self.info = info

@@ -18,6 +18,7 @@ from fovea.multimodal.processors.transforms import (
     convert_to_rgb,
     parse_resample,
     per_channel,
+    apply_value_table,
     pil_value_table,
 )
 
@@ -119,15 +120,7 @@ class CLIPImageProcessor:
         if not images:
             raise ValueError("no images to process")
         pixels = [self._cropped_rgb(image) for image in images]  # each (H, W, 3) uint8
-        if len({p.shape for p in pixels}) > 1:
-            raise ValueError(f"images differ in size after processing (do_center_crop is off), so they cannot form "
-                             f"one batch: {[p.shape[:2] for p in pixels]}")
-        batch = np.stack(pixels)  # (N, H, W, 3)
-        num_images, height, width, _ = batch.shape
-        pixel_values = np.empty((num_images, 3, height, width), dtype=np.float32)
-        for channel in range(3):
-            np.take(self._value_table[channel], batch[..., channel], out=pixel_values[:, channel], mode="clip")
-        return {"pixel_values": torch.from_numpy(pixel_values)}
+        return {"pixel_values": apply_value_table(pixels, self._value_table, "after processing (do_center_crop is off)")}
 
     def _cropped_rgb(self, image: Image.Image) -> np.ndarray:
         if self.do_convert_rgb:

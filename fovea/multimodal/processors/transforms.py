@@ -10,6 +10,7 @@ import numbers
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,6 +43,20 @@ def pil_value_table(do_rescale: bool, rescale_factor: float | None, do_normalize
         std = np.asarray(image_std, dtype=np.float32)[:, None]
         table = (table - mean) / std
     return np.ascontiguousarray(table, dtype=np.float32)
+
+
+def apply_value_table(pixels: list[np.ndarray], value_table: np.ndarray, why_sizes_differ: str) -> torch.Tensor:
+    """`pixel_values` [N, 3, H, W] float32 of same-sized (H, W, 3) uint8 images through a (3, 256) `pil_value_table`;
+    `why_sizes_differ` says, in the error, which option let the sizes differ."""
+    if len({p.shape for p in pixels}) > 1:
+        raise ValueError(f"images differ in size {why_sizes_differ}, so they cannot form one batch: "
+                         f"{[p.shape[:2] for p in pixels]}")
+    batch = np.stack(pixels)  # (N, H, W, 3) uint8
+    num_images, height, width, _ = batch.shape
+    pixel_values = np.empty((num_images, 3, height, width), dtype=np.float32)
+    for channel in range(3):
+        np.take(value_table[channel], batch[..., channel], out=pixel_values[:, channel], mode="clip")
+    return torch.from_numpy(pixel_values)
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
