@@ -40,6 +40,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.view(shape)
 
 
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate only the first cos.shape[-1] features of each head (partial rotary, Persimmon's
+    `partial_rotary_factor`); the rest pass through. x [N, H, D]; cos, sin [N, R] with R <= D, in x's dtype."""
+    rotary_dim = cos.shape[-1]
+    rotated = x[..., :rotary_dim] * cos[:, None] + rotate_half(x[..., :rotary_dim]) * sin[:, None]
+    return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
 def apply_rotary_packed(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Rotate the first `num_heads` heads of each packed row (q heads, then k heads; v after them is left
     alone). qkv [N, width]; cos, sin [N, head_dim]. Returns qkv rotated, in place when the fused CPU kernel

@@ -9,6 +9,7 @@ differently, so the two transformers backends do not agree with each other.
     configs.py          reading a checkpoint's processor config files
     blip.py             BlipImageProcessor (BLIP, BLIP-2, InstructBLIP)
     clip.py             CLIPImageProcessor (CLIP, LLaVA-1.5)
+    fuyu.py             FuyuImageProcessor (Fuyu: resize to fit, pad, cut into patches)
     qwen2_vl_base.py    smart_resize and the options Qwen2-VL's image and video processors share
     qwen2_vl_image.py   Qwen2VLImageProcessor
     qwen2_vl_video.py   Qwen2VLVideoProcessor
@@ -19,19 +20,21 @@ import os
 
 from fovea.multimodal.processors.blip import BlipImageProcessor
 from fovea.multimodal.processors.clip import CLIPImageProcessor
+from fovea.multimodal.processors.fuyu import FuyuImageProcessor
 from fovea.multimodal.processors.configs import read_image_processor_config, read_video_processor_config
 from fovea.multimodal.processors.qwen2_vl_base import smart_resize
 from fovea.multimodal.processors.qwen2_vl_image import Qwen2VLImageProcessor
 from fovea.multimodal.processors.qwen2_vl_video import Qwen2VLVideoProcessor
 from fovea.multimodal.processors.transforms import check_fps, convert_to_rgb
 
-__all__ = ["BlipImageProcessor", "CLIPImageProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor", "check_fps", "convert_to_rgb",
+__all__ = ["BlipImageProcessor", "CLIPImageProcessor", "FuyuImageProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor", "check_fps", "convert_to_rgb",
            "get_image_processor", "get_video_processor", "read_image_processor_config",
            "read_video_processor_config", "smart_resize"]
 
 # image_processor_type (without transformers' "Pil"/"Fast" backend suffix) -> fovea's processor
 _IMAGE_PROCESSORS: dict[str, type] = {"BlipImageProcessor": BlipImageProcessor,
                                       "CLIPImageProcessor": CLIPImageProcessor,
+                                      "FuyuImageProcessor": FuyuImageProcessor,
                                       "Qwen2VLImageProcessor": Qwen2VLImageProcessor}
 
 
