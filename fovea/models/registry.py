@@ -8,11 +8,13 @@ from torch import nn
 # architecture -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
     "Blip2ForConditionalGeneration": ("fovea.models.blip2", "Blip2ForConditionalGeneration"),
+    "FuyuForCausalLM": ("fovea.models.fuyu", "FuyuForCausalLM"),
     "InstructBlipForConditionalGeneration": ("fovea.models.instructblip", "InstructBlipForConditionalGeneration"),
     "LlamaForCausalLM": ("fovea.models.llama", "LlamaForCausalLM"),
     "LlavaForConditionalGeneration": ("fovea.models.llava", "LlavaForConditionalGeneration"),
     "MistralForCausalLM": ("fovea.models.llama", "MistralForCausalLM"),
     "OPTForCausalLM": ("fovea.models.opt", "OPTForCausalLM"),
+    "PersimmonForCausalLM": ("fovea.models.persimmon", "PersimmonForCausalLM"),
     "Qwen2_5_VLForConditionalGeneration": ("fovea.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "Qwen2ForCausalLM": ("fovea.models.qwen2", "Qwen2ForCausalLM"),
 }

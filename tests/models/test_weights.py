@@ -108,10 +108,11 @@ def test_pickled_weights_are_refused(ckpt, tmp_path):
 
 
 def test_unknown_architecture_lists_supported():
-    with pytest.raises(ValueError, match=r"FuyuForCausalLM.*Blip2ForConditionalGeneration"):
-        resolve_model_class(["FuyuForCausalLM"])
+    with pytest.raises(ValueError, match=r"BartForConditionalGeneration.*Blip2ForConditionalGeneration"):
+        resolve_model_class(["BartForConditionalGeneration"])
     assert resolve_model_class(["Foo", "Blip2ForConditionalGeneration"]) is Blip2ForConditionalGeneration
     assert set(supported_architectures()) == {"Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration",
+                                             "FuyuForCausalLM", "PersimmonForCausalLM",
                                              "LlamaForCausalLM", "LlavaForConditionalGeneration", "MistralForCausalLM",
                                              "OPTForCausalLM", "Qwen2_5_VLForConditionalGeneration", "Qwen2ForCausalLM"}
 

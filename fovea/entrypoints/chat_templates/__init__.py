@@ -1,6 +1,6 @@
 """Which chat template a model is chatted with: the one given, else the checkpoint's, else fovea's fallback.
 
-Some architectures' checkpoints ship no chat template (BLIP-2, InstructBLIP), so their chat would be refused; as
+Some architectures' checkpoints ship no chat template (BLIP-2, InstructBLIP, Fuyu), so their chat would be refused; as
 vLLM does, fovea ships a fallback template for each such model type (the .jinja files next to this module, keyed
 by config.json's `model_type`). A fallback is used only when nothing better is there:
 
@@ -31,6 +31,7 @@ class FallbackTemplate:
 
 FALLBACK_TEMPLATES: dict[str, FallbackTemplate] = {
     "blip-2": FallbackTemplate("template_blip2.jinja", "<bos>Question: {text} Answer:"),  # BLIP-2's VQA prompt
+    "fuyu": FallbackTemplate("template_fuyu.jinja", "{text}\\n"),  # each turn's text on its own line
     "instructblip": FallbackTemplate("template_instructblip.jinja", "<bos>{text}"),  # the instruction as written
 }
 """config.json `model_type` -> fovea's fallback template."""
