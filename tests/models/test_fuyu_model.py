@@ -169,3 +169,23 @@ def test_memory_profile_uses_the_largest_image(ckpt):
     assert feature.data["image_grid"].tolist() == [[5, 7]]  # size 150 x 210: 5 rows of 7 patches
     assert tuple(feature.data["pixel_values"].shape) == (35, 2700)
     assert feature.length == 5 * 8 + 1 and feature.num_embeds == 35
+
+
+def test_real_size_token_counts_and_pixels_equal_transformers():
+    """At transformers' defaults (adept/fuyu-8b's: at most 1080 x 1920, 30 x 30 patches): the placeholder count
+    equals `FuyuProcessor._get_num_multimodal_tokens` (patches plus a newline per row), and a large image's patches
+    equal `FuyuImageProcessorPil`'s."""
+    from tests.oracle.fuyu import build_fuyu_tokenizer
+
+    reference = transformers.FuyuImageProcessorPil()
+    counter = transformers.FuyuProcessor(image_processor=reference, tokenizer=build_fuyu_tokenizer())
+    ours = FuyuImageProcessor()
+    for height, width in [(1080, 1920), (2000, 1300), (1081, 1920), (47, 95), (5000, 31), (700, 4000)]:
+        rows, cols = ours.grid_size(height, width)
+        expected = counter._get_num_multimodal_tokens(image_sizes=[(height, width)])["num_image_tokens"][0]
+        assert rows * (cols + 1) == expected, (height, width)
+    assert ours.grid_size(1080, 1920) == (36, 64)  # the worst case memory profiling uses: 2,340 placeholders
+    image = make_image(11, (1300, 2000))  # (width, height): shrunk to 702 x 1080
+    out = ours([image])
+    assert out["image_grid"].tolist() == [[36, 24]]
+    assert torch.equal(out["pixel_values"], torch.from_numpy(transformers_patches(reference, image)))
