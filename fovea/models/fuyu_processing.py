@@ -140,7 +140,7 @@ class FuyuMultiModalProcessor(BaseMultiModalProcessor):
         if num_stray:
             raise ValueError(f"the prompt holds {num_stray} {IMAGE_TOKEN} image token(s) (id {ids[IMAGE_TOKEN]}) that "
                              f"no image fills; Fuyu puts the image in front of the prompt itself: leave "
-                             f"{IMAGE_TOKEN} out of the prompt and pass the image (at most one) in multi_modal_data")
+                             f"{IMAGE_TOKEN} out of the prompt and give the image itself (at most one per prompt)")
         inputs = super().apply(token_ids, mm_items, mm_hashes, mm_kwargs)
         inputs.prompt = prompt if isinstance(prompt, str) else None
         return inputs
