@@ -10,6 +10,7 @@ differently, so the two transformers backends do not agree with each other.
     blip.py             BlipImageProcessor (BLIP, BLIP-2, InstructBLIP)
     clip.py             CLIPImageProcessor (CLIP, LLaVA-1.5)
     fuyu.py             FuyuImageProcessor (Fuyu: resize to fit, pad, cut into patches)
+    llava_next.py       LlavaNextImageProcessor (LLaVA-NeXT: CLIP's steps on the base image and anyres tiles)
     qwen2_vl_base.py    smart_resize and the options Qwen2-VL's image and video processors share
     qwen2_vl_image.py   Qwen2VLImageProcessor
     qwen2_vl_video.py   Qwen2VLVideoProcessor
@@ -22,12 +23,14 @@ from fovea.multimodal.processors.blip import BlipImageProcessor
 from fovea.multimodal.processors.clip import CLIPImageProcessor
 from fovea.multimodal.processors.fuyu import FuyuImageProcessor
 from fovea.multimodal.processors.configs import read_image_processor_config, read_video_processor_config
+from fovea.multimodal.processors.llava_next import LlavaNextImageProcessor
 from fovea.multimodal.processors.qwen2_vl_base import smart_resize
 from fovea.multimodal.processors.qwen2_vl_image import Qwen2VLImageProcessor
 from fovea.multimodal.processors.qwen2_vl_video import Qwen2VLVideoProcessor
 from fovea.multimodal.processors.transforms import check_fps, convert_to_rgb
 
-__all__ = ["BlipImageProcessor", "CLIPImageProcessor", "FuyuImageProcessor", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor", "check_fps", "convert_to_rgb",
+__all__ = ["BlipImageProcessor", "CLIPImageProcessor", "FuyuImageProcessor", "LlavaNextImageProcessor",
+           "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor", "check_fps", "convert_to_rgb",
            "get_image_processor", "get_video_processor", "read_image_processor_config",
            "read_video_processor_config", "smart_resize"]
 
@@ -35,6 +38,7 @@ __all__ = ["BlipImageProcessor", "CLIPImageProcessor", "FuyuImageProcessor", "Qw
 _IMAGE_PROCESSORS: dict[str, type] = {"BlipImageProcessor": BlipImageProcessor,
                                       "CLIPImageProcessor": CLIPImageProcessor,
                                       "FuyuImageProcessor": FuyuImageProcessor,
+                                      "LlavaNextImageProcessor": LlavaNextImageProcessor,
                                       "Qwen2VLImageProcessor": Qwen2VLImageProcessor}
 
 
