@@ -101,5 +101,9 @@ class LlavaMultiModalProcessor(BaseMultiModalProcessor):
             raise ValueError(f"the prompt holds {num_tokens - num_placeholders} image token(s) "
                              f"(id {token_id}) that no image fills; with {num_images} image(s) given, put exactly "
                              f"one image token per image in the prompt (fovea expands it to "
-                             f"{self.info.get_num_image_tokens()} placeholders)")
+                             f"{self._expansion()})")
         return inputs
+
+    def _expansion(self) -> str:
+        """How many placeholders one image token becomes, for the error above."""
+        return f"{self.info.get_num_image_tokens()} placeholders"

@@ -12,6 +12,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "InstructBlipForConditionalGeneration": ("fovea.models.instructblip", "InstructBlipForConditionalGeneration"),
     "LlamaForCausalLM": ("fovea.models.llama", "LlamaForCausalLM"),
     "LlavaForConditionalGeneration": ("fovea.models.llava", "LlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("fovea.models.llava_next", "LlavaNextForConditionalGeneration"),
     "MistralForCausalLM": ("fovea.models.llama", "MistralForCausalLM"),
     "OPTForCausalLM": ("fovea.models.opt", "OPTForCausalLM"),
     "PersimmonForCausalLM": ("fovea.models.persimmon", "PersimmonForCausalLM"),

@@ -254,10 +254,15 @@ class MultiModalInputs:
 
 
 def preprocess_images_or_embeds(images: list[Any], image_processor: Callable[[list[Any]], dict[str, torch.Tensor]],
-                                *, model: str, embed_shape: tuple[int, ...], embed_dims: str) -> dict[str, torch.Tensor]:
+                                *, model: str, embed_shape: tuple[int | None, ...], embed_dims: str
+                                ) -> dict[str, torch.Tensor]:
     """`pixel_values` of decoded images, or `image_embeds` [N, *embed_shape] when the prompt's items are pre-computed
     embeddings (each `embed_shape`, or with a leading batch dimension of 1); `embed_dims` names the shape's
-    dimensions in the errors (BLIP-2: "num_query_tokens, text hidden size")."""
+    dimensions in the errors (BLIP-2: "num_query_tokens, text hidden size").
+
+    A leading None in `embed_shape` lets each item have its own number of rows (LLaVA-NeXT: one per placeholder,
+    which depends on the image's size): the items are then concatenated, `image_embeds` [sum of rows, ...], and
+    `num_image_tokens` [N] (int64) says how many rows each one has."""
     from PIL import Image
 
     from fovea.multimodal.media import ACCEPTED_IMAGE_INPUTS, type_name
@@ -277,11 +282,15 @@ def preprocess_images_or_embeds(images: list[Any], image_processor: Callable[[li
     for e in embeds:
         if e.dim() == len(embed_shape) + 1 and e.shape[0] == 1:
             e = e[0]
-        if tuple(e.shape) != tuple(embed_shape) or not e.is_floating_point():
+        fits = e.dim() == len(embed_shape) and all(want is None or got == want
+                                                     for got, want in zip(e.shape, embed_shape))
+        if not fits or not e.is_floating_point() or e.shape[0] == 0:
+            shown = "(" + ", ".join("any" if d is None else str(d) for d in embed_shape) + ")"
             raise ValueError(f"image_embeds has shape {tuple(e.shape)} ({e.dtype}); {model} expects floats of shape "
-                             f"{tuple(embed_shape)} per image ({embed_dims}), optionally with a leading batch "
-                             f"dimension of 1")
+                             f"{shown} per image ({embed_dims}), optionally with a leading batch dimension of 1")
         checked.append(e)
+    if embed_shape[0] is None:
+        return {"image_embeds": torch.cat(checked), "num_image_tokens": torch.tensor([len(e) for e in checked])}
     return {"image_embeds": torch.stack(checked)}
 
 

@@ -15,7 +15,8 @@ import torch
 
 from fovea import LLM, SamplingParams
 from tests.e2e.blip2_cases import make_image
-from tests.oracle.llava import build_tiny_llava, hf_image_embeds, hf_reference, llava_prompt
+from tests.oracle import llava as llava_oracle
+from tests.oracle.llava import build_tiny_llava, hf_reference, llava_prompt
 
 LOGPROBS = 3
 ATOL = 1e-4
@@ -58,19 +59,21 @@ def ckpt_variant(tmp_path_factory):
         text_kwargs=dict(mistral=True, sliding_window=4096, tie_word_embeddings=True)))
 
 
-def prompt_dict(model_dir: str, case: Case) -> dict:
+def prompt_dict(model_dir: str, case: Case, oracle=llava_oracle) -> dict:
     if not case.images:
         return {"prompt": case.prompt}
-    images = [hf_image_embeds(model_dir, im) for im in case.images] if case.as_embeds else case.images
+    images = [oracle.hf_image_embeds(model_dir, im) for im in case.images] if case.as_embeds else case.images
     return {"prompt": case.prompt, "multi_modal_data": {"image": images}}
 
 
-def run(llm: LLM, model_dir: str, batch: list[Case]) -> list:
+def run(llm: LLM, model_dir: str, batch: list[Case], oracle=llava_oracle) -> list:
+    """`batch` through `llm.generate` at once, each output checked against `oracle`'s (a tests.oracle module's)
+    transformers reference: prompt ids, greedy ids, logprobs within ATOL."""
     params = [SamplingParams(temperature=0.0, max_tokens=c.max_tokens, logprobs=LOGPROBS, ignore_eos=True)
               for c in batch]
-    outs = llm.generate([prompt_dict(model_dir, c) for c in batch], params, use_tqdm=False)
+    outs = llm.generate([prompt_dict(model_dir, c, oracle) for c in batch], params, use_tqdm=False)
     for case, out in zip(batch, outs):
-        ref_prompt, ref_ids, ref_logprobs = hf_reference(model_dir, case.prompt, case.images, case.max_tokens)
+        ref_prompt, ref_ids, ref_logprobs = oracle.hf_reference(model_dir, case.prompt, case.images, case.max_tokens)
         assert out.prompt_token_ids == ref_prompt, f"{case.name}: prompt ids"
         got = out.outputs[0]
         assert got.token_ids == ref_ids, case.name

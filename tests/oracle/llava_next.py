@@ -41,6 +41,7 @@ def build_tiny_llava_next(
     init_gain: float = 1.5,
     text_kwargs: dict | None = None,
     qwen2: bool = False,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,7 @@ def build_tiny_llava_next(
         multimodal_projector_bias=multimodal_projector_bias,
         image_grid_pinpoints=pinpoints,
         image_seq_length=(image_size // patch_size) ** 2,
+        tie_word_embeddings=tie_word_embeddings,  # what transformers ties by, not text_config's flag
     )
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()

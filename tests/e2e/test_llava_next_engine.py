@@ -1,0 +1,130 @@
+"""fovea's engine against transformers' LlavaNextForConditionalGeneration (CLIP + anyres + Llama) on tiny random
+checkpoints (tests/oracle/llava_next.py: 24-pixel tiles of 16 features, 1x2 / 2x1 / 2x2 / 3x1 / 1x3 grids).
+
+One mixed batch goes through `LLM.generate` with 16-token prefill chunks (every image's 36-88 placeholders are
+split) and KV room for about two requests (so requests are preempted and recomputed): images of odd sizes and
+aspect ratios on four different tile grids, two images in one prompt, text only, and pre-computed `image_embeds`.
+Greedy ids equal transformers' batch-size-1 `generate` on its own `LlavaNextProcessor`'s inputs, logprobs within
+1e-4 of its raw logits (float32). Then prefix caching on the same image, bfloat16, chat, the errors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fovea import LLM, SamplingParams
+from tests.e2e.blip2_cases import make_image
+from tests.e2e.test_llava_engine import LOGPROBS, Case, prompt_dict, run
+from tests.oracle import llava_next as oracle
+from tests.oracle.llava import llava_prompt
+from tests.oracle.llava_next import build_tiny_llava_next, hf_reference
+
+
+def cases() -> list[Case]:
+    return [
+        Case("2x2 grid, unpadded rows", llava_prompt("What is in this image?"), [make_image(1, (64, 48))], 10),
+        Case("3x1 and 2x2", llava_prompt("Which one is bigger?", 2), [make_image(2, (17, 95)),
+                                                                      make_image(3, (200, 121))], 7),
+        Case("text only", "USER: Hello world! Write a short caption for this photo. ASSISTANT:", [], 9),
+        Case("tiny, 1x2", llava_prompt("Describe the image in detail."), [make_image(4, (8, 5))], 12),
+        Case("embeds", llava_prompt("Where is the dog?"), [make_image(5, (75, 61))], 6, as_embeds=True),
+        Case("1x3, image last", "USER: Describe it in one long sentence, please.\n<image> ASSISTANT:",
+             [make_image(6, (95, 17))], 8),
+    ]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return str(build_tiny_llava_next(tmp_path_factory.mktemp("llava_next"), seed=0))
+
+
+def test_mixed_batch_chunked_preempted_and_cached(ckpt):
+    # 16-token steps split every image; 64 blocks of 4 hold about two requests at a time
+    llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256, max_num_batched_tokens=16,
+              num_kv_blocks=64)
+    info = llm.llm_engine.processor.info
+    batch = cases()
+    grids = {info.tile_grid((im.height, im.width)) for c in batch for im in c.images}
+    assert grids == {(2, 2), (3, 1), (1, 2), (1, 3)}
+    outs = run(llm, ckpt, batch, oracle)
+    assert len({tuple(o.outputs[0].token_ids) for o in outs}) == len(batch)  # not degenerate
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    # prefix caching: the same image and text is a hit past the image; with another image of the same size only
+    # the text blocks before it are shared
+    first = Case("cache first", llava_prompt("What colour is the car?"), [make_image(7, (41, 40))], 6)
+    other = Case("cache other", first.prompt, [make_image(8, (41, 40))], 6)
+    run(llm, ckpt, [first], oracle)
+    out = run(llm, ckpt, [other], oracle)[0]
+    assert out.num_cached_tokens <= out.prompt_token_ids.index(info.get_image_token_id())
+    again = run(llm, ckpt, [first], oracle)[0]
+    assert again.num_cached_tokens >= len(again.prompt_token_ids) - 4
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "mistral, layer list"])
+def test_other_language_models_and_feature_layers(tmp_path, variant):
+    """A Qwen2 LM with tied embeddings; a Mistral LM whose text config says tied but LLaVA-NeXT's does not (so
+    transformers does not tie them), a list of feature layers (one negative), exact GELU in the
+    tower, no projector bias, and pinpoints with a one-tile grid and a 1x4 one."""
+    if variant == "qwen2":  # and lm_head tied by the top-level config (transformers' rule)
+        model_dir = str(build_tiny_llava_next(tmp_path, seed=3, qwen2=True, tie_word_embeddings=True))
+    else:
+        model_dir = str(build_tiny_llava_next(
+            tmp_path, seed=1, vision_feature_layer=[1, -1], vision_act="gelu", multimodal_projector_bias=False,
+            image_grid_pinpoints=[[24, 24], [24, 96], [48, 48]],
+            text_kwargs=dict(mistral=True, sliding_window=4096, tie_word_embeddings=True)))
+    llm = LLM(model_dir, dtype="float32", block_size=4, max_model_len=256, max_num_batched_tokens=24)
+    run(llm, model_dir, [c for c in cases() if c.name in ("2x2 grid, unpadded rows", "3x1 and 2x2", "text only",
+                                                          "embeds", "1x3, image last")], oracle)
+
+
+def test_bfloat16_stays_as_close_to_float32_as_transformers_bfloat16(ckpt):
+    # as LLaVA-1.5's test: fovea's bfloat16 first-step logprobs no further from transformers' float32 than
+    # transformers' own bfloat16 (up to a factor for the summation orders)
+    batch = [c for c in cases() if c.name in ("2x2 grid, unpadded rows", "3x1 and 2x2", "text only")]
+    llm = LLM(ckpt, dtype="bfloat16", block_size=4, max_model_len=256)
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=LOGPROBS, ignore_eos=True)
+    outs = llm.generate([prompt_dict(ckpt, c, oracle) for c in batch], params, use_tqdm=False)
+    for case, out in zip(batch, outs):
+        _, _, (exact,) = hf_reference(ckpt, case.prompt, case.images, 1)
+        _, _, (hf_bf16,) = hf_reference(ckpt, case.prompt, case.images, 1, dtype=torch.bfloat16)
+        entry = out.outputs[0].logprobs[0]
+        ours = max(abs(entry[t].logprob - exact[t].item()) for t in entry)
+        theirs = max(abs(hf_bf16[t].item() - exact[t].item()) for t in entry)
+        assert ours <= 3 * theirs + 0.02, f"{case.name}: fovea bf16 off by {ours:.3f}, transformers bf16 {theirs:.3f}"
+
+
+def test_chat_uses_the_checkpoint_template(ckpt):
+    llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256)
+    img = make_image(9, (90, 70))
+    messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": img},
+                                             {"type": "text", "text": "What is in this image?"}]}]
+    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert out.prompt == "<s>" + llava_prompt("What is in this image?")
+    ref_prompt, ref_ids, _ = hf_reference(ckpt, llava_prompt("What is in this image?"), [img], 8)
+    assert out.prompt_token_ids == ref_prompt
+    assert out.outputs[0].token_ids == ref_ids
+
+
+@pytest.mark.parametrize("prompt,num_images,match", [
+    (llava_prompt("two placeholders", 2), 1, r"more image placeholders than the 1 image item"),
+    ("USER: no placeholder ASSISTANT:", 1, r"0 image placeholder\(s\) but 1 image item"),
+    (llava_prompt("a placeholder but no image"), 0, r"holds 1 image token\(s\) \(id \d+\) that no image fills"),
+])
+def test_placeholders_must_match_images(ckpt, prompt, num_images, match):
+    llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256)
+    images = [make_image(i, (20, 30)) for i in range(num_images)]
+    request = {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
+    with pytest.raises(ValueError, match=match):
+        llm.generate(request, SamplingParams(max_tokens=2), use_tqdm=False)
+    # the engine is unharmed: a good request in the same batch as a bad one still runs
+    good = {"prompt": llava_prompt("ok"), "multi_modal_data": {"image": make_image(0, (20, 30))}}
+    out = llm.generate(good, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+
+
+def test_bad_image_embeds_are_named(ckpt):
+    llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256)
+    for bad in (torch.zeros(24, 63), torch.zeros(0, 64), torch.zeros(2, 3, 64)):
+        with pytest.raises(ValueError, match=r"image_embeds has shape .*expects floats of shape \(any, 64\)"):
+            llm.generate({"prompt": llava_prompt("x"), "multi_modal_data": {"image": bad}},
+                         SamplingParams(max_tokens=2), use_tqdm=False)
