@@ -88,6 +88,8 @@ class LlavaNextImageProcessor(CLIPImageProcessor):
     def from_dict(cls, config: dict[str, Any]) -> LlavaNextImageProcessor:
         options = dict(config)
         options.pop("do_pad", None)  # pads the batch's tile counts: no value changes (module docstring)
+        # llava-hf's LLaVA-1.6 configs say "anyres" here; transformers reads no such option and always tiles
+        options.pop("aspect_ratio_setting", None)
         pinpoints = options.pop("image_grid_pinpoints", DEFAULT_PINPOINTS)
         clip_options = CLIPImageProcessor.from_dict(options).to_dict()  # checked and canonical
         clip_options.pop("image_processor_type")

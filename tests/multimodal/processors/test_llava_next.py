@@ -72,6 +72,9 @@ def test_loaded_from_a_saved_processor(tmp_path):
     (expected,), _ = oracle([image], options)
     assert torch.equal(processor([image])["pixel_values"], expected)
     assert LlavaNextImageProcessor.from_dict(processor.to_dict()).to_dict() == processor.to_dict()
+    # llava-hf's released LLaVA-1.6 configs carry an option transformers does not read
+    released = dict(processor.to_dict(), aspect_ratio_setting="anyres", do_pad=True)
+    assert LlavaNextImageProcessor.from_dict(released).to_dict() == processor.to_dict()
 
 
 def test_bad_pinpoints_are_named():
