@@ -18,6 +18,7 @@ from tests.oracle import blip2 as blip2_oracle
 from tests.oracle import qwen2_5_vl as qwen_oracle
 from tests.oracle.compressed_tensors import quantize_checkpoint, token_rows_for_2d_inputs
 from tests.oracle.llava import build_tiny_llava
+from tests.oracle.llava_next import build_tiny_llava_next
 
 KL_BOUND = 0.05
 """KL(float32 || int8) of the first step's next-token distribution. Measured on these tiny checkpoints over 6
@@ -54,7 +55,8 @@ def checkpoints(tmp_path_factory):
     return {"qwen2": qwen_oracle.build_tiny_qwen2(root / "qwen2", seed=3, tie_word_embeddings=False),
             "qwen2_5_vl": qwen_oracle.build_tiny_qwen2_5_vl(root / "qwen2_5_vl"),
             "blip2": blip2_oracle.build_tiny_blip2(root / "blip2"),
-            "llava": build_tiny_llava(root / "llava")}
+            "llava": build_tiny_llava(root / "llava"),
+            "llava_next": build_tiny_llava_next(root / "llava_next")}
 
 
 def load(model_dir, **options) -> torch.nn.Module:
@@ -78,7 +80,7 @@ def methods(model) -> dict[str, str]:
     return {name: m.method.name for name, m in model.named_modules() if isinstance(m, LinearBase)}
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2", "llava"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2", "llava", "llava_next"])
 def test_int8_at_load_quantizes_the_language_model_only(checkpoints, name):
     model = load(checkpoints[name], quantization="int8")
     lm, head = model.language_model_modules[0] + ".", model.lm_head_module
@@ -91,7 +93,7 @@ def test_int8_at_load_quantizes_the_language_model_only(checkpoints, name):
     assert methods(with_head)[head] == "int8"
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2", "llava"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_5_vl", "blip2", "llava", "llava_next"])
 def test_int8_at_load_stays_close_to_float32(checkpoints, name):
     base, int8 = load(checkpoints[name]), load(checkpoints[name], quantization="int8")
     for ids in PROMPTS:

@@ -113,7 +113,8 @@ def test_unknown_architecture_lists_supported():
     assert resolve_model_class(["Foo", "Blip2ForConditionalGeneration"]) is Blip2ForConditionalGeneration
     assert set(supported_architectures()) == {"Blip2ForConditionalGeneration", "InstructBlipForConditionalGeneration",
                                              "FuyuForCausalLM", "PersimmonForCausalLM",
-                                             "LlamaForCausalLM", "LlavaForConditionalGeneration", "MistralForCausalLM",
+                                             "LlamaForCausalLM", "LlavaForConditionalGeneration",
+                                             "LlavaNextForConditionalGeneration", "MistralForCausalLM",
                                              "OPTForCausalLM", "Qwen2_5_VLForConditionalGeneration", "Qwen2ForCausalLM"}
 
 
