@@ -128,3 +128,17 @@ def test_bad_image_embeds_are_named(ckpt):
         with pytest.raises(ValueError, match=r"image_embeds has shape .*expects floats of shape \(any, 64\)"):
             llm.generate({"prompt": llava_prompt("x"), "multi_modal_data": {"image": bad}},
                          SamplingParams(max_tokens=2), use_tqdm=False)
+
+
+def test_real_tile_size_in_chunks(tmp_path):
+    """llava-hf's LLaVA-1.6 image geometry (336-pixel tiles, 14-pixel patches, default pinpoints; narrow tower, tiny
+    LM): a 2,928-placeholder image (672 x 672, 2x2 tiles) and a 3x1 one prefilled in 512-token chunks, exact."""
+    model_dir = str(build_tiny_llava_next(
+        tmp_path, seed=5, image_size=336, patch_size=14,
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        text_kwargs=dict(max_position_embeddings=4096)))
+    llm = LLM(model_dir, dtype="float32", block_size=16, max_model_len=4096, max_num_batched_tokens=512)
+    batch = [Case("672 x 672", llava_prompt("What is in this image?"), [make_image(11, (672, 672))], 5),
+             Case("3x1, tall", llava_prompt("Describe it."), [make_image(12, (250, 900))], 5)]
+    outs = run(llm, model_dir, batch, oracle)
+    assert outs[0].prompt_token_ids.count(llm.llm_engine.processor.info.get_image_token_id()) == 2928

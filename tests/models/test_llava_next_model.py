@@ -121,3 +121,24 @@ def test_refusals_are_named(ckpt, tmp_path):
     (tmp_path / "processor_config.json").write_text(json.dumps(processor_config))
     with pytest.raises(ValueError, match=r"image_grid_pinpoints \[\[24, 48\], \[48, 24\]\] differ from the model"):
         fovea_processor(tmp_path).info.image_processor
+
+
+def test_real_tile_size_counts_and_features_equal_transformers(tmp_path):
+    """llava-hf's LLaVA-1.6 image geometry (336-pixel tiles of 14-pixel patches, its default pinpoints; a narrow
+    tower): placeholder counts equal LlavaNextProcessor's over many sizes, up to 2,928 for a 672 x 672 image, and
+    the packed features of a few large images equal transformers'."""
+    ckpt = build_tiny_llava_next(tmp_path, seed=4, image_size=336, patch_size=14,
+                                 image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+    processor, hf = fovea_processor(ckpt), hf_processor(str(ckpt))
+    info = processor.info
+    sizes = [(h, w) for h in (1, 57, 300, 336, 480, 672, 799, 1008, 1500, 4000) for w in (1, 90, 336, 640, 673, 2000)]
+    for height, width in sizes:
+        expected = hf._get_num_multimodal_tokens(image_sizes=[(height, width)])["num_image_tokens"][0]
+        assert info.get_num_image_tokens((height, width)) == expected, (height, width)
+    assert info.get_image_size_with_most_features() == (672, 672) and info.get_num_image_tokens() == 2928
+    model = fovea_model(ckpt)
+    images = [make_image(1, (1000, 700)), make_image(2, (300, 1200)), make_image(3, (2000, 500))]
+    with torch.no_grad():
+        ours = model.embed_multimodal(**info.image_processor(images))
+    for image, got in zip(images, ours):
+        torch.testing.assert_close(got, hf_image_embeds(ckpt, image), rtol=0, atol=1e-5)
