@@ -42,6 +42,9 @@ class AttentionGroup:
     fresh_range: tuple[int, int] | None = None
     """(first token, count) when the group is one request's whole context (no cached prefix): its keys are
     its own scheduled tokens, so attention is plain causal SDPA over them, with no gather from the cache."""
+    query_positions: torch.Tensor | None = None
+    """[B, max_q] long, the absolute position of each query row in its request (padding rows run past the
+    context): what a relative position bias (T5) is computed from."""
 
 
 @dataclass(slots=True)
@@ -50,6 +53,9 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
     num_tokens: int
     block_size: int
+    # encoder-decoder models: the same step's cross-attention over each request's encoder K/V blocks
+    # (fovea.layers.cross_attention); None for decoder-only models
+    cross: AttentionMetadata | None = None
 
 
 @dataclass(slots=True)
@@ -118,17 +124,17 @@ def _group(rows: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Ten
     # one request's whole context (no cached prefix): causal over its own tokens, no mask needed
     fresh = (int(start[0]), max_q) if num_reqs == 1 and max_q > 1 and int(ctx_len[0]) == max_q else None
     mask = None
+    # query row r sits at absolute position ctx_len - q_len + r and sees keys up to it
+    limit = (ctx_len - q_len)[:, None] + q_rows[None, :]  # [B, max_q]
     if fresh is None and (max_q > 1 or bool((ctx_len != max_blocks * block_size).any())):
-        # query row r sits at absolute position ctx_len - q_len + r and sees keys up to it
         key_pos = torch.arange(max_blocks * block_size)
-        limit = (ctx_len - q_len)[:, None] + q_rows[None, :]  # [B, max_q]
         mask = key_pos[None, None, :] <= limit[:, :, None]
         mask[:, :, 0] |= ~is_real  # padding rows attend to something so SDPA stays finite
         mask = mask.unsqueeze(1)
     flat_rows = (torch.arange(num_reqs)[:, None] * max_q + q_rows[None, :])[is_real]
     return AttentionGroup(q_index=q_index, block_table=block_table, mask=mask, out_index=flat_rows,
                           token_index=q_index[is_real], context_lens=ctx_len, is_decode=max_q == 1,
-                          fresh_range=fresh)
+                          fresh_range=fresh, query_positions=limit)
 
 
 def build_attention_metadata(
@@ -180,6 +186,11 @@ class Attention(nn.Module):
     sequence) -> [B, L, num_heads*head_dim]; nothing is cached.
     Paged decode groups run fovea's C++ kernel (`fovea.kernels.paged_decode`) when `use_kernel` and the
     kernels run here, else gather + SDPA.
+
+    `attn_bias` (T5's relative position bias): additive float scores that already hold the causal mask
+    (-inf where a key may not be seen); paged, one [B, num_heads, max_q, max_blocks * block_size] tensor per
+    group of the step's metadata; dense, one [B or 1, num_heads, L, L] tensor. Such a layer always gathers
+    and runs SDPA (the decode kernel takes no bias).
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int | None = None,
@@ -192,11 +203,16 @@ class Attention(nn.Module):
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.use_kernel = use_kernel
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_bias: list[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
         meta = get_attention_metadata()
         if not isinstance(meta, AttentionMetadata):
             if meta is None and self.kv_cache is not None:  # a serving model run outside its step's context
                 raise RuntimeError("a layer with a bound KV cache runs inside fovea.layers.attention.forward_context")
+            if attn_bias is not None:
+                if meta is not None and meta.mask is not None:
+                    raise ValueError("a padded dense batch with a position bias: fold the padding into the bias")
+                return self._forward_dense(q, k, v, attn_bias)
             return self._forward_dense(q, k, v, None if meta is None else meta.mask)
         if self.kv_cache is None:
             raise RuntimeError("KV cache not bound to this attention layer")
@@ -209,6 +225,10 @@ class Attention(nn.Module):
         bs = meta.block_size
         k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
         v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        if attn_bias is not None:
+            for g, bias in zip(meta.groups, attn_bias, strict=True):
+                out[g.token_index] = self._attend_blocks(q, g, k_blocks, v_blocks, bias.to(q.dtype))
+            return out
         for g in meta.groups:
             num_reqs = g.block_table.shape[0]
             if g.is_decode and self.use_kernel and kernels.is_available():
@@ -230,16 +250,21 @@ class Attention(nn.Module):
                 )  # (1, nh, n, hs)
                 out[lo:lo + n] = og[0].transpose(0, 1).reshape(n, -1)
                 continue
-            qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)
-            # whole blocks at a time: one contiguous copy per block instead of one per token
-            kg = k_blocks[g.block_table].view(num_reqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            vg = v_blocks[g.block_table].view(num_reqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
-            )  # (B, nh, max_q, hs)
-            og = og.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
-            out[g.token_index] = og[g.out_index]
+            out[g.token_index] = self._attend_blocks(q, g, k_blocks, v_blocks, g.mask)
         return out
+
+    def _attend_blocks(self, q: torch.Tensor, g: AttentionGroup, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                       mask: torch.Tensor | None) -> torch.Tensor:
+        """The group's real query rows [n, num_heads * head_dim], attending over its gathered blocks."""
+        num_reqs = g.block_table.shape[0]
+        qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)
+        # whole blocks at a time: one contiguous copy per block instead of one per token
+        kg = k_blocks[g.block_table].view(num_reqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        vg = v_blocks[g.block_table].view(num_reqs, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        og = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=mask, scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, nh, max_q, hs)
+        return og.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)[g.out_index]
 
     def _forward_dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:
@@ -247,6 +272,8 @@ class Attention(nn.Module):
         q4 = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, L, hs)
         k4 = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hs)
         v4 = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q4.dtype)
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                              enable_gqa=self.num_kv_heads != self.num_heads)  # (B, nh, L, hs)
         return out.transpose(1, 2).reshape(*q.shape[:-1], self.num_heads * self.head_dim)

@@ -95,3 +95,30 @@ class SupportsQuant(ABC):
 def supports_quant(model: type | object) -> bool:
     cls = model if isinstance(model, type) else type(model)
     return issubclass(cls, SupportsQuant)
+
+
+class SupportsEncoderDecoder(ABC):
+    """A language model with an encoder that reads the prompt and a decoder that generates (T5).
+
+    `encode(inputs_embeds [B, L, d], lengths)` runs the encoder once over whole prompts (the prompt's embeddings
+    from `embed_input_ids`, multimodal rows merged); `store_cross_kv(encoder_states [M, d], slot_mapping [M])`
+    writes each decoder layer's cross-attention keys/values into the request's cross blocks; `forward` is the
+    decoder over the step's flat batch, which starts from `decoder_start_token_id`. A multimodal model whose
+    language model is one (BLIP-2 with Flan-T5) has these by delegation; the engine asks
+    `is_encoder_decoder(hf_config)`, since the same class may run a decoder-only LM.
+    """
+
+    supports_encoder_decoder: ClassVar[Literal[True]] = True
+    decoder_start_token_id: int
+
+    @abstractmethod
+    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor: ...
+
+    @abstractmethod
+    def store_cross_kv(self, encoder_states: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
+
+
+def is_encoder_decoder(hf_config: Any) -> bool:
+    """Whether the checkpoint's language model is an encoder-decoder (T5, or BLIP-2 / InstructBLIP over Flan-T5)."""
+    text_config = getattr(hf_config, "text_config", None) or hf_config
+    return bool(getattr(text_config, "is_encoder_decoder", False))

@@ -18,6 +18,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "PersimmonForCausalLM": ("fovea.models.persimmon", "PersimmonForCausalLM"),
     "Qwen2_5_VLForConditionalGeneration": ("fovea.models.qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
     "Qwen2ForCausalLM": ("fovea.models.qwen2", "Qwen2ForCausalLM"),
+    "T5ForConditionalGeneration": ("fovea.models.t5", "T5ForConditionalGeneration"),
 }
 
 

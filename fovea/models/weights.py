@@ -7,6 +7,8 @@ A model says how checkpoint names map onto its parameters with two class-level h
   name has the segment `q_proj` goes to the same name with `qkv_proj` in its place, as shard `"q_proj"`.
 - `rename_checkpoint_weight(name) -> str | None` (optional): applied first; None means the tensor is
   deliberately not loaded (e.g. `lm_head.weight` when it is tied to the input embedding).
+- `adapt_to_checkpoint(tensor_names)` (optional): called once with the file's tensor names before loading, for
+  a structure the config does not decide (T5 ties `lm_head` to the token table only if the file has none).
 
 Parameters may carry a `weight_loader` (see `fovea.layers.linear`); the default copies the whole tensor.
 Every tensor must land in exactly one place and every parameter must be filled, with exactly matching
@@ -61,6 +63,15 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
             f"safetensors is required (convert with `save_pretrained(..., safe_serialization=True)`)"
         )
     raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}")
+
+
+def checkpoint_tensor_names(model_dir: str | Path) -> set[str]:
+    """Every tensor name of the checkpoint (headers only, no tensor read)."""
+    names: set[str] = set()
+    for path in safetensors_files(model_dir):
+        with SafetensorsFile(path) as f:
+            names.update(f.keys())
+    return names
 
 
 def map_checkpoint_name(model: nn.Module, name: str) -> WeightTarget | None:
@@ -190,6 +201,9 @@ def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dty
     decided before loading (`fovea.models.quantization`). Returns the model and how many of its linear layers
     run a packed or int8 method."""
     model = build_model(model_cls, hf_config, dtype)
+    adapt = getattr(model, "adapt_to_checkpoint", None)
+    if adapt is not None:  # e.g. T5: an lm_head of its own, or the token table's, as the file has it
+        adapt(checkpoint_tensor_names(model_dir))
     config_dict = json.loads((Path(model_dir) / "config.json").read_text())
     prepare_quantization(model, config_dict, model_dir, quantization, quantize_lm_head)
     owners = parameter_owners(model)

@@ -115,7 +115,8 @@ def test_unknown_architecture_lists_supported():
                                              "FuyuForCausalLM", "PersimmonForCausalLM",
                                              "LlamaForCausalLM", "LlavaForConditionalGeneration",
                                              "LlavaNextForConditionalGeneration", "MistralForCausalLM",
-                                             "OPTForCausalLM", "Qwen2_5_VLForConditionalGeneration", "Qwen2ForCausalLM"}
+                                             "OPTForCausalLM", "Qwen2_5_VLForConditionalGeneration", "Qwen2ForCausalLM",
+                                             "T5ForConditionalGeneration"}
 
 
 def test_separate_q_and_v_bias_fill_the_fused_vision_bias(ckpt, tmp_path):
