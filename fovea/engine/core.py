@@ -24,6 +24,7 @@ from fovea.engine.input_processor import profile_mm_features
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
 from fovea.lora.request import LoRARequest
+from fovea.models.interfaces import is_encoder_decoder
 from fovea.multimodal.processing import BaseMultiModalProcessor
 from fovea.worker.model_runner import ModelRunner
 
@@ -49,7 +50,9 @@ class EngineCore:
                 f"without chunked prefill a whole prompt must fit in one step"
             )
         largest_item = max(max_tokens_per_item.values(), default=0)
-        encoder_budget = config.max_num_encoder_input_tokens or max(max_batched, largest_item)
+        # an encoder-decoder's whole encoder prompt (and its image) is encoded in the step that admits it
+        default_budget = max_model_len + largest_item if is_encoder_decoder(hf_config) else largest_item
+        encoder_budget = config.max_num_encoder_input_tokens or max(max_batched, default_budget)
 
         self.runner = ModelRunner(config, hf_config, model_cls)
         needs_profile = config.num_kv_blocks is None and config.kv_cache_memory_bytes is None

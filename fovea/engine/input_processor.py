@@ -40,7 +40,8 @@ _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_
 class InputProcessor:
     def __init__(self, *, tokenizer: Any, processor: BaseMultiModalProcessor | None, max_model_len: int,
                  vocab_size: int, mm_limits: Mapping[str, int], mm_processor_kwargs: Mapping[str, Any] | None,
-                 eos_token_id: int | None, mrope_positions: MRoPEPositionsFn | None = None):
+                 eos_token_id: int | None, mrope_positions: MRoPEPositionsFn | None = None,
+                 decoder_start_token_id: int | None = None):
         self.tokenizer = tokenizer
         self.processor = processor
         self.max_model_len = max_model_len
@@ -49,6 +50,8 @@ class InputProcessor:
         self.mm_processor_kwargs = dict(mm_processor_kwargs or {})
         self.eos_token_id = eos_token_id
         self.mrope_positions = mrope_positions
+        # encoder-decoder models: the prompt is the encoder's; the decoder starts from this one token
+        self.decoder_start_token_id = decoder_start_token_id
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams, arrival_index: int = 0) -> Request:
         """The request for `prompt`, ready for the scheduler; ValueError naming what is wrong otherwise.
@@ -66,13 +69,17 @@ class InputProcessor:
             if token_ids is None:
                 token_ids = list(self.tokenizer(text).input_ids)
             features = []
+        encoder_ids = None
+        if self.decoder_start_token_id is not None:
+            encoder_ids, token_ids = token_ids, [self.decoder_start_token_id]
+            self._check_tokens(encoder_ids, params, is_encoder=True)
         self._check_tokens(token_ids, params)
         if params.max_tokens is None:
             params = params.clone()
             params.max_tokens = self.max_model_len - len(token_ids)
         request = Request(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                           eos_token_id=self.eos_token_id, mm_features=features, prompt=text,
-                          arrival_index=arrival_index)
+                          arrival_index=arrival_index, encoder_prompt_token_ids=encoder_ids)
         if self.mrope_positions is not None:
             request.mrope_positions, request.mrope_position_delta = self.mrope_positions(token_ids, features)
         return request
@@ -125,12 +132,17 @@ class InputProcessor:
             return loader(item, kwargs) if loader is not None else load_video(item)
         raise ValueError(f"modality {modality!r} has no loader; fovea loads 'image' and 'video'")
 
-    def _check_tokens(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _check_tokens(self, token_ids: list[int], params: SamplingParams, is_encoder: bool = False) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty")
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id(s) {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        if is_encoder:  # the encoder's prompt has its own limit; max_tokens counts against the decoder's
+            if len(token_ids) > self.max_model_len:
+                raise ValueError(f"the prompt ({len(token_ids)} tokens, image placeholders included) is over "
+                                 f"max_model_len={self.max_model_len}, the encoder's limit")
+            return
         num_prompt = len(token_ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - num_prompt
         if num_prompt + max_tokens > self.max_model_len:

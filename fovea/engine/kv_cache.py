@@ -198,6 +198,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.block_pool = BlockPool(num_blocks)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # encoder-decoder requests: blocks holding the encoder output's cross-attention K/V, taken at admission
+        # with the first decoder blocks and kept until finish or preemption; never prefix-cached
+        self.req_to_cross_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # leading blocks of the request already registered
         # prefix-cache counters, in tokens: queried = all tokens of admitted requests, hits = tokens served
         self.prefix_cache_queries = 0
@@ -216,8 +219,8 @@ class KVCacheManager:
 
         Never the whole request: the last token is always recomputed to get its logits. Pure lookup, no ref taken.
         """
-        if not self.enable_prefix_caching:
-            return [], 0
+        if not self.enable_prefix_caching or request.encoder_prompt_token_ids is not None:
+            return [], 0  # encoder-decoder: the decoder's KV depends on the encoder input, which no hash holds
         hashes = update_block_hashes(request, self.block_size)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hits = []
@@ -229,13 +232,16 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(
-        self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None
+        self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None,
+        num_cross_tokens: int = 0,
     ) -> list[KVCacheBlock] | None:
         """Make room for `num_new_tokens` after the request's computed tokens (and after `new_computed_blocks`).
 
         `new_computed_blocks` is the prefix hit from `get_computed_blocks`, passed once, when the request is
         admitted (it then has no blocks and `num_computed_tokens == 0`); the lookup is counted in the hit-rate
         counters then, so a request stuck at the head of the queue is not counted every step.
+        `num_cross_tokens` (encoder-decoder admission): also take the request's cross blocks for that many
+        encoder positions, all or nothing together with the decoder's (`get_cross_block_ids`).
         Returns the newly taken blocks, or None (and changes nothing) if the free queue is too short.
         """
         if num_new_tokens < 1:
@@ -249,8 +255,13 @@ class KVCacheManager:
         num_new_blocks = max(0, num_required - len(blocks) - len(computed))
         # idle hit blocks leave the free queue when touched, so they cannot also serve as new blocks
         num_idle_hits = sum(1 for b in computed if b.ref_cnt == 0)
-        if num_new_blocks > self.block_pool.num_free_blocks - num_idle_hits:
+        num_cross_blocks = _cdiv(num_cross_tokens, self.block_size)
+        if num_cross_blocks and request.request_id in self.req_to_cross_blocks:
+            raise ValueError(f"request {request.request_id}: cross blocks are taken once, at admission")
+        if num_new_blocks + num_cross_blocks > self.block_pool.num_free_blocks - num_idle_hits:
             return None
+        if num_cross_blocks:
+            self.req_to_cross_blocks[request.request_id] = self.block_pool.get_new_blocks(num_cross_blocks)
 
         if new_computed_blocks is not None and self.enable_prefix_caching:
             self.prefix_cache_queries += request.num_tokens
@@ -267,7 +278,8 @@ class KVCacheManager:
 
     def cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register the request's full blocks among its first `num_tokens` tokens (prompt or generated)."""
-        if not self.enable_prefix_caching or request.request_id not in self.req_to_blocks:
+        if (not self.enable_prefix_caching or request.request_id not in self.req_to_blocks
+                or request.encoder_prompt_token_ids is not None):
             return
         first = self.num_cached_blocks[request.request_id]
         num_full_blocks = num_tokens // self.block_size
@@ -285,6 +297,7 @@ class KVCacheManager:
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
         self.block_pool.free_blocks(reversed(blocks))
+        self.block_pool.free_blocks(reversed(self.req_to_cross_blocks.pop(request.request_id, [])))
 
     def uncache_blocks(self, request: Request, num_valid_tokens: int) -> None:
         """Forget the hashes of the request's blocks past its first `num_valid_tokens` tokens: they were
@@ -299,6 +312,9 @@ class KVCacheManager:
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    def get_cross_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_cross_blocks.get(request_id, ())]
 
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()

@@ -19,7 +19,7 @@ from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
 from fovea.layers.rotary import context_scaling_factor
 from fovea.lora.request import LoRARequest
-from fovea.models.interfaces import supports_mrope, supports_multimodal
+from fovea.models.interfaces import is_encoder_decoder, supports_mrope, supports_multimodal
 from fovea.models.llama import sliding_window_of
 from fovea.models.registry import resolve_model_class
 from fovea.multimodal.processing import InputProcessingContext
@@ -60,11 +60,14 @@ class LLMEngine:
             mm_processor_kwargs=config.mm_processor_kwargs, eos_token_id=eos,
             mrope_positions=functools.partial(model_cls.get_mrope_input_positions, self.hf_config)
             if supports_mrope(model_cls) else None,
+            decoder_start_token_id=text_config.decoder_start_token_id if is_encoder_decoder(self.hf_config) else None,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self._arrivals = itertools.count()
 
     def _resolve_max_model_len(self, text_config) -> int:
+        if is_encoder_decoder(self.hf_config):
+            return self._encoder_decoder_max_model_len()
         limit = getattr(text_config, "max_position_embeddings", None)
         if limit is not None:  # linear / dynamic RoPE scaling stretch the context by their factor (as vLLM)
             limit = int(limit * context_scaling_factor(text_config))
@@ -80,6 +83,16 @@ class LLMEngine:
             raise ValueError(f"max_model_len={wanted} exceeds the checkpoint's sliding_window={window}; fovea does "
                              f"not implement sliding-window attention, so max_model_len must be at most {window}")
         return wanted
+
+    def _encoder_decoder_max_model_len(self) -> int:
+        """T5's positions are relative, so no config limit exists: `max_model_len` as given, else the tokenizer's
+        `model_max_length` (512 for Flan-T5), else 512 (what T5 was trained with). It bounds the encoder's prompt
+        (image placeholders included) and, separately, the decoder's tokens (start token + outputs)."""
+        if self.config.max_model_len:
+            return self.config.max_model_len
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
+        # transformers puts a huge sentinel (int(1e30)) there when the tokenizer names no limit
+        return int(tokenizer_limit) if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000 else 512
 
     @property
     def scheduler(self):

@@ -40,6 +40,7 @@ def fan_out(request: Request) -> list[Request]:
             sampling_params=child_params, eos_token_id=request.eos_token_id, mm_features=request.mm_features,
             prompt=request.prompt, arrival_index=request.arrival_index, mrope_positions=request.mrope_positions,
             mrope_position_delta=request.mrope_position_delta, lora_request=request.lora_request,
+            encoder_prompt_token_ids=request.encoder_prompt_token_ids,
         ))
     return children
 
@@ -84,7 +85,11 @@ class OutputProcessor:
 
     def add_request(self, request: Request, sequences: list[Request]) -> None:
         """Track `request`, which runs as `sequences` (see `fan_out`)."""
-        parent = _ParentState(request.request_id, request.prompt, request.prompt_token_ids)
+        # an encoder-decoder's output reports the prompt the user gave (the encoder's); its text continues the
+        # decoder's own prompt, so that stays the detokenizer's context
+        shown_ids = request.encoder_prompt_token_ids if request.encoder_prompt_token_ids is not None \
+            else request.prompt_token_ids
+        parent = _ParentState(request.request_id, request.prompt, shown_ids)
         for index, seq in enumerate(sequences):
             params = seq.sampling_params
             child = _CompletionState(

@@ -66,6 +66,9 @@ class Request:
     mrope_positions: Any = None
     mrope_position_delta: int = 0
     lora_request: Any = None  # fovea.lora.request.LoRARequest, or None for the base model
+    # Encoder-decoder models (T5): the encoder's prompt (multimodal placeholders and `mm_features` offsets are
+    # in it); `prompt_token_ids` is then the decoder's prompt, [decoder_start_token_id]. None: decoder-only.
+    encoder_prompt_token_ids: list[int] | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -82,6 +85,10 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        return len(self.encoder_prompt_token_ids) if self.encoder_prompt_token_ids is not None else 0
 
     @property
     def num_tokens(self) -> int:

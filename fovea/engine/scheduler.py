@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fovea.engine.encoder_cache import EncoderCacheManager
+from fovea.engine.encoder_decoder import check_encoder_prompt, plan_encoder_prompt
 from fovea.engine.kv_cache import KVCacheManager
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -158,6 +159,10 @@ class Scheduler:
                 f"{self.kv_cache_manager.num_usable_blocks}; raise num_blocks or lower max_tokens / max_model_len"
             )
         encoder_limit = min(cfg.max_num_encoder_input_tokens, cfg.encoder_cache_size)
+        if request.encoder_prompt_token_ids is not None:
+            check_encoder_prompt(request, cfg.max_num_encoder_input_tokens, cfg.encoder_cache_size,
+                                 cfg.block_size, num_blocks, self.kv_cache_manager.num_usable_blocks)
+            num_prompt = request.num_encoder_tokens  # the placeholders are in the encoder's prompt
         end, per_hash = 0, {}
         for f in request.mm_features:
             if f.offset < end or f.length < 1 or f.offset + f.length > num_prompt:
@@ -253,6 +258,7 @@ class Scheduler:
             cached.resumed_from_preemption.append(False)
             cached.new_block_ids.append([b.block_id for b in new_blocks])
             cached.num_computed_tokens.append(request.num_computed_tokens)
+            cached.new_cross_block_ids.append([])
             self._commit(out, request, num_new, to_encode, to_share)
             encoder_budget -= sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
             token_budget -= num_new
@@ -270,10 +276,15 @@ class Scheduler:
             if not cfg.enable_chunked_prefill and num_new < num_remaining:
                 break
             num_new, to_encode, to_share = self._plan_encoder(request, num_computed, num_new, encoder_budget)
+            encoder_cost = 0
+            if request.encoder_prompt_token_ids is not None:  # its encoder runs in the step that admits it
+                encoder_cost, to_encode, to_share = plan_encoder_prompt(self.encoder_cache_manager, request,
+                                                                        encoder_budget)
+                num_new = num_new if encoder_cost else 0
             if (
                 num_new == 0
                 or (not cfg.enable_chunked_prefill and num_new < num_remaining)
-                or kv.allocate_slots(request, num_new, computed_blocks) is None
+                or kv.allocate_slots(request, num_new, computed_blocks, request.num_encoder_tokens) is None
             ):
                 self.encoder_cache_manager.free(request)  # references taken while planning
                 break
@@ -287,6 +298,8 @@ class Scheduler:
                     mm_features=request.mm_features, mrope_positions=request.mrope_positions,
                     mrope_position_delta=request.mrope_position_delta, block_ids=block_ids,
                     num_computed_tokens=num_computed, lora_request=request.lora_request,
+                    encoder_prompt_token_ids=request.encoder_prompt_token_ids,
+                    cross_block_ids=kv.get_cross_block_ids(request.request_id),
                 ))
             else:  # back from preemption: the runner still holds its tokens, its blocks are all new
                 cached = out.scheduled_cached_reqs
@@ -294,11 +307,14 @@ class Scheduler:
                 cached.resumed_from_preemption.append(True)
                 cached.new_block_ids.append(block_ids)
                 cached.num_computed_tokens.append(num_computed)
+                cached.new_cross_block_ids.append(kv.get_cross_block_ids(request.request_id))
+            if request.encoder_prompt_token_ids is not None:
+                out.scheduled_encoder_prompts.append(request.request_id)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_computed
             self.running.append(request)
             self._commit(out, request, num_new, to_encode, to_share)
-            encoder_budget -= sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
+            encoder_budget -= encoder_cost or sum(request.mm_features[i].num_encoder_tokens for i in to_encode)
             token_budget -= num_new
 
         self.waiting.extendleft(reversed(passed_over))
@@ -324,8 +340,8 @@ class Scheduler:
         preemption later in this step cannot free them under us."""
         to_encode: list[int] = []
         to_share: list[int] = []
-        if not request.mm_features:
-            return num_new, to_encode, to_share
+        if not request.mm_features or request.encoder_prompt_token_ids is not None:
+            return num_new, to_encode, to_share  # an encoder-decoder's items go with its encoder prompt
         encoder_cache = self.encoder_cache_manager
         end = num_computed + num_new
         planned_hashes: set[str] = set()
@@ -382,7 +398,9 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None:
                 continue  # finished from outside after schedule()
-            if request.mm_features:
+            if request.encoder_prompt_token_ids is not None:
+                self.encoder_cache_manager.free(request)  # its items were merged into the encoder's input
+            elif request.mm_features:
                 self._free_computed_encoder_inputs(request)
             if request.num_computed_tokens < request.num_tokens:
                 continue

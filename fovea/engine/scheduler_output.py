@@ -31,6 +31,8 @@ class NewRequestData:
     block_ids: list[int]  # the whole block table after this step's allocation
     num_computed_tokens: int  # before this step: the prefix-cache hit, in tokens
     lora_request: Any = None  # fovea.lora.request.LoRARequest the request runs with; None: the base model
+    encoder_prompt_token_ids: list[int] | None = None  # encoder-decoder models: the encoder's prompt
+    cross_block_ids: list[int] = field(default_factory=list)  # its cross-attention K/V blocks (whole table)
 
 
 @dataclass(slots=True)
@@ -43,6 +45,8 @@ class CachedRequestData:
     resumed_from_preemption: list[bool] = field(default_factory=list)
     new_block_ids: list[list[int]] = field(default_factory=list)  # blocks appended this step (or the whole table)
     num_computed_tokens: list[int] = field(default_factory=list)  # before this step
+    # encoder-decoder models, resumed requests: their new cross blocks (the encoder runs again); else []
+    new_cross_block_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def num_reqs(self) -> int:
@@ -64,3 +68,6 @@ class SchedulerOutput:
     preempted_request_ids: list[str]  # the runner keeps their state: they come back as resumed cached requests
     finished_request_ids: list[str]  # finished or aborted since the last schedule(): drop their state
     freed_mm_hashes: list[str]  # encoder outputs the runner may delete (before encoding this step's inputs)
+    # encoder-decoder models: requests whose encoder runs this step (admitted, or resumed after preemption),
+    # before the decoder, its output's K/V written into the request's cross blocks
+    scheduled_encoder_prompts: list[str] = field(default_factory=list)

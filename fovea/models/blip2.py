@@ -23,6 +23,7 @@ from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiMod
 from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.models.interfaces import SupportsLoRA, SupportsMultiModal, SupportsQuant
 from fovea.models.opt import OPT_LORA_TARGET_MODULES, OPTForCausalLM
+from fovea.models.t5 import T5ForConditionalGeneration
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
     language_model_modules = ("language_model.model",)  # OPT's decoder; not vision_model, qformer, projection
     lm_head_module = "language_model.lm_head"
     qformer_class: type[nn.Module] = Blip2QFormerModel  # InstructBLIP's reads the instruction too
-    language_models: dict[str, type[nn.Module]] = {"opt": OPTForCausalLM}  # text_config.model_type -> class
+    # text_config.model_type -> class; T5 (blip2-flan-t5-*) is an encoder-decoder: the image rows and the prompt
+    # go to its encoder, the decoder generates from decoder_start_token_id (fovea.engine.encoder_decoder)
+    language_models: dict[str, type[nn.Module]] = {"opt": OPTForCausalLM, "t5": T5ForConditionalGeneration}
 
     def __init__(self, config: Blip2Config):
         super().__init__()
@@ -149,8 +152,13 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         self.qformer = self.qformer_class(config.qformer_config)
         self.language_projection = Linear(config.qformer_config.hidden_size, text_config.hidden_size)
         self.language_model = self.language_models[text_config.model_type](text_config)
-        self.lora_layers_prefix = "language_model." + self.language_model.lora_layers_prefix
-        self.lora_target_modules = self.language_model.lora_target_modules
+        if isinstance(self.language_model, SupportsLoRA):
+            self.lora_layers_prefix = "language_model." + self.language_model.lora_layers_prefix
+            self.lora_target_modules = self.language_model.lora_target_modules
+        else:  # T5: fovea has no LoRA for it yet, so no adapter may name a layer
+            self.lora_layers_prefix, self.lora_target_modules = "language_model.<none>.", ()
+        self.keep_in_fp32_modules = self.keep_in_fp32_modules + tuple(
+            "language_model." + name for name in getattr(self.language_model, "keep_in_fp32_modules", ()))
         # OPT may embed narrower than its hidden size (word_embed_proj_dim); other LMs embed at it
         self.embed_dim = getattr(text_config, "word_embed_proj_dim", None) or text_config.hidden_size
         if self.embed_dim > text_config.hidden_size:
@@ -166,6 +174,23 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
 
     def get_text_config(self) -> PretrainedConfig:
         return self.config.text_config
+
+    def adapt_to_checkpoint(self, tensor_names: set[str]) -> None:
+        adapt = getattr(self.language_model, "adapt_to_checkpoint", None)
+        if adapt is not None:
+            adapt({n[len("language_model."):] for n in tensor_names if n.startswith("language_model.")})
+
+    # ------------------------------------------------------------------ encoder-decoder LM (T5)
+
+    @property
+    def decoder_start_token_id(self) -> int | None:
+        return getattr(self.language_model, "decoder_start_token_id", None)
+
+    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+        return self.language_model.encode(inputs_embeds, lengths)
+
+    def store_cross_kv(self, encoder_states: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        self.language_model.store_cross_kv(encoder_states, slot_mapping)
 
     def rename_checkpoint_weight(self, name: str) -> str | None:
         prefix = "language_model."

@@ -23,9 +23,11 @@ from fovea.layers.attention import Attention, build_attention_metadata, forward_
 from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
+from fovea.models.interfaces import is_encoder_decoder
 from fovea.models.weights import load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
+from fovea.worker import encoder_decoder
 from fovea.worker.memory import measure_peak_bytes
 from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, seeded_generator
 
@@ -58,6 +60,8 @@ class CachedRequestState:
     mrope_position_delta: int
     sampling: SamplingRow  # built once; its generator (seeded requests) lives as long as the request
     lora_request: LoRARequest | None = None
+    encoder_prompt_token_ids: list[int] | None = None  # encoder-decoder models (fovea.worker.encoder_decoder)
+    cross_block_ids: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +91,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.num_blocks = 0
         self.vocab_size = self.model.get_text_config().vocab_size
+        self.is_encoder_decoder = is_encoder_decoder(hf_config)
+        self.max_num_encoder_tokens = 0  # encoder-decoder: the longest encoder prompt profiled (set by the core)
 
     # ---- KV cache -------------------------------------------------------------------------------------
 
@@ -101,14 +107,15 @@ class ModelRunner:
         `kv_cache_memory_bytes`, else `memory_utilization` of available memory minus what a worst-case step
         (`profile_features` encoded, `max_num_batched_tokens` through the LM) really allocates."""
         config = self.config
-        # +1: block 0 is the scheduler's reserved null block
-        blocks_per_seq = math.ceil(max_model_len / config.block_size) + 1
+        # +1: block 0 is the scheduler's reserved null block; an encoder-decoder's cross blocks double it
+        blocks_per_seq = math.ceil(max_model_len / config.block_size) * (2 if self.is_encoder_decoder else 1) + 1
         if config.num_kv_blocks is not None:
             return config.num_kv_blocks
         per_block = self.kv_bytes_per_block()
         if config.kv_cache_memory_bytes is not None:
             num_blocks = config.kv_cache_memory_bytes // per_block
         else:
+            self.max_num_encoder_tokens = max_model_len
             peak = self.profile_peak_bytes(min(max_num_batched_tokens, max_model_len), profile_features)
             budget = int(available_memory_bytes() * config.memory_utilization) - peak
             # never more than every running sequence at full length could use
@@ -133,12 +140,17 @@ class ModelRunner:
         """Run the worst-case step once (encoder + LM over `num_tokens`) and return the memory it took at its
         peak, above what the process held just before (see fovea.worker.memory)."""
         blocks = -(-num_tokens // self.block_size)
-        self.allocate_kv_cache(blocks)
+        num_cross = -(-self.max_num_encoder_tokens // self.block_size) if self.is_encoder_decoder else 0
+        self.allocate_kv_cache(blocks + num_cross)
 
         @torch.inference_mode()
         def worst_case_step() -> None:
             if encoder_items:
                 self._run_encoder(encoder_items)
+            if self.is_encoder_decoder:
+                encoder_decoder.profile_step(self.model, num_tokens, self.max_num_encoder_tokens, self.block_size,
+                                             first_cross_block=blocks)
+                return
             ids = torch.zeros(num_tokens, dtype=torch.long)
             meta = build_attention_metadata([num_tokens], [num_tokens], [list(range(blocks))], self.block_size)
             with forward_context(meta):
@@ -178,7 +190,8 @@ class ModelRunner:
                 sampling=SamplingRow(params=params, prompt_token_ids=new.prompt_token_ids,
                                      output_token_ids=output_token_ids, generator=generator,
                                      eos_token_id=new.eos_token_id),
-                lora_request=new.lora_request,
+                lora_request=new.lora_request, encoder_prompt_token_ids=new.encoder_prompt_token_ids,
+                cross_block_ids=list(new.cross_block_ids),
             )
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -186,6 +199,8 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens[i]
             if cached.resumed_from_preemption[i]:
                 state.block_ids = list(cached.new_block_ids[i])
+                if state.encoder_prompt_token_ids is not None:
+                    state.cross_block_ids = list(cached.new_cross_block_ids[i])
             else:
                 state.block_ids.extend(cached.new_block_ids[i])
 
@@ -197,6 +212,11 @@ class ModelRunner:
         if out.scheduled_encoder_inputs:
             self._run_encoder([self.requests[req_id].mm_features[i]
                                for req_id, indices in out.scheduled_encoder_inputs.items() for i in indices])
+        if out.scheduled_encoder_prompts:
+            states = [self.requests[req_id] for req_id in out.scheduled_encoder_prompts]
+            encoder_decoder.run_encoder_prompts(
+                self.model, [(s.encoder_prompt_token_ids, s.mm_features, s.cross_block_ids) for s in states],
+                self.block_size, lambda f: _embed_rows(f, self.encoder_cache[f.mm_hash], 0, f.length))
 
         num_tokens = out.total_num_scheduled_tokens
         input_ids: list[int] = []
@@ -215,7 +235,7 @@ class ModelRunner:
                 positions.extend(range(c, end))
             else:
                 positions.append(_mrope_positions(state, c, n))
-            for feature in state.mm_features:
+            for feature in state.mm_features if state.encoder_prompt_token_ids is None else ():
                 lo, hi = max(c, feature.offset), min(end, feature.offset + feature.length)
                 if lo >= hi:
                     continue
@@ -236,6 +256,10 @@ class ModelRunner:
 
         ids = torch.tensor(input_ids, dtype=torch.long)
         meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size)
+        if self.is_encoder_decoder:
+            states = [self.requests[req_id] for req_id in out.num_scheduled_tokens]
+            encoder_decoder.attach_cross_metadata(meta, query_lens, [len(s.encoder_prompt_token_ids) for s in states],
+                                                  [s.cross_block_ids for s in states], self.block_size)
         positions = torch.cat(positions, dim=1) if positions and isinstance(positions[0], torch.Tensor) \
             else torch.tensor(positions, dtype=torch.long)
         embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
