@@ -19,6 +19,8 @@ is first scheduled; afterwards only ids, new blocks and counts.
 - A multimodal item is encoded whole, once, in the step whose chunk first overlaps its placeholders; it is
   charged to the step's encoder budget and to the encoder cache, and the chunk stops just before an item
   that does not fit. Its output is released once the request has computed all of its placeholders.
+- Encoder-decoder requests (T5) run their encoder in the step that admits them and hold cross-attention blocks
+  for their life: fovea.engine.encoder_decoder.
 - Nothing is ever dropped: a request that could never fit the pool or the encoder limits is refused by
   `add_request` (ValueError), because that is a configuration error, not a load problem.
 - A step whose model run raised (`fail_step`) cannot say which request broke it. If it ran one sequence, that

@@ -92,7 +92,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.vocab_size = self.model.get_text_config().vocab_size
         self.is_encoder_decoder = is_encoder_decoder(hf_config)
-        self.max_num_encoder_tokens = 0  # encoder-decoder: the longest encoder prompt profiled (set by the core)
+        self.max_num_encoder_tokens = 0  # encoder-decoder: the encoder prompt of the profiled worst-case step
 
     # ---- KV cache -------------------------------------------------------------------------------------
 

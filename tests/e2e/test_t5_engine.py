@@ -42,6 +42,12 @@ def blip2_t5(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def blip2_t5_hub_flan(tmp_path_factory):
+    """As Salesforce/blip2-flan-t5-xl stores it: text_config.tie_word_embeddings false and its own lm_head."""
+    return build_tiny_blip2_t5(tmp_path_factory.mktemp("blip2_t5_hub"), seed=4, hub_form="flan")
+
+
+@pytest.fixture(scope="module")
 def instructblip_t5(tmp_path_factory):
     return build_tiny_instructblip_t5(tmp_path_factory.mktemp("instructblip_t5"), seed=3, init_gain=3.0)
 
@@ -105,9 +111,11 @@ def test_blip2_t5_mixed_batch_matches_transformers(blip2_t5):
     _check(llm, blip2_t5, cases(8))
 
 
-def test_blip2_t5_preempted_and_chunked(blip2_t5):
-    llm = LLM(blip2_t5, dtype="float32", block_size=4, num_kv_blocks=16, max_num_batched_tokens=3, max_num_seqs=4)
-    _check(llm, blip2_t5, cases(8))
+def test_blip2_t5_preempted_and_chunked(blip2_t5_hub_flan):
+    llm = LLM(blip2_t5_hub_flan, dtype="float32", block_size=4, num_kv_blocks=16, max_num_batched_tokens=3,
+              max_num_seqs=4)
+    assert not llm.llm_engine.runner.model.language_model.is_lm_head_tied
+    _check(llm, blip2_t5_hub_flan, cases(8))
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
