@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fovea.entrypoints.cli import DEMO_MODEL_PATH
+from fovea.training.demo_model import EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "demo" / "blip2-shapes"
@@ -71,18 +73,19 @@ def test_make_demo_script_captions_the_examples():
 
 def test_eval_demo_reports_caption_exact_match_per_scene_size(tmp_path):
     """`make eval-demo`'s figures per scene size: the same held-out scenes rendered at each size, captioned by
-    the shipped model (48 px is what it was trained on: at least 90% there)."""
+    the shipped model, which is robust to the size (issue 14): at least 90% at every size from 40 to 96 px (the
+    model before its size-robust ViT: 82% at 40 px, 65% at 64 px, 44% at 96 px on 500 scenes)."""
     from PIL import Image
 
     from fovea import LLM
     from fovea.training.demo_model import DemoPlan, Runner, caption_by_size
 
-    plan = DemoPlan(num_test=40, eval_images=40, eval_image_sizes="40,48")
+    plan = DemoPlan(num_test=40, eval_images=40, eval_image_sizes="40,48,64,96")
     scores = caption_by_size(plan, LLM(str(MODEL), dtype="float32"), tmp_path, Runner(tmp_path / "log"))
-    assert list(scores) == ["40", "48"]
-    assert scores["48"]["exact_match"] >= 0.9 and 0 <= scores["40"]["exact_match"] <= 1
-    assert Image.open(next((tmp_path / "heldout-40px" / "images").glob("*.png"))).size == (40, 40)
-    assert "40 px" in (tmp_path / "log").read_text()
+    assert list(scores) == ["40", "48", "64", "96"]
+    assert all(s["exact_match"] >= 0.9 for s in scores.values()), scores
+    assert Image.open(next((tmp_path / "heldout-96px" / "images").glob("*.png"))).size == (96, 96)
+    assert "96 px" in (tmp_path / "log").read_text()
 
 
 def test_the_demo_checkpoint_carries_the_template_its_build_writes(tmp_path):
@@ -142,3 +145,32 @@ def test_the_demo_server_captions_an_image_alone_and_answers_a_question(tmp_path
     assert answer.choices[0].message.content == expected[1].outputs[0].text
     assert answer.usage.prompt_tokens == len(expected[1].prompt_token_ids)
     assert caption.usage.prompt_tokens < answer.usage.prompt_tokens  # BOS alone: not an empty question
+
+
+@pytest.mark.slow
+def test_the_demo_build_runs_every_step_of_its_plan(tmp_path):
+    """`make demo-model` end to end on a plan a few steps long: data at both sizes, ViT then its distillation
+    beside the LM, stages 1 and 2, the distilled ViT put under the Q-Former, and the demo directory with its
+    template, examples and figures."""
+    from safetensors.torch import load_file
+
+    from fovea.training.demo_model import DemoPlan, build
+
+    plan = DemoPlan(num_train=48, num_test=6, vision_steps=2, distill_steps=2, lm_steps=2, stage1_steps=2,
+                    stage2_steps=2, batch_size=4, nproc=1, eval_images=6,
+                    distill_image_sizes="40,96", eval_image_sizes="40,96")
+    out, work = tmp_path / "demo", tmp_path / "work"
+    build(plan, out, work)
+    log = (work / "demo_model.log").read_text()
+    assert "  then $ " in log and "fovea.training.vision_distill" in log
+    shipped = load_file(str(out / "model.safetensors"))
+    distilled = load_file(str(work / "vision-sizes" / "model.safetensors"))
+    teacher = load_file(str(work / "vision" / "model.safetensors"))
+    assert all(torch.equal(shipped[n], t) for n, t in distilled.items())  # the ViT shipped is the distilled one
+    assert any(not torch.equal(distilled[n], t) for n, t in teacher.items())
+    stage2 = load_file(str(work / "stage2" / "export" / "model.safetensors"))
+    assert sorted(shipped) == sorted(stage2)
+    assert all(torch.equal(shipped[n], t) for n, t in stage2.items() if not n.startswith("vision_model."))
+    assert (out / "chat_template.jinja").is_file() and len(list((out / "examples").glob("*.png"))) == EXAMPLES
+    figures = json.loads((out / "eval.json").read_text())
+    assert list(figures["caption_by_size"]) == ["40", "96"] and "retrieval" in figures
