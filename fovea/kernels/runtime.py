@@ -28,6 +28,13 @@ UNRESOLVED = object()
 AMX_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 NO_AMX = "no AMX on this CPU"
 AMX_DENIED = "Linux did not grant the AMX tile state (arch_prctl)"
+INT8_CPU_FLAGS = ("avx512_bf16", "avx512bw")
+NO_AVX512_BF16 = "no AVX-512 BF16 on this CPU"
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """This CPU reports AVX-512 BF16 and BW (what fovea's int8 linear kernel runs on)."""
+    return all(flag in cpu_flags() for flag in INT8_CPU_FLAGS)
 
 
 def cpu_has_amx() -> bool:
@@ -54,6 +61,7 @@ class KernelStatus:
     paged_attention: decode attention read straight from the paged KV cache, in C++.
     amx_linear:     bfloat16 linear layers (K, N multiples of 32) on fovea's AMX kernel; needs AMX-BF16.
     onednn_linear:  the other float32 / bfloat16 linear layers on oneDNN-packed weights; needs torch with oneDNN.
+    int8_linear:    int8 weight-only layers with bfloat16 activations on fovea's kernel; needs AVX-512 BF16.
     """
 
     mode: str
@@ -61,10 +69,11 @@ class KernelStatus:
     paged_attention: PathStatus
     amx_linear: PathStatus
     onednn_linear: PathStatus
+    int8_linear: PathStatus
 
     def summary(self) -> str:
         """One line: `cpu kernels: fused=on paged_attention=on amx_linear=off (no AMX on this CPU) ...`."""
-        paths = ("fused", "paged_attention", "amx_linear", "onednn_linear")
+        paths = ("fused", "paged_attention", "amx_linear", "onednn_linear", "int8_linear")
         return "cpu kernels: " + " ".join(f"{name}={getattr(self, name).describe()}" for name in paths)
 
 
@@ -134,11 +143,12 @@ class KernelRuntime:
             extension = self.resolve()
             if self.mode == "off":
                 off = PathStatus(False, "cpu_kernels=off")
-                status = KernelStatus(self.mode, off, off, off, off)
+                status = KernelStatus(self.mode, off, off, off, off, off)
             else:
                 built = PathStatus(True) if extension is not None else PathStatus(False, self._failure())
                 amx = self._amx_status(extension) if extension is not None else built
-                status = KernelStatus(self.mode, built, built, amx, _onednn_status())
+                int8 = _int8_status(extension) if extension is not None else built
+                status = KernelStatus(self.mode, built, built, amx, _onednn_status(), int8)
             self._status = status
             self._log_once(logging.INFO, f"{status.summary()} (cpu_kernels={self.mode})")
             return status
@@ -164,6 +174,14 @@ class KernelRuntime:
         if message not in self._logged:
             self._logged.add(message)
             logger.log(level, "%s", message)
+
+
+def _int8_status(extension) -> PathStatus:
+    if not cpu_has_avx512_bf16():
+        return PathStatus(False, NO_AVX512_BF16)
+    if not extension.int8_linear_compiled():
+        return PathStatus(False, "not compiled: needs x86-64 and gcc >= 11 or clang >= 12")
+    return PathStatus(True)
 
 
 def _onednn_status() -> PathStatus:

@@ -129,7 +129,8 @@ def test_off_builds_nothing_and_turns_every_path_off(tmp_path, caplog):
         runtime.set_mode("off")
         runtime.status()
     assert status.summary() == ("cpu kernels: fused=off (cpu_kernels=off) paged_attention=off (cpu_kernels=off) "
-                                "amx_linear=off (cpu_kernels=off) onednn_linear=off (cpu_kernels=off)")
+                                "amx_linear=off (cpu_kernels=off) onednn_linear=off (cpu_kernels=off) "
+                                "int8_linear=off (cpu_kernels=off)")
     assert [r.getMessage() for r in caplog.records] == [status.summary() + " (cpu_kernels=off)"]  # logged once
 
 
@@ -156,10 +157,11 @@ def test_the_one_extension_holds_every_kernel_and_sits_under_its_key():
     kernels.set_mode("require")
     module = kernels.extension()
     for name in ("rms_norm", "rotary_", "silu_mul", "first_argmax", "paged_decode", "amx_linear", "enable_amx",
-                 "amx_compiled"):
+                 "amx_compiled", "int8_linear", "int8_linear_compiled"):
         assert callable(getattr(module, name)), name
     if platform.machine() == "x86_64":
         assert module.amx_compiled()  # compiled on every x86-64 host, AMX or not; run only where the CPU has it
+        assert module.int8_linear_compiled()  # likewise, run only where the CPU has AVX-512 BF16
     name = kbuild.extension_name(kernels.RUNTIME.spec)
     assert Path(module.__file__).name == f"{name}.so"  # the key computed now is the one it was built under
     assert (kernels.RUNTIME.spec.resolved_cache_root() / name / f"{name}.so").is_file()
@@ -168,6 +170,9 @@ def test_the_one_extension_holds_every_kernel_and_sits_under_its_key():
     assert status.amx_linear.is_active == (kruntime.cpu_has_amx() and status.amx_linear.reason != kruntime.AMX_DENIED)
     if not kruntime.cpu_has_amx():
         assert status.amx_linear.reason == "no AMX on this CPU"
+    assert status.int8_linear.is_active == kruntime.cpu_has_avx512_bf16()
+    if not kruntime.cpu_has_avx512_bf16():
+        assert status.int8_linear.reason == "no AVX-512 BF16 on this CPU"
 
 
 def test_an_installed_package_carries_every_kernel_source():

@@ -14,4 +14,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_compiled", &fovea::amx_compiled);
   m.def("enable_amx", &fovea::enable_amx);
   m.def("amx_linear", &fovea::amx_linear, "x"_a, "packed"_a, "bias"_a);
+  m.def("int8_linear_compiled", &fovea::int8_linear_compiled);
+  m.def("int8_linear", &fovea::int8_linear, "x"_a, "packed"_a, "out_features"_a, "scale"_a, "bias"_a);
 }

@@ -22,4 +22,9 @@ bool amx_compiled();
 bool enable_amx();
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
 
+// int8_linear.cpp: int8 weight-only linear (W8A16) on AVX-512 BF16
+bool int8_linear_compiled();
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias);
+
 }  // namespace fovea

@@ -9,12 +9,22 @@
   quantizes each activation row dynamically (symmetric int8, scale = max|x| / 127.5, q in [-128, 127], as
   compressed-tensors' `forward_quantize` does) and multiplies int8 by int8 into int32 (`torch._int_mm`).
 
-Both leave `layer.int8_weight` [N, K] int8 (contiguous) and `layer.int8_scale` [N] in the activation dtype,
-and release the parameters they were loaded from (unless another module shares the dense weight, a tied
-`lm_head`). How a weight-only matmul runs (`int8_weight_only_linear`): up to `INT8_MM_MAX_ROWS` rows of
-bfloat16 (K a multiple of 16), torch's int8 weight-only CPU kernel (`aten._weight_int8pack_mm`, which reads the int8 weight
-directly: half the bytes of bfloat16); otherwise the weight is dequantized to the activation dtype and the
-dense GEMM runs (prefill is bound by compute, not by the bytes read).
+Both keep one int8 copy of the weight and `layer.int8_scale` [N] in the activation dtype, and release the
+parameters they were loaded from (unless another module shares the dense weight, a tied `lm_head`). The copy
+is in one of two layouts, chosen once at load (`store_int8_weight`):
+
+- `layer.int8_packed` (`fovea.kernels.int8_linear.pack_weight`: 32-column panels, k in pairs) for a weight-only
+  layer with bfloat16 activations on a CPU where fovea's int8 kernel runs (AVX-512 BF16, `cpu_kernels` not
+  "off"). Every matmul of such a layer, 1 row or thousands, runs that kernel: the int8 weight is read once per
+  call as a stream (decode: close to the memory bandwidth) and widened to bfloat16 in registers and cache tiles,
+  never dequantized in full (`fovea/kernels/int8_linear.py`).
+- `layer.int8_weight` [N, K] int8 (contiguous) otherwise (float32 activations, W8A8, no AVX-512 BF16, kernels
+  off). A weight-only matmul (`int8_weight_only_linear`) then runs, up to `INT8_MM_MAX_ROWS` rows of bfloat16
+  (K a multiple of 16), torch's int8 weight-only CPU kernel (`aten._weight_int8pack_mm`); otherwise the weight is
+  dequantized to the activation dtype and the dense GEMM runs. W8A8 runs `int8_dynamic_linear`.
+
+A packed layer asked to run where the kernel no longer does (kernels turned off after loading) unpacks its
+weight for that call: slow, never wrong.
 """
 from __future__ import annotations
 
@@ -22,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fovea.kernels import int8_linear as int8_kernel
 from fovea.layers.linear_methods import LinearMethod
 
 INT8_MM_MAX_ROWS = 16
@@ -91,6 +102,33 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return y.view(*x.shape[:-1], q.shape[0])
 
 
+def store_int8_weight(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, is_weight_only: bool) -> None:
+    """Keep q [N, K] int8 in the one layout `apply` reads (see the module docstring), and the scale [N]."""
+    if (is_weight_only and q.device.type == "cpu" and layer.params_dtype == torch.bfloat16
+            and int8_kernel.available()):
+        layer.int8_packed = int8_kernel.pack_weight(q)
+    else:
+        layer.int8_weight = q.contiguous()
+    layer.int8_scale = scale
+
+
+def int8_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's int8 weight [N, K], whichever layout holds it."""
+    packed = getattr(layer, "int8_packed", None)
+    if packed is None:
+        return layer.int8_weight
+    return int8_kernel.unpack_weight(packed, layer.out_features, layer.in_features)
+
+
+def apply_weight_only(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    packed = getattr(layer, "int8_packed", None)
+    if packed is None:
+        return int8_weight_only_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and int8_kernel.available():
+        return int8_kernel.linear(x, packed, layer.out_features, layer.int8_scale, layer.bias)
+    return int8_weight_only_linear(x, int8_weight(layer), layer.int8_scale, layer.bias)
+
+
 class Int8LinearMethod(LinearMethod):
     """Quantizes a loaded dense weight to int8 per output channel (W8A16). Built with the dense weights (the
     checkpoint's), so loading is unchanged; `state_dict()` then gives the dequantized weight (q * scale)."""
@@ -98,17 +136,19 @@ class Int8LinearMethod(LinearMethod):
     name = "int8"
 
     def process_weights_after_loading(self, layer: nn.Module, keep_weight: bool = False) -> None:
-        layer.int8_weight, layer.int8_scale = quantize_weight_per_channel(layer.weight, layer.params_dtype)
+        q, scale = quantize_weight_per_channel(layer.weight, layer.params_dtype)
+        store_int8_weight(layer, q, scale, is_weight_only=True)
         if not keep_weight:
             del layer.weight
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return int8_weight_only_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+        return apply_weight_only(layer, x)
 
     def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         tensors = super().checkpoint_tensors(layer)
         if "weight" not in tensors:
-            tensors = {"weight": dequantize_weight(layer.int8_weight, layer.int8_scale, layer.params_dtype), **tensors}
+            tensors = {"weight": dequantize_weight(int8_weight(layer), layer.int8_scale, layer.params_dtype),
+                       **tensors}
         return tensors
 
 
@@ -139,22 +179,23 @@ class CompressedInt8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module, keep_weight: bool = False) -> None:
         if self.is_packed:
-            layer.int8_weight = unpack_int8_from_int32(layer.weight_packed.data, layer.in_features)
+            q = unpack_int8_from_int32(layer.weight_packed.data, layer.in_features)
             del layer.weight_packed, layer.weight_shape
         else:
-            layer.int8_weight = layer.weight.data.contiguous()
+            q = layer.weight.data
             del layer.weight
-        layer.int8_scale = layer.weight_scale.data.view(-1).to(layer.params_dtype)
+        scale = layer.weight_scale.data.view(-1).to(layer.params_dtype)
         del layer.weight_scale
+        store_int8_weight(layer, q, scale, is_weight_only=not self.is_dynamic_activation)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.is_dynamic_activation:
             return int8_dynamic_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
-        return int8_weight_only_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+        return apply_weight_only(layer, x)
 
     def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """As an "int-quantized" checkpoint holds them (a pack-quantized one saves unpacked)."""
-        tensors = {"weight": layer.int8_weight, "weight_scale": layer.int8_scale.view(-1, 1)}
+        tensors = {"weight": int8_weight(layer), "weight_scale": layer.int8_scale.view(-1, 1)}
         return {**tensors, **super().checkpoint_tensors(layer)}
 
 

@@ -1,0 +1,194 @@
+// int8 weight-only linear (W8A16) on AVX-512 BF16: y = R(scale * (x @ q^T) + bias), x bfloat16, q int8 per
+// output channel, float32 sums, R the rounding to bfloat16. The layout, when it runs and the figures are in
+// fovea/kernels/int8_linear.py.
+//
+// Each int8 is exact in bfloat16 (8 significant bits), so the products are those of the dequantized weight
+// before its scale; the scale multiplies the float32 sum once per output. The weight is read once per call
+// as a stream of 32-column panels; each 64-byte step (32 columns x 2 k, the pair order `vdpbf16ps` reads) is
+// widened in registers: 16 bytes -> 16 int32 (vpmovsxbd) -> float (vcvtdq2ps), two such -> 32 bfloat16
+// (vcvtne2ps2bf16, exact here). Up to kRows rows of x are accumulated in registers on that widened step; more
+// rows (prefill) keep the widened panel in a per-thread buffer (L2) and run the next row blocks from it, so the
+// weight is widened once per call and never written back to memory in full.
+//
+// Compiled on every x86-64 host: the functions carry a target attribute (as amx_linear.cpp does) and Python
+// runs them only where the CPU reports avx512_bf16 and avx512bw.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : (defined(__GNUC__) && __GNUC__ >= 11))
+#define FOVEA_INT8 1
+#include <immintrin.h>
+#define FOVEA_INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+namespace fovea {
+
+#ifdef FOVEA_INT8
+namespace {
+
+constexpr int kRows = 12;          // rows of x per register block: 12 x 2 accumulators + 2 weights + temps
+constexpr int64_t kPanel = 32;     // output columns per panel (two zmm of 16 float32)
+constexpr int kPrefetchAhead = 1024;  // bytes of the weight stream fetched ahead (decode reads it from DRAM)
+
+// 64 int8 of one panel step -> two vectors of 16 (k, k + 1) bfloat16 pairs (columns 0-15, 16-31)
+FOVEA_INT8_TARGET inline void widen(const int8_t* q, __m512bh& lo, __m512bh& hi) {
+  const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  const __m512 b =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+  const __m512 c =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32))));
+  const __m512 d =
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 48))));
+  lo = _mm512_cvtne2ps_pbh(b, a);  // the second argument fills the low half
+  hi = _mm512_cvtne2ps_pbh(d, c);
+}
+
+// The (x[k], x[k + 1]) pair of row r as one 32-bit lane, broadcast
+FOVEA_INT8_TARGET inline __m512bh pair(const uint16_t* x, int64_t offset) {
+  int32_t bits;
+  std::memcpy(&bits, x + offset, sizeof(bits));
+  return reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits));
+}
+
+// Rows [0, R) of x (row stride ldx, K = 2 * pairs) against one panel. kSource: 0 widen from q, 1 widen from q
+// and keep the widened panel in buf, 2 read buf. acc [R][2] float32 sums of columns 0-15, 16-31.
+template <int R, int kSource>
+FOVEA_INT8_TARGET void panel_block(const int8_t* q, __m512bh* buf, const uint16_t* x, int64_t ldx, int64_t pairs,
+                                   const float* scale, const float* bias, int64_t cols, uint16_t* y, int64_t ldy) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < pairs; ++s) {
+    __m512bh lo, hi;
+    if (kSource == 2) {
+      lo = buf[2 * s];
+      hi = buf[2 * s + 1];
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(q + 64 * s) + kPrefetchAhead, _MM_HINT_T0);
+      widen(q + 64 * s, lo, hi);
+      if (kSource == 1) {
+        buf[2 * s] = lo;
+        buf[2 * s + 1] = hi;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512bh b = pair(x, r * ldx + 2 * s);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, b);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, b);
+    }
+  }
+  // y = R(sum * scale + bias), the columns past N masked off
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  const __m512 s0 = _mm512_maskz_loadu_ps(m0, scale), s1 = _mm512_maskz_loadu_ps(m1, scale + 16);
+  const __m512 b0 = bias ? _mm512_maskz_loadu_ps(m0, bias) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_maskz_loadu_ps(m1, bias + 16) : _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) {
+    // multiply, then add: two roundings, as torch's `y * scale + bias` in float32 would make
+    const __m512 v0 = _mm512_add_ps(_mm512_mul_ps(acc[r][0], s0), b0);
+    const __m512 v1 = _mm512_add_ps(_mm512_mul_ps(acc[r][1], s1), b1);
+    _mm256_mask_storeu_epi16(y + r * ldy, m0, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v0)));
+    _mm256_mask_storeu_epi16(y + r * ldy + 16, m1, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v1)));
+  }
+}
+
+template <int kSource>
+FOVEA_INT8_TARGET void panel_rows(int rows, const int8_t* q, __m512bh* buf, const uint16_t* x, int64_t ldx,
+                                  int64_t pairs, const float* scale, const float* bias, int64_t cols, uint16_t* y,
+                                  int64_t ldy) {
+#define FOVEA_INT8_CASE(R) \
+  case R:                  \
+    return panel_block<R, kSource>(q, buf, x, ldx, pairs, scale, bias, cols, y, ldy);
+  switch (rows) {
+    FOVEA_INT8_CASE(1)
+    FOVEA_INT8_CASE(2)
+    FOVEA_INT8_CASE(3)
+    FOVEA_INT8_CASE(4)
+    FOVEA_INT8_CASE(5)
+    FOVEA_INT8_CASE(6)
+    FOVEA_INT8_CASE(7)
+    FOVEA_INT8_CASE(8)
+    FOVEA_INT8_CASE(9)
+    FOVEA_INT8_CASE(10)
+    FOVEA_INT8_CASE(11)
+    FOVEA_INT8_CASE(12)
+  }
+#undef FOVEA_INT8_CASE
+}
+
+// x [M, K] bfloat16 (K even, rows contiguous), packed [P, K / 2, 32, 2] int8 -> y [M, N] bfloat16
+FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t* packed, int64_t N,
+                           const float* scale, const float* bias, uint16_t* y) {
+  const int64_t pairs = K / 2;
+  const int64_t num_panels = (N + kPanel - 1) / kPanel;
+  WorkCounter panels(num_panels);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<__m512bh> buf(M > kRows ? 2 * pairs : 0);
+    for (int64_t p; panels.take(p);) {
+      const int8_t* q = packed + p * pairs * 64;
+      const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+      const float* bp = bias ? bias + n0 : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+        uint16_t* yr = y + m0 * N + n0;
+        const uint16_t* xr = x + m0 * K;
+        if (M <= kRows) {
+          panel_rows<0>(rows, q, nullptr, xr, K, pairs, scale + n0, bp, cols, yr, N);
+        } else if (m0 == 0) {
+          panel_rows<1>(rows, q, buf.data(), xr, K, pairs, scale + n0, bp, cols, yr, N);
+        } else {
+          panel_rows<2>(rows, q, buf.data(), xr, K, pairs, scale + n0, bp, cols, yr, N);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+#endif
+
+bool int8_linear_compiled() {
+#ifdef FOVEA_INT8
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias) {
+#ifdef FOVEA_INT8
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int8_linear: x must be a [M, K] bfloat16 tensor, got ",
+              x.scalar_type(), " ", x.sizes());
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+                  packed.size(2) == kPanel && packed.size(3) == 2,
+              "int8_linear: packed must be a contiguous [N / 32, K / 2, 32, 2] int8 tensor, got ",
+              packed.scalar_type(), " ", packed.sizes());
+  const int64_t M = x.size(0), N = out_features, K = 2 * packed.size(1);
+  TORCH_CHECK(x.size(1) == K || x.size(1) + 1 == K, "int8_linear: x has K=", x.size(1), ", the packed weight ", K);
+  TORCH_CHECK(N > 0 && N <= packed.size(0) * kPanel && N > (packed.size(0) - 1) * kPanel,
+              "int8_linear: out_features=", N, " does not fit the packed weight's ", packed.size(0), " panels");
+  TORCH_CHECK(scale.dim() == 1 && scale.numel() == N, "int8_linear: scale must be [", N, "], got ", scale.sizes());
+  // an odd K: the packed weight has a zero column at k = K; x gets one too (never read past its row)
+  const at::Tensor xc = x.size(1) == K ? x.contiguous() : at::constant_pad_nd(x, {0, 1}, 0);
+  const at::Tensor sf = scale.to(at::kFloat).contiguous();
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == N, "int8_linear: bias must be [", N, "], got ", bias->sizes());
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  run(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), M, K, packed.data_ptr<int8_t>(), N,
+      sf.data_ptr<float>(), bias.has_value() ? bf.data_ptr<float>() : nullptr,
+      reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  return y;
+#else
+  TORCH_CHECK(false, "int8_linear: not compiled on this host (needs x86-64 and gcc >= 11 or clang >= 12)");
+#endif
+}
+
+}  // namespace fovea

@@ -1,0 +1,145 @@
+"""fovea's int8 weight-only kernel (W8A16, AVX-512 BF16): the packed layout, results against float64 of the same
+int8 weights, scales and bfloat16 inputs on odd shapes (K not a multiple of 64 or even of 2, N not a multiple of
+16, rows 1-70 across the 12-row register blocks and the cached-panel path), rows independent of their batch, the
+same bits on 1 and 2 threads, clear errors, and which loaded layers run it. They run where the CPU has AVX-512
+BF16 (AMD Zen 4, Intel Sapphire Rapids) and skip elsewhere."""
+import pytest
+import torch
+
+from fovea import kernels
+from fovea.kernels import int8_linear
+from fovea.kernels.runtime import cpu_has_avx512_bf16
+from fovea.layers.linear import Linear, prepare_linear_layer
+from fovea.layers.quantization.int8 import Int8LinearMethod, int8_weight, quantize_weight_per_channel
+from tests.kernels import requires_compiler
+
+pytestmark = [requires_compiler,
+              pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="this CPU has no AVX-512 BF16")]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_runs():
+    assert int8_linear.available(), kernels.status().summary()
+
+
+def _inputs(rows, k, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).bfloat16()
+    bias = torch.randn(n, generator=g).bfloat16()
+    return x, q, scale, bias
+
+
+def _bound(x, q, scale, bias, exact):
+    """One bfloat16 rounding of the result (at most half a step: 2^-8 relative), float32 summation error (K
+    terms, each sum rounded: K * 2^-24 of the sum of magnitudes), the scale multiply and bias add in float32."""
+    magnitude = (x.double().abs() @ q.double().abs().T) * scale.double().abs()
+    return exact.abs() * 2 ** -8 + magnitude * x.shape[1] * 2 ** -24 + bias.double().abs() * 2 ** -23 + 1e-30
+
+
+def test_pack_weight_puts_each_element_where_the_kernel_reads_it():
+    n, k = 41, 99  # N not a multiple of 32, K odd: padded with zeros
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    packed = int8_linear.pack_weight(q)
+    assert packed.shape == (2, 50, 32, 2) and packed.dtype == torch.int8 and packed.is_contiguous()
+    for p, s, col, e in [(0, 0, 0, 0), (1, 4, 8, 1), (0, 49, 31, 0), (1, 20, 3, 0)]:
+        assert packed[p, s, col, e] == q[32 * p + col, 2 * s + e]
+    assert (packed[1, :, 9:] == 0).all() and (packed[:, 49, :, 1] == 0).all()
+    assert torch.equal(int8_linear.unpack_weight(packed, n, k), q)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 12, 13, 24, 25, 64, 70])
+@pytest.mark.parametrize("k,n", [(97, 33), (130, 41), (64, 16), (200, 100)], ids=lambda v: str(v))
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_float64_of_the_same_int8_weights(rows, k, n, with_bias):
+    x, q, scale, bias = _inputs(rows, k, n, seed=rows * 1000 + k + n)
+    bias = bias if with_bias else None
+    got = int8_linear.linear(x, int8_linear.pack_weight(q), n, scale, bias)
+    exact = (x.double() @ q.double().T) * scale.double() + (0 if bias is None else bias.double())
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    zero = torch.zeros(n, dtype=torch.bfloat16)
+    assert ((got.double() - exact).abs() <= _bound(x, q, scale, zero if bias is None else bias, exact)).all()
+
+
+def test_each_row_is_computed_alone():
+    # register blocks of 12, the first widening the panel and later ones reading it back: the same bits
+    x, q, scale, bias = _inputs(70, 97, 70, seed=1)
+    packed = int8_linear.pack_weight(q)
+    together = int8_linear.linear(x, packed, 70, scale, bias)
+    alone = torch.cat([int8_linear.linear(x[i:i + 1], packed, 70, scale, bias) for i in range(70)])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_two_threads_compute_every_panel_once(rows):
+    x, q, scale, bias = _inputs(rows, 96, 32 * 37 + 5, seed=2)
+    packed = int8_linear.pack_weight(q)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = int8_linear.linear(x, packed, q.shape[0], scale, bias)
+        torch.set_num_threads(2)
+        two = int8_linear.linear(x, packed, q.shape[0], scale, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_odd_k_never_reads_past_the_row():
+    # the padded pair's x is zero, never the next row's value or NaN (0 * NaN would poison the sum)
+    x, q, scale, _ = _inputs(3, 9, 16, seed=3)
+    wide = torch.full((3, 10), float("nan"), dtype=torch.bfloat16)
+    wide[:, :9] = x
+    got = int8_linear.linear(wide[:, :9], int8_linear.pack_weight(q), 16, scale, None)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, int8_linear.linear(x, int8_linear.pack_weight(q), 16, scale, None))
+
+
+def test_leading_dims_non_contiguous_input_and_no_rows():
+    x, q, scale, bias = _inputs(12, 64, 40, seed=4)
+    packed = int8_linear.pack_weight(q)
+    flat = int8_linear.linear(x, packed, 40, scale, bias)
+    assert torch.equal(int8_linear.linear(x.reshape(3, 4, 64), packed, 40, scale, bias), flat.reshape(3, 4, 40))
+    wide = torch.zeros(12, 128, dtype=torch.bfloat16)
+    wide[:, ::2] = x
+    assert torch.equal(int8_linear.linear(wide[:, ::2], packed, 40, scale, bias), flat)
+    assert int8_linear.linear(x[:0], packed, 40, scale, None).shape == (0, 40)
+
+
+def test_bad_inputs_are_named():
+    x, q, scale, bias = _inputs(4, 64, 40)
+    packed = int8_linear.pack_weight(q)
+    with pytest.raises(RuntimeError, match="x has K=32, the packed weight 64"):
+        int8_linear.linear(x[:, :32], packed, 40, scale, None)
+    with pytest.raises(RuntimeError, match=r"x must be a \[M, K\] bfloat16 tensor"):
+        int8_linear.linear(x.float(), packed, 40, scale, None)
+    with pytest.raises(RuntimeError, match="out_features=70 does not fit the packed weight's 2 panels"):
+        int8_linear.linear(x, packed, 70, scale, None)
+    with pytest.raises(RuntimeError, match=r"bias must be \[40\]"):
+        int8_linear.linear(x, packed, 40, scale, bias[:8])
+    with pytest.raises(RuntimeError, match=r"packed must be a contiguous \[N / 32, K / 2, 32, 2\] int8"):
+        int8_linear.linear(x, q, 40, scale, None)
+
+
+def test_loaded_bfloat16_int8_layers_run_the_kernel_and_fall_back_when_it_is_off():
+    torch.manual_seed(0)
+    layer = Linear(99, 41, bias=True, dtype=torch.bfloat16)
+    dense = layer.weight.detach().clone()
+    layer.method = Int8LinearMethod()
+    prepare_linear_layer(layer)
+    assert hasattr(layer, "int8_packed") and not hasattr(layer, "int8_weight")  # one layout, no second copy
+    q, scale = quantize_weight_per_channel(dense, torch.bfloat16)
+    assert torch.equal(int8_weight(layer), q)
+    x = torch.randn(7, 99).bfloat16()
+    with torch.inference_mode():
+        got = layer(x)
+        assert torch.equal(got, int8_linear.linear(x, layer.int8_packed, 41, scale, layer.bias))
+        kernels.set_mode("off")  # the weight stays packed; the call unpacks and dequantizes
+        fallback = layer(x)
+    assert (got.float() - fallback.float()).abs().max() <= 0.02 * fallback.float().abs().max()
+    assert torch.equal(layer.state_dict()["weight"], (q.bfloat16() * scale[:, None]))
+    off = Linear(99, 41, dtype=torch.bfloat16)
+    off.method = Int8LinearMethod()
+    prepare_linear_layer(off)
+    assert hasattr(off, "int8_weight") and not hasattr(off, "int8_packed")  # kernels off at load: [N, K]
