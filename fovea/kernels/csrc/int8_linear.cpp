@@ -30,7 +30,7 @@ namespace fovea {
 #ifdef FOVEA_INT8
 namespace {
 
-constexpr int kRows = 12;          // rows of x per register block: 12 x 2 accumulators + 2 weights + temps
+constexpr int kRows = 6;           // rows of x per register block: 6 x 2 x 2 sums + 2 weights + temps
 constexpr int64_t kPanel = 32;     // output columns per panel (two zmm of 16 float32)
 constexpr int kPrefetchAhead = 1024;  // bytes of the weight stream fetched ahead (decode reads it from DRAM)
 
@@ -55,30 +55,45 @@ FOVEA_INT8_TARGET inline __m512bh pair(const uint16_t* x, int64_t offset) {
 }
 
 // Rows [0, R) of x (row stride ldx, K = 2 * pairs) against one panel. kSource: 0 widen from q, 1 widen from q
-// and keep the widened panel in buf, 2 read buf. acc [R][2] float32 sums of columns 0-15, 16-31.
+// and keep the widened panel in buf, 2 read buf. Two sets of sums, even and odd k pairs, added at the end: a
+// `vdpbf16ps` waits for the one before it on the same sum, and a single row has only two sums in flight.
+// The same order for every R, so a row's result never depends on the rows around it.
+template <int R, int kSource>
+FOVEA_INT8_TARGET inline void accumulate(const int8_t* q, __m512bh* buf, const uint16_t* x, int64_t ldx, int64_t s,
+                                         __m512 (&acc)[R][2]) {
+  __m512bh lo, hi;
+  if (kSource == 2) {
+    lo = buf[2 * s];
+    hi = buf[2 * s + 1];
+  } else {
+    _mm_prefetch(reinterpret_cast<const char*>(q + 64 * s) + kPrefetchAhead, _MM_HINT_T0);
+    widen(q + 64 * s, lo, hi);
+    if (kSource == 1) {
+      buf[2 * s] = lo;
+      buf[2 * s + 1] = hi;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512bh b = pair(x, r * ldx + 2 * s);
+    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, b);
+    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, b);
+  }
+}
+
 template <int R, int kSource>
 FOVEA_INT8_TARGET void panel_block(const int8_t* q, __m512bh* buf, const uint16_t* x, int64_t ldx, int64_t pairs,
                                    const float* scale, const float* bias, int64_t cols, uint16_t* y, int64_t ldy) {
-  __m512 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < pairs; ++s) {
-    __m512bh lo, hi;
-    if (kSource == 2) {
-      lo = buf[2 * s];
-      hi = buf[2 * s + 1];
-    } else {
-      _mm_prefetch(reinterpret_cast<const char*>(q + 64 * s) + kPrefetchAhead, _MM_HINT_T0);
-      widen(q + 64 * s, lo, hi);
-      if (kSource == 1) {
-        buf[2 * s] = lo;
-        buf[2 * s + 1] = hi;
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512bh b = pair(x, r * ldx + 2 * s);
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, b);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, b);
-    }
+  __m512 acc[R][2], odd[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = odd[r][0] = odd[r][1] = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 1 < pairs; s += 2) {
+    accumulate<R, kSource>(q, buf, x, ldx, s, acc);
+    accumulate<R, kSource>(q, buf, x, ldx, s + 1, odd);
+  }
+  if (s < pairs) accumulate<R, kSource>(q, buf, x, ldx, s, acc);
+  for (int r = 0; r < R; ++r) {
+    acc[r][0] = _mm512_add_ps(acc[r][0], odd[r][0]);
+    acc[r][1] = _mm512_add_ps(acc[r][1], odd[r][1]);
   }
   // y = R(sum * scale + bias), the columns past N masked off
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
@@ -109,12 +124,6 @@ FOVEA_INT8_TARGET void panel_rows(int rows, const int8_t* q, __m512bh* buf, cons
     FOVEA_INT8_CASE(4)
     FOVEA_INT8_CASE(5)
     FOVEA_INT8_CASE(6)
-    FOVEA_INT8_CASE(7)
-    FOVEA_INT8_CASE(8)
-    FOVEA_INT8_CASE(9)
-    FOVEA_INT8_CASE(10)
-    FOVEA_INT8_CASE(11)
-    FOVEA_INT8_CASE(12)
   }
 #undef FOVEA_INT8_CASE
 }
