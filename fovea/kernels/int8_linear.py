@@ -17,8 +17,15 @@ Layout (`pack_weight`, done once at load; the only copy kept): q [N, K] -> [ceil
 element [p, s, n, e] = q[32p + n, 2s + e], zero where past N or K. An odd K gets a zero column; the kernel pads
 x to match.
 
-Runs where the CPU has AVX-512 BF16 and BW (AMD Zen 4, Intel Sapphire Rapids and later), the extension built and
-`cpu_kernels` is not "off" (`fovea.kernels.status().int8_linear` says which and why).
+W8A8 (`dynamic_linear`, compressed-tensors checkpoints with dynamic per-token activations): the caller quantizes
+each row of x to int8 (qx, x_scale); int8 x int8 products are summed exactly in int32 by `vpdpbusd` (VNNI), which
+multiplies unsigned by signed bytes, so x goes in as qx + 128 and 128 * sum_k q[n, k] (`compensation`, made at
+packing) is taken off; then y = R(R(sum * x_scale) * scale) + bias with torch's roundings, so the result equals
+`torch._int_mm` followed by the same float ops, bit for bit. Layout (`pack_weight_w8a8`): [ceil(N/32), ceil(K/4),
+32, 4], element [p, s, n, e] = q[32p + n, 4s + e]; no widening, so more rows just re-read the panel from L2.
+
+Runs where the CPU has AVX-512 BF16, BW and VNNI (AMD Zen 4, Intel Sapphire Rapids and later), the extension built
+and `cpu_kernels` is not "off" (`fovea.kernels.status().int8_linear` says which and why).
 """
 from __future__ import annotations
 
@@ -51,13 +58,41 @@ def unpack_weight(packed: torch.Tensor, out_features: int, in_features: int) -> 
     return q[:out_features, :in_features].contiguous()
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, scale: torch.Tensor,
-           bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] bfloat16 -> [..., N] bfloat16; `packed` from `pack_weight`, `scale` and `bias` [N] (any float
-    dtype; used as float32)."""
+def pack_weight_w8a8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] int8 -> (packed [ceil(N/32), ceil(K/4), 32, 4], element [p, s, n, e] = q[32p + n, 4s + e], 0 past
+    the end; compensation [N] int32 = 128 * sum_k q[n, k])."""
+    n, k = q.shape
+    padded = F.pad(q.detach(), (0, -k % 4, 0, -n % PANEL))
+    packed = padded.view(-1, PANEL, (k + 3) // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return packed, (q.to(torch.int32).sum(dim=1) * 128).to(torch.int32)
+
+
+def unpack_weight_w8a8(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The [N, K] int8 matrix `pack_weight_w8a8` was given."""
+    num_panels, num_quads = packed.shape[:2]
+    q = packed.permute(0, 2, 1, 3).reshape(num_panels * PANEL, num_quads * 4)
+    return q[:out_features, :in_features].contiguous()
+
+
+def dynamic_linear(qx: torch.Tensor, x_scale: torch.Tensor, packed: torch.Tensor, compensation: torch.Tensor,
+                   out_features: int, scale: torch.Tensor, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+    """qx [M, K] int8 with x_scale [M] or [M, 1] (one row each) -> [M, N] in `out_dtype` (float32 or bfloat16):
+    R(R(R(sum_k qx * q) * x_scale) * scale) + bias, the sums exact in int32 (see the module docstring)."""
+    return _module().int8_dynamic_linear(qx, x_scale, packed, compensation, out_features, scale, bias, out_dtype)
+
+
+def _module():
     module = extension()
     if module is None or not available():
         raise RuntimeError(f"fovea's int8 linear kernel does not run here "
                            f"({RUNTIME.status().int8_linear.describe()})")
+    return module
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, scale: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] bfloat16 -> [..., N] bfloat16; `packed` from `pack_weight`, `scale` and `bias` [N] (any float
+    dtype; used as float32)."""
     flat = x.reshape(-1, x.shape[-1])
-    return module.int8_linear(flat, packed, out_features, scale, bias).view(*x.shape[:-1], out_features)
+    return _module().int8_linear(flat, packed, out_features, scale, bias).view(*x.shape[:-1], out_features)

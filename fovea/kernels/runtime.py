@@ -28,12 +28,12 @@ UNRESOLVED = object()
 AMX_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 NO_AMX = "no AMX on this CPU"
 AMX_DENIED = "Linux did not grant the AMX tile state (arch_prctl)"
-INT8_CPU_FLAGS = ("avx512_bf16", "avx512bw")
-NO_AVX512_BF16 = "no AVX-512 BF16 on this CPU"
+INT8_CPU_FLAGS = ("avx512_bf16", "avx512bw", "avx512_vnni")
+NO_AVX512_BF16 = "no AVX-512 BF16 and VNNI on this CPU"
 
 
 def cpu_has_avx512_bf16() -> bool:
-    """This CPU reports AVX-512 BF16 and BW (what fovea's int8 linear kernel runs on)."""
+    """This CPU reports AVX-512 BF16, BW and VNNI (what fovea's int8 linear kernels run on)."""
     return all(flag in cpu_flags() for flag in INT8_CPU_FLAGS)
 
 
@@ -61,7 +61,8 @@ class KernelStatus:
     paged_attention: decode attention read straight from the paged KV cache, in C++.
     amx_linear:     bfloat16 linear layers (K, N multiples of 32) on fovea's AMX kernel; needs AMX-BF16.
     onednn_linear:  the other float32 / bfloat16 linear layers on oneDNN-packed weights; needs torch with oneDNN.
-    int8_linear:    int8 weight-only layers with bfloat16 activations on fovea's kernel; needs AVX-512 BF16.
+    int8_linear:    int8 layers on fovea's kernels (W8A16 with bfloat16 activations, W8A8); needs AVX-512 BF16
+                    and VNNI.
     """
 
     mode: str

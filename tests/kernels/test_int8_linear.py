@@ -143,3 +143,77 @@ def test_loaded_bfloat16_int8_layers_run_the_kernel_and_fall_back_when_it_is_off
     off.method = Int8LinearMethod()
     prepare_linear_layer(off)
     assert hasattr(off, "int8_weight") and not hasattr(off, "int8_packed")  # kernels off at load: [N, K]
+
+
+# ---- W8A8: int8 activations x int8 weights, exact int32 sums (VNNI) ----------------------------------------------
+
+
+def test_pack_weight_w8a8_layout_and_compensation():
+    n, k = 41, 99  # K not a multiple of 4: padded with zeros
+    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    packed, compensation = int8_linear.pack_weight_w8a8(q)
+    assert packed.shape == (2, 25, 32, 4) and packed.is_contiguous()
+    for p, s, col, e in [(0, 0, 0, 0), (1, 4, 8, 3), (0, 24, 31, 2), (1, 20, 3, 1)]:
+        assert packed[p, s, col, e] == q[32 * p + col, 4 * s + e]
+    assert (packed[:, 24, :, 3] == 0).all()
+    assert torch.equal(compensation, q.int().sum(dim=1) * 128) and compensation.dtype == torch.int32
+    assert torch.equal(int8_linear.unpack_weight_w8a8(packed, n, k), q)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 6, 7, 13, 64, 70])
+@pytest.mark.parametrize("k,n", [(97, 33), (130, 41), (64, 16), (201, 100)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_equals_int_mm_and_the_same_float_ops_bit_for_bit(rows, k, n, dtype):
+    from fovea.layers.quantization.int8 import int8_dynamic_linear, quantize_activation_per_token
+
+    g = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
+    x[0, :] = 0  # an all-zero row: scale eps, every q 0
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    q[0, :] = -128  # the largest magnitudes: |sum| up to K * 128 * 128
+    scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    packed, compensation = int8_linear.pack_weight_w8a8(q)
+    qx, x_scale = quantize_activation_per_token(x)
+    for b in (bias, None):
+        got = int8_linear.dynamic_linear(qx, x_scale, packed, compensation, n, scale, b, dtype)
+        assert got.dtype == dtype and got.shape == (rows, n)
+        assert torch.equal(got, int8_dynamic_linear(x, q, scale, b))
+
+
+def test_w8a8_bad_inputs_are_named():
+    q = torch.randint(-128, 128, (40, 64), dtype=torch.int8)
+    packed, compensation = int8_linear.pack_weight_w8a8(q)
+    qx, x_scale = torch.zeros(3, 64, dtype=torch.int8), torch.ones(3)
+    scale = torch.ones(40)
+    with pytest.raises(RuntimeError, match="qx has K=60, the packed weight 64"):
+        int8_linear.dynamic_linear(qx[:, :60], x_scale, packed, compensation, 40, scale, None, torch.float32)
+    with pytest.raises(RuntimeError, match=r"qx must be a \[M, K\] int8 tensor"):
+        int8_linear.dynamic_linear(qx.float(), x_scale, packed, compensation, 40, scale, None, torch.float32)
+    with pytest.raises(RuntimeError, match="out_dtype must be float32 or bfloat16"):
+        int8_linear.dynamic_linear(qx, x_scale, packed, compensation, 40, scale, None, torch.float16)
+    with pytest.raises(RuntimeError, match="x_scale must have M=3 values"):
+        int8_linear.dynamic_linear(qx, x_scale[:2], packed, compensation, 40, scale, None, torch.float32)
+    with pytest.raises(RuntimeError, match=r"compensation must be a contiguous \[40\] int32"):
+        int8_linear.dynamic_linear(qx, x_scale, packed, compensation.long(), 40, scale, None, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_w8a8_layers_run_the_kernel_bit_for_bit(dtype):
+    from fovea.layers.quantization.int8 import CompressedInt8LinearMethod, int8_dynamic_linear
+
+    layer = Linear(99, 41, bias=True, dtype=dtype, method=CompressedInt8LinearMethod(False, True))
+    q = torch.randint(-128, 128, (41, 99), dtype=torch.int8)
+    with torch.no_grad():
+        layer.weight.copy_(q)
+        layer.weight_scale.copy_(torch.rand(41, 1) * 0.02 + 1e-3)
+        layer.bias.copy_(torch.randn(41))
+    layer.method.process_weights_after_loading(layer)
+    assert hasattr(layer, "int8_packed") and not hasattr(layer, "int8_weight")
+    assert torch.equal(int8_weight(layer), q) and torch.equal(layer.state_dict()["weight"], q)
+    x = (torch.randn(2, 5, 99) * 2).to(dtype)
+    with torch.inference_mode():
+        got = layer(x)
+        assert torch.equal(got, int8_dynamic_linear(x, q, layer.int8_scale, layer.bias))
+        kernels.set_mode("off")  # packed at load, kernels off later: unpacked for the call, same result
+        assert torch.equal(layer(x), got)

@@ -16,4 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_linear", &fovea::amx_linear, "x"_a, "packed"_a, "bias"_a);
   m.def("int8_linear_compiled", &fovea::int8_linear_compiled);
   m.def("int8_linear", &fovea::int8_linear, "x"_a, "packed"_a, "out_features"_a, "scale"_a, "bias"_a);
+  m.def("int8_dynamic_linear", &fovea::int8_dynamic_linear, "qx"_a, "x_scale"_a, "packed"_a, "compensation"_a,
+        "out_features"_a, "scale"_a, "bias"_a, "out_dtype"_a);
 }

@@ -14,6 +14,7 @@
 // runs them only where the CPU reports avx512_bf16 and avx512bw.
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -22,7 +23,7 @@
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : (defined(__GNUC__) && __GNUC__ >= 11))
 #define FOVEA_INT8 1
 #include <immintrin.h>
-#define FOVEA_INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define FOVEA_INT8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni")))
 #endif
 
 namespace fovea {
@@ -156,6 +157,105 @@ FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t
   });
 }
 
+// ---- W8A8: int8 activations (quantized per row by the caller) x int8 weights, exact int32 sums (VNNI) ----------
+
+// `vpdpbusd` multiplies unsigned by signed bytes, four per 32-bit lane: x is given as u = qx + 128 (qx ^ 0x80) and
+// 128 * sum_k q[n, k] (`compensation`, made at packing) is taken off: sum u * q - 128 * sum q = sum qx * q, exact.
+// Packed layout [P, K / 4, 32, 4]: a step is 128 bytes, columns 0-15 then 16-31, four k each.
+template <int R>
+FOVEA_INT8_TARGET inline void accumulate_quads(const int8_t* q, const uint8_t* u, int64_t ldu, int64_t s,
+                                               __m512i (&acc)[R][2]) {
+  const __m512i lo = _mm512_loadu_si512(q + 128 * s);
+  const __m512i hi = _mm512_loadu_si512(q + 128 * s + 64);
+  for (int r = 0; r < R; ++r) {
+    int32_t bits;
+    std::memcpy(&bits, u + r * ldu + 4 * s, sizeof(bits));
+    const __m512i b = _mm512_set1_epi32(bits);
+    acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b, lo);
+    acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b, hi);
+  }
+}
+
+// y = R(R(float(sum) * x_scale[m]) * scale[n]) (+ bias, rounded again): the roundings of
+// `(acc.float() * x_scale.float() * scale.float()).to(dtype) + bias` (fovea.layers.quantization.int8)
+template <int R, typename Out>
+FOVEA_INT8_TARGET void quad_block(const int8_t* q, const uint8_t* u, int64_t ldu, int64_t quads,
+                                  const int32_t* compensation, const float* x_scale, const float* scale,
+                                  const float* bias, int64_t cols, Out* y, int64_t ldy) {
+  __m512i acc[R][2], odd[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = odd[r][0] = odd[r][1] = _mm512_setzero_si512();
+  int64_t s = 0;
+  for (; s + 1 < quads; s += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + 128 * s) + kPrefetchAhead, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(q + 128 * s) + kPrefetchAhead + 64, _MM_HINT_T0);
+    accumulate_quads<R>(q, u, ldu, s, acc);
+    accumulate_quads<R>(q, u, ldu, s + 1, odd);
+  }
+  if (s < quads) accumulate_quads<R>(q, u, ldu, s, acc);
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  const __m512i c0 = _mm512_maskz_loadu_epi32(m0, compensation);
+  const __m512i c1 = _mm512_maskz_loadu_epi32(m1, compensation + 16);
+  const __m512 s0 = _mm512_maskz_loadu_ps(m0, scale), s1 = _mm512_maskz_loadu_ps(m1, scale + 16);
+  for (int r = 0; r < R; ++r) {
+    const __m512 xs = _mm512_set1_ps(x_scale[r]);
+    const __m512i sum0 = _mm512_sub_epi32(_mm512_add_epi32(acc[r][0], odd[r][0]), c0);
+    const __m512i sum1 = _mm512_sub_epi32(_mm512_add_epi32(acc[r][1], odd[r][1]), c1);
+    __m512 v0 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum0), xs), s0);
+    __m512 v1 = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum1), xs), s1);
+    if constexpr (std::is_same_v<Out, float>) {
+      if (bias) {
+        v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, bias));
+        v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, bias + 16));
+      }
+      _mm512_mask_storeu_ps(y + r * ldy, m0, v0);
+      _mm512_mask_storeu_ps(y + r * ldy + 16, m1, v1);
+    } else {
+      __m256i h0 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v0));
+      __m256i h1 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v1));
+      if (bias) {  // the product rounded to bfloat16 first, then the sum: torch's two ops
+        const __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h0), 16));
+        const __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h1), 16));
+        h0 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(w0, _mm512_maskz_loadu_ps(m0, bias))));
+        h1 = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_add_ps(w1, _mm512_maskz_loadu_ps(m1, bias + 16))));
+      }
+      _mm256_mask_storeu_epi16(y + r * ldy, m0, h0);
+      _mm256_mask_storeu_epi16(y + r * ldy + 16, m1, h1);
+    }
+  }
+}
+
+// u [M, K4] uint8 (qx + 128, rows contiguous), packed [P, K4 / 4, 32, 4] -> y [M, N] float32 or bfloat16 bits
+template <typename Out>
+FOVEA_INT8_TARGET void run_quads(const uint8_t* u, int64_t M, int64_t K4, const int8_t* packed, int64_t N,
+                                 const int32_t* compensation, const float* x_scale, const float* scale,
+                                 const float* bias, Out* y) {
+  const int64_t quads = K4 / 4;
+  WorkCounter panels((N + kPanel - 1) / kPanel);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t p; panels.take(p);) {
+      const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+      const float* bp = bias ? bias + n0 : nullptr;
+      for (int64_t m0 = 0; m0 < M; m0 += kRows) {  // later row blocks read the panel (K / 4 x 128 B) from L2
+#define FOVEA_QUAD_CASE(R)                                                                                  \
+  case R:                                                                                                   \
+    quad_block<R, Out>(packed + p * quads * 128, u + m0 * K4, K4, quads, compensation + n0, x_scale + m0, \
+                       scale + n0, bp, cols, y + m0 * N + n0, N);                                           \
+    break;
+        switch (std::min<int64_t>(kRows, M - m0)) {
+          FOVEA_QUAD_CASE(1)
+          FOVEA_QUAD_CASE(2)
+          FOVEA_QUAD_CASE(3)
+          FOVEA_QUAD_CASE(4)
+          FOVEA_QUAD_CASE(5)
+          FOVEA_QUAD_CASE(6)
+        }
+#undef FOVEA_QUAD_CASE
+      }
+    }
+  });
+}
+
 }  // namespace
 #endif
 
@@ -197,6 +297,56 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
   return y;
 #else
   TORCH_CHECK(false, "int8_linear: not compiled on this host (needs x86-64 and gcc >= 11 or clang >= 12)");
+#endif
+}
+
+at::Tensor int8_dynamic_linear(const at::Tensor& qx, const at::Tensor& x_scale, const at::Tensor& packed,
+                               const at::Tensor& compensation, int64_t out_features, const at::Tensor& scale,
+                               const std::optional<at::Tensor>& bias, at::ScalarType out_dtype) {
+#ifdef FOVEA_INT8
+  TORCH_CHECK(qx.dim() == 2 && qx.scalar_type() == at::kChar, "int8_dynamic_linear: qx must be a [M, K] int8 tensor, got ",
+              qx.scalar_type(), " ", qx.sizes());
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kChar && packed.is_contiguous() &&
+                  packed.size(2) == kPanel && packed.size(3) == 4,
+              "int8_dynamic_linear: packed must be a contiguous [N / 32, K / 4, 32, 4] int8 tensor, got ",
+              packed.scalar_type(), " ", packed.sizes());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16,
+              "int8_dynamic_linear: out_dtype must be float32 or bfloat16, got ", out_dtype);
+  const int64_t M = qx.size(0), K = qx.size(1), N = out_features, K4 = 4 * packed.size(1);
+  TORCH_CHECK(K <= K4 && K > K4 - 4, "int8_dynamic_linear: qx has K=", K, ", the packed weight ", K4);
+  TORCH_CHECK(N > 0 && N <= packed.size(0) * kPanel && N > (packed.size(0) - 1) * kPanel,
+              "int8_dynamic_linear: out_features=", N, " does not fit the packed weight's ", packed.size(0),
+              " panels");
+  TORCH_CHECK(compensation.scalar_type() == at::kInt && compensation.numel() == N && compensation.is_contiguous(),
+              "int8_dynamic_linear: compensation must be a contiguous [", N, "] int32 tensor");
+  TORCH_CHECK(x_scale.numel() == M, "int8_dynamic_linear: x_scale must have M=", M, " values, got ", x_scale.numel());
+  TORCH_CHECK(scale.dim() == 1 && scale.numel() == N, "int8_dynamic_linear: scale must be [", N, "], got ",
+              scale.sizes());
+  // u = qx + 128 as bytes, each row padded to K4 (the packed weight is zero there)
+  at::Tensor u = at::full({M, K4}, 128, qx.options().dtype(at::kByte));
+  u.narrow(1, 0, K).copy_(at::bitwise_xor(qx, -128).view(at::kByte));
+  const at::Tensor xs = x_scale.to(at::kFloat).reshape({M}).contiguous();
+  const at::Tensor sf = scale.to(at::kFloat).contiguous();
+  at::Tensor bf;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == N, "int8_dynamic_linear: bias must be [", N, "], got ",
+                bias->sizes());
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  const float* bias_ptr = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({M, N}, qx.options().dtype(out_dtype));
+  if (M == 0) return y;
+  if (out_dtype == at::kFloat) {
+    run_quads(u.data_ptr<uint8_t>(), M, K4, packed.data_ptr<int8_t>(), N, compensation.data_ptr<int32_t>(),
+              xs.data_ptr<float>(), sf.data_ptr<float>(), bias_ptr, y.data_ptr<float>());
+  } else {
+    run_quads(u.data_ptr<uint8_t>(), M, K4, packed.data_ptr<int8_t>(), N, compensation.data_ptr<int32_t>(),
+              xs.data_ptr<float>(), sf.data_ptr<float>(), bias_ptr,
+              reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()));
+  }
+  return y;
+#else
+  TORCH_CHECK(false, "int8_dynamic_linear: not compiled on this host (needs x86-64 and gcc >= 11 or clang >= 12)");
 #endif
 }
 

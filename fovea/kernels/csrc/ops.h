@@ -22,9 +22,12 @@ bool amx_compiled();
 bool enable_amx();
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
 
-// int8_linear.cpp: int8 weight-only linear (W8A16) on AVX-512 BF16
+// int8_linear.cpp: int8 weight-only linear (W8A16) on AVX-512 BF16, W8A8 on AVX-512 VNNI
 bool int8_linear_compiled();
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, const at::Tensor& scale,
                        const std::optional<at::Tensor>& bias);
+at::Tensor int8_dynamic_linear(const at::Tensor& qx, const at::Tensor& x_scale, const at::Tensor& packed,
+                               const at::Tensor& compensation, int64_t out_features, const at::Tensor& scale,
+                               const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
 
 }  // namespace fovea

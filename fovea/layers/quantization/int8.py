@@ -18,10 +18,14 @@ is in one of two layouts, chosen once at load (`store_int8_weight`):
   "off"). Every matmul of such a layer, 1 row or thousands, runs that kernel: the int8 weight is read once per
   call as a stream (decode: close to the memory bandwidth) and widened to bfloat16 in registers and cache tiles,
   never dequantized in full (`fovea/kernels/int8_linear.py`).
-- `layer.int8_weight` [N, K] int8 (contiguous) otherwise (float32 activations, W8A8, no AVX-512 BF16, kernels
-  off). A weight-only matmul (`int8_weight_only_linear`) then runs, up to `INT8_MM_MAX_ROWS` rows of bfloat16
-  (K a multiple of 16), torch's int8 weight-only CPU kernel (`aten._weight_int8pack_mm`); otherwise the weight is
-  dequantized to the activation dtype and the dense GEMM runs. W8A8 runs `int8_dynamic_linear`.
+- `layer.int8_packed` (`pack_weight_w8a8`: k in fours) and `layer.int8_compensation` for a W8A8 layer with
+  float32 or bfloat16 activations where the kernels run: each row of x is quantized here
+  (`quantize_activation_per_token`), and the kernel sums int8 x int8 exactly with VNNI and applies the scales
+  with `int8_dynamic_linear`'s roundings: the same result, bit for bit, without torch's `_int_mm`.
+- `layer.int8_weight` [N, K] int8 (contiguous) otherwise (weight-only float32 activations, no AVX-512 BF16 and
+  VNNI, kernels off). A weight-only matmul (`int8_weight_only_linear`) then runs, up to `INT8_MM_MAX_ROWS` rows
+  of bfloat16 (K a multiple of 16), torch's int8 weight-only CPU kernel (`aten._weight_int8pack_mm`); otherwise
+  the weight is dequantized to the activation dtype and the dense GEMM runs. W8A8 runs `int8_dynamic_linear`.
 
 A packed layer asked to run where the kernel no longer does (kernels turned off after loading) unpacks its
 weight for that call: slow, never wrong.
@@ -104,9 +108,11 @@ def int8_dynamic_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 def store_int8_weight(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, is_weight_only: bool) -> None:
     """Keep q [N, K] int8 in the one layout `apply` reads (see the module docstring), and the scale [N]."""
-    if (is_weight_only and q.device.type == "cpu" and layer.params_dtype == torch.bfloat16
-            and int8_kernel.available()):
+    runs_kernel = q.device.type == "cpu" and int8_kernel.available()
+    if is_weight_only and runs_kernel and layer.params_dtype == torch.bfloat16:
         layer.int8_packed = int8_kernel.pack_weight(q)
+    elif not is_weight_only and runs_kernel and layer.params_dtype in (torch.float32, torch.bfloat16):
+        layer.int8_packed, layer.int8_compensation = int8_kernel.pack_weight_w8a8(q)
     else:
         layer.int8_weight = q.contiguous()
     layer.int8_scale = scale
@@ -117,16 +123,34 @@ def int8_weight(layer: nn.Module) -> torch.Tensor:
     packed = getattr(layer, "int8_packed", None)
     if packed is None:
         return layer.int8_weight
-    return int8_kernel.unpack_weight(packed, layer.out_features, layer.in_features)
+    unpack = int8_kernel.unpack_weight if packed.shape[-1] == 2 else int8_kernel.unpack_weight_w8a8
+    return unpack(packed, layer.out_features, layer.in_features)
+
+
+def _runs_kernel(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and int8_kernel.available()
 
 
 def apply_weight_only(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(layer, "int8_packed", None)
     if packed is None:
         return int8_weight_only_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and int8_kernel.available():
+    if x.dtype == torch.bfloat16 and _runs_kernel(x):
         return int8_kernel.linear(x, packed, layer.out_features, layer.int8_scale, layer.bias)
     return int8_weight_only_linear(x, int8_weight(layer), layer.int8_scale, layer.bias)
+
+
+def apply_dynamic(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    packed = getattr(layer, "int8_packed", None)
+    if packed is None:
+        return int8_dynamic_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+    if x.dtype in (torch.float32, torch.bfloat16) and _runs_kernel(x):
+        x2 = x.reshape(-1, x.shape[-1])
+        qx, x_scale = quantize_activation_per_token(x2)
+        y = int8_kernel.dynamic_linear(qx, x_scale, packed, layer.int8_compensation, layer.out_features,
+                                       layer.int8_scale, layer.bias, x.dtype)
+        return y.view(*x.shape[:-1], layer.out_features)
+    return int8_dynamic_linear(x, int8_weight(layer), layer.int8_scale, layer.bias)
 
 
 class Int8LinearMethod(LinearMethod):
@@ -190,7 +214,7 @@ class CompressedInt8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.is_dynamic_activation:
-            return int8_dynamic_linear(x, layer.int8_weight, layer.int8_scale, layer.bias)
+            return apply_dynamic(layer, x)
         return apply_weight_only(layer, x)
 
     def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
