@@ -18,8 +18,12 @@ from typing import Any
 import torch
 
 from fovea.models.llava_processing import LlavaDummyInputsBuilder, LlavaMultiModalProcessor, LlavaProcessingInfo
-from fovea.multimodal.processing import MultiModalFieldConfig, PromptReplacement, PromptUpdate, \
-    preprocess_images_or_embeds
+from fovea.multimodal.processing import (
+    MultiModalFieldConfig,
+    PromptReplacement,
+    PromptUpdate,
+    preprocess_images_or_embeds,
+)
 from fovea.multimodal.processors import LlavaNextImageProcessor, get_image_processor
 from fovea.multimodal.processors.llava_next import check_pinpoints, select_best_resolution
 
@@ -76,9 +80,9 @@ class LlavaNextProcessingInfo(LlavaProcessingInfo):
             raise ValueError(f"the image processor makes {processor.output_size()} tiles but the vision tower "
                              f"takes {size} x {size}")
         if processor.image_grid_pinpoints != self.pinpoints:
-            raise ValueError(f"the image processor's image_grid_pinpoints {[list(p) for p in processor.image_grid_pinpoints]} "
-                             f"differ from the model config's {[list(p) for p in self.pinpoints]}; the placeholders "
-                             f"would not match the features (make them equal)")
+            theirs, ours = [list(p) for p in processor.image_grid_pinpoints], [list(p) for p in self.pinpoints]
+            raise ValueError(f"the image processor's image_grid_pinpoints {theirs} differ from the model config's "
+                             f"{ours}; the placeholders would not match the features (make them equal)")
         return processor
 
     def get_embed_shape(self) -> tuple[int | None, int]:
@@ -101,7 +105,8 @@ class LlavaNextMultiModalProcessor(LlavaMultiModalProcessor):
 
     def _get_mm_fields_config(self, processed, mm_kwargs) -> dict[str, MultiModalFieldConfig]:
         if "image_embeds" in processed:
-            return {"image_embeds": MultiModalFieldConfig.flat_from_sizes("image", processed["num_image_tokens"].tolist()),
+            rows = processed["num_image_tokens"].tolist()
+            return {"image_embeds": MultiModalFieldConfig.flat_from_sizes("image", rows),
                     "num_image_tokens": MultiModalFieldConfig.batched("image")}
         if "image_sizes" not in processed:  # a text-only prompt
             return {}

@@ -18,7 +18,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -116,8 +115,8 @@ class LlavaNextImageProcessor(CLIPImageProcessor):
                 image = convert_to_rgb(image)
             pixels += [self._cropped_rgb(tile) for tile in self.tiles(image)]  # each (S, S, 3) uint8
             sizes.append((image.height, image.width))
-        return {"pixel_values": apply_value_table(pixels, self._value_table, "after processing (do_center_crop is off)"),
-                "image_sizes": torch.tensor(sizes, dtype=torch.int64)}
+        pixel_values = apply_value_table(pixels, self._value_table, "after processing (do_center_crop is off)")
+        return {"pixel_values": pixel_values, "image_sizes": torch.tensor(sizes, dtype=torch.int64)}
 
     def tiles(self, image: Image.Image) -> list[Image.Image]:
         """The base image, then the tiles of the best-fitting resolution, left to right and top to bottom."""
