@@ -88,7 +88,7 @@ class LinearBase(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, method={self.method.name}")
+                f"bias={self.bias is not None}, method={self.method.describe(self)}")
 
 
 class Linear(LinearBase):

@@ -50,6 +50,10 @@ class LinearMethod:
         """The layer's tensors as the checkpoint holds them (dense `weight` [out, in], `bias`)."""
         return {name: p for name, p in layer._parameters.items() if p is not None}
 
+    def describe(self, layer: nn.Module) -> str:
+        """What `repr(layer)` shows after `method=`: the name, and which kernel where the method picks one at load."""
+        return self.name
+
 
 class DenseLinearMethod(LinearMethod):
     """torch's `F.linear` on the dense weight: training (autograd), float16, and wherever no packed path runs."""

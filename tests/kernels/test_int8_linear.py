@@ -129,6 +129,7 @@ def test_loaded_bfloat16_int8_layers_run_the_kernel_and_fall_back_when_it_is_off
     layer.method = Int8LinearMethod()
     prepare_linear_layer(layer)
     assert hasattr(layer, "int8_packed") and not hasattr(layer, "int8_weight")  # one layout, no second copy
+    assert "method=int8[fovea-avx512bf16]" in repr(layer)
     q, scale = quantize_weight_per_channel(dense, torch.bfloat16)
     assert torch.equal(int8_weight(layer), q)
     x = torch.randn(7, 99).bfloat16()
@@ -143,6 +144,7 @@ def test_loaded_bfloat16_int8_layers_run_the_kernel_and_fall_back_when_it_is_off
     off.method = Int8LinearMethod()
     prepare_linear_layer(off)
     assert hasattr(off, "int8_weight") and not hasattr(off, "int8_packed")  # kernels off at load: [N, K]
+    assert "method=int8[torch]" in repr(off)
 
 
 # ---- W8A8: int8 activations x int8 weights, exact int32 sums (VNNI) ----------------------------------------------
@@ -211,6 +213,7 @@ def test_loaded_w8a8_layers_run_the_kernel_bit_for_bit(dtype):
     layer.method.process_weights_after_loading(layer)
     assert hasattr(layer, "int8_packed") and not hasattr(layer, "int8_weight")
     assert torch.equal(int8_weight(layer), q) and torch.equal(layer.state_dict()["weight"], q)
+    assert "method=int8-w8a8[fovea-vnni]" in repr(layer)
     x = (torch.randn(2, 5, 99) * 2).to(dtype)
     with torch.inference_mode():
         got = layer(x)

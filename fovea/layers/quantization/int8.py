@@ -127,6 +127,14 @@ def int8_weight(layer: nn.Module) -> torch.Tensor:
     return unpack(packed, layer.out_features, layer.in_features)
 
 
+def describe_int8(method: LinearMethod, layer: nn.Module) -> str:
+    """`int8[fovea-avx512bf16]`, `int8-w8a8[fovea-vnni]` or `...[torch]`: the layout chosen at load says which
+    kernel runs."""
+    packed = getattr(layer, "int8_packed", None)
+    kernel = "torch" if packed is None else "fovea-avx512bf16" if packed.shape[-1] == 2 else "fovea-vnni"
+    return f"{method.name}[{kernel}]"
+
+
 def _runs_kernel(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and int8_kernel.available()
 
@@ -167,6 +175,9 @@ class Int8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return apply_weight_only(layer, x)
+
+    def describe(self, layer: nn.Module) -> str:
+        return describe_int8(self, layer)
 
     def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         tensors = super().checkpoint_tensors(layer)
@@ -216,6 +227,9 @@ class CompressedInt8LinearMethod(LinearMethod):
         if self.is_dynamic_activation:
             return apply_dynamic(layer, x)
         return apply_weight_only(layer, x)
+
+    def describe(self, layer: nn.Module) -> str:
+        return describe_int8(self, layer)
 
     def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         """As an "int-quantized" checkpoint holds them (a pack-quantized one saves unpacked)."""
