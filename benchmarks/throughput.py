@@ -7,7 +7,12 @@ transformers runs static, left-padded batches (each batch generates until its lo
 only the tokens a request asked for count as useful) at batch sizes 16, 32 and 64; fovea gets all requests
 at once. Prints useful output tokens/s for both and the ratio against transformers' best batch size.
 
+With `--peers transformers vllm` each engine runs in its own process, one after another (vLLM's CPU build under
+the peer environment of `make bench-peers`, all requests at once as fovea; see benchmarks/peers.py), and the
+output gives the machine, each engine's version and settings, and fovea / peer for each dtype.
+
     python benchmarks/throughput.py [--num-requests 64] [--dtypes float32 bfloat16] [--hf-batch-sizes 16 32 64]
+    python benchmarks/throughput.py --dtypes bfloat16 --peers transformers vllm
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
+from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
+                              engine_version, format_report, machine_description, run_all)
 
 VOCAB = 50272
 
@@ -55,7 +62,8 @@ def requests(num: int):
     return prompts(num, 10, 50000), images(num), caps
 
 
-def run_fovea(path: Path, dtype: str, reqs) -> tuple[float, int]:
+def run_fovea(path: Path, dtype: str, reqs) -> tuple[float, int, int]:
+    """(seconds, useful tokens, prompt tokens: image placeholders included, printed next to the peers' counts)"""
     from fovea import LLM, SamplingParams
 
     texts, imgs, caps = reqs
@@ -69,7 +77,7 @@ def run_fovea(path: Path, dtype: str, reqs) -> tuple[float, int]:
     assert useful == sum(caps)
     del llm
     gc.collect()
-    return t.seconds, useful
+    return t.seconds, useful, sum(len(o.prompt_token_ids) for o in outs)
 
 
 def run_transformers(path: Path, dtype: str, reqs, batch_size: int) -> tuple[float, int]:
@@ -100,16 +108,67 @@ def run_transformers(path: Path, dtype: str, reqs, batch_size: int) -> tuple[flo
     return t.seconds, sum(caps)
 
 
+def run_vllm(path: Path, dtype: str, reqs) -> tuple[float, int, int]:
+    """vLLM's offline LLM on the same requests, all at once as fovea (warm-up, prefix cache emptied); returns
+    (seconds, useful tokens, prompt tokens)."""
+    from vllm import LLM, SamplingParams
+
+    texts, imgs, caps = reqs
+    llm = LLM(str(path), dtype=dtype, max_model_len=512, max_num_seqs=len(texts), seed=0,
+              limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
+    batch = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, imgs)]
+    params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
+    llm.generate(batch[:2], params[:2], use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()
+    with Timer() as t:
+        outs = llm.generate(batch, params, use_tqdm=False)
+    useful = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert useful == sum(caps), (useful, sum(caps))
+    return t.seconds, useful, sum(len(o.prompt_token_ids) for o in outs)
+
+
+def run_engine(args, path: Path, reqs) -> EngineResult:
+    """One engine, every dtype, in this process: what a child of `--peers` runs."""
+    metrics, detail, prompt_tokens = {}, {}, 0
+    for dtype in args.dtypes:
+        if args.engine == "fovea":
+            seconds, useful, prompt_tokens = run_fovea(path, dtype, reqs)
+        elif args.engine == "vllm":
+            seconds, useful, prompt_tokens = run_vllm(path, dtype, reqs)
+        else:  # transformers: its best static batch size counts
+            best = 0.0
+            for bs in args.hf_batch_sizes:
+                seconds, useful = run_transformers(path, dtype, reqs, bs)
+                detail[f"{dtype} bs={bs} tok/s"] = useful / seconds
+                best = max(best, useful / seconds)
+            seconds = useful / best
+        metrics[f"{dtype} tok/s"] = useful / seconds
+        print(f"  {dtype:9s} {args.engine:12s} {useful / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
+    settings = {"threads": str(args.threads)}
+    return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
+                        metrics=metrics, prompt_tokens=prompt_tokens, settings=settings, detail=detail)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--threads", type=int, default=2)
+    add_peer_arguments(parser)
     args = parser.parse_args()
+    check_peer_arguments(parser, args)
     torch.set_num_threads(args.threads)
     path = build_checkpoint(CACHE / "blip2-opt125m-vits14")
+    if args.peers:
+        results = run_all(Path(__file__), sys.argv[1:], args.peers, args.peer_python, args.threads)
+        print(format_report(f"BLIP-2 offline throughput, {args.num_requests} requests, useful output tokens/s",
+                            results, machine_description()))
+        return
     reqs = requests(args.num_requests)
+    if args.engine:
+        run_engine(args, path, reqs).write(args.result)
+        return
     print(f"{args.num_requests} requests, {sum(reqs[2])} useful output tokens, {args.threads} threads")
     for dtype in args.dtypes:
         hf = {}
@@ -117,7 +176,7 @@ def main() -> None:
             seconds, useful = run_transformers(path, dtype, reqs, bs)
             hf[bs] = useful / seconds
             print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-        seconds, useful = run_fovea(path, dtype, reqs)
+        seconds, useful, _ = run_fovea(path, dtype, reqs)
         ours = useful / seconds
         best_bs = max(hf, key=hf.get)
         print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "

@@ -17,8 +17,14 @@ With `--repeats N` every configuration (fovea, and transformers at each batch si
 loaded model and its fastest run counts, on both sides alike: on a shared machine the slowest runs measure the
 neighbours, not the code.
 
+With `--peers transformers vllm` each engine runs in its own process, one after another (vLLM's CPU build under
+the peer environment of `make bench-peers`, all requests at once through its `LLM.chat` as fovea, the image's
+`min_pixels` / `max_pixels` from the checkpoint's processor config; see benchmarks/peers.py), and the output gives
+the machine, each engine's version and settings, and fovea / peer for each dtype.
+
     python benchmarks/throughput_qwen.py [--num-requests 32] [--dtypes float32 bfloat16] [--hf-batch-sizes 8 16 32]
                                          [--repeats 1]
+    python benchmarks/throughput_qwen.py --dtypes bfloat16 --peers transformers vllm
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
+from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
+                              engine_version, format_report, machine_description, run_all)
 
 VOCAB = 151936
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -89,7 +97,8 @@ def requests(num: int):
     return conversations, images(num), caps
 
 
-def run_fovea(path: Path, dtype: str, reqs, repeats: int = 1) -> tuple[float, int]:
+def run_fovea(path: Path, dtype: str, reqs, repeats: int = 1) -> tuple[float, int, int]:
+    """(best seconds, useful tokens, prompt tokens: image placeholders included, printed next to the peers')"""
     from fovea import LLM, SamplingParams
 
     conversations, imgs, caps = reqs
@@ -110,7 +119,7 @@ def run_fovea(path: Path, dtype: str, reqs, repeats: int = 1) -> tuple[float, in
         best = min(best, t.seconds)
     del llm
     gc.collect()
-    return best, useful
+    return best, useful, sum(len(o.prompt_token_ids) for o in outs)
 
 
 def run_transformers(path: Path, dtype: str, reqs, batch_size: int, max_pixels: int,
@@ -156,6 +165,52 @@ def run_transformers(path: Path, dtype: str, reqs, batch_size: int, max_pixels: 
     return best, sum(caps)
 
 
+def run_vllm(path: Path, dtype: str, reqs, max_pixels: int, repeats: int = 1) -> tuple[float, int, int]:
+    """vLLM's offline LLM.chat on the same messages, all at once as fovea (warm-up, prefix cache emptied before
+    each timed run); returns (best seconds, useful tokens, prompt tokens)."""
+    from vllm import LLM, SamplingParams
+
+    conversations, imgs, caps = reqs
+    llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(conversations), seed=0,
+              limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_cache_gb=0,
+              mm_processor_kwargs={"min_pixels": MIN_PIXELS, "max_pixels": max_pixels})
+    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, conv[0]["content"][1]]}]
+                for conv, im in zip(conversations, imgs)]
+    params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
+    llm.chat(messages[:2], params[:2], use_tqdm=False)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        llm.reset_prefix_cache()
+        with Timer() as t:
+            outs = llm.chat(messages, params, use_tqdm=False)
+        useful = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert useful == sum(caps), (useful, sum(caps))
+        best = min(best, t.seconds)
+    return best, useful, sum(len(o.prompt_token_ids) for o in outs)
+
+
+def run_engine(args, path: Path, reqs) -> EngineResult:
+    """One engine, every dtype, in this process: what a child of `--peers` runs."""
+    metrics, detail, prompt_tokens = {}, {}, 0
+    for dtype in args.dtypes:
+        if args.engine == "fovea":
+            seconds, useful, prompt_tokens = run_fovea(path, dtype, reqs, args.repeats)
+        elif args.engine == "vllm":
+            seconds, useful, prompt_tokens = run_vllm(path, dtype, reqs, args.max_pixels, args.repeats)
+        else:  # transformers: its best static batch size counts
+            best = 0.0
+            for bs in args.hf_batch_sizes:
+                seconds, useful = run_transformers(path, dtype, reqs, bs, args.max_pixels, args.repeats)
+                detail[f"{dtype} bs={bs} tok/s"] = useful / seconds
+                best = max(best, useful / seconds)
+            seconds = useful / best
+        metrics[f"{dtype} tok/s"] = useful / seconds
+        print(f"  {dtype:9s} {args.engine:12s} {useful / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
+    return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
+                        metrics=metrics, prompt_tokens=prompt_tokens,
+                        settings={"threads": str(args.threads), "repeats": str(args.repeats)}, detail=detail)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-requests", type=int, default=32)
@@ -165,10 +220,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1, help="time each configuration this many times; "
                         "the fastest run counts (both sides alike)")
+    add_peer_arguments(parser)
     args = parser.parse_args()
+    check_peer_arguments(parser, args)
     torch.set_num_threads(args.threads)
     path = build_checkpoint(CACHE / f"qwen2_5_vl-lm0.5b-vit8-{args.max_pixels}", args.max_pixels)
+    if args.peers:
+        results = run_all(Path(__file__), sys.argv[1:], args.peers, args.peer_python, args.threads)
+        print(format_report(f"Qwen2.5-VL offline throughput, {args.num_requests} requests, images up to "
+                            f"{args.max_pixels} pixels, best of {args.repeats}, useful output tokens/s",
+                            results, machine_description()))
+        return
     reqs = requests(args.num_requests)
+    if args.engine:
+        run_engine(args, path, reqs).write(args.result)
+        return
     print(f"{args.num_requests} requests, {sum(reqs[2])} useful output tokens, images up to {args.max_pixels} "
           f"pixels, {args.threads} threads, best of {args.repeats} run(s) each")
     for dtype in args.dtypes:
@@ -177,7 +243,7 @@ def main() -> None:
             seconds, useful = run_transformers(path, dtype, reqs, bs, args.max_pixels, args.repeats)
             hf[bs] = useful / seconds
             print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-        seconds, useful = run_fovea(path, dtype, reqs, args.repeats)
+        seconds, useful, _ = run_fovea(path, dtype, reqs, args.repeats)
         ours = useful / seconds
         best_bs = max(hf, key=hf.get)
         print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "

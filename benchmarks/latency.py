@@ -1,0 +1,198 @@
+"""Single-stream latency: time to first token (TTFT) for one 448x448 image and decode tokens/s of one request,
+fovea vs transformers vs vLLM's CPU build, each engine in its own process (see benchmarks/peers.py).
+
+One request at a time, nothing else running in the engine: the chat turn of the throughput benchmarks with a
+448x448 image (256 LLM tokens on the Qwen benchmark model, 32 query tokens on BLIP-2) and a fixed 16-word prompt.
+TTFT is the wall time of a request for 1 token, preprocessing included; decode tokens/s is (N - 1) / (time of a
+request for N tokens - TTFT), both best of `--repeats`, every timed request on its own image (random pixels, same
+size) after one warm-up request, so neither the prefix nor any encoder cache helps. EOS is ignored.
+
+    python benchmarks/latency.py --peers transformers vllm                    # Qwen benchmark model, bfloat16
+    python benchmarks/latency.py --model blip2 --decode-tokens 64 --peers vllm
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import CACHE, Timer  # noqa: E402
+from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
+                              engine_version, format_report, machine_description, run_all)
+
+IMAGE_SIDE = 448
+PROMPT = " ".join(f"w{1000 + 37 * i}" for i in range(16))
+
+
+def image(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8))
+
+
+def checkpoint(model: str) -> Path:
+    if model == "qwen":
+        from benchmarks.throughput_qwen import MAX_PIXELS, build_checkpoint
+        return build_checkpoint(CACHE / f"qwen2_5_vl-lm0.5b-vit8-{MAX_PIXELS}", MAX_PIXELS)
+    from benchmarks.throughput import build_checkpoint
+    return build_checkpoint(CACHE / "blip2-opt125m-vits14")
+
+
+class FoveaRunner:
+    def __init__(self, path: Path, model: str, dtype: str):
+        from fovea import LLM
+
+        self.model = model
+        self.llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, kv_cache_memory_bytes=1 << 30)
+
+    def __call__(self, picture: Image.Image, max_tokens: int) -> int:
+        from fovea import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        self.llm.reset_prefix_cache()
+        if self.model == "qwen":
+            message = [{"role": "user", "content": [{"type": "image_pil", "image_pil": picture},
+                                                    {"type": "text", "text": PROMPT}]}]
+            out = self.llm.chat(message, params, use_tqdm=False)[0]
+        else:
+            out = self.llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": picture}}, params,
+                                    use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == max_tokens
+        return len(out.prompt_token_ids)
+
+
+class VllmRunner(FoveaRunner):
+    def __init__(self, path: Path, model: str, dtype: str):
+        from vllm import LLM
+
+        self.model = model
+        extra = {}
+        if model == "qwen":
+            from benchmarks.throughput_qwen import MAX_PIXELS, MIN_PIXELS
+            extra = dict(limit_mm_per_prompt={"image": 1, "video": 0},
+                         mm_processor_kwargs={"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})
+        self.llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, seed=0, mm_processor_cache_gb=0,
+                       **extra)
+
+    def __call__(self, picture: Image.Image, max_tokens: int) -> int:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        self.llm.reset_prefix_cache()
+        if self.model == "qwen":
+            message = [{"role": "user", "content": [{"type": "image_pil", "image_pil": picture},
+                                                    {"type": "text", "text": PROMPT}]}]
+            out = self.llm.chat(message, params, use_tqdm=False)[0]
+        else:
+            out = self.llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": picture}}, params,
+                                    use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == max_tokens
+        return len(out.prompt_token_ids)
+
+
+class TransformersRunner:
+    """transformers' generate on one request, inputs built as throughput_qwen.py / throughput.py build them."""
+
+    def __init__(self, path: Path, model: str, dtype: str):
+        from transformers import AutoTokenizer
+
+        self.model_name, self.torch_dtype = model, getattr(torch, dtype)
+        if model == "qwen":
+            from transformers import Qwen2_5_VLForConditionalGeneration
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+            from benchmarks.throughput_qwen import MAX_PIXELS, MIN_PIXELS
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=self.torch_dtype).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+        else:
+            from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+            self.model = Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.torch_dtype).eval()
+            self.processor = Blip2Processor.from_pretrained(path)
+            self.model.language_model.generation_config.eos_token_id = None
+        self.model.generation_config.eos_token_id = None
+
+    def inputs(self, picture: Image.Image) -> dict:
+        if self.model_name != "qwen":
+            inputs = self.processor(images=[picture], text=[PROMPT], return_tensors="pt")
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.torch_dtype)
+            return dict(inputs)
+        config = self.model.config
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        pixels = self.image_processor(images=[picture], return_tensors="pt")
+        count = int(pixels["image_grid_thw"].prod(-1)[0]) // config.vision_config.spatial_merge_size ** 2
+        inputs = self.tokenizer([text.replace("<|image_pad|>", "<|image_pad|>" * count, 1)],
+                                add_special_tokens=False, return_tensors="pt")
+        return dict(inputs, pixel_values=pixels["pixel_values"].to(self.torch_dtype),
+                    image_grid_thw=pixels["image_grid_thw"],
+                    mm_token_type_ids=(inputs["input_ids"] == config.image_token_id).int())
+
+    def __call__(self, picture: Image.Image, max_tokens: int) -> int:
+        from transformers import GenerationConfig
+
+        inputs = self.inputs(picture)  # inside the timed call: preprocessing counts, as on the other engines
+        config = GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=1)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, generation_config=config)
+        assert out.shape[1] - inputs["input_ids"].shape[1] == max_tokens
+        return int(inputs["input_ids"].shape[1])
+
+
+RUNNERS = {"fovea": FoveaRunner, "vllm": VllmRunner, "transformers": TransformersRunner}
+
+
+def measure(runner, decode_tokens: int, repeats: int) -> tuple[dict[str, float], int]:
+    """Best-of-`repeats` TTFT and N-token request times, each on a fresh image; decode tok/s from the two."""
+    prompt_tokens = runner(image(10_000), 4)  # warm-up on an image no timed request uses
+    ttft = full = float("inf")
+    for i in range(repeats):
+        with Timer() as t:
+            runner(image(2 * i), 1)
+        ttft = min(ttft, t.seconds)
+        with Timer() as t:
+            runner(image(2 * i + 1), decode_tokens)
+        full = min(full, t.seconds)
+    decode = (decode_tokens - 1) / (full - ttft) if full > ttft else float("nan")
+    return {"TTFT_s": ttft, "decode tok/s": decode, f"{decode_tokens}-token request_s": full}, prompt_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["qwen", "blip2"], default="qwen")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    add_peer_arguments(parser)
+    args = parser.parse_args()
+    check_peer_arguments(parser, args)
+    if args.decode_tokens < 2:
+        parser.error(f"--decode-tokens must be at least 2 (decode speed needs a second token); got {args.decode_tokens}")
+    torch.set_num_threads(args.threads)
+    path = checkpoint(args.model)
+    engine = args.engine or "fovea"
+    if args.peers:
+        results = run_all(Path(__file__), sys.argv[1:], args.peers, args.peer_python, args.threads)
+        print(format_report(f"single-stream latency, {args.model} benchmark model, {args.dtype}, one "
+                            f"{IMAGE_SIDE}x{IMAGE_SIDE} image, best of {args.repeats}", results, machine_description()))
+        return
+    metrics, prompt_tokens = measure(RUNNERS[engine](path, args.model, args.dtype), args.decode_tokens, args.repeats)
+    requests = [PROMPT, args.decode_tokens, [image(i) for i in range(2 * args.repeats)]]
+    result = EngineResult(engine=engine, version=engine_version(engine), requests_digest=digest(*requests),
+                          metrics=metrics, prompt_tokens=prompt_tokens,
+                          settings={"threads": str(args.threads), "dtype": args.dtype})
+    if args.result:
+        result.write(args.result)
+    else:
+        print(format_report(f"single-stream latency, {args.model}, {args.dtype}", [result], machine_description()))
+
+
+if __name__ == "__main__":
+    main()
