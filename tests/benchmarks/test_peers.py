@@ -103,7 +103,7 @@ def test_machine_description_names_the_cpu():
 
 
 def test_scripts_take_peers_in_their_help():
-    for script in ("throughput.py", "throughput_qwen.py", "latency.py"):
+    for script in ("throughput.py", "throughput_qwen.py", "latency.py", "serving.py"):
         out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True,
                              text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 0, out.stderr
