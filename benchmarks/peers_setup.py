@@ -54,7 +54,7 @@ def patch_torchvision() -> str:
 
 def check_imports() -> None:
     # a fresh interpreter: this one may hold a half-imported torchvision
-    code = ("import torchvision, transformers, vllm; "
+    code = ("import torchvision, transformers, vllm; from vllm import LLM; "
             "print('peer environment: vllm', vllm.__version__, '| transformers', transformers.__version__, "
             "'| torchvision', torchvision.__version__, '(C ops:', torchvision.extension._has_ops(), ')')")
     subprocess.run([sys.executable, "-c", code], check=True)
