@@ -23,7 +23,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import CACHE, Timer  # noqa: E402
 from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
-                              engine_version, format_report, machine_description, run_all)
+                              engine_settings, engine_version, format_report, machine_description,
+                              run_all)
 
 IMAGE_SIDE = 448
 PROMPT = " ".join(f"w{1000 + 37 * i}" for i in range(16))
@@ -187,7 +188,7 @@ def main() -> None:
     requests = [PROMPT, args.decode_tokens, [image(i) for i in range(2 * args.repeats)]]
     result = EngineResult(engine=engine, version=engine_version(engine), requests_digest=digest(*requests),
                           metrics=metrics, prompt_tokens=prompt_tokens,
-                          settings={"threads": str(args.threads), "dtype": args.dtype})
+                          settings={**engine_settings(engine, args.threads), "dtype": args.dtype})
     if args.result:
         result.write(args.result)
     else:

@@ -134,6 +134,14 @@ def vllm_environment(num_threads: int) -> dict[str, str]:
             "VLLM_CPU_KVCACHE_SPACE": str(VLLM_KVCACHE_GIB), "VLLM_TARGET_DEVICE": "cpu"}
 
 
+def engine_settings(engine: str, num_threads: int) -> dict[str, str]:
+    """The settings a child reports: its threads, and for vLLM the environment it was told (as it really saw it)."""
+    settings = {"threads": str(num_threads)}
+    if engine == "vllm":
+        settings.update({k: os.environ.get(k, "(unset)") for k in vllm_environment(num_threads)})
+    return settings
+
+
 def child_argv(argv: list[str]) -> list[str]:
     """The parent's own arguments minus --peers / --peer-python (each with its values): what every child gets."""
     out, skipping = [], False

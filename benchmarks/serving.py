@@ -16,7 +16,8 @@ With `--model` and `--peers vllm`, vLLM's OpenAI server (the CPU build, under th
 bench-peers`, with `--vllm-serve-args`) is started after fovea's has stopped and gets the same warm-up and the same
 requests at the same rates; the output gives the machine, each engine's version and, per rate, fovea / vLLM for
 throughput and for p99 TTFT (> 1: fovea's is lower). transformers has no server that runs these requests (`transformers
-serve` ignores `ignore_eos` and needs torchvision for Qwen2.5-VL's processor), so `--peers transformers` is refused.
+serve` has no `ignore_eos`, and needs accelerate to load at all and torchvision for Qwen2.5-VL's processor), so
+`--peers transformers` is refused.
 
     python benchmarks/serving.py --model runs/bench/qwen2_5_vl-lm0.5b-vit8-200704 --rates 1 2 4 inf
     python benchmarks/serving.py --base-url http://127.0.0.1:8000 --endpoint completions
@@ -254,7 +255,8 @@ def main() -> None:
         parser.error("give exactly one of --base-url and --model")
     if args.peers and "transformers" in args.peers:
         parser.error("--peers transformers: transformers has no server that runs these requests (`transformers "
-                     "serve` ignores ignore_eos and needs torchvision for Qwen2.5-VL); the peers here: vllm")
+                     "serve` has no ignore_eos, and needs accelerate and, for Qwen2.5-VL, torchvision); the peers "
+                     "here: vllm")
     if args.peers and not args.model:
         parser.error("--peers starts each engine's server itself: give --model, not --base-url")
     if args.peers and not Path(args.peer_python).exists():

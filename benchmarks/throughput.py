@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
 from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
-                              engine_version, format_report, machine_description, run_all)
+                              engine_settings, engine_version, format_report, machine_description,
+                              run_all)
 
 VOCAB = 50272
 
@@ -124,6 +125,8 @@ def run_vllm(path: Path, dtype: str, reqs) -> tuple[float, int, int]:
         outs = llm.generate(batch, params, use_tqdm=False)
     useful = sum(len(o.outputs[0].token_ids) for o in outs)
     assert useful == sum(caps), (useful, sum(caps))
+    del llm  # shuts its engine process down before the next dtype's starts
+    gc.collect()
     return t.seconds, useful, sum(len(o.prompt_token_ids) for o in outs)
 
 
@@ -144,9 +147,9 @@ def run_engine(args, path: Path, reqs) -> EngineResult:
             seconds = useful / best
         metrics[f"{dtype} tok/s"] = useful / seconds
         print(f"  {dtype:9s} {args.engine:12s} {useful / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-    settings = {"threads": str(args.threads)}
     return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
-                        metrics=metrics, prompt_tokens=prompt_tokens, settings=settings, detail=detail)
+                        metrics=metrics, prompt_tokens=prompt_tokens,
+                        settings=engine_settings(args.engine, args.threads), detail=detail)
 
 
 def main() -> None:

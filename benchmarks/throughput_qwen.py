@@ -39,7 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
 from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
-                              engine_version, format_report, machine_description, run_all)
+                              engine_settings, engine_version, format_report, machine_description,
+                              run_all)
 
 VOCAB = 151936
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -186,6 +187,8 @@ def run_vllm(path: Path, dtype: str, reqs, max_pixels: int, repeats: int = 1) ->
         useful = sum(len(o.outputs[0].token_ids) for o in outs)
         assert useful == sum(caps), (useful, sum(caps))
         best = min(best, t.seconds)
+    del llm  # shuts its engine process down before the next dtype's starts
+    gc.collect()
     return best, useful, sum(len(o.prompt_token_ids) for o in outs)
 
 
@@ -208,7 +211,8 @@ def run_engine(args, path: Path, reqs) -> EngineResult:
         print(f"  {dtype:9s} {args.engine:12s} {useful / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
     return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
                         metrics=metrics, prompt_tokens=prompt_tokens,
-                        settings={"threads": str(args.threads), "repeats": str(args.repeats)}, detail=detail)
+                        settings={**engine_settings(args.engine, args.threads), "repeats": str(args.repeats)},
+                        detail=detail)
 
 
 def main() -> None:
