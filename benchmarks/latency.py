@@ -5,7 +5,9 @@ One request at a time, nothing else running in the engine: the chat turn of the 
 448x448 image (256 LLM tokens on the Qwen benchmark model, 32 query tokens on BLIP-2) and a fixed 16-word prompt.
 TTFT is the wall time of a request for 1 token, preprocessing included; decode tokens/s is (N - 1) / (time of a
 request for N tokens - TTFT), both best of `--repeats`, every timed request on its own image (random pixels, same
-size) after one warm-up request, so neither the prefix nor any encoder cache helps. EOS is ignored.
+size) after one warm-up request, so neither the prefix nor any encoder cache helps. EOS is ignored. fovea's run
+also reports the TTFT's FLOP bound: the FLOPs of the vision tower, prefill and lm_head (counted as
+benchmarks/roofline.py counts them) over the GEMM peak measured in the same process.
 
     python benchmarks/latency.py --peers transformers vllm                    # Qwen benchmark model, bfloat16
     python benchmarks/latency.py --model blip2 --decode-tokens 64 --peers vllm
@@ -48,7 +50,7 @@ class FoveaRunner:
         from fovea import LLM
 
         self.model = model
-        self.llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, kv_cache_memory_bytes=1 << 30)
+        self.llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, kv_cache_memory_bytes=1 << 28)
 
     def __call__(self, picture: Image.Image, max_tokens: int) -> int:
         from fovea import SamplingParams
@@ -164,6 +166,24 @@ def measure(runner, decode_tokens: int, repeats: int) -> tuple[dict[str, float],
     return {"TTFT_s": ttft, "decode tok/s": decode, f"{decode_tokens}-token request_s": full}, prompt_tokens
 
 
+def ttft_flop_bound(runner: FoveaRunner, dtype: str) -> dict[str, float]:
+    """The FLOP bound of a TTFT (issue 16's target: within 1.2x of it): the vision tower's, the prefill's and
+    lm_head's FLOPs of one more 1-token request, counted by the roofline's recorder, over this machine's GEMM peak
+    measured now (benchmarks/roofline.py)."""
+    from benchmarks.roofline import measure_peaks
+    from benchmarks.roofline_phases import PhaseRecorder
+
+    recorder = PhaseRecorder(runner.llm)
+    try:
+        runner(image(20_000), 1)
+    finally:
+        recorder.remove()
+    phases = recorder.totals.phases
+    flops = sum(phases[name].flops for name in ("vision tower", "LM prefill", "lm_head"))
+    peak = measure_peaks([dtype], read_mb=64).gemm_gflops[dtype]
+    return {"TTFT GFLOP": flops / 1e9, f"{dtype} GEMM peak GFLOP/s": peak, "TTFT FLOP bound s": flops / peak / 1e9}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["qwen", "blip2"], default="qwen")
@@ -184,11 +204,13 @@ def main() -> None:
         print(format_report(f"single-stream latency, {args.model} benchmark model, {args.dtype}, one "
                             f"{IMAGE_SIDE}x{IMAGE_SIDE} image, best of {args.repeats}", results, machine_description()))
         return
-    metrics, prompt_tokens = measure(RUNNERS[engine](path, args.model, args.dtype), args.decode_tokens, args.repeats)
+    runner = RUNNERS[engine](path, args.model, args.dtype)
+    metrics, prompt_tokens = measure(runner, args.decode_tokens, args.repeats)
+    detail = ttft_flop_bound(runner, args.dtype) if engine == "fovea" else {}
     requests = [PROMPT, args.decode_tokens, [image(i) for i in range(2 * args.repeats)]]
     result = EngineResult(engine=engine, version=engine_version(engine), requests_digest=digest(*requests),
                           metrics=metrics, prompt_tokens=prompt_tokens,
-                          settings={**engine_settings(engine, args.threads), "dtype": args.dtype})
+                          settings={**engine_settings(engine, args.threads), "dtype": args.dtype}, detail=detail)
     if args.result:
         result.write(args.result)
     else:
