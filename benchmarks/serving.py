@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--peer-python", default=os.environ.get("FOVEA_PEERS_PYTHON", str(DEFAULT_PEER_PYTHON)),
                         help="the interpreter vLLM runs under (default .venv-peers/bin/python: `make bench-peers`)")
     parser.add_argument("--vllm-serve-args", default="--dtype bfloat16 --max-model-len 2048 "
-                        "--limit-mm-per-prompt {\"image\":1,\"video\":0}",
+                        "--limit-mm-per-prompt '{\"image\": 1, \"video\": 0}'",
                         help="extra `vllm serve` flags (with --peers vllm)")
     args = parser.parse_args()
     if (args.base_url is None) == (args.model is None):
