@@ -14,8 +14,8 @@
 // runs them only where the CPU reports avx512_bf16 and avx512bw.
 #include <ATen/Parallel.h>
 
+#include <memory>
 #include <type_traits>
-#include <vector>
 
 #include "common.h"
 #include "ops.h"
@@ -129,6 +129,18 @@ FOVEA_INT8_TARGET void panel_rows(int rows, const int8_t* q, __m512bh* buf, cons
 #undef FOVEA_INT8_CASE
 }
 
+// This thread's buffer for one widened panel (2 vectors per k pair, K * 64 bytes), kept between calls: a fresh
+// one per call would be K * 64 bytes zeroed (and, past glibc's mmap threshold, page-faulted) for every layer.
+FOVEA_INT8_TARGET __m512bh* panel_buffer(int64_t vectors) {
+  thread_local std::unique_ptr<__m512bh[]> buffer;
+  thread_local int64_t capacity = 0;
+  if (vectors > capacity) {
+    buffer.reset(new __m512bh[vectors]);  // uninitialised: every vector is written before it is read
+    capacity = vectors;
+  }
+  return buffer.get();
+}
+
 // x [M, K] bfloat16 (K even, rows contiguous), packed [P, K / 2, 32, 2] int8 -> y [M, N] bfloat16
 FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t* packed, int64_t N,
                            const float* scale, const float* bias, uint16_t* y) {
@@ -136,7 +148,7 @@ FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
   WorkCounter panels(num_panels);
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<__m512bh> buf(M > kRows ? 2 * pairs : 0);
+    __m512bh* buf = M > kRows ? panel_buffer(2 * pairs) : nullptr;
     for (int64_t p; panels.take(p);) {
       const int8_t* q = packed + p * pairs * 64;
       const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
@@ -148,9 +160,9 @@ FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t
         if (M <= kRows) {
           panel_rows<0>(rows, q, nullptr, xr, K, pairs, scale + n0, bp, cols, yr, N);
         } else if (m0 == 0) {
-          panel_rows<1>(rows, q, buf.data(), xr, K, pairs, scale + n0, bp, cols, yr, N);
+          panel_rows<1>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
         } else {
-          panel_rows<2>(rows, q, buf.data(), xr, K, pairs, scale + n0, bp, cols, yr, N);
+          panel_rows<2>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
         }
       }
     }
