@@ -11,6 +11,9 @@ _EXPORTS = {
     "CompletionOutput": "fovea.outputs",
     "Logprob": "fovea.outputs",
     "LoRARequest": "fovea.lora.request",
+    "BeamSearchParams": "fovea.sampling_params",
+    "BeamSearchOutput": "fovea.outputs",
+    "BeamSearchSequence": "fovea.outputs",
 }
 
 

@@ -90,3 +90,30 @@ class ModelRunnerOutput:
     @staticmethod
     def empty() -> "ModelRunnerOutput":
         return ModelRunnerOutput([], [], None)
+
+
+@dataclass(slots=True)
+class BeamSearchSequence:
+    """One finished beam, as vLLM's: `tokens` are the prompt's and the generated ones, `logprobs` one dict per
+    generated token (that step's top 2 * beam_width raw log-probabilities of the beam it grew from).
+
+    `cum_logprob` is the sum of the generated tokens' log-probabilities; `score` is what beams are ranked by,
+    transformers' `sequences_scores`: cum_logprob / (number of generated tokens, EOS included) ** length_penalty.
+    `text` is the generated text (the final EOS left out, as vLLM does).
+    """
+
+    tokens: list[int]
+    logprobs: list[dict[int, Logprob]]
+    cum_logprob: float = 0.0
+    score: float = 0.0
+    text: str | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    lora_request: object = None
+
+
+@dataclass(slots=True)
+class BeamSearchOutput:
+    """What `LLM.beam_search` returns per prompt: the best `beam_width` sequences, best first."""
+
+    sequences: list[BeamSearchSequence]

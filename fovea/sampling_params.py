@@ -131,3 +131,42 @@ def _check_real(name: str, value: object, allowed: str, ok) -> None:
     is_real = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not is_real or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's `BeamSearchParams` (same names and defaults), plus transformers' `early_stopping`.
+
+    The rules are transformers' `generate(num_beams=beam_width, do_sample=False, length_penalty=...,
+    early_stopping=...)` (see fovea.engine.beam_search), which is deterministic: temperature must be 0.
+    """
+
+    beam_width: int
+    """Beams kept at each step, and sequences returned."""
+    max_tokens: int
+    """Most tokens to generate per beam (capped by the context length)."""
+    ignore_eos: bool = False
+    """Do not end a beam on the model's EOS token."""
+    temperature: float = 0.0
+    """Only 0: beam search here ranks raw log-probabilities, as transformers' beam search without sampling."""
+    length_penalty: float = 1.0
+    """Finished beams are ranked by cum_logprob / num_generated_tokens ** length_penalty."""
+    include_stop_str_in_output: bool = False
+    """Keep the EOS token's text in `text` (it is always in `tokens`)."""
+    early_stopping: bool | str = False
+    """transformers' rule for ending the search: True stops once beam_width beams finished; False (its default)
+    stops when the best running beam, scored at its current length, cannot beat the worst finished one;
+    "never" keeps going while it could at the longest possible length."""
+
+    def __post_init__(self) -> None:
+        _check_int("beam_width", self.beam_width, minimum=1)
+        _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_real("temperature", self.temperature, "0 (beam search here is deterministic, as transformers' "
+                    "beam search with do_sample=False)", lambda v: v == 0)
+        _check_real("length_penalty", self.length_penalty, "a finite number", lambda v: True)
+        self.length_penalty = float(self.length_penalty)
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or \"never\", got {self.early_stopping!r}.")
+        for name in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}.")

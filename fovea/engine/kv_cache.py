@@ -291,6 +291,39 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[i], hashes[i])
         self.num_cached_blocks[request.request_id] = num_full_blocks
 
+    def fork(self, child: Request, parent: Request, num_new_tokens: int
+             ) -> tuple[list[KVCacheBlock], tuple[int, int] | None] | None:
+        """Give `child` the KV of `parent`'s first `child.num_computed_tokens` tokens without computing it.
+
+        The full blocks are shared (one more reference each); the partial last block, which the child will
+        write into, is copied to a fresh block (copy-on-write). Then room is made for `num_new_tokens`.
+        Returns (the child's new blocks, the (source, destination) copy or None), or None with nothing changed
+        when the pool is short. The parent must still hold its blocks (`Request.hold_kv`).
+        """
+        if child.request_id in self.req_to_blocks:
+            raise ValueError(f"request {child.request_id}: a fork is only taken at admission")
+        parent_blocks = self.req_to_blocks[parent.request_id]
+        num_computed = child.num_computed_tokens
+        num_full, num_partial = divmod(num_computed, self.block_size)
+        if num_full + (num_partial > 0) > len(parent_blocks):
+            raise ValueError(f"fork {child.request_id}: its parent {parent.request_id} holds only "
+                             f"{len(parent_blocks)} blocks, fewer than {num_computed} tokens need")
+        shared = parent_blocks[:num_full]
+        num_required = _cdiv(num_computed + num_new_tokens, self.block_size)
+        num_new_blocks = num_required - num_full
+        if num_new_blocks > self.block_pool.num_free_blocks:
+            return None
+        self.block_pool.touch(shared)
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+        copy = (parent_blocks[num_full].block_id, new_blocks[0].block_id) if num_partial else None
+        self.req_to_blocks[child.request_id] = [*shared, *new_blocks]
+        # the shared full blocks are registered already (when the parent computed them), or caching is off
+        self.num_cached_blocks[child.request_id] = num_full
+        if len(child.block_hashes) < num_full and len(parent.block_hashes) >= num_full:
+            child.block_hashes = list(parent.block_hashes[:num_full])  # same tokens, same hashes
+        self.cache_full_blocks(child, min(num_computed + num_new_tokens, child.num_tokens))
+        return new_blocks, copy
+
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first. Its block hashes stay on the request (they depend only on
         its tokens), so a preempted request need not rehash when it comes back."""

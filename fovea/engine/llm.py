@@ -13,8 +13,9 @@ from fovea.engine.llm_engine import LLMEngine
 from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
 from fovea.lora.request import LoRARequest
-from fovea.outputs import RequestOutput
-from fovea.sampling_params import SamplingParams
+from fovea.engine.beam_search import beam_search
+from fovea.outputs import BeamSearchOutput, RequestOutput
+from fovea.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -83,6 +84,35 @@ class LLM:
                 raise ValueError(f"prompt {i}: {err}") from err
             ids.append(request_id)
         return self._run(ids, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (text, token ids, or a dict with `multi_modal_data`), as vLLM's
+        `LLM.beam_search`; one `BeamSearchOutput` per prompt, its `beam_width` sequences best first.
+
+        The rules are transformers' `generate(num_beams=..., do_sample=False)` (fovea.engine.beam_search);
+        all prompts' beams run in the same batches, forked in the KV cache (the prompt and its images are
+        computed once). `use_tqdm` is accepted for vLLM's signature; no bar is shown.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a fovea.BeamSearchParams, got {type(params).__name__}")
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_list = [lora_request] * len(prompts)
+        else:
+            lora_list = list(lora_request)
+            if len(lora_list) != len(prompts):
+                raise ValueError(f"{len(lora_list)} LoRA requests for {len(prompts)} prompts; give one or one per prompt")
+        if self.llm_engine.has_unfinished_requests():
+            raise RuntimeError("beam_search needs an idle engine (no generate() requests in flight)")
+        return beam_search(self.llm_engine, prompts, params, lora_list)
 
     def chat(
         self,

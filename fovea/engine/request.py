@@ -69,6 +69,10 @@ class Request:
     # Encoder-decoder models (T5): the encoder's prompt (multimodal placeholders and `mm_features` offsets are
     # in it); `prompt_token_ids` is then the decoder's prompt, [decoder_start_token_id]. None: decoder-only.
     encoder_prompt_token_ids: list[int] | None = None
+    # Beam search (fovea.engine.beam_search): a finished sequence whose KV blocks stay held for forks, and a
+    # fork's parent (a held sequence whose computed KV it starts from instead of a prefill).
+    hold_kv: bool = False
+    fork_parent: str | None = None
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

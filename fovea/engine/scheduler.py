@@ -121,6 +121,11 @@ class Scheduler:
         # after a failed batched step: sequence id -> tokens it must compute alone to be cleared (see fail_step)
         self.suspects: dict[str, int] = {}
         self.num_failed_steps = 0
+        # beam search: finished sequences whose KV blocks are kept for forks (`Request.hold_kv`), how many
+        # queued forks still need each, and the ones released while forks were pending (freed once none is)
+        self.held: dict[str, Request] = {}
+        self.num_pending_forks: dict[str, int] = {}
+        self.release_requested: set[str] = set()
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -137,6 +142,8 @@ class Scheduler:
         for request in requests:
             self._check_request(request)
         for request in requests:
+            if request.fork_parent is not None:
+                self.num_pending_forks[request.fork_parent] = self.num_pending_forks.get(request.fork_parent, 0) + 1
             request.status = RequestStatus.WAITING
             self.requests[request.request_id] = request
             self.waiting.append(request)
@@ -150,6 +157,10 @@ class Scheduler:
             raise ValueError(f"request {rid!r} has an empty prompt")
         if num_prompt > cfg.max_model_len:
             raise ValueError(f"request {rid!r}: {num_prompt} prompt tokens exceed max_model_len {cfg.max_model_len}")
+        if request.fork_parent is not None and (request.fork_parent not in self.held
+                                                or request.fork_parent in self.release_requested):
+            raise ValueError(f"request {rid!r} forks {request.fork_parent!r}, which holds no KV blocks (it is not a "
+                             f"finished hold_kv sequence, or it was released)")
         # the last sampled token is never fed back, so the KV holds at most this many tokens
         max_tokens = request.sampling_params.max_tokens
         max_len = cfg.max_model_len if max_tokens is None else min(num_prompt + max_tokens, cfg.max_model_len)
@@ -204,11 +215,41 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
 
     def _free_request(self, request: Request) -> None:
-        self.kv_cache_manager.free(request)
+        if request.hold_kv and request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.held[request.request_id] = request  # its blocks stay until release_held
+        else:
+            self.kv_cache_manager.free(request)
+        if request.fork_parent is not None:  # a fork that never ran: its parent need not wait for it
+            self._fork_done(request.fork_parent)
+            request.fork_parent = None
         self.encoder_cache_manager.free(request)
         del self.requests[request.request_id]
         self.suspects.pop(request.request_id, None)
         self.finished_request_ids.append(request.request_id)
+
+    def release_held(self, request_ids: str | Iterable[str]) -> None:
+        """Free the KV blocks of held sequences (unknown ids are ignored). A sequence that queued forks still
+        need is freed at the end of the step that admits the last of them, after its blocks were copied."""
+        if isinstance(request_ids, str):
+            request_ids = (request_ids,)
+        for rid in request_ids:
+            if rid not in self.held:
+                continue
+            self.release_requested.add(rid)
+            if not self.num_pending_forks.get(rid):
+                self._release(rid)
+
+    def _release(self, rid: str) -> None:
+        self.kv_cache_manager.free(self.held.pop(rid))
+        self.release_requested.discard(rid)
+        self.num_pending_forks.pop(rid, None)
+
+    def _fork_done(self, parent_id: str) -> None:
+        self.num_pending_forks[parent_id] -= 1
+
+    def _release_forked(self) -> None:
+        for rid in [r for r in self.release_requested if not self.num_pending_forks.get(r)]:
+            self._release(rid)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -272,6 +313,11 @@ class Scheduler:
             if not self._lora_fits(request):
                 passed_over.append(self.waiting.popleft())
                 continue
+            if request.fork_parent is not None:
+                if not self._admit_fork(out, request):
+                    break
+                token_budget -= 1
+                continue
             computed_blocks, num_computed = kv.get_computed_blocks(request)
             num_remaining = request.num_tokens - num_computed
             num_new = min(num_remaining, token_budget)
@@ -320,10 +366,42 @@ class Scheduler:
             token_budget -= num_new
 
         self.waiting.extendleft(reversed(passed_over))
+        if self.release_requested:
+            self._release_forked()  # after every allocation of this step, so no copy source is reused in it
         out.total_num_scheduled_tokens = cfg.max_num_batched_tokens - token_budget
         out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
         out.freed_mm_hashes = self.encoder_cache_manager.get_freed_mm_hashes()
         return out
+
+    def _admit_fork(self, out: SchedulerOutput, request: Request) -> bool:
+        """Admit a beam fork: its computed tokens' KV comes from its held parent (shared full blocks, a copy of
+        the partial one), so only its last token is computed. False (nothing changed) when the pool is short."""
+        parent = self.held[request.fork_parent]
+        request.num_computed_tokens = request.num_tokens - 1
+        forked = self.kv_cache_manager.fork(request, parent, 1)
+        if forked is None:
+            request.num_computed_tokens = 0
+            return False
+        _, copy = forked
+        if copy is not None:
+            out.blocks_to_copy.append(copy)
+        self.waiting.popleft()
+        self._fork_done(request.fork_parent)
+        request.fork_parent = None  # from now on an ordinary sequence (a preemption recomputes it)
+        num_computed = request.num_tokens - 1
+        request.num_cached_prompt_tokens = num_computed
+        out.scheduled_new_reqs.append(NewRequestData(
+            req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling_params=request.sampling_params, eos_token_id=request.eos_token_id,
+            mm_features=request.mm_features, mrope_positions=request.mrope_positions,
+            mrope_position_delta=request.mrope_position_delta,
+            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+            num_computed_tokens=num_computed, lora_request=request.lora_request,
+        ))
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self._commit(out, request, 1, [], [])
+        return True
 
     def _lora_fits(self, request: Request) -> bool:
         """Admitting `request` keeps the running batch within `max_loras` distinct adapters."""

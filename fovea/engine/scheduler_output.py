@@ -71,3 +71,6 @@ class SchedulerOutput:
     # encoder-decoder models: requests whose encoder runs this step (admitted, or resumed after preemption),
     # before the decoder, its output's K/V written into the request's cross blocks
     scheduled_encoder_prompts: list[str] = field(default_factory=list)
+    # (source, destination) KV blocks to copy before this step writes any KV: the partial last block a forked
+    # beam takes from its parent (copy-on-write; the full blocks are shared by reference)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)

@@ -1,7 +1,7 @@
 """`python -m fovea.eval`: score a model on a JSONL split and print the figures with their chance levels.
 
     python -m fovea.eval retrieval --model runs/stage1/export --data shapes/test.jsonl
-    python -m fovea.eval caption --model runs/stage2/export --data shapes/test.jsonl
+    python -m fovea.eval caption --model runs/stage2/export --data shapes/test.jsonl [--num-beams 5]
     python -m fovea.eval vqa --model runs/stage2/export --data shapes/test.jsonl
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ def build_parser(prog: str = "python -m fovea.eval") -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{retrieval,caption,vqa}")
     tasks = {"retrieval": "recall@1/5/10 image->text and text->image (stage-1 model)",
-             "caption": "BLEU-4, CIDEr-D and exact match of greedy captions (stage-2 model)",
-             "vqa": "VQA accuracy of greedy answers (stage-2 model)"}
+             "caption": "BLEU-4, CIDEr-D and exact match of greedy or beam-search captions (stage-2 model)",
+             "vqa": "VQA accuracy of greedy or beam-search answers (stage-2 model)"}
     for name, text in tasks.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--model", required=True, help="checkpoint directory (or a stage-1 training checkpoint)")
@@ -29,6 +29,8 @@ def build_parser(prog: str = "python -m fovea.eval") -> argparse.ArgumentParser:
         else:
             p.add_argument("--max-tokens", type=int, default=30 if name == "caption" else 5)
             p.add_argument("--dtype", default="auto", help="engine dtype (auto, float32, bfloat16)")
+            p.add_argument("--num-beams", type=int, default=1,
+                           help="beam search with this many beams (1: greedy); the BLIP-2 paper captions with 5")
         if name == "caption":
             p.add_argument("--prompt", default="", help="text before the caption (default: none)")
         if name == "vqa":
@@ -53,10 +55,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m fovea.eval") -> i
 
         llm = LLM(args.model, dtype=args.dtype)
         if args.command == "caption":
-            result = evaluate_captions(llm, items, args.prompt, args.max_tokens)
+            result = evaluate_captions(llm, items, args.prompt, args.max_tokens, args.num_beams)
             figures = {"scores": result.scores, "chance": result.chance}
         else:
-            result = evaluate_vqa(llm, items, args.prompt_template, args.max_tokens)
+            result = evaluate_vqa(llm, items, args.prompt_template, args.max_tokens, args.num_beams)
             figures = {"accuracy": result.accuracy, "chance": result.chance, "by_type": result.by_type}
     print(result.format())
     if args.json:

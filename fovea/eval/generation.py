@@ -1,4 +1,4 @@
-"""Captioning and VQA through fovea's engine (`fovea.LLM`, greedy), with their metrics and chance levels.
+"""Captioning and VQA through fovea's engine (`fovea.LLM`, greedy or beam search), with their metrics and chance levels.
 
 Chance levels are the scores of a model that ignores the image:
 - captions: the most frequent reference caption, predicted for every image;
@@ -20,12 +20,18 @@ VQA_PROMPT = "Question: {} Answer:"
 """BLIP-2's zero-shot VQA prompt for OPT models."""
 
 
-def generate(llm, images: Sequence[Image.Image], prompts: Sequence[str], max_tokens: int) -> list[str]:
-    """Greedy text for each (image, prompt), stripped; stops at EOS or max_tokens."""
-    from fovea import SamplingParams
+def generate(llm, images: Sequence[Image.Image], prompts: Sequence[str], max_tokens: int,
+             num_beams: int = 1) -> list[str]:
+    """Greedy text for each (image, prompt), stripped; stops at EOS or max_tokens. With `num_beams` > 1, the best
+    beam of `LLM.beam_search` (transformers' rules, length_penalty 1, early_stopping False: its defaults, which
+    the BLIP-2 paper's beam-5 evaluation used through LAVIS)."""
+    from fovea import BeamSearchParams, SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     requests = [{"prompt": p, "multi_modal_data": {"image": img}} for img, p in zip(images, prompts, strict=True)]
+    if num_beams > 1:
+        outs = llm.beam_search(requests, BeamSearchParams(beam_width=num_beams, max_tokens=max_tokens))
+        return [out.sequences[0].text.strip() for out in outs]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     return [out.outputs[0].text.strip() for out in llm.generate(requests, params, use_tqdm=False)]
 
 
@@ -48,11 +54,12 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
             "exact_match": exact_match(predictions, references)}
 
 
-def evaluate_captions(llm, items: list[EvalImage], prompt: str = "", max_tokens: int = 30) -> CaptionResult:
+def evaluate_captions(llm, items: list[EvalImage], prompt: str = "", max_tokens: int = 30,
+                      num_beams: int = 1) -> CaptionResult:
     items = [item for item in items if item.captions]
     if not items:
         raise ValueError("no captions to compare with")
-    predictions = generate(llm, [item.load() for item in items], [prompt] * len(items), max_tokens)
+    predictions = generate(llm, [item.load() for item in items], [prompt] * len(items), max_tokens, num_beams)
     references = [item.captions for item in items]
     most_common = Counter(c for refs in references for c in refs).most_common(1)[0][0]
     return CaptionResult(num_images=len(items), scores=caption_scores(predictions, references),
@@ -76,13 +83,14 @@ class VqaResult:
         return "\n".join(lines)
 
 
-def evaluate_vqa(llm, items: list[EvalImage], prompt_template: str = VQA_PROMPT, max_tokens: int = 5) -> VqaResult:
+def evaluate_vqa(llm, items: list[EvalImage], prompt_template: str = VQA_PROMPT, max_tokens: int = 5,
+                 num_beams: int = 1) -> VqaResult:
     questions = [(item, q) for item in items for q in item.questions]
     if not questions:
         raise ValueError("no questions")
     images = {id(item): item.load() for item, _ in questions}
     predictions = generate(llm, [images[id(item)] for item, _ in questions],
-                           [prompt_template.format(q["question"]) for _, q in questions], max_tokens)
+                           [prompt_template.format(q["question"]) for _, q in questions], max_tokens, num_beams)
     answers = [q["answers"] for _, q in questions]
     kinds = [q["type"] or q["question"] for _, q in questions]
     prior = {}

@@ -207,6 +207,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(out)
+        if out.blocks_to_copy:
+            self._copy_blocks(out.blocks_to_copy)
         if not out.num_scheduled_tokens:
             return ModelRunnerOutput.empty()
         if out.scheduled_encoder_inputs:
@@ -278,6 +280,15 @@ class ModelRunner:
             state.output_token_ids.append(token)
         logprobs = result.logprobs.to_dicts() if result.logprobs is not None else None
         return ModelRunnerOutput([s.req_id for s in sampled], [[t] for t in tokens], logprobs)
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks (a forked beam's partial last block) in every layer, before the step writes."""
+        bs = self.block_size
+        src = torch.cat([torch.arange(s * bs, (s + 1) * bs) for s, _ in pairs])
+        dst = torch.cat([torch.arange(d * bs, (d + 1) * bs) for _, d in pairs])
+        for layer in self.attention_layers:
+            for cache in layer.kv_cache:  # (num_slots, kv_heads, head_dim)
+                cache[dst] = cache[src]
 
     def _run_encoder(self, features: list[MultiModalFeature]) -> None:
         """Encode every listed item, batched per input kind, into the encoder cache."""

@@ -174,3 +174,13 @@ def test_the_demo_build_runs_every_step_of_its_plan(tmp_path):
     assert (out / "chat_template.jinja").is_file() and len(list((out / "examples").glob("*.png"))) == EXAMPLES
     figures = json.loads((out / "eval.json").read_text())
     assert list(figures["caption_by_size"]) == ["40", "96"] and "retrieval" in figures
+
+
+def test_eval_caption_with_five_beams_on_the_demo_model(heldout):
+    """`fovea eval caption --num-beams 5` (a real process): beam search reaches the greedy quality target too."""
+    done = subprocess.run([sys.executable, "-m", "fovea.eval", "caption", "--model", str(MODEL), "--data",
+                           str(heldout), "--num-beams", "5", "--max-images", "20", "--dtype", "float32", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["scores"]["exact_match"] >= 0.9, done.stdout

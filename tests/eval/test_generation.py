@@ -22,6 +22,13 @@ class TableLLM:
         return [SimpleNamespace(outputs=[SimpleNamespace(text=" " + self.table[r["prompt"]](r) + " ")])
                 for r in requests]
 
+    def beam_search(self, requests, params):
+        """The best beam answers from the table, the others with junk: only the first may be used."""
+        self.requests.extend(requests)
+        self.beam_widths = getattr(self, "beam_widths", []) + [params.beam_width]
+        return [SimpleNamespace(sequences=[SimpleNamespace(text=" " + self.table[r["prompt"]](r) + " ")] +
+                                [SimpleNamespace(text="junk")] * (params.beam_width - 1)) for r in requests]
+
 
 @pytest.fixture
 def items(tmp_path):
@@ -68,3 +75,13 @@ def test_vqa_accuracy_by_type_and_the_per_type_majority_chance(items):
     assert result.by_type["count"] == pytest.approx((2 / 3, 2 / 3, 3))
     assert result.by_type["exists"] == pytest.approx((1 / 2, 1 / 2, 2))
     assert result.chance == pytest.approx(3 / 5)
+
+
+def test_num_beams_takes_the_best_beam_of_beam_search(items):
+    llm = TableLLM({"": lambda r: "one red circle"})
+    result = evaluate_captions(llm, items, num_beams=5)
+    assert llm.beam_widths == [5] and result.predictions == ["one red circle"] * 3
+    llm = TableLLM({f"Question: {q} Answer:": (lambda r: "one") for q in
+                    ("how many circles are there?", "how many squares are there?", "is there a red circle?",
+                     "is there a red square?")})
+    assert evaluate_vqa(llm, items, num_beams=3).predictions == ["one"] * 5 and llm.beam_widths == [3]
