@@ -86,6 +86,9 @@ class ModelRunnerOutput:
     req_ids: list[str]
     sampled_token_ids: list[list[int]]  # per request, this step's new token ids (one each today)
     logprobs: list[dict[int, Logprob] | None] | None = None
+    # req id -> the prompt logprobs of prompt tokens 1..P-1 (None at placeholders), given once, in the step that
+    # samples the request's first token (every chunk of its prompt computed them on the way)
+    prompt_logprobs: dict[str, list[dict[int, Logprob] | None]] | None = None
 
     @staticmethod
     def empty() -> "ModelRunnerOutput":

@@ -45,6 +45,10 @@ class SamplingParams:
     """Keep generating after EOS."""
     logprobs: int | None = None
     """Return this many top log-probabilities per generated token, plus the sampled token's own."""
+    prompt_logprobs: int | None = None
+    """Return this many top log-probabilities per prompt token, plus the prompt token's own (vLLM's
+    `prompt_logprobs`; True = 0, the token's own only). The first token and multimodal placeholders get None.
+    Such a request skips the prefix cache, so every prompt position is computed (as vLLM does)."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens seen in the prompt or the output (divides positive logits, multiplies negative)."""
     presence_penalty: float = 0.0
@@ -65,6 +69,8 @@ class SamplingParams:
             self.top_k = 0
         if isinstance(self.logprobs, bool):  # as vLLM: True asks for the top 1, False for none
             self.logprobs = 1 if self.logprobs else None
+        if isinstance(self.prompt_logprobs, bool):
+            self.prompt_logprobs = 0 if self.prompt_logprobs else None
         if self.stop is None:
             self.stop = []
         elif isinstance(self.stop, str):
@@ -99,6 +105,8 @@ class SamplingParams:
                     "[1.2e-38, 3.4e38]", lambda v: _FLOAT32_MIN_NORMAL <= v <= _FLOAT32_MAX)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0, allowed="None or an integer >= 0")
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0, allowed="None or an integer >= 0")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}.")

@@ -65,6 +65,7 @@ class _ParentState:
     prompt_token_ids: list[int]
     children: list[_CompletionState] = field(default_factory=list)
     sequence_ids: list[str] = field(default_factory=list)  # the core's ids of the children, in order
+    prompt_logprobs: list | None = None  # [None, entry for token 1, ...] once the first child delivered them
 
     @property
     def finished(self) -> bool:
@@ -128,6 +129,13 @@ class OutputProcessor:
                 continue
             parent, state = states
             state.num_cached_tokens = update.num_cached_tokens
+            if update.prompt_logprobs is not None and parent.prompt_logprobs is None:
+                # n > 1: every child computed them; they are the same prompt's, the first is kept
+                for entry in update.prompt_logprobs:
+                    for token_id, logprob in (entry or {}).items():
+                        if logprob.decoded_token is None:
+                            logprob.decoded_token = self.tokenizer.decode([token_id])
+                parent.prompt_logprobs = [None, *update.prompt_logprobs]
             for entry in update.new_logprobs or ():
                 self._add_logprobs(state, entry, update.new_token_ids)
             ended_on_token = update.finished and update.status == RequestStatus.FINISHED_STOPPED
@@ -175,4 +183,5 @@ class OutputProcessor:
         ]
         return RequestOutput(request_id=parent.request_id, prompt=parent.prompt,
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
-                             finished=parent.finished, num_cached_tokens=parent.children[0].num_cached_tokens)
+                             finished=parent.finished, prompt_logprobs=parent.prompt_logprobs,
+                             num_cached_tokens=parent.children[0].num_cached_tokens)

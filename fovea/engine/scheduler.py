@@ -106,6 +106,7 @@ class RequestUpdate:
     new_logprobs: list[dict[int, Logprob]] | None = None  # one entry per new token, if the request asked
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache when it was first scheduled
     error: str | None = None  # status FINISHED_ERROR: what the model raised
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # prompt tokens 1..P-1, once, if asked
 
 
 class Scheduler:
@@ -318,7 +319,9 @@ class Scheduler:
                     break
                 token_budget -= 1
                 continue
-            computed_blocks, num_computed = kv.get_computed_blocks(request)
+            # prompt logprobs need every prompt position's logits: such a request takes no prefix hit (as vLLM)
+            computed_blocks, num_computed = ([], 0) if getattr(request.sampling_params, "prompt_logprobs", None) \
+                is not None else kv.get_computed_blocks(request)
             num_remaining = request.num_tokens - num_computed
             num_new = min(num_remaining, token_budget)
             if not cfg.enable_chunked_prefill and num_new < num_remaining:
@@ -506,6 +509,8 @@ class Scheduler:
                         status=request.status,
                         stop_reason=request.stop_reason,
                         new_logprobs=[entry] if entry is not None and new_token_ids else None,
+                        prompt_logprobs=runner_output.prompt_logprobs.get(rid)
+                        if runner_output.prompt_logprobs else None,
                         num_cached_tokens=request.num_cached_prompt_tokens,
                     )
                 )

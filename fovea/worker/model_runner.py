@@ -29,7 +29,7 @@ from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker import encoder_decoder
 from fovea.worker.memory import measure_peak_bytes
-from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, seeded_generator
+from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, gather_logprobs, seeded_generator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,6 +62,10 @@ class CachedRequestState:
     lora_request: LoRARequest | None = None
     encoder_prompt_token_ids: list[int] | None = None  # encoder-decoder models (fovea.worker.encoder_decoder)
     cross_block_ids: list[int] | None = None
+    # prompt_logprobs requests: entries for prompt tokens 1.. computed so far (kept across preemption, so a
+    # recomputed chunk adds none twice), and whether they were handed out (with the first sampled token)
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -192,6 +196,7 @@ class ModelRunner:
                                      eos_token_id=new.eos_token_id),
                 lora_request=new.lora_request, encoder_prompt_token_ids=new.encoder_prompt_token_ids,
                 cross_block_ids=list(new.cross_block_ids),
+                prompt_logprobs=[] if params.prompt_logprobs is not None else None,
             )
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -227,6 +232,7 @@ class ModelRunner:
         query_lens, context_lens, block_tables = [], [], []
         mm_rows, logits_index, sampled = [], [], []
         lora_rows: list[tuple[LoRARequest, int, int]] = []  # (adapter, first flat row, count) per request
+        prompt_rows: list[tuple[int, CachedRequestState, int]] = []  # (flat row, request, prompt position)
         start = 0
         for req_id, n in out.num_scheduled_tokens.items():
             state = self.requests[req_id]
@@ -247,6 +253,11 @@ class ModelRunner:
                 mm_rows.append(rows)
             if state.lora_request is not None:
                 lora_rows.append((state.lora_request, start, n))
+            if state.prompt_logprobs is not None:
+                # row p's logits score prompt token p + 1; positions scored before a preemption are not redone
+                num_prompt = len(state.sampling.prompt_token_ids)
+                for p in range(max(c, len(state.prompt_logprobs)), min(end, num_prompt - 1)):
+                    prompt_rows.append((start + p - c, state, p + 1))
             start += n
             query_lens.append(n)
             context_lens.append(end)
@@ -268,6 +279,8 @@ class ModelRunner:
         lora_mapping = self.lora_manager.prepare_step(lora_rows) if lora_rows else None
         with forward_context(meta), lora_context(lora_mapping):
             hidden = self.model(ids, positions, inputs_embeds=embeds)
+        if prompt_rows:
+            self._prompt_logprobs(hidden, prompt_rows)
         if not sampled:
             return ModelRunnerOutput.empty()
         logits = self.model.compute_logits(hidden[torch.tensor(logits_index)])  # the sampler widens if it must
@@ -279,7 +292,25 @@ class ModelRunner:
             state.token_ids.append(token)
             state.output_token_ids.append(token)
         logprobs = result.logprobs.to_dicts() if result.logprobs is not None else None
-        return ModelRunnerOutput([s.req_id for s in sampled], [[t] for t in tokens], logprobs)
+        prompt_logprobs = {}
+        for state in sampled:
+            if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+                prompt_logprobs[state.req_id], state.prompt_logprobs_sent = state.prompt_logprobs, True
+        return ModelRunnerOutput([s.req_id for s in sampled], [[t] for t in tokens], logprobs,
+                                 prompt_logprobs or None)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[tuple[int, CachedRequestState, int]]) -> None:
+        """Score prompt tokens (raw log_softmax, float32) and append them to their requests; a multimodal
+        placeholder gets None (its row takes an embedding, not a token). In slices of rows, so a long prompt never
+        holds [prompt_len, vocab] logits at once."""
+        for first in range(0, len(rows), _PROMPT_LOGPROBS_ROWS):
+            part = rows[first:first + _PROMPT_LOGPROBS_ROWS]
+            logits = self.model.compute_logits(hidden[torch.tensor([r for r, _, _ in part])]).float()
+            targets = torch.tensor([state.token_ids[q] for _, state, q in part])
+            nums = [state.sampling.params.prompt_logprobs for _, state, _ in part]
+            entries = gather_logprobs(torch.log_softmax(logits, dim=-1), nums, targets).to_dicts()
+            for (_, state, q), entry in zip(part, entries):
+                state.prompt_logprobs.append(None if _is_placeholder(state.mm_features, q) else entry)
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks (a forked beam's partial last block) in every layer, before the step writes."""
@@ -303,6 +334,16 @@ class ModelRunner:
             outputs = self.model.embed_multimodal(**kwargs)
             for mm_hash, embeds in zip(unique, outputs):
                 self.encoder_cache[mm_hash] = embeds
+
+
+_PROMPT_LOGPROBS_ROWS = 256
+
+
+def _is_placeholder(features: list[MultiModalFeature], position: int) -> bool:
+    for f in features:
+        if f.offset <= position < f.offset + f.length:
+            return f.is_embed is None or f.is_embed[position - f.offset]
+    return False
 
 
 def _mrope_positions(state: CachedRequestState, c: int, n: int) -> torch.Tensor:
