@@ -71,7 +71,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_engine.config.tokenizer_path)
     chat_template = resolve_chat_template(tokenizer, llm_engine.hf_config.model_type, settings.chat_template)
     chat = ChatServing(engine, tokenizer, settings.fetcher, chat_template)
-    completion = CompletionServing(engine)
+    completion = CompletionServing(engine, tokenizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

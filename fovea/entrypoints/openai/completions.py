@@ -34,8 +34,9 @@ from fovea.sampling_params import SamplingParams
 class CompletionServing:
     """Completions over one engine: prompt i of a batch is request `<id>-i`, its choices i*n ... i*n + n-1."""
 
-    def __init__(self, engine: AsyncLLMEngine):
+    def __init__(self, engine: AsyncLLMEngine, tokenizer=None):
         self.engine = engine
+        self.tokenizer = tokenizer  # echo: token-id prompts' text, and the names of unscored prompt tokens
 
     async def create(self, body: p.CompletionRequest, model: str, raw: Request,
                      lora_request: LoRARequest | None = None) -> Response:
@@ -53,13 +54,14 @@ class CompletionServing:
             raise
         created = int(time.time())
         if body.stream:
-            return SSEResponse(completion_chunks(body, params, base_id, created, model, streams), on_close)
+            return SSEResponse(completion_chunks(body, params, base_id, created, model, streams, self.tokenizer),
+                               on_close)
         finals = await unless_disconnected(raw, last_outputs(streams), on_close)
-        return JSONResponse(p.completion_response(body, base_id, created, model, finals).model_dump())
+        return JSONResponse(p.completion_response(body, base_id, created, model, finals, self.tokenizer).model_dump())
 
 
 async def completion_chunks(body: p.CompletionRequest, params: SamplingParams, request_id: str, created: int,
-                            model: str, streams: list[RequestStream]) -> AsyncIterator[str]:
+                            model: str, streams: list[RequestStream], tokenizer=None) -> AsyncIterator[str]:
     def chunk(choices, usage=None) -> str:
         return sse(p.CompletionResponse(id=request_id, created=created, model=model, choices=choices, usage=usage))
 
@@ -68,10 +70,17 @@ async def completion_chunks(body: p.CompletionRequest, params: SamplingParams, r
     num_prompt = [0] * len(streams)
     num_completion = [0] * len(streams)
     wants_tokens = body.logprobs is not None
+    echoed = [[not body.echo] * params.n for _ in streams]
     try:
         async for prompt_index, output in iterate_all(streams):
             choices = []
             for c in output.outputs:
+                if not echoed[prompt_index][c.index]:  # echo: the prompt is each choice's first chunk
+                    echoed[prompt_index][c.index] = True
+                    logprobs = p.echo_logprobs(output.prompt_token_ids, output.prompt_logprobs, body.logprobs,
+                                               lambda t: tokenizer.decode([t])) if wants_tokens else None
+                    choices.append(p.CompletionChoice(index=prompt_index * params.n + c.index,
+                                                      text=p.echo_text(output, tokenizer), logprobs=logprobs))
                 cursor = cursors[prompt_index][c.index]
                 offset = cursor.num_chars
                 if (step := advance(cursor, c, num_held, wants_tokens)) is None:

@@ -158,7 +158,8 @@ class CompletionRequest(SamplingRequest):
              | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
     max_tokens: Integer(ge=1) | None = 16  # OpenAI's default for completions
     logprobs: Integer(ge=0, le=20) | None = None
-    echo: bool = Field(False, description="not supported: must be false", json_schema_extra={"const": False})
+    echo: bool = Field(False, description="the prompt before each completion (with logprobs: the prompt "
+                                          "tokens' too, the first one null)")
     suffix: str | None = Field(None, description="not supported: must be empty or null",
                                json_schema_extra={"maxLength": 0})
     best_of: Int | None = Field(None, description="only null or equal to n")
@@ -178,13 +179,14 @@ class CompletionRequest(SamplingRequest):
 
     def to_sampling_params(self) -> SamplingParams:
         self.check_unsupported()
-        if self.echo:
-            raise RequestError("echo is not supported by fovea", "echo")
         if self.suffix:
             raise RequestError("suffix is not supported by fovea", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of other than n is not supported by fovea", "best_of")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        params = self._sampling_params(self.max_tokens, self.logprobs)
+        if self.echo and self.logprobs is not None:
+            params.prompt_logprobs = self.logprobs  # as vLLM: echo with logprobs scores the prompt too
+        return params
 
 
 # ---- responses ----------------------------------------------------------------------------------------------
@@ -343,6 +345,37 @@ def completion_logprobs(token_ids: list[int], entries: list[dict], num_top: int,
     return out
 
 
+def echo_logprobs(prompt_token_ids: list[int], entries: list[dict | None], num_top: int,
+                  token_text) -> CompletionLogprobs:
+    """The prompt's part of an echoed completion's logprobs: `entries` are RequestOutput.prompt_logprobs (None for
+    the first token and placeholders, whose logprob and top are null); `token_text(id)` names a None entry's token."""
+    out = CompletionLogprobs()
+    offset = 0
+    for token_id, entry in zip(prompt_token_ids, entries):
+        if entry is None:
+            text = token_text(token_id)
+            out.tokens.append(text)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(offset)
+            offset += len(text)
+        else:
+            part = completion_logprobs([token_id], [entry], num_top, offset)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(out, name).extend(getattr(part, name))
+            offset += len(part.tokens[0])
+    return out
+
+
+def join_logprobs(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    """`second` (a completion's, offsets from 0) after `first` (its echoed prompt's)."""
+    shift = sum(len(t) for t in first.tokens)
+    return CompletionLogprobs(text_offset=[*first.text_offset, *(o + shift for o in second.text_offset)],
+                              token_logprobs=[*first.token_logprobs, *second.token_logprobs],
+                              tokens=[*first.tokens, *second.tokens],
+                              top_logprobs=[*first.top_logprobs, *second.top_logprobs])
+
+
 def _finite(value: float) -> float:
     # JSON has no -inf; a token the model gives no probability at all gets the float32 floor instead
     return max(value, -9999.0)
@@ -362,16 +395,31 @@ def chat_response(body: ChatCompletionRequest, request_id: str, created: int, mo
 
 
 def completion_response(body: CompletionRequest, request_id: str, created: int, model: str,
-                        finals: list[RequestOutput]) -> CompletionResponse:
+                        finals: list[RequestOutput], tokenizer=None) -> CompletionResponse:
+    """`tokenizer` is needed with `echo`: the prompt's text (for token-id prompts) and its unscored tokens."""
     choices, num_prompt, num_completion = [], 0, 0
     for prompt_index, final in enumerate(finals):
         num_prompt += len(final.prompt_token_ids)
+        prefix, prefix_logprobs = "", None
+        if body.echo:
+            prefix = echo_text(final, tokenizer)
+            if body.logprobs is not None:
+                prefix_logprobs = echo_logprobs(final.prompt_token_ids, final.prompt_logprobs, body.logprobs,
+                                                lambda t: tokenizer.decode([t]))
         for c in final.outputs:
             logprobs = None
             if body.logprobs is not None:
                 logprobs = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, 0)
-            choices.append(CompletionChoice(index=prompt_index * body.n + c.index, text=c.text, logprobs=logprobs,
+                if prefix_logprobs is not None:
+                    logprobs = join_logprobs(prefix_logprobs, logprobs)
+            choices.append(CompletionChoice(index=prompt_index * body.n + c.index, text=prefix + c.text,
+                                            logprobs=logprobs,
                                             finish_reason=c.finish_reason, stop_reason=c.stop_reason))
             num_completion += len(c.token_ids)
     return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
                               usage=make_usage(num_prompt, num_completion))
+
+
+def echo_text(final: RequestOutput, tokenizer) -> str:
+    """The prompt as echoed: its own text, or its token ids decoded (special tokens kept, as vLLM echoes them)."""
+    return final.prompt if final.prompt is not None else tokenizer.decode(final.prompt_token_ids)

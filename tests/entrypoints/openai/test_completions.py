@@ -92,9 +92,36 @@ def test_completion_logprobs_equal_offline(client, llm, model):
     assert "".join(logprobs.tokens) == reply.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_offline(client, llm, model):
+    """echo: the prompt before the completion; with logprobs, its tokens' logprobs (the first null) equal
+    LLM.generate's prompt_logprobs, streamed or not."""
+    prompt = "Question: what colour is the sky? Answer:"
+    expected = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=5, logprobs=2, prompt_logprobs=2),
+                            use_tqdm=False)[0]
+    ids = expected.prompt_token_ids
+    reply = client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0.0, logprobs=2, echo=True)
+    choice = reply.choices[0]
+    assert choice.text == prompt + expected.outputs[0].text
+    lps = choice.logprobs
+    assert len(lps.tokens) == len(ids) + len(expected.outputs[0].token_ids)
+    assert lps.token_logprobs[0] is None and lps.top_logprobs[0] is None
+    for i in range(1, len(ids)):
+        assert lps.token_logprobs[i] == pytest.approx(expected.prompt_logprobs[i][ids[i]].logprob, abs=1e-4)
+        assert len(lps.top_logprobs[i]) == 2
+    assert lps.text_offset == sorted(lps.text_offset)
+    plain = client.completions.create(model=model, prompt=ids, max_tokens=5, temperature=0.0, echo=True)
+    assert plain.choices[0].text.endswith(expected.outputs[0].text) and plain.choices[0].logprobs is None
+    assert plain.choices[0].text != expected.outputs[0].text  # the decoded prompt comes first
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=5, temperature=0.0, logprobs=2,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    first = chunks[0].choices[0]  # the echoed prompt, with its logprobs
+    assert first.text == prompt and first.logprobs.token_logprobs == pytest.approx(lps.token_logprobs[:len(ids)])
+
+
 @pytest.mark.parametrize("body, status, param, text", [
     ({"prompt": []}, 400, "prompt", None),
-    ({"prompt": "a", "echo": True}, 400, "echo", None),
+    ({"prompt": "a", "suffix": "b"}, 400, "suffix", None),
     ({"prompt": "a", "best_of": 3}, 400, "best_of", None),
     ({"prompt": [1, 2, 10**6]}, 400, None, "vocabulary"),
     ({"prompt": "a", "max_tokens": MAX_POSITIONS}, 400, None, "max_model_len"),
