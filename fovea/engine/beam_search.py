@@ -19,11 +19,10 @@ penalty and keeps only unfinished beams in the running set); fovea follows trans
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fovea.engine.request import Request, RequestStatus
-from fovea.outputs import BeamSearchOutput, BeamSearchSequence, Logprob
+from fovea.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestOutput
 from fovea.sampling_params import BeamSearchParams, SamplingParams
 
 _NEG = -1.0e9  # transformers' "cannot be chosen" offset
@@ -121,117 +120,179 @@ class BeamGroup:
         return [(f.score, f.beam) for f in self.finished if f.is_finished]
 
 
-_search_ids = itertools.count()
+def sequence_params(params: BeamSearchParams) -> SamplingParams:
+    """What every beam's engine sequence runs with: one greedy token, reporting its top 2k raw log-probs (the token
+    it samples is not used)."""
+    return SamplingParams(max_tokens=1, temperature=0.0, logprobs=2 * params.beam_width, ignore_eos=True)
 
 
-def beam_search(engine, prompts: Sequence, params: BeamSearchParams, lora_requests: Sequence) -> list[BeamSearchOutput]:
-    """Run every prompt's beam search to the end on `engine` (an idle `LLMEngine`: its core's updates are read
-    here, not by the output processor). Raises ValueError for a bad prompt (nothing left queued), RuntimeError
-    if the model failed on a beam."""
-    core, k = engine.engine_core, params.beam_width
-    # greedy one-token sequences that report their top 2k raw log-probs; the token they "sample" is unused
-    seq_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2 * k, ignore_eos=True)
-    search = next(_search_ids)
-    roots, groups, needs = [], [], []
-    for i, (prompt, lora) in enumerate(zip(prompts, lora_requests)):
-        if lora is not None:
-            engine.add_lora(lora)
-        try:
-            root = engine.input_processor.process(f"beam{search}-{i}", prompt, seq_params, next(engine._arrivals))
-        except ValueError as err:
-            raise ValueError(f"prompt {i}: {err}") from err
-        room = engine.max_model_len - root.num_prompt_tokens
+@dataclass(eq=False)
+class _Search:
+    request_id: str
+    root: Request  # the prompt's sequence: its ids, features and positions are every fork's
+    params: BeamSearchParams
+    group: BeamGroup
+    num_blocks: int  # the most KV blocks it may hold at once
+    keep_output: bool
+    started: bool = False
+    sequences: set[str] = field(default_factory=set)  # its live or held engine sequences
+    error: str | None = None
+
+
+class BeamSearchManager:
+    """The engine's beam searches (LLMEngine owns one): starts them while their worst cases fit the KV pool together
+    (so searches never deadlock on held blocks), reads their sequences' updates out of each step, forks and releases
+    sequences, and reports each search once it is done. Other requests' updates pass through untouched."""
+
+    def __init__(self, core, tokenizer):
+        self.core, self.tokenizer = core, tokenizer
+        self.searches: dict[str, _Search] = {}  # unfinished, in arrival order
+        self.owner: dict[str, _Search] = {}  # engine sequence id -> its search
+        self.held: set[str] = set()
+        self.distributions: dict[str, dict[int, Logprob]] = {}
+        self.outputs: dict[str, BeamSearchOutput] = {}  # finished searches added with keep_output
+        self._counter = itertools.count()
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.searches
+
+    def __len__(self) -> int:
+        return len(self.searches)
+
+    def add(self, request_id: str, root: Request, params: BeamSearchParams, max_model_len: int,
+            keep_output: bool = False) -> None:
+        """Queue a search whose prompt `root` the input processor made (with `sequence_params(params)`); ValueError
+        if it has no room to generate or could never fit the KV pool."""
+        room = max_model_len - root.num_prompt_tokens
         if room < 1:
-            raise ValueError(f"prompt {i}: its {root.num_prompt_tokens} tokens leave no room to generate within "
-                             f"max_model_len={engine.max_model_len}")
-        root.hold_kv, root.lora_request = True, lora
-        needs.append(_blocks_needed(engine, root.num_prompt_tokens, k, min(params.max_tokens, room), i))
-        roots.append(root)
-        group = BeamGroup(params, None if params.ignore_eos else root.eos_token_id, min(params.max_tokens, room))
+            raise ValueError(f"its {root.num_prompt_tokens} prompt tokens leave no room to generate within "
+                             f"max_model_len={max_model_len}")
+        max_tokens = min(params.max_tokens, room)
+        num_blocks = _blocks_needed(self.core.scheduler.kv_cache_manager, root.num_prompt_tokens,
+                                    params.beam_width, max_tokens)
+        root.hold_kv = True
+        group = BeamGroup(params, None if params.ignore_eos else root.eos_token_id, max_tokens)
         group.running = [Beam(root.request_id, [], [], 0.0)]
-        groups.append(group)
-    owner: dict[str, BeamGroup] = {}  # live or held sequence -> its group
-    root_of = {id(group): root for root, group in zip(roots, groups)}
-    live: set[str] = set()  # queued or running sequences
-    held: set[str] = set()
-    distributions: dict[str, dict[int, Logprob]] = {}
-    counter = itertools.count()
-    # prompts start while their worst cases fit the pool together, so no two searches can deadlock on it
-    num_started, pool = 0, engine.scheduler.kv_cache_manager.num_usable_blocks
-    try:
-        while not all(g.done for g in groups):
-            blocks_in_use = sum(need for need, g in zip(needs[:num_started], groups) if not g.done)
-            first = num_started
-            while num_started < len(roots) and blocks_in_use + needs[num_started] <= pool:
-                blocks_in_use += needs[num_started]
-                num_started += 1
-            if num_started > first:
-                core.add_requests(roots[first:num_started])
-                for root, group in zip(roots[first:num_started], groups[first:num_started]):
-                    owner[root.request_id] = group
-                    live.add(root.request_id)
-            updates = core.step()
-            if not updates and not core.scheduler.running and core.scheduler.waiting:
-                raise RuntimeError("beam search made no progress: the KV pool is held by other requests")
-            for update in updates:
-                if update.request_id not in owner:
-                    continue
-                if update.status in (RequestStatus.FINISHED_ERROR, RequestStatus.FINISHED_ABORTED):
-                    raise RuntimeError(f"beam search: the model failed on a beam: {update.error or update.status.name}")
-                if update.finished:
-                    live.discard(update.request_id)
-                    held.add(update.request_id)
-                    distributions[update.request_id] = update.new_logprobs[0]
-            for group in groups:
-                if group.done or any(b.seq_id not in distributions for b in group.running):
-                    continue
-                root = root_of[id(group)]
-                old = [b.seq_id for b in group.running]
-                continuations = group.step(distributions)
-                forks = []
-                for cont in continuations:
-                    cont.beam.seq_id = f"{root.request_id}.{next(counter)}"
-                    # the parent sequence computed the prompt and the parent's tokens: the fork computes one more
-                    forks.append(Request(
-                        request_id=cont.beam.seq_id, prompt_token_ids=[*root.prompt_token_ids, *cont.beam.token_ids],
-                        sampling_params=seq_params, eos_token_id=root.eos_token_id, mm_features=root.mm_features,
-                        arrival_index=root.arrival_index, mrope_positions=root.mrope_positions,
-                        mrope_position_delta=root.mrope_position_delta, lora_request=root.lora_request,
-                        hold_kv=True, fork_parent=cont.parent.seq_id))
-                group.running = [c.beam for c in continuations]
-                core.add_requests(forks)
-                for fork in forks:
-                    owner[fork.request_id] = group
-                    live.add(fork.request_id)
-                core.scheduler.release_held(old)  # freed once the forks took their copies
-                held.difference_update(old)
-                for seq_id in old:
-                    distributions.pop(seq_id, None)
-                    del owner[seq_id]
-    finally:
-        if live:
-            core.abort_requests(list(live))
-        core.scheduler.release_held(list(held))
-    return [_output(engine, group, root, params) for root, group in zip(roots, groups)]
+        self.searches[request_id] = _Search(request_id, root, params, group, num_blocks, keep_output)
+
+    def abort(self, request_ids) -> None:
+        for request_id in request_ids:
+            search = self.searches.pop(request_id, None)
+            if search is not None:
+                self._drop(search)
+            self.outputs.pop(request_id, None)
+
+    def start(self) -> None:
+        """Start queued searches, in order, while all started ones' worst cases fit the pool together."""
+        pool = self.core.scheduler.kv_cache_manager.num_usable_blocks
+        in_use = sum(s.num_blocks for s in self.searches.values() if s.started)
+        for search in self.searches.values():
+            if search.started:
+                continue
+            if in_use + search.num_blocks > pool:
+                break
+            self.core.add_requests([search.root])
+            search.started = True
+            in_use += search.num_blocks
+            self._own(search, search.root.request_id)
+
+    def process(self, updates: list) -> tuple[list, list[RequestOutput]]:
+        """Take the beam sequences' updates out of one step's; returns the others and an output per search that
+        ended (RequestOutput, vLLM's server shape: one completion per beam, best first)."""
+        others = []
+        for update in updates:
+            search = self.owner.get(update.request_id)
+            if search is None:
+                others.append(update)
+            elif update.status in (RequestStatus.FINISHED_ERROR, RequestStatus.FINISHED_ABORTED):
+                search.error = search.error or (update.error or f"a beam was {update.status.name.lower()}")
+            elif update.finished:
+                self.held.add(update.request_id)
+                self.distributions[update.request_id] = update.new_logprobs[0]
+        finished = []
+        for search in list(self.searches.values()):
+            group = search.group
+            if search.error is None and search.started and \
+                    all(b.seq_id in self.distributions for b in group.running):
+                self._advance(search)
+            if search.error is not None or group.done:
+                del self.searches[search.request_id]
+                self._drop(search)
+                finished.append(self._request_output(search))
+        return others, finished
+
+    def _own(self, search: _Search, seq_id: str) -> None:
+        self.owner[seq_id] = search
+        search.sequences.add(seq_id)
+
+    def _disown(self, search: _Search, seq_ids: list[str]) -> None:
+        for seq_id in seq_ids:
+            self.owner.pop(seq_id, None)
+            self.distributions.pop(seq_id, None)
+            self.held.discard(seq_id)
+            search.sequences.discard(seq_id)
+
+    def _advance(self, search: _Search) -> None:
+        root, group = search.root, search.group
+        old = [b.seq_id for b in group.running]
+        continuations = group.step(self.distributions)
+        forks = []
+        for cont in continuations:
+            cont.beam.seq_id = f"{root.request_id}.{next(self._counter)}"
+            # the parent sequence computed the prompt and the parent's tokens: the fork computes one more
+            forks.append(Request(
+                request_id=cont.beam.seq_id, prompt_token_ids=[*root.prompt_token_ids, *cont.beam.token_ids],
+                sampling_params=root.sampling_params, eos_token_id=root.eos_token_id, mm_features=root.mm_features,
+                arrival_index=root.arrival_index, mrope_positions=root.mrope_positions,
+                mrope_position_delta=root.mrope_position_delta, lora_request=root.lora_request,
+                hold_kv=True, fork_parent=cont.parent.seq_id))
+        group.running = [c.beam for c in continuations]
+        if forks:
+            self.core.add_requests(forks)
+            for fork in forks:
+                self._own(search, fork.request_id)
+        self.core.scheduler.release_held(old)  # freed once the forks took their copies
+        self._disown(search, old)
+
+    def _drop(self, search: _Search) -> None:
+        """Withdraw every sequence of a search that ended or was aborted."""
+        ids = list(search.sequences)
+        self.core.abort_requests([i for i in ids if i not in self.held])
+        self.core.scheduler.release_held([i for i in ids if i in self.held])
+        self._disown(search, ids)
+
+    def _request_output(self, search: _Search) -> RequestOutput:
+        root = search.root
+        if search.error is not None:
+            completions = [CompletionOutput(index=0, text="", token_ids=[], finish_reason="error",
+                                            stop_reason=search.error)]
+        else:
+            output = _output(self.tokenizer, search.group, root, search.params)
+            if search.keep_output:
+                self.outputs[search.request_id] = output
+            n = len(root.prompt_token_ids)
+            completions = [CompletionOutput(index=i, text=s.text, token_ids=s.tokens[n:],
+                                            cumulative_logprob=s.cum_logprob, finish_reason=s.finish_reason)
+                           for i, s in enumerate(output.sequences)]
+        return RequestOutput(request_id=search.request_id, prompt=root.prompt, prompt_token_ids=root.prompt_token_ids,
+                             outputs=completions, finished=True)
 
 
-def _blocks_needed(engine, num_prompt_tokens: int, beam_width: int, max_tokens: int, index: int) -> int:
+def _blocks_needed(kv, num_prompt_tokens: int, beam_width: int, max_tokens: int) -> int:
     """The most KV blocks one prompt's search may hold at once (ValueError if over the pool): while one step's
     forks are admitted, the k sequences they fork from still hold their blocks, so 2k sequences may hold their own
     blocks past the prompt's full ones."""
-    kv = engine.scheduler.kv_cache_manager
     bs = kv.block_size
     own = -(-(num_prompt_tokens % bs + max_tokens) // bs)
     needed = num_prompt_tokens // bs + 2 * beam_width * own
     if needed > kv.num_usable_blocks:
-        raise ValueError(f"prompt {index}: beam search with beam_width={beam_width} and max_tokens={max_tokens} may "
+        raise ValueError(f"beam search with beam_width={beam_width} and max_tokens={max_tokens} may "
                          f"hold {needed} KV blocks at once, more than the pool's {kv.num_usable_blocks}; lower them or "
                          f"give the engine more KV memory")
     return needed
 
 
-def _output(engine, group: BeamGroup, root: Request, params: BeamSearchParams) -> BeamSearchOutput:
-    tokenizer = engine.tokenizer
+def _output(tokenizer, group: BeamGroup, root: Request, params: BeamSearchParams) -> BeamSearchOutput:
     sequences = []
     for score, beam in group.results():
         ended_on_eos = not params.ignore_eos and beam.token_ids and beam.token_ids[-1] == root.eos_token_id

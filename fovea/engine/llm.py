@@ -13,7 +13,6 @@ from fovea.engine.llm_engine import LLMEngine
 from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
 from fovea.lora.request import LoRARequest
-from fovea.engine.beam_search import beam_search
 from fovea.outputs import BeamSearchOutput, RequestOutput
 from fovea.sampling_params import BeamSearchParams, SamplingParams
 
@@ -97,7 +96,8 @@ class LLM:
 
         The rules are transformers' `generate(num_beams=..., do_sample=False)` (fovea.engine.beam_search);
         all prompts' beams run in the same batches, forked in the KV cache (the prompt and its images are
-        computed once). `use_tqdm` is accepted for vLLM's signature; no bar is shown.
+        computed once), next to any other requests of the engine. `use_tqdm` is accepted for vLLM's signature; no
+        bar is shown.
         """
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"params must be a fovea.BeamSearchParams, got {type(params).__name__}")
@@ -110,9 +110,31 @@ class LLM:
             lora_list = list(lora_request)
             if len(lora_list) != len(prompts):
                 raise ValueError(f"{len(lora_list)} LoRA requests for {len(prompts)} prompts; give one or one per prompt")
-        if self.llm_engine.has_unfinished_requests():
-            raise RuntimeError("beam_search needs an idle engine (no generate() requests in flight)")
-        return beam_search(self.llm_engine, prompts, params, lora_list)
+        engine = self.llm_engine
+        ids: list[str] = []
+        for i, (prompt, lora) in enumerate(zip(prompts, lora_list)):
+            request_id = str(next(self._counter))
+            try:
+                engine.add_beam_search(request_id, prompt, params, lora, keep_output=True)
+            except ValueError as err:
+                engine.abort_request(ids)
+                raise ValueError(f"prompt {i}: {err}") from err
+            ids.append(request_id)
+        wanted, done = set(ids), set()
+        try:
+            while len(done) < len(ids):
+                outputs = engine.step()
+                for output in outputs:
+                    if output.request_id not in wanted:
+                        continue
+                    done.add(output.request_id)
+                    if output.outputs[0].finish_reason == "error":
+                        raise RuntimeError(f"beam search failed on prompt {ids.index(output.request_id)}: "
+                                           f"{output.outputs[0].stop_reason}")
+        except BaseException:
+            engine.abort_request([i for i in ids if i not in done])
+            raise
+        return [engine.beam_searches.outputs.pop(i) for i in ids]
 
     def chat(
         self,

@@ -14,6 +14,7 @@ import itertools
 import transformers
 
 from fovea.config import EngineConfig
+from fovea.engine.beam_search import BeamSearchManager, sequence_params
 from fovea.engine.core import EngineCore
 from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
@@ -25,7 +26,7 @@ from fovea.models.registry import resolve_model_class
 from fovea.multimodal.processing import InputProcessingContext
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 from fovea.outputs import RequestOutput
-from fovea.sampling_params import SamplingParams
+from fovea.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLMEngine:
@@ -63,6 +64,7 @@ class LLMEngine:
             decoder_start_token_id=text_config.decoder_start_token_id if is_encoder_decoder(self.hf_config) else None,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.beam_searches = BeamSearchManager(self.engine_core, self.tokenizer)
         self._arrivals = itertools.count()
 
     def _resolve_max_model_len(self, text_config) -> int:
@@ -104,11 +106,13 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | BeamSearchParams | None = None,
                     lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request (with `lora_request`: run by that adapter); a bad one raises ValueError
-        and leaves the engine untouched."""
-        if request_id in self.output_processor:
+        and leaves the engine untouched. `BeamSearchParams` make it a beam search (`add_beam_search`)."""
+        if isinstance(params, BeamSearchParams):
+            return self.add_beam_search(request_id, prompt, params, lora_request)
+        if request_id in self.output_processor or request_id in self.beam_searches:
             raise ValueError(f"request id {request_id!r} is already in use")
         if lora_request is not None:
             if not isinstance(lora_request, LoRARequest):
@@ -120,25 +124,48 @@ class LLMEngine:
         self.engine_core.add_requests(sequences)  # all or none
         self.output_processor.add_request(request, sequences)
 
+    def add_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
+                        lora_request: LoRARequest | None = None, keep_output: bool = False) -> None:
+        """Queue a beam search (fovea.engine.beam_search); its one RequestOutput comes when it is done, one
+        completion per beam, best first (`keep_output`: its BeamSearchOutput waits in `beam_searches.outputs`)."""
+        if request_id in self.output_processor or request_id in self.beam_searches:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(f"lora_request must be a fovea.LoRARequest, got {type(lora_request).__name__}")
+            self.add_lora(lora_request)
+        root = self.input_processor.process(f"beam:{request_id}", prompt, sequence_params(params),
+                                            next(self._arrivals))
+        root.lora_request = lora_request
+        self.beam_searches.add(request_id, root, params, self.max_model_len, keep_output)
+
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Load and check an adapter ahead of its requests (vLLM's `add_lora`); ValueError naming the problem."""
         self.engine_core.add_lora(lora_request)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.beam_searches.abort(ids)
         self.engine_core.abort_requests(self.output_processor.abort_requests(ids))
 
     def has_unfinished_requests(self) -> bool:
-        return self.output_processor.get_num_unfinished_requests() > 0
+        return self.get_num_unfinished_requests() > 0
 
     def get_num_unfinished_requests(self) -> int:
-        return self.output_processor.get_num_unfinished_requests()
+        return self.output_processor.get_num_unfinished_requests() + len(self.beam_searches)
 
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return a RequestOutput for every request that produced tokens or finished."""
-        outputs, stopped = self.output_processor.process_updates(self.engine_core.step())
+        searches = self.beam_searches
+        if searches:
+            searches.start()
+        updates = self.engine_core.step()
+        finished_searches = []
+        if searches.owner:
+            updates, finished_searches = searches.process(updates)
+        outputs, stopped = self.output_processor.process_updates(updates)
         if stopped:
             self.engine_core.stop_requests(stopped)
-        return outputs
+        return outputs + finished_searches

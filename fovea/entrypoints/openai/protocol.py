@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from fovea.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS
 from fovea.entrypoints.openai.messages import ChatMessageParam, message_dicts
 from fovea.outputs import RequestOutput
-from fovea.sampling_params import SamplingParams
+from fovea.sampling_params import BeamSearchParams, SamplingParams
 
 
 class OpenAIModel(BaseModel):
@@ -89,12 +89,32 @@ class SamplingRequest(OpenAIRequestModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    use_beam_search: bool = False  # n beams (transformers' rules, see the README); n choices, best first
+    length_penalty: float = Field(1.0, allow_inf_nan=False)  # beam search: score = cum_logprob / length ** this
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
             raise RequestError("logit_bias is not supported by fovea", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+
+    def _beam_search_params(self, max_tokens: int | None) -> BeamSearchParams:
+        """vLLM's `use_beam_search`: `n` beams. What beam search cannot honour is refused, never ignored."""
+        if self.stream:
+            raise RequestError("stream is not supported with use_beam_search (the beams are known at the end)",
+                               "stream")
+        if "temperature" in self.model_fields_set and self.temperature != 0.0:
+            raise RequestError("use_beam_search ranks raw log-probabilities: temperature must be 0 or left out",
+                               "temperature")
+        for name in _NOT_WITH_BEAMS:
+            if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
+                raise RequestError(f"{name} is not supported with use_beam_search", name)
+        try:
+            return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens or _UNLIMITED, ignore_eos=self.ignore_eos,
+                                    length_penalty=self.length_penalty,
+                                    include_stop_str_in_output=self.include_stop_str_in_output)
+        except ValueError as err:
+            raise RequestError(str(err), "length_penalty") from err
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         fields = dict(
@@ -114,6 +134,13 @@ class SamplingRequest(OpenAIRequestModel):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+# fields whose non-default values beam search cannot honour (they are refused with it); _UNLIMITED: no
+# max_tokens given, so the context length decides (the engine caps every search by what the prompt leaves)
+_NOT_WITH_BEAMS = ("top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "min_tokens", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "echo", "best_of")
+_UNLIMITED = 2**31 - 1
 
 
 class ResponseFormat(OpenAIRequestModel):
@@ -146,6 +173,8 @@ class ChatCompletionRequest(SamplingRequest):
         if reserved:
             raise RequestError(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.use_beam_search:
+            return self._beam_search_params(max_tokens)
         return self._sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
 
     def message_dicts(self) -> list[dict[str, Any]]:
@@ -183,6 +212,8 @@ class CompletionRequest(SamplingRequest):
             raise RequestError("suffix is not supported by fovea", "suffix")
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError("best_of other than n is not supported by fovea", "best_of")
+        if self.use_beam_search:
+            return self._beam_search_params(self.max_tokens)
         params = self._sampling_params(self.max_tokens, self.logprobs)
         if self.echo and self.logprobs is not None:
             params.prompt_logprobs = self.logprobs  # as vLLM: echo with logprobs scores the prompt too

@@ -119,6 +119,27 @@ def test_echo_with_logprobs_scores_the_prompt_as_offline(client, llm, model):
     assert first.text == prompt and first.logprobs.token_logprobs == pytest.approx(lps.token_logprobs[:len(ids)])
 
 
+def test_use_beam_search_equals_offline_beam_search(client, llm, model, server):
+    """vLLM's extras `use_beam_search` / `length_penalty`: n beams, the choices best first, as LLM.beam_search."""
+    from fovea import BeamSearchParams
+
+    prompts = ["a photo of", "Question: what colour is the sky? Answer:"]
+    expected = llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=6, length_penalty=0.5))
+    reply = client.completions.create(model=model, prompt=prompts, max_tokens=6, n=3,
+                                      extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert [c.text for c in reply.choices] == [s.text for out in expected for s in out.sequences]
+    assert [c.index for c in reply.choices] == list(range(6))
+    chat = httpx.post(server.base_url + "/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "n": 2, "use_beam_search": True})
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 2
+    for extra, param in [({"stream": True}, "stream"), ({"stop": ["x"]}, "stop"), ({"temperature": 0.7}, "temperature"),
+                         ({"logprobs": 2}, "logprobs")]:
+        response = httpx.post(server.base_url + "/v1/completions", timeout=30,
+                              json={"prompt": "a", "n": 2, "use_beam_search": True, **extra})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 @pytest.mark.parametrize("body, status, param, text", [
     ({"prompt": []}, 400, "prompt", None),
     ({"prompt": "a", "suffix": "b"}, 400, "suffix", None),
