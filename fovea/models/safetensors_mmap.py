@@ -7,6 +7,11 @@ weights then holds two copies (the mapped file and the weights made from it): 15
 in the page cache, only this process's mapping of them goes), so RSS holds the weights built so far plus the
 tensor being read.
 
+`holds(tensor)` says whether a tensor still lives in the mapping, so a loader can lend a file's pages to a layer
+that repacks them (one pass over the weight instead of a copy and then a repack) and copy out whatever is kept as
+it is. The mapping is read-only (as safetensors' own; a private writable mapping would be charged against the
+commit limit in full): a tensor from `get` must never be written to, which would kill the process (SIGSEGV).
+
 The format (https://github.com/huggingface/safetensors): an unsigned little-endian 64-bit header size N, N
 bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data,
 offsets relative to its start, little-endian, row-major.
@@ -30,7 +35,8 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 class SafetensorsFile:
-    """`keys()`, `get(name)` (a read-only view of the mapping: copy it, do not keep it), `release(name)`."""
+    """`keys()`, `get(name)` (a view of the mapping: copy it, or pack from it, do not keep it), `holds(tensor)`,
+    `release(name)`."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -46,6 +52,12 @@ class SafetensorsFile:
             self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + header_bytes else None
         header.pop("__metadata__", None)
         self._data_start = 8 + header_bytes
+        self._size = size
+        self._base_ptr = 0
+        if self._mmap is not None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                self._base_ptr = torch.frombuffer(self._mmap, dtype=torch.uint8, count=1).data_ptr()
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             dtype = DTYPES.get(info.get("dtype"))
@@ -72,6 +84,12 @@ class SafetensorsFile:
         with warnings.catch_warnings():  # the mapping is read-only; the tensor is only ever read from
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
             return torch.frombuffer(self._mmap, dtype=dtype, count=numel, offset=offset).view(shape)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s data lies in this file's mapping (opaque tensors, e.g. oneDNN's, never do)."""
+        if self._mmap is None or tensor.layout != torch.strided or tensor.numel() == 0:
+            return False
+        return self._base_ptr <= tensor.data_ptr() < self._base_ptr + self._size
 
     def release(self, name: str) -> None:
         """Drop the whole pages of `name` from this process's mapping (re-read from the file if needed again)."""

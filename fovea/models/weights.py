@@ -16,8 +16,9 @@ shapes; anything else is a ValueError naming the tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,7 +104,12 @@ def load_weights(model: nn.Module, model_dir: str | Path,
 
     `on_module_loaded(module)` runs for each module of `model` as soon as its own parameters are all filled
     (a tied parameter counts for every module holding it), before the next tensor is read: a linear layer
-    repacks its weights there, so the dense copy is freed before the next layer loads.
+    repacks its weights there, so the dense copy is freed before the next layer loads. With such a hook, a
+    parameter that a checkpoint tensor fills whole, in its own dtype (the default loader, no shard), is lent
+    the file's pages instead of a copy: the hook reads them (a repack makes its own copy: one pass over the
+    weight, not a copy and then a repack), and whatever its module still holds in the file afterwards is
+    copied into memory of its own before the pages are handed back. The hook must not write into a lent
+    weight (the mapping is read-only); it replaces it instead.
     """
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     unfilled_of: dict[int, list[nn.Module]] = {}  # id(param) -> modules holding it
@@ -118,6 +124,7 @@ def load_weights(model: nn.Module, model_dir: str | Path,
     packed_mapping = getattr(model, "packed_modules_mapping", {})
     for path in safetensors_files(model_dir):
         with SafetensorsFile(path) as f:
+            lent: list[_Lent] = []  # tensors whose pages a parameter holds until its modules are done
             for name in f.keys():
                 target = map_checkpoint_name(model, name)
                 if target is None:
@@ -133,12 +140,20 @@ def load_weights(model: nn.Module, model_dir: str | Path,
                 done = loaded.setdefault(target.param, set())
                 if target.shard in done or (None in done) or (target.shard is None and done):
                     raise ValueError(f"tensor {name!r} in {path.name} fills {target.param!r} a second time")
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                try:
-                    loader(param, f.get(name), target.shard)
-                except ValueError as e:
-                    raise ValueError(f"tensor {name!r} in {path.name} -> {target.param!r}: {e}") from None
-                f.release(name)
+                tensor = f.get(name)
+                holders = unfilled_of.get(id(param), [])
+                if (target.shard is None and holders and not hasattr(param, "weight_loader")
+                        and tensor.dtype == param.dtype and tensor.shape == param.shape):
+                    param.data = tensor  # lent: see the docstring
+                    lent.append(_Lent(name, holders))
+                else:
+                    loader = getattr(param, "weight_loader", default_weight_loader)
+                    try:
+                        loader(param, tensor, target.shard)
+                    except ValueError as e:
+                        raise ValueError(f"tensor {name!r} in {path.name} -> {target.param!r}: {e}") from None
+                    f.release(name)
+                del tensor
                 done.add(target.shard)
                 if _is_filled(param, done):
                     del params[target.param]  # the module may now replace it; keep no reference here
@@ -147,6 +162,9 @@ def load_weights(model: nn.Module, model_dir: str | Path,
                         if num_unfilled[module] == 0:
                             on_module_loaded(module)
                 del param
+                lent = [item for item in lent if not _give_back_if_done(item, f, num_unfilled)]
+            for item in lent:  # modules with parameters in a later file: copy what they hold from this one
+                _give_back(item, f)
     missing = []
     for param_name, param in params.items():
         done = loaded.get(param_name, set())
@@ -167,6 +185,33 @@ def load_weights(model: nn.Module, model_dir: str | Path,
         raise ValueError(f"missing tensor(s) in {model_dir}: {shown}")
 
 
+@dataclass(slots=True)
+class _Lent:
+    name: str  # the checkpoint tensor
+    holders: list[nn.Module]  # the modules holding the parameter it was lent to
+
+
+def _give_back_if_done(item: _Lent, f: SafetensorsFile, num_unfilled: dict[nn.Module, int]) -> bool:
+    if any(num_unfilled[module] for module in item.holders):
+        return False
+    _give_back(item, f)
+    return True
+
+
+def _give_back(item: _Lent, f: SafetensorsFile) -> None:
+    """Copy out of the file whatever the holders still keep in it (a dense weight, a tensor a method kept as
+    is), then drop the tensor's pages from the mapping."""
+    for module in item.holders:
+        for key, value in list(vars(module).items()):
+            if key in ("_parameters", "_buffers"):
+                for name, tensor in value.items():
+                    if tensor is not None and f.holds(tensor):
+                        tensor.data = tensor.data.clone()  # the same Parameter: a tied one stays tied
+            elif isinstance(value, torch.Tensor) and f.holds(value):
+                setattr(module, key, value.clone())
+    f.release(item.name)
+
+
 def _is_filled(param: nn.Parameter, done: set[str | None]) -> bool:
     shards = getattr(param, "packed_shards", ())
     return None in done or bool(shards and done >= set(shards))
@@ -174,11 +219,13 @@ def _is_filled(param: nn.Parameter, done: set[str | None]) -> bool:
 
 def build_model(model_cls: type[nn.Module], hf_config, dtype: torch.dtype) -> nn.Module:
     """An inference model of `model_cls` in `dtype`, its weights not yet written (a checkpoint fills them):
-    no time spent drawing random numbers, and no memory touched before each weight is loaded."""
+    no time spent drawing random numbers, and no memory touched before each weight is loaded (BLIP-2
+    OPT-2.7b: the embeddings' random init and the Q-Former's float32 conversion took 5-6 s of a busy
+    machine's load). Loading is strict, so every parameter left unwritten here is filled or loading fails."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with no_weight_init():
+        with no_weight_init(), _no_init_functions():
             model = model_cls(hf_config)
     finally:
         torch.set_default_dtype(previous)
@@ -187,10 +234,31 @@ def build_model(model_cls: type[nn.Module], hf_config, dtype: torch.dtype) -> nn
         target = model.get_parameter(name) if "." not in name and isinstance(
             getattr(model, name, None), nn.Parameter) else model.get_submodule(name)
         if isinstance(target, nn.Parameter):
-            target.data = target.data.float()
-        else:
-            target.float()
+            target.data = torch.empty(target.shape, dtype=torch.float32)
+        else:  # parameters are still unwritten: new float32 memory, untouched; buffers are converted
+            target._apply(lambda t: torch.empty(t.shape, dtype=torch.float32) if isinstance(t, nn.Parameter)
+                          else t.float() if t.is_floating_point() else t)
     return model.eval().requires_grad_(False)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextlib.contextmanager
+def _no_init_functions() -> Iterator[None]:
+    """torch's modules (nn.Embedding, nn.LayerNorm, nn.Conv2d) initialise their parameters through
+    `torch.nn.init`; while the model is built these leave the tensor as it is (transformers' `no_init_weights`
+    does the same)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in saved:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
 
 
 def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dtype: torch.dtype,

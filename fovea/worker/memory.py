@@ -10,10 +10,14 @@ but one that never reads an earlier peak).
 """
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import threading
 from collections.abc import Callable
 from typing import TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -74,3 +78,17 @@ def measure_peak_bytes(work: Callable[[], T]) -> tuple[T, int]:
         done.set()
         sampler.join()
     return result, max(0, peak - before)
+
+
+_LAZY_MIN_BYTES = 1 << 20
+
+
+def lazily_zeroed(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of zeros whose pages the kernel maps, zero-filled, on first write (a private anonymous
+    mapping): allocating a large KV pool costs no time and no resident memory until its blocks are used
+    (`torch.zeros` writes every byte: seconds for a few GB, at start-up, on memory most runs never touch).
+    The mapping goes with the last tensor viewing it."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _LAZY_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype=dtype).view(shape)

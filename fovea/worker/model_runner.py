@@ -28,7 +28,7 @@ from fovea.models.weights import load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker import encoder_decoder
-from fovea.worker.memory import measure_peak_bytes
+from fovea.worker.memory import lazily_zeroed, measure_peak_bytes
 from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, gather_logprobs, seeded_generator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,7 +138,7 @@ class ModelRunner:
         for layer in self.attention_layers:
             # zeros, not empty: masked-out keys still pass through the softmax-times-V product
             shape = (num_slots, layer.num_kv_heads, layer.head_dim)
-            layer.kv_cache = (torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype))
+            layer.kv_cache = (lazily_zeroed(shape, self.dtype), lazily_zeroed(shape, self.dtype))
 
     def profile_peak_bytes(self, num_tokens: int, encoder_items: list[MultiModalFeature]) -> int:
         """Run the worst-case step once (encoder + LM over `num_tokens`) and return the memory it took at its

@@ -62,3 +62,28 @@ def test_the_profiling_pass_counts_what_it_allocates(tmp_path, monkeypatch):
     raise_the_lifetime_peak()
     assert runner.profile_peak_bytes(64, []) >= WORK_BYTES * 0.9
     assert all(layer.kv_cache is None for layer in runner.attention_layers)  # the pass leaves nothing behind
+
+
+def test_a_lazily_zeroed_pool_is_zeros_and_costs_memory_only_where_written():
+    """The KV pool: allocating 512 MB adds next to nothing to the resident set; reading it gives zeros; what is
+    written becomes resident; the mapping goes with the last tensor viewing it."""
+    def vm_size() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+    before, size_before = memory.current_rss_bytes(), vm_size()
+    pool = memory.lazily_zeroed((1 << 14, 8, 1024), torch.float32)  # 512 MB
+    assert pool.shape == (1 << 14, 8, 1024) and pool.dtype == torch.float32
+    assert memory.current_rss_bytes() - before < 16 * MB
+    assert vm_size() - size_before >= 512 * MB
+    assert pool[::97].abs().max() == 0 and pool[-1].abs().max() == 0
+    pool[: 1 << 11] = 1.0  # 64 MB written
+    assert 60 * MB <= memory.current_rss_bytes() - before <= 96 * MB
+    assert pool.sum() == (1 << 11) * 8 * 1024
+    view = pool[5]
+    del pool
+    assert vm_size() - size_before >= 512 * MB  # a view keeps it
+    del view
+    assert vm_size() - size_before < 64 * MB
+    small = memory.lazily_zeroed((4, 4), torch.bfloat16)
+    assert torch.equal(small, torch.zeros(4, 4, dtype=torch.bfloat16))

@@ -1,0 +1,122 @@
+"""Loading lends the file's pages to the layers that repack them (one pass instead of a copy and a repack) and
+copies out whatever a module keeps as it is: after loading, no tensor of the model lives in the checkpoint's
+mapping (which would keep the file's pages in the process, or break if the file changed), whichever method runs,
+and the weights equal the file's."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+from torch import nn
+
+from fovea.layers.linear import LinearBase, PackedLinear, onednn_linear_available
+from fovea.models import weights
+from fovea.models.registry import resolve_model_class
+from fovea.models.weights import build_model, load_model, load_weights
+from tests.oracle.blip2 import build_tiny_blip2
+
+DENSE_OPT_FC1 = "language_model.model.decoder.layers.0.fc1.weight"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_tiny_blip2(tmp_path_factory.mktemp("lending"), seed=0)
+
+
+def maps_of(path) -> list[str]:
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        return [line for line in f if str(path) in line]
+
+
+def model_of(ckpt, dtype=torch.bfloat16) -> nn.Module:
+    config = transformers.AutoConfig.from_pretrained(ckpt)
+    return build_model(resolve_model_class(config.architectures), config, dtype)
+
+
+def every_tensor(model: nn.Module):
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers"):
+                yield from ((f"{key}.{k}", v) for k, v in value.items() if v is not None)
+            elif isinstance(value, torch.Tensor):
+                yield key, value
+
+
+@pytest.mark.parametrize("kernels", ["auto", "off"])
+def test_no_tensor_stays_in_the_file_after_load_model(ckpt, kernels, monkeypatch):
+    if kernels == "off":  # every layer keeps its dense weight: each lent one is copied out
+        monkeypatch.setattr("fovea.layers.linear_methods.onednn_linear_available", lambda: False)
+    elif not onednn_linear_available():
+        pytest.skip("oneDNN is not in this torch build")
+    config = transformers.AutoConfig.from_pretrained(ckpt)
+    model, num_packed = load_model(resolve_model_class(config.architectures), config, ckpt, torch.bfloat16)
+    assert (num_packed > 0) == (kernels == "auto")
+    assert maps_of(ckpt / "model.safetensors") == []
+    file = load_file(str(ckpt / "model.safetensors"))
+    state = model.state_dict()
+    for name in (DENSE_OPT_FC1, "vision_model.embeddings.patch_embedding.weight",
+                 "language_model.model.decoder.final_layer_norm.weight"):
+        torch.testing.assert_close(state[name], file[name].to(state[name].dtype), atol=0, rtol=0)
+
+
+def test_a_method_that_keeps_the_weight_as_it_is_gets_a_copy(ckpt):
+    """A linear method may keep the checkpoint's tensor itself (a plain-layout kernel): loading must still copy
+    it out of the mapping, wherever on the module the method put it."""
+    model = model_of(ckpt)
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep_as_is(module: nn.Module) -> None:
+        if isinstance(module, LinearBase):
+            module.plain_weight = module.weight.detach()  # a view of the file's pages, if lent
+            del module.weight
+            kept[str(id(module))] = module.plain_weight
+
+    load_weights(model, ckpt, on_module_loaded=keep_as_is)
+    assert kept
+    assert maps_of(ckpt / "model.safetensors") == []
+    file = load_file(str(ckpt / "model.safetensors"))
+    fc1 = model.get_submodule(DENSE_OPT_FC1.rsplit(".", 1)[0])
+    torch.testing.assert_close(fc1.plain_weight, file[DENSE_OPT_FC1].to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_lent_pages_are_read_by_the_hook_not_copied_first(ckpt, monkeypatch):
+    """A weight the file holds in the model's dtype reaches the hook as the file's own pages (no copy before
+    the repack); one it must convert (float32 -> bfloat16) reaches it as a copy."""
+    opened: list[weights.SafetensorsFile] = []
+
+    class Recorded(weights.SafetensorsFile):
+        def __init__(self, path):
+            super().__init__(path)
+            opened.append(self)
+
+    monkeypatch.setattr(weights, "SafetensorsFile", Recorded)
+    for dtype, lent in ((torch.float32, True), (torch.bfloat16, False)):  # the tiny checkpoint is float32
+        in_file: list[bool] = []
+        model = model_of(ckpt, dtype)
+        # stacked from three tensors (qkv) they are always a copy; the Q-Former stays float32 in both
+        lm_linears = {id(m) for m in model.language_model.modules()
+                      if isinstance(m, LinearBase) and not isinstance(m, PackedLinear)}
+
+        def hook(module: nn.Module) -> None:
+            if id(module) in lm_linears:
+                in_file.append(opened[-1].holds(module.weight))
+
+        load_weights(model, ckpt, on_module_loaded=hook)
+        assert in_file and all(x == lent for x in in_file), (dtype, in_file)
+        assert maps_of(ckpt / "model.safetensors") == []
+
+
+def test_building_a_model_draws_no_random_numbers_and_restores_init():
+    """build_model leaves parameters unwritten (the checkpoint fills them), and torch.nn.init works after."""
+    before = torch.random.get_rng_state()
+    config = transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=1000, max_position_embeddings=64, word_embed_proj_dim=64)
+    build_model(resolve_model_class(["OPTForCausalLM"]), config, torch.float32)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    t = torch.zeros(1000)
+    nn.init.normal_(t)
+    assert t.std() > 0.5
