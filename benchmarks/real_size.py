@@ -1,0 +1,124 @@
+"""Real-size models: BLIP-2 OPT-2.7b (3.87 B parameters, bfloat16) in fovea and transformers, one engine after
+another, each in a fresh process (issue 16's table); `--model llama-7b` runs the Llama-2-7B-shaped language model
+(6.74 B parameters, 13.5 GB) text-only instead.
+
+Per engine: load (wall and CPU seconds, to a model ready for its first request: fovea's `LLM(...)` including its
+memory profiling pass, transformers' `from_pretrained` of the model and processor), the peak resident memory the
+load added (VmHWM reset just before) against the checkpoint's bytes, TTFT of one request, decode tokens/s of one
+request and of 8 at once (tokens after the step where the last of them got its first token, over that time), and
+the process's peak resident memory over the whole run. Every timed request has an image and a prompt that no
+earlier request used (one warm-up request first, on its own image), so neither engine's caches help; EOS is
+ignored; greedy.
+
+The checkpoints are written once into FOVEA_BENCH_CACHE (`benchmarks/real_size_checkpoints.py`). Real-size runs
+hold the machine's shared memory lock, and only one runs at a time:
+
+    flock /work/bigmem.lock python benchmarks/real_size.py [--engines fovea transformers] [--model blip2-opt-2.7b]
+
+`--peers vllm` adds vLLM's CPU build as in `benchmarks/common.py`'s peer convention where the peer environment
+exists (`--vllm-python`, default `.venv-peers/bin/python`); otherwise the column says it was not run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CHILD = ROOT / "benchmarks" / "real_size_child.py"
+
+
+def checkpoint(model: str) -> Path:
+    from benchmarks import real_size_checkpoints
+
+    return {"blip2-opt-2.7b": real_size_checkpoints.blip2_opt_2_7b,
+            "llama-7b": real_size_checkpoints.llama_7b}[model]()
+
+
+def run_engine(python: str, engine: str, model_dir: Path, args) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
+    cmd = [python, str(CHILD), engine, str(model_dir), "--threads", str(args.threads),
+           "--decode-tokens", str(args.decode_tokens), "--batch-decode-tokens", str(args.batch_decode_tokens)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def row(label: str, results: dict[str, dict], fmt) -> str:
+    cells = []
+    for r in results.values():
+        try:
+            cells.append(fmt(r) if "error" not in r else "-")
+        except KeyError:
+            cells.append("-")
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["blip2-opt-2.7b", "llama-7b"], default="blip2-opt-2.7b")
+    parser.add_argument("--engines", nargs="+", choices=["fovea", "transformers"], default=["transformers", "fovea"])
+    parser.add_argument("--peers", nargs="*", choices=["transformers", "vllm"], default=[],
+                        help="peer engines besides --engines (benchmarks' common flag)")
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, default=48, help="max_tokens of the one-request decode")
+    parser.add_argument("--batch-decode-tokens", type=int, default=32, help="max_tokens of each of the 8")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    model_dir = checkpoint(args.model)
+    file_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    for path in sorted(model_dir.glob("*.safetensors")):  # warm the page cache: no engine measures the disk
+        with open(path, "rb") as f:
+            while f.read(1 << 26):
+                pass
+    engines = list(dict.fromkeys(args.engines + args.peers))
+    results: dict[str, dict] = {}
+    for engine in engines:
+        if engine == "vllm":
+            if not Path(args.vllm_python).exists():
+                results[engine] = {"error": f"no peer environment at {args.vllm_python} (make bench-peers)"}
+                continue
+            results[engine] = run_engine(args.vllm_python, engine, model_dir, args)
+        else:
+            results[engine] = run_engine(sys.executable, engine, model_dir, args)
+        print(f"{engine}: {json.dumps(results[engine])}", file=sys.stderr, flush=True)
+
+    gb = 1e9
+    print(f"{args.model}, bfloat16, {file_bytes / gb:.2f} GB checkpoint; {cpu_name()}, {args.threads} threads; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print("| | " + " | ".join(engines) + " |")
+    print("| --- |" + " --- |" * len(engines))
+    print(row("load, wall (CPU) s", results, lambda r: f"{r['load_s']:.1f} ({r['load_cpu_s']:.1f})"))
+    print(row("peak memory added while loading", results,
+              lambda r: f"{r['load_peak_bytes'] / gb:.2f} GB ({r['load_peak_bytes'] / file_bytes:.2f}x the file)"))
+    print(row("TTFT, one request", results, lambda r: f"{r['ttft_s']:.2f} s"))
+    print(row("decode, 1 request", results, lambda r: f"{r['decode_1_tok_s']:.2f} tok/s"))
+    print(row("decode, 8 requests", results, lambda r: f"{r['decode_8_tok_s']:.1f} tok/s"))
+    print(row("peak memory of the process", results, lambda r: f"{r['process_peak_bytes'] / gb:.2f} GB"))
+    for engine, r in results.items():
+        if "error" in r:
+            print(f"{engine}: not run ({r['error']})")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "file_bytes": file_bytes, "cpu": cpu_name(),
+                                         "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
