@@ -1,5 +1,7 @@
 """Loading holds one copy of the weights: in a fresh process, the resident memory that `load_model` adds
-(at its peak) stays within 1.15x the checkpoint's bytes for a bfloat16 checkpoint of a few hundred MB.
+(at its peak) stays within 1.15x the checkpoint's bytes for a bfloat16 checkpoint of a few hundred MB; a whole
+engine start (`LLM(...)`: load, the memory profiling pass, the KV pool sized from half the available memory)
+within 1.15x plus `ENGINE_EXTRA_BYTES`.
 
 Two copies (the memory-mapped file kept resident while the packed weights are built from it, or every weight
 initialised before being overwritten and packed) would be 2x; the checkpoint here is large enough that the
@@ -18,8 +20,13 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 from fovea.layers.linear import onednn_linear_available
+from tests.oracle.tokenizer import build_tokenizer
 
 MAX_GROWTH = 1.15
+ENGINE_EXTRA_BYTES = 96 << 20
+"""What an engine start adds beyond the weights: the profiling pass's activations (256 tokens through a 1024-wide
+model, ~20 MB), the tokenizer, the KV blocks the profiling pass writes. Not the KV pool: its pages are resident
+only once written (`fovea.worker.memory.lazily_zeroed`); zero-filled eagerly it alone would be GBs here."""
 
 _CHILD = r"""
 import json, sys
@@ -48,7 +55,14 @@ def status_bytes(field):  # VmRSS now, VmHWM its peak
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status_bytes("VmRSS")
-model, num_packed = load_model(model_cls, config, model_dir, torch.bfloat16)
+if sys.argv[2] == "engine":
+    from fovea import LLM
+    llm = LLM(model_dir, dtype="bfloat16", max_model_len=256, num_threads=2)
+    num_packed = llm.llm_engine.runner.num_prepacked_linears
+    out = llm.generate(["hello world"], use_tqdm=False)  # the engine runs
+    assert len(out[0].outputs[0].token_ids) > 0
+else:
+    model, num_packed = load_model(model_cls, config, model_dir, torch.bfloat16)
 print(json.dumps({"before": before, "peak": status_bytes("VmHWM"), "after": status_bytes("VmRSS"),
                   "num_packed": num_packed}))
 """
@@ -69,22 +83,25 @@ def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = OPTForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(str(out))
+    build_tokenizer(out)
     return out
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "dense"])
-def test_loading_adds_at_most_the_checkpoint_size(checkpoint, packed):
+@pytest.mark.parametrize("mode", ["packed", "dense", "engine"])
+def test_loading_adds_at_most_the_checkpoint_size(checkpoint, mode):
+    packed = mode != "dense"
     if packed and not onednn_linear_available():
         pytest.skip("oneDNN is not in this torch build")
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), "packed" if packed else "dense"],
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), mode],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     file_bytes = (checkpoint / "model.safetensors").stat().st_size
     growth = figures["peak"] - figures["before"]
     assert (figures["num_packed"] > 0) == packed
-    assert growth <= MAX_GROWTH * file_bytes, (
+    allowed = MAX_GROWTH * file_bytes + (ENGINE_EXTRA_BYTES if mode == "engine" else 0)
+    assert growth <= allowed, (
         f"loading a {file_bytes / 1e6:.0f} MB checkpoint added {growth / 1e6:.0f} MB at its peak "
-        f"({growth / file_bytes:.2f}x > {MAX_GROWTH}x)")
+        f"({growth / file_bytes:.2f}x; allowed {allowed / 1e6:.0f} MB)")
     assert figures["after"] - figures["before"] >= 0.9 * file_bytes  # the weights are really there
