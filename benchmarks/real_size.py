@@ -106,6 +106,8 @@ def main() -> None:
     print("| | " + " | ".join(engines) + " |")
     print("| --- |" + " --- |" * len(engines))
     print(row("load, wall (CPU) s", results, lambda r: f"{r['load_s']:.1f} ({r['load_cpu_s']:.1f})"))
+    print(row("of which the weights (fovea's load_model)", results,
+              lambda r: f"{r['weights_s']:.1f} ({r['weights_cpu_s']:.1f})"))
     print(row("peak memory added while loading", results,
               lambda r: f"{r['load_peak_bytes'] / gb:.2f} GB ({r['load_peak_bytes'] / file_bytes:.2f}x the file)"))
     print(row("TTFT, one request", results, lambda r: f"{r['ttft_s']:.2f} s"))

@@ -4,7 +4,10 @@ A layer (`fovea.layers.linear`) owns its parameters and hands the math to `layer
 
 - `create_weights(layer, ...)` registers the parameters the checkpoint fills (dense: `weight` [N, K], `bias` [N]);
 - `process_weights_after_loading(layer)` turns them into what `apply` reads (a packed layout, say) once every
-  one is filled, releasing what is no longer needed;
+  one is filled, releasing what is no longer needed. While loading, `layer.weight` may be the checkpoint file's
+  own read-only pages (`fovea.models.weights.load_weights` lends them): read it, never write into it; whatever
+  the layer still holds in the file afterwards (the weight kept as it is, a view of it) is copied out by the
+  loader, so a method need not copy;
 - `apply(layer, x)` runs the layer; `checkpoint_tensors(layer)` gives back the checkpoint's dense tensors (what
   `state_dict()` returns, so a packed model still saves as the file it was loaded from).
 
