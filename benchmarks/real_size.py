@@ -15,8 +15,10 @@ hold the machine's shared memory lock, and only one runs at a time:
 
     flock /work/bigmem.lock python benchmarks/real_size.py [--engines fovea transformers] [--model blip2-opt-2.7b]
 
-`--peers vllm` adds vLLM's CPU build as in `benchmarks/common.py`'s peer convention where the peer environment
-exists (`--vllm-python`, default `.venv-peers/bin/python`); otherwise the column says it was not run.
+`--peers vllm` adds vLLM's CPU build with `benchmarks/peers.py`'s conventions (the interpreter from `--peer-python`
+or FOVEA_PEERS_PYTHON, default `.venv-peers/bin/python` from `make bench-peers`; vLLM told its thread binding and
+KV space by `peers.vllm_environment`); where that environment does not exist the column says it was not run.
+The vLLM child uses the same code as fovea's (`LLM(...)`, `llm_engine.add_request` / `step`: vLLM's API).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ def checkpoint(model: str) -> Path:
 
 def run_engine(python: str, engine: str, model_dir: Path, args) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(args.threads))
+    if engine == "vllm":
+        from benchmarks.peers import vllm_environment
+
+        env.update(vllm_environment(args.threads))
     cmd = [python, str(CHILD), engine, str(model_dir), "--threads", str(args.threads),
            "--decode-tokens", str(args.decode_tokens), "--batch-decode-tokens", str(args.batch_decode_tokens)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -75,7 +81,8 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", choices=["fovea", "transformers"], default=["transformers", "fovea"])
     parser.add_argument("--peers", nargs="*", choices=["transformers", "vllm"], default=[],
                         help="peer engines besides --engines (benchmarks' common flag)")
-    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-peers" / "bin" / "python"))
+    parser.add_argument("--peer-python", default=os.environ.get("FOVEA_PEERS_PYTHON",
+                                                                str(ROOT / ".venv-peers" / "bin" / "python")))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=48, help="max_tokens of the one-request decode")
     parser.add_argument("--batch-decode-tokens", type=int, default=32, help="max_tokens of each of the 8")
@@ -92,10 +99,10 @@ def main() -> None:
     results: dict[str, dict] = {}
     for engine in engines:
         if engine == "vllm":
-            if not Path(args.vllm_python).exists():
-                results[engine] = {"error": f"no peer environment at {args.vllm_python} (make bench-peers)"}
+            if not Path(args.peer_python).exists():
+                results[engine] = {"error": f"no peer environment at {args.peer_python} (make bench-peers)"}
                 continue
-            results[engine] = run_engine(args.vllm_python, engine, model_dir, args)
+            results[engine] = run_engine(args.peer_python, engine, model_dir, args)
         else:
             results[engine] = run_engine(sys.executable, engine, model_dir, args)
         print(f"{engine}: {json.dumps(results[engine])}", file=sys.stderr, flush=True)
