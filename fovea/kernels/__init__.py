@@ -7,7 +7,8 @@
         y = kernels.rms_norm(x, w, 1e-6)
 
 `build` compiles and caches the extension (key: sources, flags, compiler, CPU features, torch); `runtime` holds
-the process-wide mode and says which paths are active; `ops`, `amx_linear` and `int8_linear` wrap the kernels.
+the process-wide mode and says which paths are active; `ops`, `amx_linear`, `bf16_linear` and `int8_linear`
+wrap the kernels.
 """
 from fovea.kernels.build import KernelBuildError
 from fovea.kernels.ops import (

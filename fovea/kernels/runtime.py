@@ -32,6 +32,16 @@ INT8_CPU_FLAGS = ("avx512_bf16", "avx512bw", "avx512_vnni")
 NO_AVX512_BF16 = "no AVX-512 BF16 and VNNI on this CPU"
 
 
+BF16_LINEAR_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
+NO_BF16_LINEAR = "no AVX-512 BF16 on this CPU"
+
+
+def cpu_has_bf16_linear_isa() -> bool:
+    """This CPU reports AVX-512 with BF16 dot products, what fovea's bfloat16 linear kernel runs on (AMD Zen 4,
+    Intel Cooper Lake / Sapphire Rapids on)."""
+    return all(flag in cpu_flags() for flag in BF16_LINEAR_CPU_FLAGS)
+
+
 def cpu_has_avx512_bf16() -> bool:
     """This CPU reports AVX-512 BF16, BW and VNNI (what fovea's int8 linear kernels run on)."""
     return all(flag in cpu_flags() for flag in INT8_CPU_FLAGS)
@@ -63,6 +73,8 @@ class KernelStatus:
     onednn_linear:  the other float32 / bfloat16 linear layers on oneDNN-packed weights; needs torch with oneDNN.
     int8_linear:    int8 layers on fovea's kernels (W8A16 with bfloat16 activations, W8A8); needs AVX-512 BF16
                     and VNNI.
+    bf16_linear:    bfloat16 linear layers on fovea's AVX-512 BF16 kernel (every row count where there is no AMX);
+                    needs AVX-512 BF16.
     """
 
     mode: str
@@ -71,10 +83,11 @@ class KernelStatus:
     amx_linear: PathStatus
     onednn_linear: PathStatus
     int8_linear: PathStatus
+    bf16_linear: PathStatus
 
     def summary(self) -> str:
         """One line: `cpu kernels: fused=on paged_attention=on amx_linear=off (no AMX on this CPU) ...`."""
-        paths = ("fused", "paged_attention", "amx_linear", "onednn_linear", "int8_linear")
+        paths = ("fused", "paged_attention", "amx_linear", "onednn_linear", "int8_linear", "bf16_linear")
         return "cpu kernels: " + " ".join(f"{name}={getattr(self, name).describe()}" for name in paths)
 
 
@@ -144,12 +157,13 @@ class KernelRuntime:
             extension = self.resolve()
             if self.mode == "off":
                 off = PathStatus(False, "cpu_kernels=off")
-                status = KernelStatus(self.mode, off, off, off, off, off)
+                status = KernelStatus(self.mode, off, off, off, off, off, off)
             else:
                 built = PathStatus(True) if extension is not None else PathStatus(False, self._failure())
                 amx = self._amx_status(extension) if extension is not None else built
                 int8 = _int8_status(extension) if extension is not None else built
-                status = KernelStatus(self.mode, built, built, amx, _onednn_status(), int8)
+                bf16 = _bf16_status(extension) if extension is not None else built
+                status = KernelStatus(self.mode, built, built, amx, _onednn_status(), int8, bf16)
             self._status = status
             self._log_once(logging.INFO, f"{status.summary()} (cpu_kernels={self.mode})")
             return status
@@ -175,6 +189,14 @@ class KernelRuntime:
         if message not in self._logged:
             self._logged.add(message)
             logger.log(level, "%s", message)
+
+
+def _bf16_status(extension) -> PathStatus:
+    if not cpu_has_bf16_linear_isa():
+        return PathStatus(False, NO_BF16_LINEAR)
+    if not extension.bf16_linear_compiled():
+        return PathStatus(False, "not compiled: needs x86-64 and gcc >= 10 or clang >= 9")
+    return PathStatus(True)
 
 
 def _int8_status(extension) -> PathStatus:

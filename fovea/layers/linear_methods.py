@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea import kernels
-from fovea.kernels import amx_linear
+from fovea.kernels import amx_linear, bf16_linear
+from fovea.kernels.runtime import cpu_has_amx
 
 
 class LinearMethod:
@@ -79,13 +80,13 @@ class PackedLinearMethod(LinearMethod):
     def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+    def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
     def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
         tensors = super().checkpoint_tensors(layer)
         if "weight" not in tensors:
-            tensors = {"weight": self.unpack(layer.packed_weight), **tensors}
+            tensors = {"weight": self.unpack(layer.packed_weight, layer), **tensors}
         return tensors
 
 
@@ -108,7 +109,7 @@ class OneDNNLinearMethod(PackedLinearMethod):
     def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(weight, PREPACK_BATCH_HINT)
 
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+    def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return packed.to_dense()
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -129,13 +130,40 @@ class AMXLinearMethod(PackedLinearMethod):
         layer.amx_bias = None if layer.bias is None else layer.bias.detach().float()
         return amx_linear.pack_weight(weight)
 
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        # packed [p, s, h, r, n, e] holds W[32p + 16h + n, 32s + 2r + e]
-        num_panels, num_steps = packed.shape[:2]
-        return packed.permute(0, 2, 4, 1, 3, 5).reshape(num_panels * 32, num_steps * 32)
+    def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        return bf16_linear.unpack_weight(packed, layer.out_features, layer.in_features)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if AMX_HOST_DECODE_ROWS and x.numel() <= AMX_HOST_DECODE_ROWS * x.shape[-1] and bf16_linear.available():
+            return bf16_linear.linear(x, layer.packed_weight, layer.out_features, layer.amx_bias)
         return amx_linear.linear(x, layer.packed_weight, layer.amx_bias)
+
+
+AMX_HOST_DECODE_ROWS = 0
+"""Rows at or below which a layer packed for AMX runs the AVX-512 BF16 kernel on the same packed weight instead.
+0: AMX for every row count, until measured on an AMX host (`benchmarks/gemv.py` prints both kernels there): the
+AMX kernel already reads decode weights at a Sapphire Rapids VM's `sum` bandwidth (fovea/kernels/amx_linear.py),
+and no such host was available when the AVX-512 kernel was written."""
+
+
+class BF16LinearMethod(PackedLinearMethod):
+    """fovea's AVX-512 BF16 kernel (`fovea.kernels.bf16_linear`) for every row count, on hosts without AMX:
+    decode (a few rows) streams the weights at close to the memory's read bandwidth, where oneDNN's packed linear
+    reads them at about half of it, and prefill runs the same kernel on the same single packed copy (oneDNN's
+    opaque layout cannot be shared). Weight [N'/32, K'/32, 2, 16, 16, 2] (the AMX layout, N and K padded to 32),
+    bias float32. `benchmarks/gemv.py` measures both against oneDNN."""
+
+    name = "avx512-bf16"
+
+    def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        layer.panel_bias = None if layer.bias is None else layer.bias.detach().float()
+        return bf16_linear.pack_weight(weight)
+
+    def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        return bf16_linear.unpack_weight(packed, layer.out_features, layer.in_features)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return bf16_linear.linear(x, layer.packed_weight, layer.out_features, layer.panel_bias)
 
 
 def onednn_linear_available() -> bool:
@@ -149,10 +177,18 @@ def amx_linear_supports(weight: torch.Tensor) -> bool:
     return amx_linear.supports(weight)
 
 
+def bf16_linear_supports(weight: torch.Tensor) -> bool:
+    """fovea's AVX-512 BF16 kernel runs here and takes `weight` (CPU bfloat16, any shape)."""
+    return bf16_linear.supports(weight)
+
+
 def select_linear_method(layer: nn.Module) -> LinearMethod:
     """The method a loaded layer runs, from its weight's dtype, shape and device and the kernels usable here:
-    AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear_supports`), else oneDNN for CPU
-    float32/bfloat16, else dense (float16, a bias of another dtype, `cpu_kernels="off"`, other devices)."""
+    AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear_supports`), else AVX-512 BF16 for CPU
+    bfloat16 on a host without AMX (where `bf16_linear_supports`), else oneDNN for CPU float32/bfloat16, else
+    dense (float16, a bias of another dtype, `cpu_kernels="off"`, other devices). An AMX host keeps oneDNN for
+    bfloat16 layers of other shapes: oneDNN runs AMX there, whose GEMM peak is ~3x AVX-512's, and prefill would
+    lose more than decode gains (not measured: no AMX host was available)."""
     if type(layer.method) is not DenseLinearMethod:  # already chosen, or a method with weights of its own
         return layer.method
     weight, bias = layer.weight, layer.bias
@@ -161,4 +197,6 @@ def select_linear_method(layer: nn.Module) -> LinearMethod:
         return layer.method
     if amx_linear_supports(weight):
         return AMXLinearMethod()
+    if bf16_linear_supports(weight) and not cpu_has_amx():
+        return BF16LinearMethod()
     return OneDNNLinearMethod()

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fovea.layers.linear_methods import AMXLinearMethod, DenseLinearMethod, LinearMethod, OneDNNLinearMethod
+from fovea.layers.linear_methods import (AMXLinearMethod, BF16LinearMethod, DenseLinearMethod, LinearMethod,
+                                         OneDNNLinearMethod)
 from fovea.lora.adapter import LoRALayerWeights
 
 # the methods an adapter may wrap: their apply returns a fresh dense [N, out] tensor in the activation dtype
-LORA_BASE_METHODS = (DenseLinearMethod, OneDNNLinearMethod, AMXLinearMethod)
+LORA_BASE_METHODS = (DenseLinearMethod, OneDNNLinearMethod, AMXLinearMethod, BF16LinearMethod)
 
 
 @dataclass(slots=True)
@@ -55,12 +56,13 @@ def get_lora_mapping() -> LoRAMapping | None:
 
 
 class LoRALinearMethod(LinearMethod):
-    """Wraps the method a loaded layer runs (dense, oneDNN or AMX) and adds the step's adapters to its output."""
+    """Wraps the method a loaded layer runs (dense, oneDNN, AMX or AVX-512 BF16) and adds the step's adapters to
+    its output."""
 
     def __init__(self, base: LinearMethod, num_slots: int, max_rank: int):
         if not isinstance(base, LORA_BASE_METHODS):
-            raise ValueError(f"LoRA adapters run over dense, oneDNN or AMX linear layers; this layer runs "
-                             f"{base.name!r} (LoRA with quantized weights is not supported yet)")
+            raise ValueError(f"LoRA adapters run over dense, oneDNN, AMX or AVX-512 BF16 linear layers; this "
+                             f"layer runs {base.name!r} (LoRA with quantized weights is not supported yet)")
         self.base = base
         self.num_slots, self.max_rank = num_slots, max_rank
         self.name = f"lora({base.name})"

@@ -7,7 +7,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from fovea.kernels import amx_linear
+from fovea.kernels import amx_linear, bf16_linear
+from fovea.kernels.runtime import cpu_has_amx
 from fovea.layers import linear_methods
 from fovea.layers.linear import LinearBase, PackedLinear, onednn_linear_available
 from fovea.models.registry import resolve_model_class
@@ -16,7 +17,8 @@ from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2
 
 # method -> the selection's inputs turned off to make it the one chosen (where the CPU and torch allow it at all)
-METHODS = {"dense": ["onednn_linear_available"], "onednn": ["amx_linear_supports"], "amx": []}
+METHODS = {"dense": ["onednn_linear_available"], "onednn": ["amx_linear_supports", "bf16_linear_supports"],
+           "avx512-bf16": ["amx_linear_supports"], "amx": []}
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,14 @@ def test_state_dict_gives_back_the_checkpoint(checkpoints, family, dtype, method
         pytest.skip("oneDNN is not in this torch build")
     if method == "amx" and (dtype != torch.bfloat16 or not amx_linear.available()):
         pytest.skip("the AMX kernel runs bfloat16 on CPUs with AMX-BF16; this one has none")
+    if method == "avx512-bf16" and (dtype != torch.bfloat16 or not bf16_linear.available() or cpu_has_amx()):
+        pytest.skip("the AVX-512 BF16 kernel runs bfloat16 on CPUs with AVX-512 BF16 and without AMX")
     for name in METHODS[method]:
         monkeypatch.setattr(linear_methods, name, lambda *args: False)
     model, num_packed = _load(checkpoints[family], dtype)
     methods = {m.method.name for m in model.modules() if isinstance(m, LinearBase)}
-    if method == "amx":  # layers of other shapes, and BLIP-2's float32 Q-Former, run oneDNN
-        assert "amx" in methods and methods <= {"amx", "onednn"}
+    if method in ("amx", "avx512-bf16"):  # layers of other shapes, and BLIP-2's float32 Q-Former, run oneDNN
+        assert method in methods and methods <= {method, "onednn"}
     else:
         assert methods == {method}
     assert (num_packed > 0) == (method != "dense")

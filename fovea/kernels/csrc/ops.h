@@ -22,6 +22,13 @@ bool amx_compiled();
 bool enable_amx();
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
 
+// bf16_linear.cpp: bfloat16 linear on AVX-512 BF16, the AMX kernel's panel layout (decode, and prefill without AMX)
+bool bf16_linear_compiled();
+// madvise(MADV_HUGEPAGE) on the 2 MiB pages inside t's memory, before anything touches them: whether Linux took it
+bool advise_huge_pages(const at::Tensor& t);
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                       const std::optional<at::Tensor>& bias);
+
 // int8_linear.cpp: int8 weight-only linear (W8A16) on AVX-512 BF16, W8A8 on AVX-512 VNNI
 bool int8_linear_compiled();
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, const at::Tensor& scale,
