@@ -81,15 +81,17 @@ async def completion_chunks(body: p.CompletionRequest, params: SamplingParams, r
                                                lambda t: tokenizer.decode([t])) if wants_tokens else None
                     choices.append(p.CompletionChoice(index=prompt_index * params.n + c.index,
                                                       text=p.echo_text(output, tokenizer), logprobs=logprobs))
+                    if logprobs is not None:  # the completion's offsets follow the prompt's, as in the whole reply
+                        cursors[prompt_index][c.index].num_token_chars = sum(map(len, logprobs.tokens))
                 cursor = cursors[prompt_index][c.index]
-                offset = cursor.num_chars
                 if (step := advance(cursor, c, num_held, wants_tokens)) is None:
                     continue
                 text, start = step
                 logprobs = None
                 if wants_tokens:
                     logprobs = p.completion_logprobs(c.token_ids[start:], c.logprobs[start:len(c.token_ids)],
-                                                     body.logprobs, offset)
+                                                     body.logprobs, cursor.num_token_chars)
+                    cursor.num_token_chars += sum(map(len, logprobs.tokens))
                 choices.append(p.CompletionChoice(index=prompt_index * params.n + c.index, text=text,
                                                   logprobs=logprobs, finish_reason=c.finish_reason,
                                                   stop_reason=c.stop_reason))

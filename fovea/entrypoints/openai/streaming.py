@@ -38,6 +38,9 @@ class Cursor:
     num_chars: int = 0
     num_tokens: int = 0
     is_finished: bool = False
+    # Completions' text_offset of the next token: the token strings sent so far, added up as in the whole reply
+    # (not num_chars: a token that ends inside a character is "\ufffd" on its own, and its text waits).
+    num_token_chars: int = 0
 
 
 def holdback(params: SamplingParams) -> int:
