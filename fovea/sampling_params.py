@@ -93,7 +93,12 @@ class SamplingParams:
         _check_int("top_k", self.top_k, minimum=0, allowed="0 or -1 (disabled) or an integer >= 1")
         _check_real("min_p", self.min_p, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         if self.seed is not None:
-            _check_int("seed", self.seed, allowed="an integer, or None / -1 for no seed")
+            # a 64-bit signed integer, as vLLM takes it: torch's generators take no more (n > 1 adds the child's
+            # index, which stays within manual_seed's range up to 2**64 - 1)
+            _check_int("seed", self.seed, allowed=f"an integer in [{MIN_SEED}, {MAX_SEED}], or None / -1 for no seed")
+            if not MIN_SEED <= self.seed <= MAX_SEED:
+                raise ValueError(f"seed must be an integer in [{MIN_SEED}, {MAX_SEED}], or None / -1 for no seed, "
+                                 f"got {self.seed!r}.")
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, minimum=1, allowed="an integer >= 1 or None")
         _check_int("min_tokens", self.min_tokens, minimum=0)
@@ -127,6 +132,9 @@ class SamplingParams:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
 
 
 def _check_int(name: str, value: object, minimum: int | None = None, allowed: str | None = None) -> None:

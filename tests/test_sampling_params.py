@@ -89,3 +89,10 @@ def test_invalid_values_name_field_value_and_rule(kwargs, needles):
 def test_boundaries_are_accepted():
     SamplingParams(top_p=1.0, min_p=1.0, top_k=1, presence_penalty=-2.0, frequency_penalty=2.0,
                    repetition_penalty=0.01, logprobs=0, min_tokens=4, max_tokens=4, temperature=0.0)
+
+
+def test_seed_is_a_64_bit_signed_integer():
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1 and SamplingParams(seed=-(2**63)).seed == -(2**63)
+    for seed in (2**63, -(2**63) - 1, -71437687332381564928):  # the last one a fuzzer sent the server
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[-9223372036854775808, "):
+            SamplingParams(seed=seed)

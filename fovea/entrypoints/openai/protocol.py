@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from fovea.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS
 from fovea.entrypoints.openai.messages import ChatMessageParam, message_dicts
 from fovea.outputs import RequestOutput
-from fovea.sampling_params import BeamSearchParams, SamplingParams
+from fovea.sampling_params import MAX_SEED, MIN_SEED, BeamSearchParams, SamplingParams
 
 
 class OpenAIModel(BaseModel):
@@ -72,7 +72,7 @@ class SamplingRequest(OpenAIRequestModel):
     n: Integer(ge=1, le=128) = 1
     max_tokens: Integer(ge=1) | None = None
     stop: NonEmptyStr | list[NonEmptyStr] | None = None
-    seed: Int | None = None
+    seed: Integer(ge=MIN_SEED, le=MAX_SEED) | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
