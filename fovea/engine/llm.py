@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from fovea.config import EngineConfig
 from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
+from fovea.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput
 from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
 from fovea.lora.request import LoRARequest
@@ -135,6 +136,19 @@ class LLM:
             engine.abort_request([i for i in ids if i not in done])
             raise
         return [engine.beam_searches.outputs.pop(i) for i in ids]
+
+    def embed(self, inputs: Any | Sequence[Any], *, pooling: str | None = None) -> list[EmbeddingRequestOutput]:
+        """Image embeddings of a BLIP-2 checkpoint, one per input, in input order (`fovea.engine.pooling`).
+
+        Inputs are PIL images or vLLM prompts `{"prompt": "", "multi_modal_data": {"image": img}}`, one image each;
+        `pooling` is "projected" (default), "qformer" or "vision". Every input is checked before any runs: a
+        ValueError names the first bad one. Images run batched, up to max_num_seqs per forward.
+        """
+        if not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        embeddings = self.llm_engine.embed(list(inputs), pooling)
+        return [EmbeddingRequestOutput(request_id=str(next(self._counter)), outputs=EmbeddingOutput(e))
+                for e in embeddings]
 
     def chat(
         self,

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+from collections.abc import Sequence
+from typing import Any
 
+import torch
 import transformers
 
 from fovea.config import EngineConfig
@@ -18,12 +21,14 @@ from fovea.engine.beam_search import BeamSearchManager, sequence_params
 from fovea.engine.core import EngineCore
 from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
+from fovea.engine.pooling import embed_images
 from fovea.layers.rotary import context_scaling_factor
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_mrope, supports_multimodal
 from fovea.models.llama import sliding_window_of
 from fovea.models.registry import resolve_model_class
 from fovea.multimodal.processing import InputProcessingContext
+from fovea.multimodal.processors import BlipImageProcessor
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import BeamSearchParams, SamplingParams
@@ -66,6 +71,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.beam_searches = BeamSearchManager(self.engine_core, self.tokenizer)
         self._arrivals = itertools.count()
+        self._image_processor = None  # for embed(); read from the checkpoint on first use
 
     def _resolve_max_model_len(self, text_config) -> int:
         if is_encoder_decoder(self.hf_config):
@@ -145,6 +151,12 @@ class LLMEngine:
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Load and check an adapter ahead of its requests (vLLM's `add_lora`); ValueError naming the problem."""
         self.engine_core.add_lora(lora_request)
+
+    def embed(self, inputs: Sequence[Any], pooling: str | None = None) -> list[torch.Tensor]:
+        """One float32 (rows, dim) embedding per input (see `fovea.engine.pooling`); a ValueError names a bad one."""
+        if self._image_processor is None:
+            self._image_processor = BlipImageProcessor.from_pretrained(self.config.model)
+        return embed_images(self.runner.model, self._image_processor, inputs, pooling, self.config.max_num_seqs)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

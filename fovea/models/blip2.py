@@ -11,6 +11,7 @@ Parameter names follow transformers' `Blip2ForConditionalGeneration`, so its che
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -101,6 +102,16 @@ class BlipVisionEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+@dataclass(slots=True)
+class ImageFeatureStages:
+    vision: torch.Tensor
+    """(B, 1 + P, Dv) the ViT's output after its post-LayerNorm."""
+    qformer: torch.Tensor
+    """(B, Q, Dq) the Q-Former's query outputs."""
+    projected: torch.Tensor
+    """(B, Q, hidden) the query outputs in the language model's input space."""
 
 
 class BlipVisionModel(nn.Module):
@@ -213,6 +224,12 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         return projected.reshape(batch, -1)[:, : num_q * self.embed_dim].reshape(batch, num_q, self.embed_dim)
 
     def _encode_pixels(self, pixel_values: torch.Tensor, **qformer_inputs: torch.Tensor) -> torch.Tensor:
+        return self.image_feature_stages(pixel_values, **qformer_inputs).projected
+
+    def image_feature_stages(self, pixel_values: torch.Tensor, **qformer_inputs: torch.Tensor) -> ImageFeatureStages:
+        """The three stages `LLM.embed` serves, from one pass: transformers' `Blip2Model.get_image_features`
+        (.last_hidden_state), `get_qformer_features` and `Blip2ForConditionalGeneration.get_image_features`
+        (.pooler_output)."""
         size = self.config.vision_config.image_size
         expected = (3, size, size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -222,7 +239,8 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         qformer_dtype = self.qformer.layernorm.weight.dtype
         queries = self.query_tokens.expand(image_features.shape[0], -1, -1).to(qformer_dtype)
         query_output = self._run_qformer(queries, image_features.to(qformer_dtype), **qformer_inputs)  # (B, Q, Dq)
-        return self.language_projection(query_output.to(vision_dtype))  # (B, Q, hidden)
+        projected = self.language_projection(query_output.to(vision_dtype))  # (B, Q, hidden)
+        return ImageFeatureStages(vision=image_features, qformer=query_output, projected=projected)
 
     def _run_qformer(self, queries: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         return self.qformer(queries, image_features)
