@@ -240,6 +240,10 @@ class AsyncLLMEngine:
         if self._wakeup is not None:
             self._wakeup.set()
 
+    async def embed(self, inputs: list, pooling: str | None = None) -> list:
+        """`LLMEngine.embed` on the engine thread, between two steps (the model is never run from two threads)."""
+        return await self._call(self.engine.embed, inputs, pooling)
+
     async def get_stats(self) -> EngineStats:
         """Stats after every job queued so far has run (the snapshot in `stats` may be one job old)."""
         return await self._call(self._snapshot)

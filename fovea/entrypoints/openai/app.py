@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   messages (text, image_url, video_url parts) -> chat template -> engine (chat.py)
     POST /v1/completions        prompt strings or token ids -> engine (completions.py)
+    POST /v1/embeddings         image_url parts -> BLIP-2 image embeddings (embeddings.py)
     GET  /v1/models, /health, /metrics
 
 LoRA adapters (`--lora-modules name=path`) are served models of their own: listed by /v1/models with the base
@@ -35,6 +36,7 @@ from fovea.entrypoints.media_fetch import MediaFetcher
 from fovea.entrypoints.openai import protocol as p
 from fovea.entrypoints.openai.chat import ChatServing
 from fovea.entrypoints.openai.completions import CompletionServing
+from fovea.entrypoints.openai.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingServing
 from fovea.entrypoints.openai.errors import APIError, install_error_handlers
 from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ErrorCountingMiddleware, ServerMetrics
 from fovea.entrypoints.openai.openapi import error_responses, openapi_schema
@@ -72,6 +74,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     chat_template = resolve_chat_template(tokenizer, llm_engine.hf_config.model_type, settings.chat_template)
     chat = ChatServing(engine, tokenizer, settings.fetcher, chat_template)
     completion = CompletionServing(engine, tokenizer)
+    embedding = EmbeddingServing(engine, settings.fetcher)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -139,6 +142,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def completions(body: p.CompletionRequest, raw: Request) -> Response:
         name = check_model(body.model)
         return await completion.create(body, name, raw, loras.get(name))
+
+    @v1.post("/embeddings", responses=error_responses(400, 404, 413, 500, 503))
+    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+        name = check_model(body.model)
+        if name in loras:
+            raise APIError(400, "embeddings come from the base model; LoRA adapters change only the language model",
+                           "invalid_request_error", param="model")
+        return await embedding.create(body, name)
 
     app.include_router(v1)
     return app
