@@ -67,7 +67,8 @@ def image_of(item: Any, index: int) -> Image.Image:
 
 
 @torch.no_grad()
-def embed_pixels(model: torch.nn.Module, pixel_values: torch.Tensor, pooling: str, max_batch: int) -> list[torch.Tensor]:
+def embed_pixels(model: torch.nn.Module, pixel_values: torch.Tensor, pooling: str,
+                 max_batch: int) -> list[torch.Tensor]:
     """pixel_values (N, 3, H, W) -> N float32 (rows, dim) tensors of the `pooling` stage, `max_batch` at a time."""
     out = []
     for start in range(0, pixel_values.shape[0], max_batch):
