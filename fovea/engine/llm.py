@@ -5,12 +5,14 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from PIL import Image
 from tqdm.auto import tqdm
 
 from fovea.config import EngineConfig
 from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
-from fovea.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput
+from fovea.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, ScoringOutput, ScoringRequestOutput
+from fovea.engine.retrieval import RETRIEVAL_ARCHITECTURE, RetrievalRunner, is_retrieval_checkpoint
 from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
 from fovea.lora.request import LoRARequest
@@ -28,11 +30,22 @@ class LLM:
     """
 
     def __init__(self, model: str, **kwargs: Any):
-        self.llm_engine = LLMEngine(EngineConfig.from_kwargs(model, **kwargs))
+        config = EngineConfig.from_kwargs(model, **kwargs)
         self._counter = itertools.count()
+        # a stage-1 export has no language model: it embeds and scores only, outside the generation engine
+        self._retrieval = RetrievalRunner(config.model, config.max_num_seqs) \
+            if is_retrieval_checkpoint(config.model) else None
+        self._llm_engine = None if self._retrieval else LLMEngine(config)
+
+    @property
+    def llm_engine(self) -> LLMEngine:
+        if self._llm_engine is None:
+            raise ValueError(f"this checkpoint is a {RETRIEVAL_ARCHITECTURE} (a stage-1 export): it does not "
+                             f"generate; use LLM.embed and LLM.score")
+        return self._llm_engine
 
     def get_tokenizer(self):
-        return self.llm_engine.tokenizer
+        return self._retrieval.tokenizer if self._retrieval else self.llm_engine.tokenizer
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (as vLLM's `LLM.reset_prefix_cache`). Only possible while no
@@ -146,9 +159,32 @@ class LLM:
         """
         if not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
-        embeddings = self.llm_engine.embed(list(inputs), pooling)
+        run = self._retrieval.embed if self._retrieval else self.llm_engine.embed
         return [EmbeddingRequestOutput(request_id=str(next(self._counter)), outputs=EmbeddingOutput(e))
-                for e in embeddings]
+                for e in run(list(inputs), pooling)]
+
+    def score(self, images: Image.Image | Sequence[Image.Image], texts: str | Sequence[str], *,
+              method: str = "itc") -> list[ScoringRequestOutput]:
+        """Image-text match scores of a stage-1 export (`fovea.engine.retrieval`), pair by pair as vLLM's
+        `LLM.score`: one image and N texts, N images and one text, or N of each (pairs in order).
+
+        method "itc": the best query's cosine similarity with the text (transformers' `logits_per_image`);
+        "itm": the matching head's P(match). Each distinct image and text is encoded once, in batches.
+        """
+        if self._retrieval is None:
+            raise ValueError(f"LLM.score needs a {RETRIEVAL_ARCHITECTURE} checkpoint (a stage-1 export, what "
+                             f"`fovea train stage1` writes); this is a {self.llm_engine.hf_config.architectures}")
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(images) == 1:
+            images = images * len(texts)
+        elif len(texts) == 1:
+            texts = texts * len(images)
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images and {len(texts)} texts; give one of either, or as many of each")
+        scores = self._retrieval.score(images, texts, method)
+        return [ScoringRequestOutput(request_id=str(next(self._counter)), outputs=ScoringOutput(score))
+                for score in scores]
 
     def chat(
         self,

@@ -41,6 +41,19 @@ class EmbeddingRequestOutput:
     outputs: EmbeddingOutput
 
 
+@dataclass(slots=True)
+class ScoringOutput:
+    score: float
+
+
+@dataclass(slots=True)
+class ScoringRequestOutput:
+    """One (image, text) pair's score, as vLLM's `ScoringRequestOutput` (request_id, outputs.score)."""
+
+    request_id: str
+    outputs: ScoringOutput
+
+
 def check_pooling(pooling: str | None) -> str:
     pooling = DEFAULT_POOLING if pooling is None else pooling
     if pooling not in POOLING_STAGES:

@@ -1,0 +1,145 @@
+"""Stage-1 exports (`Blip2ForImageTextRetrieval`) behind `LLM.embed` and `LLM.score`.
+
+Such a checkpoint has no language model, so it does not go through the generation engine: the scoring model
+(`fovea.training.scoring.ImageTextScorer`, the same one `fovea eval retrieval` uses) runs every call in batches of
+up to `max_num_seqs` inputs, in float32.
+
+    embed, pooling "itc" (the only one):   an image -> (Q, E), one L2-normalised ITC embedding per query
+                                           a text   -> (1, E), the [CLS] position's, L2-normalised
+    score, method "itc":  max over the image's queries of the cosine similarity (transformers'
+                          `logits_per_image` with use_image_text_matching_head=False)
+    score, method "itm":  P(match), the softmax of the matching head's logits (use_image_text_matching_head=True)
+
+Texts are tokenised by the checkpoint's Q-Former tokenizer and padded to the longest text of the call (padding is
+masked, so a text's result does not depend on its batch); a text over the Q-Former's position limit is refused,
+never truncated.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fovea.training.scoring import ImageTextScorer
+
+RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
+RETRIEVAL_POOLING = ("itc",)
+SCORE_METHODS = ("itc", "itm")
+
+
+def is_retrieval_checkpoint(model: str | Path) -> bool:
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return False
+    return RETRIEVAL_ARCHITECTURE in (json.loads(config.read_text()).get("architectures") or [])
+
+
+def _text_of(item: Any) -> str | None:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and not item.get("multi_modal_data") and isinstance(item.get("prompt"), str):
+        return item["prompt"]
+    return None
+
+
+def _image_of(item: Any) -> Image.Image | None:
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, dict) and not item.get("prompt"):
+        images = (item.get("multi_modal_data") or {}).get("image")
+        if isinstance(images, list) and len(images) == 1:
+            images = images[0]
+        if isinstance(images, Image.Image):
+            return images
+    return None
+
+
+def _rows(items: Sequence[Any], key) -> dict[Any, int]:
+    """key(item) -> its row among the distinct items, in first-seen order."""
+    rows: dict[Any, int] = {}
+    for item in items:
+        rows.setdefault(key(item), len(rows))
+    return rows
+
+
+def _distinct(items: Sequence[Any], rows: dict[Any, int], key) -> list[Any]:
+    out = [None] * len(rows)
+    for item in items:
+        out[rows[key(item)]] = item
+    return out
+
+
+class RetrievalRunner:
+    def __init__(self, model: str | Path, max_batch: int):
+        self.scorer = ImageTextScorer.from_pretrained(model, batch_size=max_batch)
+        self.tokenizer = self.scorer.tokenizer
+        self.max_text_tokens = self.scorer.model.config.qformer_config.max_position_embeddings
+
+    # ---- inputs ------------------------------------------------------------------------------------------------
+
+    def _check_texts(self, texts: Sequence[str], what: str) -> None:
+        for i, text in enumerate(texts):
+            num_tokens = len(self.tokenizer(text).input_ids)
+            if num_tokens > self.max_text_tokens:
+                raise ValueError(f"{what} {i}: the text is {num_tokens} tokens; this model reads at most "
+                                 f"{self.max_text_tokens} (the Q-Former's max_position_embeddings)")
+
+    def _texts(self, texts: Sequence[str]):
+        self.scorer.max_text_len = max(len(self.tokenizer(t).input_ids) for t in texts)
+        return self.scorer.embed_texts(texts)
+
+    # ---- embed / score -----------------------------------------------------------------------------------------
+
+    def embed(self, inputs: Sequence[Any], pooling: str | None) -> list[torch.Tensor]:
+        """One float32 embedding per input, images (Q, E) and texts (1, E) in any mix, in input order."""
+        pooling = "itc" if pooling is None else pooling
+        if pooling not in RETRIEVAL_POOLING:
+            raise ValueError(f"unknown pooling {pooling!r}; this model ({RETRIEVAL_ARCHITECTURE}) offers "
+                             f"{', '.join(RETRIEVAL_POOLING)}")
+        image_at, text_at = {}, {}
+        for i, item in enumerate(inputs):
+            if (image := _image_of(item)) is not None:
+                image_at[i] = image
+            elif (text := _text_of(item)) is not None:
+                text_at[i] = text
+            else:
+                raise ValueError(f"input {i}: give a text (a string or {{'prompt': text}}) or one image (a PIL "
+                                 f"image or {{'multi_modal_data': {{'image': image}}}}), not both")
+        self._check_texts(list(text_at.values()), "input")
+        out: dict[int, torch.Tensor] = {}
+        if image_at:
+            features = self.scorer.embed_images(list(image_at.values())).features  # (N, Q, E)
+            out.update(zip(image_at, features.unbind(0)))
+        if text_at:
+            features = self._texts(list(text_at.values())).features  # (M, E)
+            out.update(zip(text_at, features.unsqueeze(1).unbind(0)))
+        return [out[i].float() for i in range(len(inputs))]
+
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str], method: str) -> list[float]:
+        """Pairs (images[k], texts[k]); the caller has broadcast one-to-many already."""
+        if method not in SCORE_METHODS:
+            raise ValueError(f"unknown score method {method!r}; choose one of {', '.join(SCORE_METHODS)}")
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"image {i}: expected a PIL image, got {type(image).__name__}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"text {i}: expected a string, got {type(text).__name__}")
+        self._check_texts(texts, "text")
+        if not images:
+            return []
+        # one-to-many calls repeat the same image (or text): embed each distinct one once
+        image_row = _rows(images, key=id)
+        text_row = _rows(texts, key=lambda text: text)
+        image_emb = self.scorer.embed_images(_distinct(images, image_row, key=id))
+        text_emb = self._texts(_distinct(texts, text_row, key=lambda text: text))
+        pairs = torch.tensor([(image_row[id(image)], text_row[text]) for image, text in zip(images, texts)])
+        if method == "itm":
+            return self.scorer.itm_probs(image_emb, text_emb, pairs).tolist()
+        i, j = pairs.unbind(1)
+        # (K, Q) cosine of each pair's image queries with its text; the best query scores
+        return torch.einsum("kqe,ke->kq", image_emb.features[i], text_emb.features[j]).amax(dim=-1).tolist()
