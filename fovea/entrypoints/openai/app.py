@@ -74,7 +74,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     chat_template = resolve_chat_template(tokenizer, llm_engine.hf_config.model_type, settings.chat_template)
     chat = ChatServing(engine, tokenizer, settings.fetcher, chat_template)
     completion = CompletionServing(engine, tokenizer)
-    embedding = EmbeddingServing(engine, settings.fetcher)
+    embedding = EmbeddingServing(engine.embed, settings.fetcher)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -157,7 +157,14 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
 def run_server(engine_config: EngineConfig, settings: ServerSettings, *, host: str = "127.0.0.1",
                port: int = 8000, log_level: str = "info") -> None:
-    """Load the model (before the port opens, so `/health` answers only when ready) and serve until SIGTERM."""
+    """Load the model (before the port opens, so `/health` answers only when ready) and serve until SIGTERM.
+    A stage-1 export (no language model) gets the embeddings-and-scores server instead (retrieval_app.py)."""
+    from fovea.engine.retrieval import is_retrieval_checkpoint
+
+    if is_retrieval_checkpoint(engine_config.model):
+        from fovea.entrypoints.openai.retrieval_app import run_retrieval_server
+
+        return run_retrieval_server(engine_config, settings, host=host, port=port, log_level=log_level)
     engine = AsyncLLMEngine(LLMEngine(engine_config), max_waiting_requests=settings.max_waiting_requests)
     app = build_app(engine, settings)
     print(app.state.chat_template.describe(), file=sys.stderr, flush=True)  # next to the CPU kernels' line

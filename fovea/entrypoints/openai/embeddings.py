@@ -1,13 +1,14 @@
-"""POST /v1/embeddings: vLLM's embeddings API over `LLM.embed` (`fovea.engine.pooling`), images included.
+"""POST /v1/embeddings: vLLM's embeddings API over `LLM.embed`, images included.
 
 Request (vLLM's two shapes, plus fovea's `pooling`):
-    {"input": [{"type": "image_url", "image_url": {"url": ...}}, ...]}   one embedding per image part
-    {"messages": [{"role": "user", "content": [{"type": "image_url", ...}]}]}   one embedding (one image)
-    "pooling": "projected" (default) | "qformer" | "vision"; "encoding_format": "float" (default) | "base64"
-Strings in `input` (text) are refused with a 400 by a model that embeds images only, as is any unknown pooling.
+    {"input": ["a text", {"type": "image_url", "image_url": {"url": ...}}, ...]}   one embedding per item
+    {"messages": [{"role": "user", "content": [{"type": "image_url", ...}]}]}       one embedding (one image)
+    "pooling": the model's stages (`fovea.engine.pooling`, `fovea.engine.retrieval`); "encoding_format":
+    "float" (default) | "base64"
+Texts reach the model, which refuses them with a 400 if it embeds images only (BLIP-2), as any unknown pooling.
 
-Response: OpenAI's list of {"object": "embedding", "index", "embedding"}. A BLIP-2 embedding is a matrix (one
-row per query or patch), so "float" gives nested lists (rows x dim, vLLM's token_embed shape) and "base64" the
+Response: OpenAI's list of {"object": "embedding", "index", "embedding"}. An embedding is a matrix (one row per
+query, patch or text), so "float" gives nested lists (rows x dim, vLLM's token_embed shape) and "base64" the
 row-major float32 bytes of the whole matrix (what OpenAI's client decodes to one flat list).
 """
 from __future__ import annotations
@@ -16,12 +17,13 @@ import asyncio
 import base64
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import numpy as np
+import torch
 from pydantic import Field
 
-from fovea.engine.async_engine import AsyncLLMEngine
 from fovea.entrypoints.media_errors import find_refusal
 from fovea.entrypoints.media_fetch import MediaFetcher
 from fovea.entrypoints.media_limits import prepare_media_async
@@ -32,7 +34,7 @@ from fovea.entrypoints.openai.messages import ChatMessageParam, ImageURLPart, Us
 class EmbeddingRequest(p.OpenAIRequestModel):
     model: str | None = None
     input: str | list[str | ImageURLPart] | None = Field(
-        None, description="image_url parts (one embedding each); text strings are refused by image-only models")
+        None, description="texts and image_url parts, one embedding each (BLIP-2 refuses text; stage-1 takes both)")
     messages: list[ChatMessageParam] | None = Field(None, description="vLLM's chat form: one user image")
     pooling: str | None = Field(None, description="fovea: projected (default), qformer or vision")
     encoding_format: Literal["float", "base64"] = "float"
@@ -55,49 +57,56 @@ class EmbeddingResponse(p.OpenAIModel):
     usage: p.UsageInfo
 
 
-def _image_urls(body: EmbeddingRequest) -> list[str]:
+def _items(body: EmbeddingRequest) -> list[str | ImageURLPart]:
+    """The inputs in order: texts as strings (the model decides whether it embeds text), images as their parts."""
     if (body.input is None) == (body.messages is None):
-        raise p.RequestError("give exactly one of input (image_url parts) or messages", param="input")
+        raise p.RequestError("give exactly one of input (texts or image_url parts) or messages", param="input")
     if body.dimensions is not None:
         raise p.RequestError("dimensions is not supported: the embedding widths are the model's own",
                              param="dimensions")
     if body.messages is not None:
-        urls = []
+        parts = []
         for i, message in enumerate(body.messages):
-            parts = [message.content] if isinstance(message.content, str) else message.content or []
-            if not isinstance(message, UserMessage) or any(not isinstance(part, ImageURLPart) for part in parts):
-                raise p.RequestError(f"messages[{i}]: this model embeds images only; give user messages holding "
-                                     f"image_url parts and no text", param="messages")
-            urls.extend(part.image_url.url for part in parts)
-        if len(urls) != 1:
-            raise p.RequestError(f"messages hold {len(urls)} images; a chat embedding takes exactly one "
+            content = [message.content] if isinstance(message.content, str) else message.content or []
+            if not isinstance(message, UserMessage) or any(not isinstance(part, ImageURLPart) for part in content):
+                raise p.RequestError(f"messages[{i}]: a chat embedding is of one image; give user messages holding "
+                                     f"image_url parts and no text (texts go in input)", param="messages")
+            parts.extend(content)
+        if len(parts) != 1:
+            raise p.RequestError(f"messages hold {len(parts)} images; a chat embedding takes exactly one "
                                  f"(use input for several)", param="messages")
-        return urls
+        return parts
     items = [body.input] if isinstance(body.input, str) else body.input
     if not items:
         raise p.RequestError("input is empty", param="input")
-    for i, item in enumerate(items):
-        if isinstance(item, str):
-            raise p.RequestError(f"input[{i}] is text: BLIP-2 embeddings need an image; give "
-                                 f"{{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}} parts", param="input")
-    return [item.image_url.url for item in items]
+    return list(items)
 
 
 class EmbeddingServing:
-    def __init__(self, engine: AsyncLLMEngine, fetcher: MediaFetcher):
-        self.engine, self.fetcher = engine, fetcher
+    """`embed(inputs, pooling)`: the model's, run off the event loop (`AsyncLLMEngine.embed` for BLIP-2, the
+    retrieval server's runner for stage-1 exports); inputs are texts and PIL images."""
+
+    def __init__(self, embed: Callable[[list, str | None], Awaitable[list[torch.Tensor]]], fetcher: MediaFetcher):
+        self.embed, self.fetcher = embed, fetcher
         self.decode_slots = asyncio.Semaphore(fetcher.config.max_concurrent_media_decodes)
 
-    async def create(self, body: EmbeddingRequest, model: str) -> EmbeddingResponse:
-        urls = _image_urls(body)
+    async def fetch_images(self, parts: list[ImageURLPart]) -> list:
+        """PIL images for image_url parts, under the server's fetch rules and decode limits."""
         try:
-            encoded = await asyncio.to_thread(lambda: [self.fetcher(url) for url in urls])
-            images = (await prepare_media_async({"image": encoded}, self.fetcher.config, self.decode_slots))["image"]
+            encoded = await asyncio.to_thread(lambda: [self.fetcher(part.image_url.url) for part in parts])
+            return (await prepare_media_async({"image": encoded}, self.fetcher.config, self.decode_slots))["image"]
         except ValueError as err:
             if (refusal := find_refusal(err)) is not None:
                 self.fetcher.refusals.add(refusal.reason)
             raise
-        embeddings = await self.engine.embed(images, body.pooling)
+
+    async def create(self, body: EmbeddingRequest, model: str) -> EmbeddingResponse:
+        items = _items(body)
+        image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
+        images = await self.fetch_images([items[i] for i in image_at]) if image_at else []
+        for i, image in zip(image_at, images):
+            items[i] = image
+        embeddings = await self.embed(items, body.pooling)
         data = []
         for index, embedding in enumerate(embeddings):
             if body.encoding_format == "base64":

@@ -74,11 +74,11 @@ def test_chat_form_embeds_its_one_image(server, expected):
 
 
 @pytest.mark.parametrize("body, message", [
-    ({"input": "a photo of a cat"}, "input[0] is text: BLIP-2 embeddings need an image"),
-    ({"input": [image_part(IMAGES[0]), "two circles"]}, "input[1] is text"),
+    ({"input": "a photo of a cat"}, "input 0: BLIP-2 embeddings need an image"),
+    ({"input": [image_part(IMAGES[0]), "two circles"]}, "input 1: BLIP-2 embeddings need an image"),
     ({"input": [image_part(IMAGES[0])], "pooling": "mean"},
      "unknown pooling 'mean'; this model offers projected, qformer, vision"),
-    ({"messages": [{"role": "user", "content": "hello"}]}, "this model embeds images only"),
+    ({"messages": [{"role": "user", "content": "hello"}]}, "a chat embedding is of one image"),
     ({"messages": [{"role": "user", "content": [image_part(IMAGES[0]), image_part(IMAGES[1])]}]},
      "messages hold 2 images"),
     ({"input": [image_part(IMAGES[0])], "dimensions": 8}, "dimensions is not supported"),
