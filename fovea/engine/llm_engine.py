@@ -21,7 +21,7 @@ from fovea.engine.beam_search import BeamSearchManager, sequence_params
 from fovea.engine.core import EngineCore
 from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
-from fovea.engine.pooling import embed_images
+from fovea.engine.pooling import check_embeds_images, embed_images
 from fovea.layers.rotary import context_scaling_factor
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_mrope, supports_multimodal
@@ -154,6 +154,7 @@ class LLMEngine:
 
     def embed(self, inputs: Sequence[Any], pooling: str | None = None) -> list[torch.Tensor]:
         """One float32 (rows, dim) embedding per input (see `fovea.engine.pooling`); a ValueError names a bad one."""
+        check_embeds_images(self.runner.model)  # before reading a preprocessor config that may not be BLIP's
         if self._image_processor is None:
             self._image_processor = BlipImageProcessor.from_pretrained(self.config.model)
         return embed_images(self.runner.model, self._image_processor, inputs, pooling, self.config.max_num_seqs)

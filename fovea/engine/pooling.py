@@ -90,13 +90,18 @@ def embed_pixels(model: torch.nn.Module, pixel_values: torch.Tensor, pooling: st
     return out
 
 
+def check_embeds_images(model: torch.nn.Module) -> None:
+    # InstructBLIP's Q-Former reads the instruction, so its features are not the image's alone
+    if not hasattr(model, "image_feature_stages") or getattr(model, "qformer_class", None) is not Blip2QFormerModel:
+        raise ValueError(f"{type(model).__name__} does not serve embeddings; BLIP-2 checkpoints "
+                         f"(Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval) do")
+
+
 def embed_images(model: torch.nn.Module, image_processor, inputs: Sequence[Any], pooling: str | None,
                  max_batch: int) -> list[torch.Tensor]:
     """Validate every input before any forward, so one bad input refuses the call without wasted work."""
     pooling = check_pooling(pooling)
-    # InstructBLIP's Q-Former reads the instruction, so its features are not the image's alone
-    if not hasattr(model, "image_feature_stages") or getattr(model, "qformer_class", None) is not Blip2QFormerModel:
-        raise ValueError(f"{type(model).__name__} does not serve embeddings; BLIP-2 checkpoints do")
+    check_embeds_images(model)
     images = [image_of(item, i) for i, item in enumerate(inputs)]
     if not images:
         return []

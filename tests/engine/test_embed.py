@@ -86,3 +86,11 @@ def test_bad_inputs_are_refused_by_index(llm, expected, bad, message):
 def test_unknown_pooling_names_the_choices(llm, expected):
     with pytest.raises(ValueError, match="unknown pooling 'mean'; this model offers projected, qformer, vision"):
         llm.embed(expected[0][:1], pooling="mean")
+
+
+def test_models_without_image_only_features_refuse_by_name(tmp_path):
+    from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl
+
+    qwen = LLM(str(build_tiny_qwen2_5_vl(tmp_path / "qwen", seed=0)), dtype="float32", num_kv_blocks=64)
+    with pytest.raises(ValueError, match="Qwen2_5_VLForConditionalGeneration does not serve embeddings; BLIP-2"):
+        qwen.embed([make_image(0)])
