@@ -7,6 +7,7 @@ import importlib
 _EXPORTS = {
     "LLM": "fovea.engine.llm",
     "SamplingParams": "fovea.sampling_params",
+    "StructuredOutputsParams": "fovea.sampling_params",
     "RequestOutput": "fovea.outputs",
     "CompletionOutput": "fovea.outputs",
     "Logprob": "fovea.outputs",

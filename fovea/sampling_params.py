@@ -19,6 +19,47 @@ _FLOAT32_MIN_NORMAL, _FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e3
 
 
 @dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's `StructuredOutputsParams`): set exactly one of these.
+
+    The grammar engine (llguidance, `fovea.engine.structured_output`) compiles it against the tokenizer when the
+    request is added; a schema, regex or grammar it cannot compile is a ValueError naming the problem.
+    """
+
+    json: str | dict | None = None
+    """A JSON Schema (a dict, or its JSON text); the output is one JSON value that validates against it."""
+    regex: str | None = None
+    """The whole output matches this regular expression (Rust `regex` syntax, anchored at both ends)."""
+    choice: list[str] | None = None
+    """The output is exactly one of these strings."""
+    grammar: str | None = None
+    """A context-free grammar in llguidance's Lark dialect (`start: ...`)."""
+    json_object: bool | None = None
+    """Any JSON object (OpenAI's `response_format={"type": "json_object"}`)."""
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        if self.json_object:
+            given.append("json_object")
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                             f"got {', '.join(given) if given else 'none'}.")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON Schema (a dict or its JSON text), "
+                             f"got {type(self.json).__name__}.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}.")
+        if self.choice is not None:
+            self.choice = list(self.choice) if isinstance(self.choice, (list, tuple)) else self.choice
+            if (not isinstance(self.choice, list) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError(f"structured_outputs.choice must be a non-empty list of non-empty strings, "
+                                 f"got {self.choice!r}.")
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     """Number of completions to return for the prompt."""
@@ -61,6 +102,8 @@ class SamplingParams:
     """Kept for vLLM compatibility; fast (Rust) tokenizers, the only kind transformers 5 ships, ignore it."""
     include_stop_str_in_output: bool = False
     """Keep the matched stop string (or the stop token's text) at the end of the output."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """Constrain the output to a JSON Schema, regex, choice or grammar; the grammar ends it with EOS."""
 
     def __post_init__(self) -> None:
         if self.seed == -1:
@@ -118,6 +161,13 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not _is_int(t) or t < 0:
                 raise ValueError(f"stop_token_ids must hold integers >= 0, got {self.stop_token_ids!r}.")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                raise ValueError(f"structured_outputs must be a StructuredOutputsParams, "
+                                 f"got {type(self.structured_outputs).__name__}.")
+            if self.ignore_eos:
+                raise ValueError("ignore_eos must be false with structured_outputs: the grammar ends the output "
+                                 "with EOS, and nothing may follow it.")
         if self.n > 1 and self.temperature < SAMPLING_EPS:
             raise ValueError(f"n must be 1 when sampling greedily (temperature={self.temperature}), "
                              f"got n={self.n}: all {self.n} completions would be the same.")

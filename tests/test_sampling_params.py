@@ -13,7 +13,8 @@ def test_defaults_are_vllms():
     expected = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, max_tokens=16, min_tokens=0,
                     stop=[], stop_token_ids=[], ignore_eos=False, logprobs=None, repetition_penalty=1.0,
                     presence_penalty=0.0, frequency_penalty=0.0, skip_special_tokens=True,
-                    spaces_between_special_tokens=True, include_stop_str_in_output=False, prompt_logprobs=None)
+                    spaces_between_special_tokens=True, include_stop_str_in_output=False, prompt_logprobs=None,
+                    structured_outputs=None)
     assert dataclasses.asdict(p) == expected
     assert not p.is_greedy
 

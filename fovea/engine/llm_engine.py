@@ -22,6 +22,7 @@ from fovea.engine.core import EngineCore
 from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
 from fovea.engine.pooling import check_embeds_images, embed_images
+from fovea.engine.structured_output import GrammarCompiler
 from fovea.layers.rotary import context_scaling_factor
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_mrope, supports_multimodal
@@ -70,6 +71,8 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.beam_searches = BeamSearchManager(self.engine_core, self.tokenizer)
+        self._vocab_size = text_config.vocab_size
+        self._grammar_compiler = None  # made by the first request with structured outputs
         self._arrivals = itertools.count()
         self._image_processor = None  # for embed(); read from the checkpoint on first use
 
@@ -124,6 +127,8 @@ class LLMEngine:
             if not isinstance(lora_request, LoRARequest):
                 raise ValueError(f"lora_request must be a fovea.LoRARequest, got {type(lora_request).__name__}")
             self.add_lora(lora_request)
+        if params is not None and params.structured_outputs is not None:
+            self.grammar_compiler().compile(params.structured_outputs)  # ValueError for a bad grammar, before queueing
         request = self.input_processor.process(request_id, prompt, params or SamplingParams(), next(self._arrivals))
         request.lora_request = lora_request
         sequences = fan_out(request)
@@ -147,6 +152,13 @@ class LLMEngine:
                              "cross-attention blocks too; use generate()")
         root.lora_request = lora_request
         self.beam_searches.add(request_id, root, params, self.max_model_len, keep_output)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-outputs compiler for this tokenizer (built once: it indexes the whole vocabulary)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self._vocab_size)
+            self.engine_core.runner.grammar_compiler = self._grammar_compiler
+        return self._grammar_compiler
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Load and check an adapter ahead of its requests (vLLM's `add_lora`); ValueError naming the problem."""

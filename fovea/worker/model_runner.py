@@ -88,6 +88,8 @@ class ModelRunner:
             self.model, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
             max_cpu_loras=config.max_cpu_loras, dtype=self.dtype) if config.enable_lora else None
         self.sampler = Sampler()
+        # structured outputs: set by the engine, which owns the tokenizer (fovea.engine.structured_output)
+        self.grammar_compiler = None
         # unseeded random rows draw from this: `EngineConfig.seed` makes a whole run repeat exactly
         self.generator = seeded_generator(config.seed)
         self.requests: dict[str, CachedRequestState] = {}
@@ -193,7 +195,7 @@ class ModelRunner:
                 mrope_position_delta=new.mrope_position_delta,
                 sampling=SamplingRow(params=params, prompt_token_ids=new.prompt_token_ids,
                                      output_token_ids=output_token_ids, generator=generator,
-                                     eos_token_id=new.eos_token_id),
+                                     eos_token_id=new.eos_token_id, grammar=self._new_matcher(params)),
                 lora_request=new.lora_request, encoder_prompt_token_ids=new.encoder_prompt_token_ids,
                 cross_block_ids=list(new.cross_block_ids),
                 prompt_logprobs=[] if params.prompt_logprobs is not None else None,
@@ -208,6 +210,13 @@ class ModelRunner:
                     state.cross_block_ids = list(cached.new_cross_block_ids[i])
             else:
                 state.block_ids.extend(cached.new_block_ids[i])
+
+    def _new_matcher(self, params: SamplingParams):
+        if params.structured_outputs is None:
+            return None
+        if self.grammar_compiler is None:
+            raise ValueError("structured_outputs needs the engine's grammar compiler (LLMEngine sets it)")
+        return self.grammar_compiler.matcher(params.structured_outputs)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -291,6 +300,9 @@ class ModelRunner:
         for state, token in zip(sampled, tokens):
             state.token_ids.append(token)
             state.output_token_ids.append(token)
+            grammar = state.sampling.grammar
+            if grammar is not None and not grammar.consume_token(token):
+                raise RuntimeError(f"request {state.req_id}: the grammar refused token {token}: {grammar.get_error()}")
         logprobs = result.logprobs.to_dicts() if result.logprobs is not None else None
         prompt_logprobs = {}
         for state in sampled:

@@ -2,6 +2,9 @@
 
 One step, in vLLM v1's order, all of it vectorised over the batch:
 
+  0. grammar       rows with structured outputs: the tokens their matcher forbids -> -inf (before the logprobs,
+                   as vLLM applies its bitmask to the logits it hands the sampler); other rows are not touched,
+                   and a batch without such rows skips this step entirely
   1. raw logprobs  log_softmax of the model's logits in float32, if any row asked for logprobs
   2. min_tokens    EOS and stop_token_ids -> -inf while the output is shorter than min_tokens
   3. penalties     repetition over prompt + output, presence and frequency over the output only
@@ -15,6 +18,7 @@ draw from the engine's generator (seeded by `EngineConfig.seed`), so a run repea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +39,7 @@ class SamplingRow:
     output_token_ids: list[int]
     generator: torch.Generator | None = None  # seeded requests only; the runner keeps it across steps
     eos_token_id: int | None = None
+    grammar: Any = None  # structured outputs: the sequence's llguidance matcher (fovea.engine.structured_output)
 
 
 @dataclass(slots=True)
@@ -59,6 +64,7 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None  # (B, max_prompt_len) int64 padded with vocab_size
     output_token_ids: torch.Tensor | None  # (B, max_output_len) int64 padded with vocab_size
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
+    grammar_rows: list[tuple[int, Any]] | None = None  # (row, matcher) of rows with structured outputs
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str = "cpu",
@@ -127,6 +133,7 @@ class SamplingMetadata:
             output_token_ids=(None if no_penalties else
                               _pad_token_ids([r.output_token_ids for r in rows], vocab_size, device)),
             min_tokens_mask=(long(min_rows), long(min_ids)) if min_rows else None,
+            grammar_rows=[(i, row.grammar) for i, row in enumerate(rows) if row.grammar is not None] or None,
         )
 
 
@@ -181,6 +188,8 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: (B, V) of the model, any float dtype; not modified."""
+        if meta.grammar_rows is not None:
+            logits = apply_grammar(logits, meta.grammar_rows)
         if (meta.all_greedy and meta.max_num_logprobs is None and meta.no_penalties
                 and meta.min_tokens_mask is None):
             # the first maximum of the logits as they are: widening them to float32 cannot change it
@@ -196,6 +205,19 @@ class Sampler:
         if raw_logprobs is not None:
             logprobs = gather_logprobs(raw_logprobs, meta.num_logprobs, sampled)
         return SamplerOutput(sampled, logprobs)
+
+
+def apply_grammar(logits: torch.Tensor, grammar_rows: list[tuple[int, Any]]) -> torch.Tensor:
+    """A copy of `logits` in which each constrained row's forbidden tokens are -inf. The masks of all these rows
+    are computed in one call (llguidance's executor spreads them over threads), applied to those rows only."""
+    from fovea.engine.structured_output import fill_bitmasks
+
+    rows = torch.tensor([row for row, _ in grammar_rows], dtype=torch.int64, device=logits.device)
+    allowed = fill_bitmasks([matcher for _, matcher in grammar_rows], logits.shape[1])  # (R, V) bool
+    constrained = logits.index_select(0, rows).float()
+    constrained.masked_fill_(~allowed.to(logits.device), float("-inf"))
+    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+    return logits.index_copy_(0, rows, constrained)
 
 
 def apply_min_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
