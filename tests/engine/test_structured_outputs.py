@@ -147,8 +147,6 @@ def test_preemption_keeps_the_grammar_state(ckpt, llm):
 
 
 def test_sampler_masks_only_constrained_rows_and_leaves_logits_alone():
-    class AllowEven:  # the matcher interface the sampler uses, via fill_bitmasks: a real llguidance matcher
-        pass
     from fovea.engine.structured_output import GrammarCompiler
     from tests.oracle.qwen2_5_vl import build_qwen_tokenizer
     tokenizer = build_qwen_tokenizer()

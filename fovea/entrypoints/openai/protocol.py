@@ -17,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from fovea.entrypoints.chat_utils import RESERVED_TEMPLATE_KWARGS
 from fovea.entrypoints.openai.messages import ChatMessageParam, message_dicts
 from fovea.outputs import RequestOutput
-from fovea.sampling_params import MAX_SEED, MIN_SEED, BeamSearchParams, SamplingParams
+from fovea.sampling_params import MAX_SEED, MIN_SEED, BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 
 class OpenAIModel(BaseModel):
@@ -63,6 +63,28 @@ class StreamOptions(OpenAIRequestModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(OpenAIRequestModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON value
+    strict: bool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormat(OpenAIRequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(OpenAIRequestModel):
+    """vLLM's `structured_outputs` request field: exactly one of these."""
+
+    json_: dict[str, Any] | bool | str | None = Field(None, alias="json")
+    regex: NonEmptyStr | None = None
+    choice: Annotated[list[NonEmptyStr], Field(min_length=1)] | None = None
+    grammar: NonEmptyStr | None = None
+    json_object: bool | None = None
+
+
 class SamplingRequest(OpenAIRequestModel):
     """Fields /v1/chat/completions and /v1/completions share. OpenAI's defaults and ranges."""
 
@@ -91,6 +113,8 @@ class SamplingRequest(OpenAIRequestModel):
     include_stop_str_in_output: bool = False
     use_beam_search: bool = False  # n beams (transformers' rules, see the README); n choices, best first
     length_penalty: float = Field(1.0, allow_inf_nan=False)  # beam search: score = cum_logprob / length ** this
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
@@ -109,12 +133,39 @@ class SamplingRequest(OpenAIRequestModel):
         for name in _NOT_WITH_BEAMS:
             if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default:
                 raise RequestError(f"{name} is not supported with use_beam_search", name)
+        if self.response_format is not None and self.response_format.type != "text":
+            raise RequestError("response_format other than text is not supported with use_beam_search",
+                               "response_format")
         try:
             return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens or _UNLIMITED, ignore_eos=self.ignore_eos,
                                     length_penalty=self.length_penalty,
                                     include_stop_str_in_output=self.include_stop_str_in_output)
         except ValueError as err:
             raise RequestError(str(err), "length_penalty") from err
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """`structured_outputs` (vLLM) or OpenAI's `response_format`, as StructuredOutputsParams; not both."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text" and self.structured_outputs is not None:
+            raise RequestError("give response_format or structured_outputs, not both", "structured_outputs")
+        try:
+            if self.structured_outputs is not None:
+                so = self.structured_outputs
+                schema = so.json_
+                if isinstance(schema, bool):  # a boolean JSON Schema: true accepts any value
+                    schema = {} if schema else {"not": {}}
+                return StructuredOutputsParams(json=schema, regex=so.regex, choice=so.choice, grammar=so.grammar,
+                                               json_object=so.json_object)
+        except ValueError as err:
+            raise RequestError(str(err), "structured_outputs") from err
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None:
+            raise RequestError("response_format type 'json_schema' needs a json_schema", "response_format")
+        schema = fmt.json_schema.schema_
+        return StructuredOutputsParams(json=schema if schema is not None else {})
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         fields = dict(
@@ -124,6 +175,7 @@ class SamplingRequest(OpenAIRequestModel):
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self._structured_outputs(),
         )
         try:
             return SamplingParams(**fields)
@@ -139,14 +191,9 @@ class SamplingRequest(OpenAIRequestModel):
 # fields whose non-default values beam search cannot honour (they are refused with it); _UNLIMITED: no
 # max_tokens given, so the context length decides (the engine caps every search by what the prompt leaves)
 _NOT_WITH_BEAMS = ("top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "min_tokens", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "echo", "best_of")
+                   "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "echo", "best_of",
+                   "structured_outputs")
 _UNLIMITED = 2**31 - 1
-
-
-class ResponseFormat(OpenAIRequestModel):
-    # the schema names only what is served; the other two validate, to be refused with a message saying so
-    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})
-    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -154,7 +201,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Integer(ge=1) | None = None
     logprobs: bool = False
     top_logprobs: Integer(ge=0, le=20) | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty or null",
                                                json_schema_extra={"maxItems": 0})
     # vLLM's extras for the template
@@ -167,8 +213,6 @@ class ChatCompletionRequest(SamplingRequest):
             raise RequestError("top_logprobs needs logprobs to be true", "top_logprobs")
         if self.tools:
             raise RequestError("tools are not supported by fovea", "tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise RequestError("only response_format type 'text' is supported", "response_format")
         reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(self.chat_template_kwargs or {}))
         if reserved:
             raise RequestError(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")

@@ -30,7 +30,11 @@ def test_chat_request_maps_to_sampling_params():
     ({"top_logprobs": 1}, "top_logprobs"),
     ({"logit_bias": {"1": 2.0}}, "logit_bias"),
     ({"tools": [{"type": "function"}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+    ({"structured_outputs": {}}, "structured_outputs"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"structured_outputs": {"regex": "a"}, "ignore_eos": True}, "ignore_eos"),
     ({"chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}}, "chat_template_kwargs"),
 ])
 def test_refusals_name_the_field(fields, param):
@@ -90,3 +94,21 @@ def test_stream_cursor_holds_back_what_a_stop_string_may_claim():
             sent.append(step[0])
     assert "".join(sent) == "hello "  # without the hold-back "hello EN" would have gone out
     assert streaming.advance(cursor, CompletionOutput(0, "hello ", [1], finish_reason="stop"), 0, False) is None
+
+
+def test_response_format_and_structured_outputs_become_structured_outputs_params():
+    def so(**fields):
+        return p.ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields}).to_sampling_params() \
+            .structured_outputs
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert so() is None and so(response_format={"type": "text"}) is None
+    assert so(response_format={"type": "json_object"}).json_object is True
+    assert so(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}).json == schema
+    assert so(response_format={"type": "json_schema", "json_schema": {"name": "x"}}).json == {}
+    assert so(structured_outputs={"json": schema}).json == schema
+    assert so(structured_outputs={"choice": ["a", "b"]}).choice == ["a", "b"]
+    assert so(structured_outputs={"regex": "[0-9]+"}).regex == "[0-9]+"
+    assert so(structured_outputs={"grammar": 'start: "x"'}).grammar == 'start: "x"'
+    completion = p.CompletionRequest.model_validate({"prompt": "x", "structured_outputs": {"json_object": True}})
+    assert completion.to_sampling_params().structured_outputs.json_object is True
