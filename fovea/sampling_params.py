@@ -168,6 +168,10 @@ class SamplingParams:
             if self.ignore_eos:
                 raise ValueError("ignore_eos must be false with structured_outputs: the grammar ends the output "
                                  "with EOS, and nothing may follow it.")
+            if self.min_tokens:
+                # a complete output allows only EOS, which min_tokens would forbid: no token would be left
+                raise ValueError(f"min_tokens must be 0 with structured_outputs (the grammar decides where the "
+                                 f"output ends), got {self.min_tokens}.")
         if self.n > 1 and self.temperature < SAMPLING_EPS:
             raise ValueError(f"n must be 1 when sampling greedily (temperature={self.temperature}), "
                              f"got n={self.n}: all {self.n} completions would be the same.")

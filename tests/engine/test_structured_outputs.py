@@ -116,6 +116,8 @@ def test_bad_constraints_are_value_errors_naming_the_problem(llm):
         StructuredOutputsParams(choice=[])
     with pytest.raises(ValueError, match="ignore_eos must be false"):
         SamplingParams(ignore_eos=True, structured_outputs=StructuredOutputsParams(regex="a"))
+    with pytest.raises(ValueError, match="min_tokens must be 0 with structured_outputs"):
+        SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a"))
     # the engine is untouched and still serves
     assert llm.generate(["x"], SamplingParams(max_tokens=50, structured_outputs=StructuredOutputsParams(
         choice=["ok"])), use_tqdm=False)[0].outputs[0].text == "ok"

@@ -1,0 +1,171 @@
+"""Structured outputs: what a constraint costs per decode step at batch 32, on the Qwen benchmark model's language
+model (Qwen2-0.5B's dimensions, 151,936-token vocabulary, random weights), and the two grammar engines' mask cost.
+
+The benchmark checkpoints' word-level tokenizer cannot spell JSON, so this one builds a byte-level BPE of the
+same vocabulary size: the 256 byte symbols, every pair of printable ASCII characters, then triples until the
+vocabulary is full (each with the merge that makes it), which gives the grammar engine a realistic token trie.
+
+Part 1 (mask engines): per-step time to compute the allowed-token masks of 32 sequences following a JSON Schema,
+llguidance (what fovea uses) vs xgrammar if installed, walking the same token sequences.
+Part 2 (end to end): fovea decode steps of 32 requests, each run of the same run timed alike: none constrained,
+all 32 constrained (JSON Schema), and 16 + 16 mixed; prints ms per step and the ratios.
+
+    python benchmarks/structured.py [--steps 48] [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+from importlib.metadata import version
+import json
+import string
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VOCAB = 151936
+BATCH = 32
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 200}, "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 50}},
+    "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def byte_level_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    # printable ASCII as ByteLevel spells it (space is 'Ġ')
+    printable = [c if c != " " else "Ġ" for c in string.printable[:95]]
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    merges = []
+    for a in printable:
+        for b in printable:
+            vocab.setdefault(a + b, len(vocab))
+            merges.append((a, b))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for a in printable:
+        for b in printable:
+            for c in printable:
+                if len(vocab) >= vocab_size - len(specials):
+                    break
+                vocab[a + b + c] = len(vocab)
+                merges.append((a + b, c))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096)
+    tokenizer.add_tokens(specials, special_tokens=True)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    return tokenizer
+
+
+def walks(tokenizer, num: int) -> list[list[int]]:
+    """Token sequences of valid JSON for SCHEMA, one per sequence, different lengths."""
+    out = []
+    for i in range(num):
+        doc = {"name": "x" * (3 + i), "age": i * 7, "tags": [f"t{j}" for j in range(i % 5)]}
+        out.append(tokenizer(json.dumps(doc, separators=(",", ":")), add_special_tokens=False).input_ids)
+    return out
+
+
+def mask_engines(tokenizer, steps: int) -> None:
+    import llguidance
+    import llguidance.hf
+    import llguidance.torch
+
+    sequences = walks(tokenizer, BATCH)
+    steps = min(steps, min(len(s) for s in sequences))
+    t0 = time.perf_counter()
+    lltok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=VOCAB)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults={"whitespace_flexible": False})
+    matchers = [llguidance.LLMatcher(lltok, grammar) for _ in range(BATCH)]
+    setup = time.perf_counter() - t0
+    executor = llguidance.LLExecutor()
+    bitmask = llguidance.torch.allocate_token_bitmask(BATCH, VOCAB)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        llguidance.torch.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
+        for m, seq in zip(matchers, sequences):
+            assert m.consume_token(seq[step]), m.get_error()
+    per_step = (time.perf_counter() - t0) / steps
+    print(f"llguidance {version('llguidance')}: setup {setup:.2f} s, "
+          f"masks of {BATCH} sequences + advance: {per_step * 1e3:.2f} ms/step")
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        print("xgrammar: not installed")
+        return
+    t0 = time.perf_counter()
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB)
+    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(SCHEMA), any_whitespace=False,
+                                                              separators=(",", ":"))
+    xmatchers = [xgr.GrammarMatcher(compiled) for _ in range(BATCH)]
+    setup = time.perf_counter() - t0
+    xmask = xgr.allocate_token_bitmask(BATCH, VOCAB)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for i, m in enumerate(xmatchers):
+            m.fill_next_token_bitmask(xmask, i)
+        for m, seq in zip(xmatchers, sequences):
+            assert m.accept_token(seq[step])
+    per_step = (time.perf_counter() - t0) / steps
+    print(f"xgrammar {version('xgrammar')}: setup {setup:.2f} s, masks of {BATCH} sequences + advance: "
+          f"{per_step * 1e3:.2f} ms/step")
+
+
+def end_to_end(tokenizer, steps: int, dtype: str) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from fovea import LLM, SamplingParams, StructuredOutputsParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Qwen2Config(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+                             tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).to(getattr(torch, dtype)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        llm = LLM(tmp, dtype=dtype, max_model_len=512, max_num_seqs=BATCH, num_kv_blocks=BATCH * 40 + 8)
+        prompts = [f"request {i}: write the record" for i in range(BATCH)]
+        free = SamplingParams(temperature=1.0, seed=1, max_tokens=steps, ignore_eos=True)
+        # at least 20 records: no row can finish (EOS) within the run, so every row runs all steps
+        records = {"type": "array", "items": SCHEMA, "minItems": 20}
+        constrained = SamplingParams(temperature=1.0, seed=1, max_tokens=steps,
+                                     structured_outputs=StructuredOutputsParams(json=records))
+        runs = {"none": [free] * BATCH, "all 32": [constrained] * BATCH,
+                "16 + 16": [constrained] * (BATCH // 2) + [free] * (BATCH // 2)}
+        llm.generate(prompts[:2], [constrained, free], use_tqdm=False)  # warm up, compile the grammar
+        times = {}
+        for name, params in list(runs.items()) * 2:  # twice, interleaved; the faster of each counts
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+            tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+            times[name] = min(times.get(name, float("inf")), seconds / max(1, tokens / BATCH))
+        base = times["none"]
+        for name, per_step in times.items():
+            print(f"constrained {name:7s}: {per_step * 1e3:7.1f} ms/step, {per_step / base:.3f}x unconstrained")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--skip-e2e", action="store_true")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    tokenizer = byte_level_tokenizer(VOCAB)
+    print(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - t0:.1f} s")
+    mask_engines(tokenizer, args.steps)
+    if not args.skip_e2e:
+        end_to_end(tokenizer, args.steps, args.dtype)
+
+
+if __name__ == "__main__":
+    main()
