@@ -7,7 +7,9 @@ vocabulary is full (each with the merge that makes it), which gives the grammar 
 
 Part 1 (mask engines): per-step time to compute the allowed-token masks of 32 sequences following a JSON Schema,
 llguidance (what fovea uses) vs xgrammar if installed, walking the same token sequences.
-Part 2 (end to end): fovea decode steps of 32 requests, each run of the same run timed alike: none constrained,
+Part 2 (sampler): fovea's sampler step alone at batch 32 (greedy, bfloat16 logits) with 0, 16 and 32 rows
+constrained: the constraint's whole per-step price, masks included.
+Part 3 (end to end): fovea decode steps of 32 requests, each run of the same run timed alike: none constrained,
 all 32 constrained (JSON Schema), and 16 + 16 mixed; prints ms per step and the ratios.
 
     python benchmarks/structured.py [--steps 48] [--dtype bfloat16]
@@ -119,6 +121,38 @@ def mask_engines(tokenizer, steps: int) -> None:
           f"{per_step * 1e3:.2f} ms/step")
 
 
+def sampler_step(tokenizer, steps: int) -> None:
+    """fovea's sampler alone on (32, 151936) logits: the whole per-step price of constraints (masks included)
+    without the model's time around it; 0, 16 and 32 constrained rows, interleaved, best of 3 each."""
+    from fovea.engine.structured_output import GrammarCompiler
+    from fovea.sampling_params import SamplingParams, StructuredOutputsParams
+    from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow
+
+    compiler = GrammarCompiler(tokenizer, VOCAB)
+    so = StructuredOutputsParams(json=SCHEMA)
+    sequences = walks(tokenizer, BATCH)
+    steps = min(steps, min(len(s) for s in sequences))
+    logits = torch.randn(BATCH, VOCAB, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    sampler = Sampler()
+    greedy = SamplingParams(temperature=0.0)
+    best = {}
+    for _ in range(3):
+        for num in (0, BATCH // 2, BATCH):
+            rows = [SamplingRow(greedy, [1], []) for _ in range(BATCH)]
+            for i in range(num):
+                rows[i].grammar = compiler.matcher(so)
+            elapsed = 0.0
+            for step in range(steps):
+                t0 = time.perf_counter()
+                sampler(logits, SamplingMetadata.build(rows, VOCAB))
+                elapsed += time.perf_counter() - t0
+                for i in range(num):  # advance along a valid document (outside the timed region: the runner's)
+                    rows[i].grammar.consume_token(sequences[i][step])
+            best[num] = min(best.get(num, float("inf")), elapsed / steps)
+    for num, per_step in best.items():
+        print(f"sampler, {num:2d} of {BATCH} rows constrained: {per_step * 1e3:6.2f} ms/step")
+
+
 def end_to_end(tokenizer, steps: int, dtype: str) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -163,6 +197,7 @@ def main() -> None:
     tokenizer = byte_level_tokenizer(VOCAB)
     print(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - t0:.1f} s")
     mask_engines(tokenizer, args.steps)
+    sampler_step(tokenizer, args.steps)
     if not args.skip_e2e:
         end_to_end(tokenizer, args.steps, args.dtype)
 

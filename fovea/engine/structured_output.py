@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import torch
+
 from fovea.sampling_params import StructuredOutputsParams
 
 _JSON_DEFAULTS = {"whitespace_flexible": False}
@@ -89,17 +91,17 @@ def _cache_key(params: StructuredOutputsParams) -> str:
 _EXECUTOR = None
 
 
-def fill_bitmasks(matchers: list, vocab_size: int):
-    """(R, V) bool: the tokens each matcher allows next. One llguidance call for all rows (it parallelises)."""
+def mask_rows(logits: torch.Tensor, matchers: list) -> None:
+    """Set the tokens each matcher forbids next to -inf in its row of `logits` ((R, V) float32, in place). All
+    masks come from one llguidance call (it spreads the rows over threads) as a bitmask, bit j of word w = token
+    32 w + j, applied by llguidance's kernel: expanding the bits into a boolean (R, V) mask in torch costs ten
+    times as much on CPU."""
     global _EXECUTOR
     import llguidance
     import llguidance.torch
-    import torch
 
     if _EXECUTOR is None:
         _EXECUTOR = llguidance.LLExecutor()
-    bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)  # (R, ceil(V / 32)) int32
+    bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), logits.shape[1])  # (R, ceil(V / 32)) int32
     llguidance.torch.fill_next_token_bitmask_par(_EXECUTOR, [(m, i) for i, m in enumerate(matchers)], bitmask)
-    # bit j of word w is token 32 w + j
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.reshape(len(matchers), -1)[:, :vocab_size].bool()
+    llguidance.torch.apply_token_bitmask_inplace(logits, bitmask)

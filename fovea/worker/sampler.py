@@ -210,12 +210,11 @@ class Sampler:
 def apply_grammar(logits: torch.Tensor, grammar_rows: list[tuple[int, Any]]) -> torch.Tensor:
     """A copy of `logits` in which each constrained row's forbidden tokens are -inf. The masks of all these rows
     are computed in one call (llguidance's executor spreads them over threads), applied to those rows only."""
-    from fovea.engine.structured_output import fill_bitmasks
+    from fovea.engine.structured_output import mask_rows
 
     rows = torch.tensor([row for row, _ in grammar_rows], dtype=torch.int64, device=logits.device)
-    allowed = fill_bitmasks([matcher for _, matcher in grammar_rows], logits.shape[1])  # (R, V) bool
-    constrained = logits.index_select(0, rows).float()
-    constrained.masked_fill_(~allowed.to(logits.device), float("-inf"))
+    constrained = logits.index_select(0, rows).float()  # a new tensor: the caller's logits stay as they are
+    mask_rows(constrained, [matcher for _, matcher in grammar_rows])
     logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
     return logits.index_copy_(0, rows, constrained)
 
