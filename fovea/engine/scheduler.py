@@ -41,6 +41,7 @@ from fovea.engine.encoder_cache import EncoderCacheManager
 from fovea.engine.encoder_decoder import check_encoder_prompt, plan_encoder_prompt
 from fovea.engine.kv_cache import KVCacheManager
 from fovea.engine.request import Request, RequestStatus
+from fovea.engine.scheduler_forks import BeamForks
 from fovea.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from fovea.outputs import Logprob, ModelRunnerOutput
 
@@ -109,7 +110,7 @@ class RequestUpdate:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # prompt tokens 1..P-1, once, if asked
 
 
-class Scheduler:
+class Scheduler(BeamForks):
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.kv_cache_manager = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -227,30 +228,6 @@ class Scheduler:
         del self.requests[request.request_id]
         self.suspects.pop(request.request_id, None)
         self.finished_request_ids.append(request.request_id)
-
-    def release_held(self, request_ids: str | Iterable[str]) -> None:
-        """Free the KV blocks of held sequences (unknown ids are ignored). A sequence that queued forks still
-        need is freed at the end of the step that admits the last of them, after its blocks were copied."""
-        if isinstance(request_ids, str):
-            request_ids = (request_ids,)
-        for rid in request_ids:
-            if rid not in self.held:
-                continue
-            self.release_requested.add(rid)
-            if not self.num_pending_forks.get(rid):
-                self._release(rid)
-
-    def _release(self, rid: str) -> None:
-        self.kv_cache_manager.free(self.held.pop(rid))
-        self.release_requested.discard(rid)
-        self.num_pending_forks.pop(rid, None)
-
-    def _fork_done(self, parent_id: str) -> None:
-        self.num_pending_forks[parent_id] -= 1
-
-    def _release_forked(self) -> None:
-        for rid in [r for r in self.release_requested if not self.num_pending_forks.get(r)]:
-            self._release(rid)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -375,36 +352,6 @@ class Scheduler:
         out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
         out.freed_mm_hashes = self.encoder_cache_manager.get_freed_mm_hashes()
         return out
-
-    def _admit_fork(self, out: SchedulerOutput, request: Request) -> bool:
-        """Admit a beam fork: its computed tokens' KV comes from its held parent (shared full blocks, a copy of
-        the partial one), so only its last token is computed. False (nothing changed) when the pool is short."""
-        parent = self.held[request.fork_parent]
-        request.num_computed_tokens = request.num_tokens - 1
-        forked = self.kv_cache_manager.fork(request, parent, 1)
-        if forked is None:
-            request.num_computed_tokens = 0
-            return False
-        _, copy = forked
-        if copy is not None:
-            out.blocks_to_copy.append(copy)
-        self.waiting.popleft()
-        self._fork_done(request.fork_parent)
-        request.fork_parent = None  # from now on an ordinary sequence (a preemption recomputes it)
-        num_computed = request.num_tokens - 1
-        request.num_cached_prompt_tokens = num_computed
-        out.scheduled_new_reqs.append(NewRequestData(
-            req_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-            sampling_params=request.sampling_params, eos_token_id=request.eos_token_id,
-            mm_features=request.mm_features, mrope_positions=request.mrope_positions,
-            mrope_position_delta=request.mrope_position_delta,
-            block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
-            num_computed_tokens=num_computed, lora_request=request.lora_request,
-        ))
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
-        self._commit(out, request, 1, [], [])
-        return True
 
     def _lora_fits(self, request: Request) -> bool:
         """Admitting `request` keeps the running batch within `max_loras` distinct adapters."""
