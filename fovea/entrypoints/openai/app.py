@@ -18,7 +18,6 @@ Shutdown (SIGTERM) is uvicorn's: stop accepting, let open responses finish, then
 """
 from __future__ import annotations
 
-import secrets
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from fovea.entrypoints.openai import protocol as p
 from fovea.entrypoints.openai.chat import ChatServing
 from fovea.entrypoints.openai.completions import CompletionServing
 from fovea.entrypoints.openai.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingServing
-from fovea.entrypoints.openai.errors import APIError, install_error_handlers
+from fovea.entrypoints.openai.errors import APIError, api_key_check, install_error_handlers, model_check
 from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ErrorCountingMiddleware, ServerMetrics
 from fovea.entrypoints.openai.openapi import error_responses, openapi_schema
 from fovea.lora.request import LoRARequest
@@ -88,21 +87,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(ErrorCountingMiddleware, metrics=metrics, model_name=model_names[0])
 
-    async def check_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           "invalid_request_error", code="invalid_api_key")
-
-    def check_model(name: str | None) -> str:
-        if name is None:
-            return model_names[0]
-        if name not in model_names:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {', '.join(model_names)}",
-                           "invalid_request_error", param="model", code="model_not_found")
-        return name
+    check_api_key = api_key_check(settings.api_key)
+    check_model = model_check(model_names)
 
     @app.get("/health", response_class=Response, responses={
         200: {"description": "the engine is running", "content": None},

@@ -6,6 +6,9 @@
 """
 from __future__ import annotations
 
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +24,32 @@ class APIError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status_code, self.message, self.type, self.param, self.code = status_code, message, type_, param, code
+
+
+def api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency: a 401 unless the request carries `Authorization: Bearer <api_key>` (always passes
+    when no key is configured). Compared in constant time."""
+    async def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           "invalid_request_error", code="invalid_api_key")
+    return check_api_key
+
+
+def model_check(model_names: Sequence[str]) -> Callable[[str | None], str]:
+    """The served name a request's `model` picks: the first when it names none, a 404 listing them when it names
+    one this server does not serve."""
+    def check_model(name: str | None) -> str:
+        if name is None:
+            return model_names[0]
+        if name not in model_names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {', '.join(model_names)}",
+                           "invalid_request_error", param="model", code="model_not_found")
+        return name
+    return check_model
 
 
 def error_response(status_code: int, message: str, type_: str, param: str | None = None,

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import secrets
 import time
 import uuid
 from typing import Literal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import Response
 from pydantic import Field
 
@@ -26,7 +25,7 @@ from fovea.config import EngineConfig
 from fovea.engine.retrieval import RetrievalRunner
 from fovea.entrypoints.openai import protocol as p
 from fovea.entrypoints.openai.embeddings import EmbeddingRequest, EmbeddingResponse, EmbeddingServing
-from fovea.entrypoints.openai.errors import APIError, install_error_handlers
+from fovea.entrypoints.openai.errors import api_key_check, install_error_handlers, model_check
 from fovea.entrypoints.openai.messages import ImageURLPart
 from fovea.entrypoints.openai.openapi import error_responses
 
@@ -70,21 +69,8 @@ def build_retrieval_app(runner: RetrievalRunner, settings, model_path: str) -> F
     app = FastAPI(title="fovea (retrieval)")
     install_error_handlers(app)
 
-    async def check_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), settings.api_key):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           "invalid_request_error", code="invalid_api_key")
-
-    def check_model(name: str | None) -> str:
-        if name is None:
-            return model_names[0]
-        if name not in model_names:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {', '.join(model_names)}",
-                           "invalid_request_error", param="model", code="model_not_found")
-        return name
+    check_api_key = api_key_check(settings.api_key)
+    check_model = model_check(model_names)
 
     @app.get("/health", response_class=Response)
     async def health() -> Response:
