@@ -16,10 +16,8 @@ from fovea.multimodal.processors.transforms import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     convert_to_rgb,
-    parse_resample,
-    per_channel,
+    parse_pixel_value_steps,
     apply_value_table,
-    pil_value_table,
 )
 
 _INIT_OPTIONS = frozenset({"size", "crop_size", "resample", "do_resize", "do_center_crop", "do_rescale",
@@ -59,21 +57,9 @@ class CLIPImageProcessor:
                                      "crop_size", int_is="square")
         if "shortest_edge" in self.crop_size:
             raise ValueError(f"crop_size must be {{'height': h, 'width': w}}, got {crop_size!r}")
-        if self.do_resize and resample is None:
-            raise ValueError("resample must be set when do_resize is on")
-        self.resample = None if resample is None else parse_resample(resample)
-        needed = {"rescale_factor": (self.do_rescale, rescale_factor), "image_mean": (self.do_normalize, image_mean),
-                  "image_std": (self.do_normalize, image_std)}
-        missing = [name for name, (is_on, value) in needed.items() if is_on and value is None]
-        if missing:
-            raise ValueError(f"{missing} must be set when the step that uses them is on")
-        self.rescale_factor = None if rescale_factor is None else float(rescale_factor)
-        self.image_mean = None if image_mean is None else per_channel("image_mean", image_mean)
-        self.image_std = None if image_std is None else per_channel("image_std", image_std)
-        if self.do_normalize and 0.0 in self.image_std:
-            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
-        self._value_table = pil_value_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean,
-                                            self.image_std)  # (3, 256) float32
+        self.resample, self.rescale_factor, self.image_mean, self.image_std, self._value_table = \
+            parse_pixel_value_steps(self.do_resize, resample, self.do_rescale, rescale_factor, self.do_normalize,
+                                    image_mean, image_std)  # the table: (3, 256) float32
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> CLIPImageProcessor:

@@ -14,9 +14,7 @@ from fovea.multimodal.processors.transforms import (
     METADATA_KEYS,
     NO_EFFECT_KEYS,
     convert_to_rgb,
-    parse_resample,
-    per_channel,
-    pil_value_table,
+    parse_pixel_value_steps,
 )
 
 _INIT_OPTIONS = frozenset({"size", "patch_size", "resample", "do_resize", "do_pad", "padding_value", "padding_mode",
@@ -75,21 +73,9 @@ class FuyuImageProcessor:
         self.padding_value = int(padding_value)
         self.do_resize, self.do_convert_rgb = bool(do_resize), bool(do_convert_rgb)
         self.do_rescale, self.do_normalize = bool(do_rescale), bool(do_normalize)
-        if self.do_resize and resample is None:
-            raise ValueError("resample must be set when do_resize is on")
-        self.resample = None if resample is None else parse_resample(resample)
-        needed = {"rescale_factor": (self.do_rescale, rescale_factor), "image_mean": (self.do_normalize, image_mean),
-                  "image_std": (self.do_normalize, image_std)}
-        missing = [name for name, (is_on, value) in needed.items() if is_on and value is None]
-        if missing:
-            raise ValueError(f"{missing} must be set when the step that uses them is on")
-        self.rescale_factor = None if rescale_factor is None else float(rescale_factor)
-        self.image_mean = None if image_mean is None else per_channel("image_mean", image_mean)
-        self.image_std = None if image_std is None else per_channel("image_std", image_std)
-        if self.do_normalize and 0.0 in self.image_std:
-            raise ValueError(f"image_std must not contain 0, got {self.image_std}")
-        self._value_table = pil_value_table(self.do_rescale, self.rescale_factor, self.do_normalize, self.image_mean,
-                                            self.image_std)  # (3, 256) float32
+        self.resample, self.rescale_factor, self.image_mean, self.image_std, self._value_table = \
+            parse_pixel_value_steps(self.do_resize, resample, self.do_rescale, rescale_factor, self.do_normalize,
+                                    image_mean, image_std)  # the table: (3, 256) float32
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> FuyuImageProcessor:

@@ -79,6 +79,27 @@ def check_fps(fps: Any) -> float:
     return float(fps)
 
 
+def parse_pixel_value_steps(do_resize: bool, resample, do_rescale: bool, rescale_factor, do_normalize: bool,
+                            image_mean, image_std) -> tuple:
+    """The options of the resample / rescale / normalize steps, checked and parsed, plus their (3, 256) value table:
+    (resample, rescale_factor, image_mean, image_std, value_table); an option a step that is on needs and lacks is a
+    ValueError naming it."""
+    if do_resize and resample is None:
+        raise ValueError("resample must be set when do_resize is on")
+    needed = {"rescale_factor": (do_rescale, rescale_factor), "image_mean": (do_normalize, image_mean),
+              "image_std": (do_normalize, image_std)}
+    missing = [name for name, (is_on, value) in needed.items() if is_on and value is None]
+    if missing:
+        raise ValueError(f"{missing} must be set when the step that uses them is on")
+    rescale_factor = None if rescale_factor is None else float(rescale_factor)
+    image_mean = None if image_mean is None else per_channel("image_mean", image_mean)
+    image_std = None if image_std is None else per_channel("image_std", image_std)
+    if do_normalize and 0.0 in image_std:
+        raise ValueError(f"image_std must not contain 0, got {image_std}")
+    table = pil_value_table(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+    return None if resample is None else parse_resample(resample), rescale_factor, image_mean, image_std, table
+
+
 def parse_resample(resample: int | Image.Resampling) -> Image.Resampling:
     try:
         return Image.Resampling(resample)
