@@ -1,0 +1,1 @@
+"""Tensor- and pipeline-parallel process groups (torch.distributed) for serving: see parallel_state."""
