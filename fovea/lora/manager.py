@@ -17,6 +17,7 @@ from torch import nn
 
 from fovea.layers.linear import LinearBase, PackedLinear
 from fovea.lora.adapter import LoRAAdapter, load_adapter
+from fovea.distributed import parallel_state as ps
 from fovea.lora.layers import LoRALinearMethod, LoRAMapping
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import supports_lora
@@ -29,6 +30,9 @@ class LoRAManager:
         if not supports_lora(model):
             raise ValueError(f"{type(model).__name__} does not take LoRA adapters (enable_lora=True); fovea "
                              f"serves LoRA on BLIP-2 (OPT), LLaVA, OPT, Llama, Mistral, Qwen2 and Qwen2.5-VL")
+        if ps.tp_size() > 1:  # adapters would need A split by rows / B by columns as their base layer: not built
+            raise ValueError(f"enable_lora=True with tensor_parallel_size={ps.tp_size()}: LoRA adapters run with "
+                             f"tensor_parallel_size=1 only (quantization='int8' does run under tensor parallelism)")
         self.model = model
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         self.dtype = dtype

@@ -22,7 +22,9 @@ from fovea.layers.linear import Linear, copy_checked, set_weight_loader
 from fovea.layers.mlp import MLP
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
 from fovea.models.blip2_qformer import Blip2QFormerModel
-from fovea.models.interfaces import SupportsLoRA, SupportsMultiModal, SupportsQuant
+from fovea.distributed import parallel_state as ps
+from fovea.models.interfaces import (SupportsLoRA, SupportsMultiModal, SupportsQuant, SupportsTensorParallel,
+                                     check_tensor_parallel)
 from fovea.models.opt import OPT_LORA_TARGET_MODULES, OPTForCausalLM
 from fovea.models.t5 import T5ForConditionalGeneration
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
@@ -131,7 +133,8 @@ class BlipVisionModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(
     Blip2MultiModalProcessor, info=Blip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder
 )
-class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant, SupportsLoRA):
+class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant, SupportsLoRA,
+                                    SupportsTensorParallel):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
         "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias
@@ -155,6 +158,10 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         if text_config.model_type not in self.language_models:
             raise ValueError(f"fovea's {type(self).__name__} runs {' or '.join(self.language_models)} language "
                              f"models, not {text_config.model_type!r}")
+        # under tensor parallelism the LM is split; the ViT, Q-Former and projection are replicated (README,
+        # "Scaling out"): an LM that cannot be split (T5) refuses here, before anything is built
+        check_tensor_parallel(self.language_models[text_config.model_type], ps.tp_size(),
+                              f"{type(self).__name__} over a {text_config.model_type} language model")
         self.config = config
         self.num_query_tokens = config.num_query_tokens
         self.image_token_index = config.image_token_index

@@ -118,6 +118,34 @@ class SupportsEncoderDecoder(ABC):
     def store_cross_kv(self, encoder_states: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
 
 
+class SupportsTensorParallel(ABC):
+    """A model that builds its language model split over `tensor_parallel_size` ranks (the ranks' layers read
+    `fovea.distributed.parallel_state` when built): attention and MLP projections split by heads and columns /
+    rows, token table and `lm_head` by vocabulary, each rank's KV cache holding its KV heads. Encoders (vision
+    towers, Q-Former) and projectors stay replicated. A model built from a multimodal one's config may still
+    refuse in its constructor when its language model is not one of these (BLIP-2 over T5)."""
+
+    supports_tensor_parallel: ClassVar[Literal[True]] = True
+
+
+TENSOR_PARALLEL_MODELS = "OPT, Llama, Mistral and Qwen2 language models, and BLIP-2 / InstructBLIP / LLaVA / " \
+                         "LLaVA-NeXT / Qwen2.5-VL over them"
+"""What runs with tensor_parallel_size > 1 (for error messages)."""
+
+
+def supports_tensor_parallel(model: type | object) -> bool:
+    cls = model if isinstance(model, type) else type(model)
+    return issubclass(cls, SupportsTensorParallel)
+
+
+def check_tensor_parallel(model: type | object, tp_size: int, what: str | None = None) -> None:
+    """A ValueError naming the model and what is supported if `model` cannot run with `tp_size` > 1 ranks."""
+    if tp_size > 1 and not supports_tensor_parallel(model):
+        name = what or (model if isinstance(model, type) else type(model)).__name__
+        raise ValueError(f"tensor_parallel_size={tp_size}: {name} does not support tensor parallelism; "
+                         f"supported: {TENSOR_PARALLEL_MODELS} (use tensor_parallel_size=1)")
+
+
 def is_encoder_decoder(hf_config: Any) -> bool:
     """Whether the checkpoint's language model is an encoder-decoder (T5, or BLIP-2 / InstructBLIP over Flan-T5)."""
     text_config = getattr(hf_config, "text_config", None) or hf_config

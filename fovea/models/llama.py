@@ -7,6 +7,10 @@ instead of three and two).
 
 What the config varies: `num_key_value_heads` (GQA), `head_dim`, `attention_bias` (q/k/v/o) and `mlp_bias`,
 tied or untied `lm_head`, and RoPE: plain, "linear", "dynamic" (NTK) or "llama3" (`build_rotary_embedding`).
+
+Tensor parallel (`fovea.layers.parallel_linear`, `fovea.layers.vocab_parallel`): q/k/v and gate/up split by
+heads and columns, o and down by rows, the token table and `lm_head` by vocabulary; norms and rotary replicated.
+Every size below that a rank holds is its own (`self.num_heads` etc. are per rank).
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import torch
 from torch import nn
 
 from fovea.layers.attention import Attention
-from fovea.layers.linear import Linear, PackedLinear
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
+from fovea.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
 from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, build_rotary_embedding
 from fovea.models.interfaces import SupportsLoRA, SupportsQuant
+from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from fovea.models.interfaces import SupportsTensorParallel
 from fovea.models.utils import TokenEmbeddingsMixin
 
 logger = logging.getLogger(__name__)
@@ -34,20 +40,20 @@ def head_dim_of(config) -> int:
 LLAMA_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 class LlamaAttention(nn.Module):
-    """q/k/v packed, rotary on q and k, paged causal attention with `num_key_value_heads` KV heads."""
+    """q/k/v packed, rotary on q and k, paged causal attention with `num_key_value_heads` KV heads (this rank's
+    heads under tensor parallelism: its KV cache holds its KV heads only)."""
 
     def __init__(self, config, qkv_bias: bool, o_bias: bool):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_kv_heads}")
+        num_heads = config.num_attention_heads
+        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads {num_heads} is not a multiple of "
+                             f"num_key_value_heads {num_kv_heads}")
         self.head_dim = head_dim_of(config)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        shards = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
-        self.qkv_proj = PackedLinear(config.hidden_size, shards, bias=qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=o_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
         self.attn = Attention(self.num_heads, self.head_dim, scale=self.head_dim**-0.5, num_kv_heads=self.num_kv_heads)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,7 +69,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, qkv_bias, o_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=mlp_bias)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=mlp_bias,
+                            tensor_parallel=True)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -76,7 +83,7 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config, rotary: RotaryEmbedding, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, o_bias, mlp_bias)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -91,7 +98,7 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA):
+class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"
@@ -102,10 +109,10 @@ class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsL
         super().__init__()
         self.config = config
         self.model = self.build_model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tie_to(self.model.embed_tokens)
 
     @staticmethod
     def build_model(config) -> LlamaModel:

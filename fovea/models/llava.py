@@ -18,7 +18,7 @@ from torch import nn
 from fovea.layers.activations import get_activation
 from fovea.layers.linear import Linear
 from fovea.models.clip import CLIPVisionTower
-from fovea.models.interfaces import SupportsLoRA, SupportsMultiModal, SupportsQuant
+from fovea.models.interfaces import SupportsLoRA, SupportsMultiModal, SupportsQuant, SupportsTensorParallel
 from fovea.models.llama import LLAMA_LORA_TARGET_MODULES, LlamaForCausalLM, MistralForCausalLM
 from fovea.models.llava_processing import LlavaDummyInputsBuilder, LlavaMultiModalProcessor, LlavaProcessingInfo
 from fovea.models.qwen2 import Qwen2ForCausalLM
@@ -52,7 +52,8 @@ class LlavaMultiModalProjector(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(
     LlavaMultiModalProcessor, info=LlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class LlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant, SupportsLoRA):
+class LlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant, SupportsLoRA,
+                                    SupportsTensorParallel):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("language_model.model",)  # not the CLIP tower or the projector
     lm_head_module = "language_model.lm_head"

@@ -6,6 +6,9 @@ layer's q/k/v projections are packed into `qkv_proj` (one matmul instead of thre
 Particular to OPT: learned absolute positions stored with an offset of 2; optional `project_in`/`project_out`
 when `word_embed_proj_dim` differs from `hidden_size`; pre-norm layers, or post-norm ones
 (`do_layer_norm_before=False`, as OPT-350m) which also have no final layer norm.
+
+Tensor parallel: q/k/v and fc1 split by heads and columns, out_proj and fc2 by rows, the token table and
+`lm_head` by vocabulary; the position table, layer norms and `project_in`/`project_out` are replicated.
 """
 from __future__ import annotations
 
@@ -15,8 +18,10 @@ from transformers import OPTConfig
 
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention, checkpoint_in_context
-from fovea.layers.linear import Linear, PackedLinear
-from fovea.models.interfaces import SupportsLoRA, SupportsQuant
+from fovea.layers.linear import Linear
+from fovea.layers.parallel_linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from fovea.models.interfaces import SupportsLoRA, SupportsQuant, SupportsTensorParallel
 from fovea.models.utils import TokenEmbeddingsMixin
 
 OPT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # PEFT's names for OPT's projections
@@ -31,12 +36,12 @@ class OPTAttention(nn.Module):
         if hidden % num_heads:
             raise ValueError(f"hidden_size {hidden} is not a multiple of num_attention_heads {num_heads}")
         head_dim = hidden // num_heads
-        shards = {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden}
-        self.qkv_proj = PackedLinear(hidden, shards, bias=config.enable_bias)
-        self.out_proj = Linear(hidden, hidden, bias=config.enable_bias)
-        self.attn = Attention(num_heads, head_dim, scale=head_dim**-0.5)
+        self.qkv_proj = QKVParallelLinear(hidden, head_dim, num_heads, num_heads, bias=config.enable_bias)
+        self.out_proj = RowParallelLinear(hidden, hidden, bias=config.enable_bias)
+        self.attn = Attention(self.qkv_proj.num_heads, head_dim, scale=head_dim**-0.5)  # this rank's heads
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [N, hidden]
+        # q, k, v [N, hidden / tp]: this rank's heads
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
         return self.out_proj(self.attn(q, k, v))
 
@@ -49,8 +54,8 @@ class OPTDecoderLayer(nn.Module):
         self.do_layer_norm_before = config.do_layer_norm_before
         self.self_attn = OPTAttention(config)
         self.self_attn_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
-        self.fc1 = Linear(hidden, config.ffn_dim, bias=config.enable_bias)
-        self.fc2 = Linear(config.ffn_dim, hidden, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(hidden, config.ffn_dim, bias=config.enable_bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, hidden, bias=config.enable_bias)
         self.final_layer_norm = nn.LayerNorm(hidden, elementwise_affine=affine)
         self.act = get_activation(config.activation_function)
 
@@ -66,7 +71,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
         self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         # token embeddings (and lm_head) live in word_embed_proj_dim; the layers in hidden_size
         self.project_in = Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
@@ -99,7 +104,7 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
 
-class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA):
+class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"
@@ -110,10 +115,10 @@ class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoR
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
-        self.lm_head = Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(config.word_embed_proj_dim, config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.decoder.embed_tokens.weight
+            self.lm_head.tie_to(self.model.decoder.embed_tokens)
 
     def get_text_config(self) -> OPTConfig:
         return self.config

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fovea.distributed import parallel_state as ps
 from fovea.layers.linear import LinearBase, PackedLinear, set_weight_loader
 from fovea.layers.quantization.compressed_tensors import parse_compressed_tensors_config
 from fovea.layers.quantization.int8 import CompressedInt8LinearMethod, Int8LinearMethod
@@ -68,6 +69,10 @@ def _prepare_int8(model: nn.Module, quantize_lm_head: bool) -> int:
 def _prepare_compressed_tensors(model: nn.Module, checkpoint_config: dict, model_dir: str | Path) -> int:
     from fovea.models.weights import map_checkpoint_name, safetensors_files  # weights imports this module
 
+    if ps.tp_size() > 1:  # its int8 tensors and scales would need loaders that slice them per rank: not built
+        raise ValueError(f"tensor_parallel_size={ps.tp_size()}: compressed-tensors checkpoints ({model_dir}) run with "
+                         f"tensor_parallel_size=1 only; a dense checkpoint with quantization='int8' (quantized at "
+                         f"load, each rank its own slice) runs under tensor parallelism")
     config = parse_compressed_tensors_config(checkpoint_config)
     schemes_of: dict[str, dict[str, object]] = {}  # fovea module -> {checkpoint module: scheme or None}
     for path in safetensors_files(model_dir):

@@ -31,7 +31,9 @@ from fovea.layers.linear import Linear
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
-from fovea.models.interfaces import SupportsLoRA, SupportsMRoPE, SupportsMultiModal, SupportsQuant
+from fovea.layers.vocab_parallel import ParallelLMHead
+from fovea.models.interfaces import (SupportsLoRA, SupportsMRoPE, SupportsMultiModal, SupportsQuant,
+                                     SupportsTensorParallel)
 from fovea.models.llama import LLAMA_LORA_TARGET_MODULES
 from fovea.models.qwen2 import Qwen2Model, head_dim_of
 from fovea.models.qwen2_5_vl_processing import (
@@ -204,7 +206,7 @@ class Qwen2_5_VLModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsMultiModal, SupportsMRoPE,
-                                         SupportsQuant, SupportsLoRA):
+                                         SupportsQuant, SupportsLoRA, SupportsTensorParallel):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model.language_model",)
     lm_head_module = "lm_head"
@@ -216,10 +218,10 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, Suppor
         self.config = config
         text_config = config.text_config
         self.model = Qwen2_5_VLModel(config)
-        self.lm_head = Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(text_config.hidden_size, text_config.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+            self.lm_head.tie_to(self.model.language_model.embed_tokens)
         if config.vision_config.out_hidden_size != text_config.hidden_size:
             raise ValueError(f"vision out_hidden_size {config.vision_config.out_hidden_size} != text hidden_size "
                              f"{text_config.hidden_size}")

@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fovea.distributed import parallel_state as ps
 from fovea.layers.linear import copy_checked, no_weight_init, parameter_owners, prepare_loaded_layer
+from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.quantization import prepare_quantization
 from fovea.models.safetensors_mmap import SafetensorsFile
 
@@ -221,7 +223,11 @@ def build_model(model_cls: type[nn.Module], hf_config, dtype: torch.dtype) -> nn
     """An inference model of `model_cls` in `dtype`, its weights not yet written (a checkpoint fills them):
     no time spent drawing random numbers, and no memory touched before each weight is loaded (BLIP-2
     OPT-2.7b: the embeddings' random init and the Q-Former's float32 conversion took 5-6 s of a busy
-    machine's load). Loading is strict, so every parameter left unwritten here is filled or loading fails."""
+    machine's load). Loading is strict, so every parameter left unwritten here is filled or loading fails.
+
+    In a tensor-parallel rank (`fovea.distributed.parallel_state.init_parallel`) the model is built split for
+    the rank; a model class that cannot be split is refused here, naming what can."""
+    check_tensor_parallel(model_cls, ps.tp_size())
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
