@@ -59,11 +59,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_checkpoint(path: Path, max_pixels: int) -> Path:
-    if (path / "model.safetensors").exists():
-        return path
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+def benchmark_config():
+    """(Qwen2_5_VLConfig, tokenizer) of the benchmark checkpoint."""
+    from transformers import Qwen2_5_VLConfig
 
     tokenizer = word_tokenizer(VOCAB - len(QWEN_SPECIALS) - 64, ["<unk>", "<pad>", "</s>"])
     tokenizer.add_tokens(QWEN_SPECIALS, special_tokens=True)
@@ -81,6 +79,16 @@ def build_checkpoint(path: Path, max_pixels: int) -> Path:
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
+    return config, tokenizer
+
+
+def build_checkpoint(path: Path, max_pixels: int) -> Path:
+    if (path / "model.safetensors").exists():
+        return path
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    config, tokenizer = benchmark_config()
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.save_pretrained(path)
