@@ -30,7 +30,12 @@ from fovea.models.qwen2 import Qwen2ForCausalLM
 from fovea.models.t5 import T5ForConditionalGeneration
 from fovea.models.weights import build_model, load_model
 from tests.distributed.ranks import run_ranks
-from tests.models.test_qwen2_5_vl_model import PagedSteps
+from fovea.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from fovea.multimodal.processing import InputProcessingContext
+from fovea.multimodal.registry import MULTIMODAL_REGISTRY
+from tests.models.test_qwen2_5_vl_model import CASES as QWEN_VL_CASES
+from tests.models.test_qwen2_5_vl_model import PagedSteps, Request, check, generate
+from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl
 from tests.oracle.llama import build_tiny_llama, reinit_
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2
 
@@ -117,8 +122,26 @@ def _refusals(qwen2_dir: str) -> dict[str, str]:
     return messages
 
 
-def _run_in_rank(checkpoints: dict[str, str]) -> dict:
-    results = {}
+VL_CASES = ("image", "two images, thin and tiny", "text only")
+
+
+def qwen_vl_requests(model_dir: str, model) -> list[Request]:
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    ctx = InputProcessingContext(model_dir, config, transformers.AutoTokenizer.from_pretrained(model_dir))
+    processor = MULTIMODAL_REGISTRY.create_processor(Qwen2_5_VLForConditionalGeneration, ctx)
+    return [Request(name, processor, model, *QWEN_VL_CASES[name]) for name in VL_CASES]
+
+
+def run_qwen_vl(model_dir: str) -> dict[str, list[torch.Tensor]]:
+    """Qwen2.5-VL's requests with images in one batch, prefilled in chunks of 7 (through the images), decoded
+    greedily: the vision tower replicated, the LM split."""
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model, _ = load_model(Qwen2_5_VLForConditionalGeneration, config, model_dir, torch.float32)
+    return generate(model, qwen_vl_requests(model_dir, model), chunk=7)
+
+
+def _run_in_rank(checkpoints: dict[str, str], qwen_vl_dir: str) -> dict:
+    results = {"qwen2_5_vl": run_qwen_vl(qwen_vl_dir)}
     for name, model_dir in [*checkpoints.items(), ("qwen2-int8", checkpoints["qwen2"])]:
         cls, _ = MODELS[name.removesuffix("-int8")]
         config = transformers.AutoConfig.from_pretrained(model_dir)
@@ -136,9 +159,25 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def by_rank(checkpoints):
+def qwen_vl_dir(tmp_path_factory):
+    # one KV head for 2 ranks: each holds it (replicated), as each holds 2 of the 4 query heads
+    return str(build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen_vl"), seed=0, num_kv_heads=1))
+
+
+@pytest.fixture(scope="module")
+def by_rank(checkpoints, qwen_vl_dir):
     """Every model in the same 2 ranks (one spawn: a rank's start-up costs more than these models)."""
-    return run_ranks(_run_in_rank, TP, checkpoints)
+    return run_ranks(_run_in_rank, TP, checkpoints, qwen_vl_dir)
+
+
+def test_qwen2_5_vl_with_images_matches_transformers_split(qwen_vl_dir, by_rank):
+    """The multimodal model end to end at the model level (the engine's runs are in tests/e2e): greedy ids equal
+    transformers' and log-probabilities within 1e-4, on both ranks."""
+    config = transformers.AutoConfig.from_pretrained(qwen_vl_dir)
+    single = Qwen2_5_VLForConditionalGeneration(config)  # only for the processor's M-RoPE rule: not run
+    for request in qwen_vl_requests(qwen_vl_dir, single):
+        for rank, result in by_rank.items():
+            check(qwen_vl_dir, request, result["qwen2_5_vl"][request.name])
 
 
 @pytest.mark.parametrize("name", MODELS)
