@@ -9,13 +9,18 @@ Why: a decode step reads every weight once, so a few rows are bound by the bytes
 CPU kernel (`aten._weight_int8pack_mm`) reads int8 well below the memory bandwidth, and more rows than it handles
 well fell back to dequantizing the whole weight every step. Here the weight is one stream of 32-column panels
 read at close to the bandwidth; each 64-byte step is widened to bfloat16 in registers (`csrc/int8_linear.cpp`)
-and multiplied into up to 12 rows of x with `vdpbf16ps`; more rows (prefill, large decode batches) keep the
+by two byte-table look-ups (`vpermt2b`) and multiplied into up to 6 rows of x with `vdpbf16ps`; more rows (prefill, large decode batches) keep the
 widened panel in a per-thread buffer (L2) and run the other row blocks from it: a cache-tile GEMM that never
 writes the dequantized weight to memory. The threads take panels from a shared counter (`WorkCounter`).
 
-Layout (`pack_weight`, done once at load; the only copy kept): q [N, K] -> [ceil(N/32), ceil(K/2), 32, 2],
-element [p, s, n, e] = q[32p + n, 2s + e], zero where past N or K. An odd K gets a zero column; the kernel pads
-x to match.
+Layout (`pack_weight`, done once at load; the only copy kept): q [N, K] -> [ceil(N/32), ceil(K/2), 64] uint8
+codes. Step s of panel p holds the 64 weights q[32p + n, 2s + e] (n < 32, e < 2; zero where past N or K), each as
+a sign-magnitude code (sign << 7 | |q|, and 0x80 for -128, which has no magnitude of 7 bits), in the byte order
+`STEP_ORDER`: the kernel looks up each code's bfloat16 low and high bytes in two 128-entry tables and interleaves
+them within each 16-byte lane (vpunpck{l,h}bw), which must give columns 0-15 then 16-31 in (n, e) order. Why
+codes: widening int8 through int32 and float32 (vpmovsxbd, vcvtdq2ps, vcvtne2ps2bf16) cost ~7x the table
+look-up in L2 on Zen 4 (1 thread, same run), so at one row the kernel was bound by it, not by memory. An odd K
+gets a zero column; the kernel pads x to match.
 
 W8A8 (`dynamic_linear`, compressed-tensors checkpoints with dynamic per-token activations): the caller quantizes
 each row of x to int8 (qx, x_scale); int8 x int8 products are summed exactly in int32 by `vpdpbusd` (VNNI), which
@@ -24,7 +29,7 @@ packing) is taken off; then y = R(R(sum * x_scale) * scale) + bias with torch's 
 `torch._int_mm` followed by the same float ops, bit for bit. Layout (`pack_weight_w8a8`): [ceil(N/32), ceil(K/4),
 32, 4], element [p, s, n, e] = q[32p + n, 4s + e]; no widening, so more rows just re-read the panel from L2.
 
-Runs where the CPU has AVX-512 BF16, BW and VNNI (AMD Zen 4, Intel Sapphire Rapids and later), the extension built
+Runs where the CPU has AVX-512 BF16, BW, VBMI and VNNI (AMD Zen 4, Intel Sapphire Rapids and later), the extension built
 and `cpu_kernels` is not "off" (`fovea.kernels.status().int8_linear` says which and why).
 """
 from __future__ import annotations
@@ -44,18 +49,35 @@ def available() -> bool:
     return RUNTIME.status().int8_linear.is_active
 
 
+def _step_order() -> torch.Tensor:
+    """[64]: the weight (2n + e of the step) stored at each byte of a step: byte 16l + i is weight 8l + i for
+    i < 8 (columns 0-15, from vpunpcklbw) and 32 + 8l + i - 8 otherwise (columns 16-31, from vpunpckhbw)."""
+    lane, i = torch.arange(64) // 16, torch.arange(64) % 16
+    return torch.where(i < 8, 8 * lane + i, 32 + 8 * lane + i - 8)
+
+
+STEP_ORDER = _step_order()
+
+
 def pack_weight(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] int8 -> [ceil(N/32), ceil(K/2), 32, 2]: element [p, s, n, e] is q[32p + n, 2s + e] (0 past the end)."""
+    """q [N, K] int8 -> [ceil(N/32), ceil(K/2), 64] uint8 codes (the module docstring's layout)."""
     n, k = q.shape
     padded = F.pad(q.detach(), (0, k % 2, 0, -n % PANEL))
-    return padded.view(-1, PANEL, (k + 1) // 2, 2).permute(0, 2, 1, 3).contiguous()
+    steps = padded.view(-1, PANEL, (k + 1) // 2, 2).permute(0, 2, 1, 3).reshape(-1, (k + 1) // 2, 2 * PANEL)
+    wide = steps[..., STEP_ORDER].to(torch.int16)
+    codes = torch.where(wide == -128, 0x80, torch.where(wide < 0, 0x80 - wide, wide))  # -1 -> 0x81, -127 -> 0xFF
+    return codes.to(torch.uint8)
 
 
 def unpack_weight(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The [N, K] int8 matrix `pack_weight` was given."""
     num_panels, num_pairs = packed.shape[:2]
-    q = packed.permute(0, 2, 1, 3).reshape(num_panels * PANEL, num_pairs * 2)
-    return q[:out_features, :in_features].contiguous()
+    codes = packed.to(torch.int16)
+    values = torch.where(codes == 0x80, -128, torch.where(codes > 0x80, 128 - codes, codes))
+    steps = torch.empty_like(values)
+    steps[..., STEP_ORDER] = values
+    q = steps.view(num_panels, num_pairs, PANEL, 2).permute(0, 2, 1, 3).reshape(num_panels * PANEL, num_pairs * 2)
+    return q[:out_features, :in_features].to(torch.int8).contiguous()
 
 
 def pack_weight_w8a8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,8 +28,8 @@ UNRESOLVED = object()
 AMX_CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16")
 NO_AMX = "no AMX on this CPU"
 AMX_DENIED = "Linux did not grant the AMX tile state (arch_prctl)"
-INT8_CPU_FLAGS = ("avx512_bf16", "avx512bw", "avx512_vnni")
-NO_AVX512_BF16 = "no AVX-512 BF16 and VNNI on this CPU"
+INT8_CPU_FLAGS = ("avx512_bf16", "avx512bw", "avx512vbmi", "avx512_vnni")
+NO_AVX512_BF16 = "no AVX-512 BF16, VBMI and VNNI on this CPU"
 
 
 BF16_LINEAR_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
@@ -43,7 +43,7 @@ def cpu_has_bf16_linear_isa() -> bool:
 
 
 def cpu_has_avx512_bf16() -> bool:
-    """This CPU reports AVX-512 BF16, BW and VNNI (what fovea's int8 linear kernels run on)."""
+    """This CPU reports AVX-512 BF16, BW, VBMI and VNNI (what fovea's int8 linear kernels run on)."""
     return all(flag in cpu_flags() for flag in INT8_CPU_FLAGS)
 
 

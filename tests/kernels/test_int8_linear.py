@@ -41,12 +41,37 @@ def _bound(x, q, scale, bias, exact):
 def test_pack_weight_puts_each_element_where_the_kernel_reads_it():
     n, k = 41, 99  # N not a multiple of 32, K odd: padded with zeros
     q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    q[0, 0], q[1, 0], q[2, 0], q[3, 0] = -128, 127, -127, 0  # the codes' edges
     packed = int8_linear.pack_weight(q)
-    assert packed.shape == (2, 50, 32, 2) and packed.dtype == torch.int8 and packed.is_contiguous()
-    for p, s, col, e in [(0, 0, 0, 0), (1, 4, 8, 1), (0, 49, 31, 0), (1, 20, 3, 0)]:
-        assert packed[p, s, col, e] == q[32 * p + col, 2 * s + e]
-    assert (packed[1, :, 9:] == 0).all() and (packed[:, 49, :, 1] == 0).all()
+    assert packed.shape == (2, 50, 64) and packed.dtype == torch.uint8 and packed.is_contiguous()
+
+    def code(value):  # sign-magnitude, 0x80 for -128
+        return 0x80 if value == -128 else 0x80 | -value if value < 0 else value
+
+    # byte 16l + i of a step: weight 2n + e = 8l + i (i < 8: columns 0-15) or 32 + 8l + i - 8 (columns 16-31)
+    for p, s, col, e in [(0, 0, 0, 0), (0, 0, 1, 0), (0, 0, 2, 0), (0, 0, 3, 0), (1, 4, 8, 1), (0, 49, 31, 0),
+                         (1, 20, 3, 0), (0, 7, 16, 1), (1, 30, 4, 1), (0, 2, 27, 0)]:
+        j = 2 * col + e
+        byte = 16 * (j // 8) + j % 8 if j < 32 else 16 * ((j - 32) // 8) + 8 + (j - 32) % 8
+        assert packed[p, s, byte] == code(int(q[32 * p + col, 2 * s + e])), (p, s, col, e)
+    assert sorted(int8_linear.STEP_ORDER.tolist()) == list(range(64))
     assert torch.equal(int8_linear.unpack_weight(packed, n, k), q)
+    dense = int8_linear.unpack_weight(packed, 64, 100)  # the padding: zeros
+    assert (dense[n:] == 0).all() and (dense[:, k:] == 0).all()
+
+
+@pytest.mark.parametrize("k,n", [(64, 32), (97, 33)], ids=str)
+def test_every_int8_value_is_widened_exactly(k, n):
+    # all 256 values, -128 and 0 included, in every column and k position: the table look-up against float64
+    g = torch.Generator().manual_seed(5)
+    q = (torch.randperm(n * k, generator=g) % 256 - 128).to(torch.int8).view(n, k)
+    assert set(q.flatten().tolist()) == set(range(-128, 128))
+    packed = int8_linear.pack_weight(q)
+    scale = torch.ones(n, dtype=torch.bfloat16)
+    for i in range(k):  # x = e_i picks column k = i of every output: y[0, n] = q[n, i], exact in bfloat16
+        x = torch.zeros(1, k, dtype=torch.bfloat16)
+        x[0, i] = 1
+        assert torch.equal(int8_linear.linear(x, packed, n, scale, None)[0], q[:, i].bfloat16()), i
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 24, 64, 70])
@@ -118,7 +143,7 @@ def test_bad_inputs_are_named():
         int8_linear.linear(x, packed, 70, scale, None)
     with pytest.raises(RuntimeError, match=r"bias must be \[40\]"):
         int8_linear.linear(x, packed, 40, scale, bias[:8])
-    with pytest.raises(RuntimeError, match=r"packed must be a contiguous \[N / 32, K / 2, 32, 2\] int8"):
+    with pytest.raises(RuntimeError, match=r"packed must be pack_weight's contiguous \[N / 32, K / 2, 64\] uint8"):
         int8_linear.linear(x, q, 40, scale, None)
 
 

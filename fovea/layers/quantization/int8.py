@@ -13,11 +13,11 @@ Both keep one int8 copy of the weight and `layer.int8_scale` [N] in the activati
 parameters they were loaded from (unless another module shares the dense weight, a tied `lm_head`). The copy
 is in one of two layouts, chosen once at load (`store_int8_weight`):
 
-- `layer.int8_packed` (`fovea.kernels.int8_linear.pack_weight`: 32-column panels, k in pairs) for a weight-only
-  layer with bfloat16 activations on a CPU where fovea's int8 kernel runs (AVX-512 BF16, `cpu_kernels` not
-  "off"). Every matmul of such a layer, 1 row or thousands, runs that kernel: the int8 weight is read once per
-  call as a stream (decode: close to the memory bandwidth) and widened to bfloat16 in registers and cache tiles,
-  never dequantized in full (`fovea/kernels/int8_linear.py`).
+- `layer.int8_packed` (`fovea.kernels.int8_linear.pack_weight`: 32-column panels, k in pairs, [P, K/2, 64] uint8
+  sign-magnitude codes) for a weight-only layer with bfloat16 activations on a CPU where fovea's int8 kernel runs
+  (AVX-512 BF16, `cpu_kernels` not "off"). Every matmul of such a layer, 1 row or thousands, runs that kernel:
+  the int8 weight is read once per call as a stream (decode: close to the memory bandwidth) and widened to
+  bfloat16 in registers and cache tiles, never dequantized in full (`fovea/kernels/int8_linear.py`).
 - `layer.int8_packed` (`pack_weight_w8a8`: k in fours) and `layer.int8_compensation` for a W8A8 layer with
   float32 or bfloat16 activations where the kernels run: each row of x is quantized here
   (`quantize_activation_per_token`), and the kernel sums int8 x int8 exactly with VNNI and applies the scales
@@ -123,7 +123,7 @@ def int8_weight(layer: nn.Module) -> torch.Tensor:
     packed = getattr(layer, "int8_packed", None)
     if packed is None:
         return layer.int8_weight
-    unpack = int8_kernel.unpack_weight if packed.shape[-1] == 2 else int8_kernel.unpack_weight_w8a8
+    unpack = int8_kernel.unpack_weight if packed.dim() == 3 else int8_kernel.unpack_weight_w8a8
     return unpack(packed, layer.out_features, layer.in_features)
 
 
@@ -131,7 +131,7 @@ def describe_int8(method: LinearMethod, layer: nn.Module) -> str:
     """`int8[fovea-avx512bf16]`, `int8-w8a8[fovea-vnni]` or `...[torch]`: the layout chosen at load says which
     kernel runs."""
     packed = getattr(layer, "int8_packed", None)
-    kernel = "torch" if packed is None else "fovea-avx512bf16" if packed.shape[-1] == 2 else "fovea-vnni"
+    kernel = "torch" if packed is None else "fovea-avx512bf16" if packed.dim() == 3 else "fovea-vnni"
     return f"{method.name}[{kernel}]"
 
 
