@@ -134,10 +134,10 @@ struct Job {
   bool prefetch;
 };
 
-FOVEA_BF16_TARGET void run_items(const Job& job, WorkCounter& items) {
+FOVEA_BF16_TARGET void run_items(const Job& job, RangeSplit& items, int64_t range) {
   __m512 c[2 * kMaxTileRows];
   const int64_t num_blocks = static_cast<int64_t>(job.block_starts.size()) - 1;
-  for (int64_t item; items.take(item);) {
+  for (int64_t item; items.take(range, item);) {
     const int64_t p0 = item * job.width, p1 = std::min(job.panels, p0 + job.width);
     for (int64_t rb = 0; rb < num_blocks; ++rb) {
       const int64_t r0 = job.block_starts[rb];
@@ -215,7 +215,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
   }
   // one work item: `width` panels times every row block. One row block (decode) streams the weights once; more
   // reuse a panel group of <= 1 MiB from L2 across the row blocks. At least 4 items per thread, so a fast
-  // thread can take over a slow one's share (WorkCounter).
+  // thread can take over a slow one's share; each thread streams its own contiguous run of them (RangeSplit).
   const int64_t cap = std::min<int64_t>(16, panels / (4 * at::get_num_threads()));
   const int64_t width = std::clamp<int64_t>(num_blocks == 1 ? panels / 16 : (1 << 19) / (steps * 2048), 1,
                                             std::max<int64_t>(cap, 1));
@@ -225,8 +225,10 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
                 reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()),
                 M, steps, N, panels, width, std::move(starts),
                 /*prefetch=*/num_blocks <= 2};  // few row blocks (decode): the weights stream from memory
-  WorkCounter items((panels + width - 1) / width);
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { run_items(job, items); });
+  RangeSplit items((panels + width - 1) / width, at::get_num_threads());
+  at::parallel_for(0, items.num_ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t range = begin; range < end; ++range) run_items(job, items, range);
+  });
   return y;
 }
 

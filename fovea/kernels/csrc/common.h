@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 
 namespace fovea {
 
@@ -71,6 +72,57 @@ struct WorkCounter {
   }
   const int64_t count;
   std::atomic<int64_t> next{0};
+};
+
+// Work items 0..count-1 for weight-streaming kernels: each thread owns one contiguous run of items and takes
+// them from its front, so its reads are one stream through memory (the software prefetch ahead of it and the
+// hardware prefetcher stay on it; with items dealt alternately, a prefetch past an item's end fetched the other
+// thread's item and every item started cold). A thread whose run is done takes items from the back of the
+// run with the most left, so a core slowed by its neighbour still hands its work over (as WorkCounter does).
+//   RangeSplit items(n, at::get_num_threads());
+//   at::parallel_for(0, items.num_ranges, 1, [&](int64_t begin, int64_t end) {
+//     for (int64_t r = begin; r < end; ++r) for (int64_t i; items.take(r, i);) { /* item i */ } });
+// Nested inside another parallel region, one thread runs every range in turn (and steals nothing).
+struct RangeSplit {
+  RangeSplit(int64_t count, int64_t ranges)
+      : num_ranges(std::max<int64_t>(1, std::min(ranges, count))), bounds(new std::atomic<uint64_t>[num_ranges]) {
+    for (int64_t r = 0; r < num_ranges; ++r) {
+      bounds[r].store(pack(r * count / num_ranges, (r + 1) * count / num_ranges));
+    }
+  }
+  // the next item of range `owner`, else one from the back of the fullest range; false when none is left
+  bool take(int64_t owner, int64_t& item) {
+    uint64_t b = bounds[owner].load(std::memory_order_relaxed);
+    while (front(b) < back(b)) {
+      if (bounds[owner].compare_exchange_weak(b, pack(front(b) + 1, back(b)), std::memory_order_relaxed)) {
+        item = front(b);
+        return true;
+      }
+    }
+    for (;;) {
+      int64_t victim = -1, most = 0;
+      for (int64_t r = 0; r < num_ranges; ++r) {
+        const uint64_t v = bounds[r].load(std::memory_order_relaxed);
+        if (back(v) - front(v) > most) most = back(v) - front(v), victim = r;
+      }
+      if (victim < 0) return false;
+      uint64_t v = bounds[victim].load(std::memory_order_relaxed);
+      if (front(v) < back(v) &&
+          bounds[victim].compare_exchange_weak(v, pack(front(v), back(v) - 1), std::memory_order_relaxed)) {
+        item = back(v) - 1;
+        return true;
+      }
+    }
+  }
+  const int64_t num_ranges;
+
+ private:
+  static uint64_t pack(int64_t front, int64_t back) {
+    return static_cast<uint64_t>(front) << 32 | static_cast<uint64_t>(back);
+  }
+  static int64_t front(uint64_t v) { return static_cast<int64_t>(v >> 32); }
+  static int64_t back(uint64_t v) { return static_cast<int64_t>(v & 0xFFFFFFFFu); }
+  std::unique_ptr<std::atomic<uint64_t>[]> bounds;  // per range: front << 32 | back (items < 2^32)
 };
 
 }  // namespace fovea

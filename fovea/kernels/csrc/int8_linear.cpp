@@ -180,23 +180,25 @@ FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t
                            const float* scale, const float* bias, uint16_t* y) {
   const int64_t pairs = K / 2;
   const int64_t num_panels = (N + kPanel - 1) / kPanel;
-  WorkCounter panels(num_panels);
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  RangeSplit panels(num_panels, at::get_num_threads());  // each thread streams its own run of panels
+  at::parallel_for(0, panels.num_ranges, 1, [&](int64_t begin, int64_t end) {
     __m512bh* buf = M > kRows ? panel_buffer(2 * pairs) : nullptr;
-    for (int64_t p; panels.take(p);) {
-      const int8_t* q = packed + p * pairs * 64;
-      const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
-      const float* bp = bias ? bias + n0 : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-        uint16_t* yr = y + m0 * N + n0;
-        const uint16_t* xr = x + m0 * K;
-        if (M <= kRows) {
-          panel_rows<0>(rows, q, nullptr, xr, K, pairs, scale + n0, bp, cols, yr, N);
-        } else if (m0 == 0) {
-          panel_rows<1>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
-        } else {
-          panel_rows<2>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
+    for (int64_t range = begin; range < end; ++range) {
+      for (int64_t p; panels.take(range, p);) {
+        const int8_t* q = packed + p * pairs * 64;
+        const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+        const float* bp = bias ? bias + n0 : nullptr;
+        for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+          const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m0));
+          uint16_t* yr = y + m0 * N + n0;
+          const uint16_t* xr = x + m0 * K;
+          if (M <= kRows) {
+            panel_rows<0>(rows, q, nullptr, xr, K, pairs, scale + n0, bp, cols, yr, N);
+          } else if (m0 == 0) {
+            panel_rows<1>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
+          } else {
+            panel_rows<2>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
+          }
         }
       }
     }
