@@ -9,7 +9,16 @@ prefix cache reset), best of `--repeats` (`int8.py`'s measure). The bound is the
 (every LM linear weight and the `lm_head`, bfloat16) over the read bandwidth of a plain `torch.sum` over 1 GB
 measured in the same run (~54 GB/s on an idle AMD EPYC Zen 4 with 2 threads).
 
+`--profile` adds where a step's time goes, same run: (1) each decode linear shape of the model (qkv, o, gate/up,
+down, lm_head) on fovea's bfloat16 and int8 kernels at 1 row, GB/s of weights read and its fraction of the
+`torch.sum` bound measured at the same thread count, on 1 and 2 threads (enough copies of each weight that every
+call reads from memory); (2) one single-stream decode of `--decode-tokens` in a child with
+`benchmarks/roofline_phases.py`'s recorder attached: the share of the decode steps' time in the linears,
+attention, the rest of the forward (norms, rotary, embeddings, residual adds), `lm_head`, sampler and
+scheduling / Python.
+
     flock /work/bigmem.lock python benchmarks/decode.py [--decode-tokens 64] [--repeats 3] [--methods fovea onednn]
+    python benchmarks/decode.py --profile --methods fovea   # every process under 3 GB
 """
 from __future__ import annotations
 
@@ -49,6 +58,89 @@ def read_bandwidth(threads: int, repeats: int = 5) -> float:
     return x.numel() * 2 / best
 
 
+def model_shapes(path: Path) -> dict[str, tuple[int, int]]:
+    """(N, K) of each decode linear of the Qwen benchmark LM and of its lm_head."""
+    text = json.loads((path / "config.json").read_text())["text_config"]
+    h, i, vocab = text["hidden_size"], text["intermediate_size"], text["vocab_size"]
+    head_dim = h // text["num_attention_heads"]
+    qkv = (text["num_attention_heads"] + 2 * text["num_key_value_heads"]) * head_dim
+    return {"qkv": (qkv, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (vocab, h)}
+
+
+def profile_linears(shapes: dict[str, tuple[int, int]], repeats: int, min_bytes: int = 64 << 20) -> None:
+    """Per shape and kernel at 1 row: GB/s of weights read against `torch.sum` on the same thread count."""
+    from fovea import kernels
+    from fovea.kernels import bf16_linear, int8_linear
+    from fovea.kernels.ops import extension
+
+    kernels.set_mode("require")
+    g = torch.Generator().manual_seed(0)
+    runs = {}  # name -> (callable over every copy, bytes read)
+    for name, (n, k) in shapes.items():
+        x = torch.randn(1, k, generator=g).bfloat16()
+        if bf16_linear.available():
+            packed = [bf16_linear.pack_weight(torch.randn(n, k, generator=g).bfloat16())
+                      for _ in range(max(1, min_bytes // (2 * n * k)))]
+            runs[f"bf16 {name}"] = (lambda x=x, p=packed, n=n: [bf16_linear.linear(x, w, n, None) for w in p],
+                                    2 * n * k * len(packed))
+        if int8_linear.available():
+            scale = torch.full((n,), 0.01, dtype=torch.bfloat16)
+            packed = [int8_linear.pack_weight(torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8))
+                      for _ in range(max(1, min_bytes // (n * k)))]
+            runs[f"int8 {name}"] = (
+                lambda x=x, p=packed, n=n, s=scale: [int8_linear.linear(x, w, n, s, None) for w in p],
+                n * k * len(packed))
+    buffer = torch.empty(1 << 28, dtype=torch.bfloat16)  # 512 MB on 2 MiB pages, as the packed weights are
+    extension().advise_huge_pages(buffer)
+    buffer.fill_(1)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        best = dict.fromkeys(list(runs) + ["sum"], float("inf"))
+        for _ in range(repeats):  # interleaved: a busy neighbour slows every entry alike
+            for name in best:
+                start = time.perf_counter()
+                buffer.sum() if name == "sum" else runs[name][0]()
+                best[name] = min(best[name], time.perf_counter() - start)
+        bound = buffer.numel() * 2 / best["sum"] / 1e9
+        print(f"  decode linears at 1 row, {threads} thread(s): torch.sum reads {bound:.1f} GB/s")
+        for name, (_, num_bytes) in runs.items():
+            rate = num_bytes / best[name] / 1e9
+            print(f"    {name:14s} {rate:6.1f} GB/s = {rate / bound:5.1%} of the bound", flush=True)
+
+
+def profile_step(path: Path, decode_tokens: int, bandwidth: float, threads: int) -> None:
+    """In a child process: one recorded single-stream decode; each phase's share of the decode-only steps."""
+    from benchmarks.roofline_phases import PhaseRecorder
+    from fovea import LLM, SamplingParams
+
+    torch.set_num_threads(threads)
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=1024, max_num_seqs=4, kv_cache_memory_bytes=1 << 28)
+    prompt = prompts(1, 10, 100000, seed=7)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True)
+    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()
+    recorder = PhaseRecorder(llm)
+    try:
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    finally:
+        recorder.remove()
+    totals = recorder.totals
+    totals.finish(wall)
+    phases = totals.phases
+    # the prompt's step (LM prefill) is left out: what remains is decode steps and their share of Python
+    names = ["decode linears", "lm_head", "decode attention", "decode other", "sampler", "scheduling / Python"]
+    decode_s = sum(phases[n].seconds for n in names)
+    print(f"  one decode of {decode_tokens} tokens, {threads} thread(s): {totals.num_decode_steps} decode steps, "
+          f"{decode_s / max(totals.num_decode_steps, 1) * 1e3:.2f} ms each (prompt step left out)")
+    for name in names:
+        p = phases[name]
+        rate = f"{p.bytes / max(p.seconds, 1e-9) / 1e9:6.1f} GB/s = {p.bytes / max(p.seconds, 1e-9) / bandwidth:5.1%}" \
+            f" of the bound" if p.bytes else ""
+        print(f"    {name:20s} {p.seconds / decode_s:6.1%}  {rate}", flush=True)
+
+
 def run_one(method: str, path: Path, decode_tokens: int, repeats: int, threads: int) -> None:
     """In a child process: load, warm up, print one JSON line."""
     from benchmarks.int8 import single_stream_decode
@@ -71,9 +163,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["fovea", "onednn"], choices=["fovea", "onednn"])
+    parser.add_argument("--profile", action="store_true", help="per-shape kernel GB/s and a step's phases")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     path = build_checkpoint(CACHE / f"qwen2_5_vl-lm0.5b-vit8-{MAX_PIXELS}", MAX_PIXELS)
+    if args.child == "profile":
+        profile_step(path, args.decode_tokens, args.bandwidth, args.threads)
+        return
     if args.child:
         run_one(args.child, path, args.decode_tokens, args.repeats, args.threads)
         return
@@ -92,6 +189,12 @@ def main() -> None:
               f"of the bound ({num_bytes * results[method] / 1e9:.1f} GB/s)", flush=True)
     if {"fovea", "onednn"} <= results.keys():
         print(f"  fovea / onednn: {results['fovea'] / results['onednn']:.2f}x")
+    if args.profile:
+        out = subprocess.run([sys.executable, __file__, "--child", "profile", "--decode-tokens",
+                              str(args.decode_tokens), "--threads", str(args.threads), "--bandwidth", str(bandwidth)],
+                             capture_output=True, text=True, check=True)
+        print(out.stdout, end="", flush=True)
+        profile_linears(model_shapes(path), max(args.repeats, 5))
 
 
 if __name__ == "__main__":
