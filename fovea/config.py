@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+_EXECUTOR_BACKENDS = ("uni", "mp")
 _CPU_KERNEL_MODES = ("auto", "off", "require")
 _QUANTIZATION_METHODS = ("int8", "compressed-tensors")  # fovea.models.quantization.QUANTIZATION_METHODS  # fovea.kernels.MODES, spelled out so this module imports no torch
 
@@ -52,7 +53,16 @@ class EngineConfig:
     """Seeds the engine's generator, which every unseeded random request draws from: the same requests in the
     same order sample the same tokens run after run (as vLLM's `seed`). Seeded requests keep their own."""
     num_threads: int | None = None
-    """torch intra-op threads; None leaves torch's default."""
+    """torch intra-op threads (per rank with tensor/pipeline parallelism); None leaves torch's default (with
+    several ranks: the allowed CPUs shared equally among them)."""
+    tensor_parallel_size: int = 1
+    """Tensor-parallel ranks (vLLM's -tp): each holds a slice of every layer. With tensor_parallel_size *
+    pipeline_parallel_size > 1 the engine spawns one worker process per rank (fovea.executor)."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages (vLLM's -pp): each rank holds a contiguous run of the language model's decoder layers."""
+    distributed_executor_backend: str | None = None
+    """Where the model runs (vLLM's option): "uni" in this process (one rank only), "mp" in one spawned worker
+    process per rank (also for a single rank); None: "uni" for one rank, else "mp"."""
     cpu_kernels: str = "auto"
     """fovea's CPU kernels (C++ fused ops and paged attention, AMX and oneDNN-packed linears): "auto" uses them
     where they build and the CPU allows, "off" runs torch's own ops only, "require" makes a failed C++ build an
@@ -85,6 +95,13 @@ class EngineConfig:
                              f"{', '.join(_QUANTIZATION_METHODS)} or leave it unset (None)")
         if self.quantize_lm_head and self.quantization != "int8":
             raise ValueError("quantize_lm_head=True needs quantization='int8'")
+        if self.distributed_executor_backend not in (None, *_EXECUTOR_BACKENDS):
+            raise ValueError(f"distributed_executor_backend={self.distributed_executor_backend!r} is not supported; "
+                             f"choose one of {', '.join(_EXECUTOR_BACKENDS)} or leave it unset (None)")
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one rank in this process; tensor_parallel_size="
+                             f"{self.tensor_parallel_size} x pipeline_parallel_size={self.pipeline_parallel_size} "
+                             f"needs 'mp' (one worker process per rank)")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; choose one of {', '.join(_DTYPES)}")
         for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory_bytes", "num_kv_blocks",
@@ -92,7 +109,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive integer or None")
-        for name in ("max_num_seqs", "block_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")

@@ -14,6 +14,10 @@ intermediate outputs without losing anything, and memory per request is bounded.
 A request the model raised on (one of its completions finished with reason "error", see fovea.engine.core)
 fails its stream with `RequestFailedError` and its other completions are aborted; the engine and every other
 request go on.
+
+A dead executor (a worker process of a multi-process engine gone: fovea.executor.ExecutorDeadError), noticed
+during a step or by the executor's monitor while idle, stops the engine: every stream and every later request
+fails with `EngineUnavailableError` (the server answers 503) and `dead_callbacks` run (the server exits).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from typing import Protocol
 
 from fovea.engine.input_processor import PromptType
 from fovea.engine.llm_engine import LLMEngine
+from fovea.executor import ExecutorDeadError
 from fovea.lora.request import LoRARequest
 from fovea.outputs import RequestOutput
 from fovea.sampling_params import SamplingParams
@@ -40,6 +45,10 @@ class EngineOverloadedError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """A step raised; the engine state cannot be trusted any more and no request is accepted."""
+
+
+class EngineUnavailableError(EngineDeadError):
+    """The engine's executor died (a worker process gone); the server answers 503 and exits."""
 
 
 class RequestFailedError(RuntimeError):
@@ -152,6 +161,10 @@ class AsyncLLMEngine:
         self._loop_task: asyncio.Task | None = None
         self._is_stopping = False
         self._event_loop: asyncio.AbstractEventLoop | None = None
+        self.dead_callbacks: list = []  # called on the event loop with the error when the executor dies
+        on_failure = getattr(engine.engine_core.executor, "on_failure", None)
+        if on_failure is not None:
+            on_failure(self._executor_failed)
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -177,6 +190,7 @@ class AsyncLLMEngine:
                 self._wakeup.set()
                 await self._loop_task
         self._executor.shutdown(wait=True)
+        self.engine.engine_core.shutdown()  # worker processes, if any, exit now
 
     def stop_soon(self, timeout_s: float) -> None:
         """Callable from any thread or a signal handler (SIGTERM): refuse new requests from now on, and abort
@@ -205,7 +219,7 @@ class AsyncLLMEngine:
         EngineDeadError, or RuntimeError when shutting down. The caller must `abort` the request if it stops
         reading before the stream is done (abort of a finished request is a no-op)."""
         if self.dead_error is not None:
-            raise EngineDeadError(f"the engine stopped after an error: {self.dead_error!r}")
+            raise self._dead_error_for_requests()
         if self._is_stopping or self._loop_task is None:
             # a RuntimeError the server answers with 503, as any request cut short by shutdown
             raise RequestAbortedError("the engine is not accepting requests (not started, or shutting down)")
@@ -252,6 +266,8 @@ class AsyncLLMEngine:
 
     async def _run_loop(self) -> None:
         while True:
+            if self.dead_error is not None:
+                return
             if self.stats.num_unfinished == 0:
                 if self._is_stopping:
                     return
@@ -260,14 +276,44 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = await self._call(self.engine.step)
-            except Exception as err:  # a bug or a broken model: fail every request, refuse new ones
+            except Exception as err:  # a bug, a broken model or a dead worker: fail every request, refuse new ones
                 logger.exception("engine step failed; the engine stops")
-                self.dead_error = err
-                for stream in self._streams.values():
-                    stream.fail(EngineDeadError(f"the engine stopped after an error: {err!r}"))
-                self._streams.clear()
+                self._die(err)
+                return
+            if self.dead_error is not None:  # the executor died while this step's outputs were on their way
                 return
             self._dispatch(outputs, time.monotonic())
+
+    def _die(self, err: BaseException) -> None:
+        if self.dead_error is not None:
+            return
+        self.dead_error = err
+        for stream in self._streams.values():
+            stream.fail(self._dead_error_for_requests())
+        self._streams.clear()
+        if isinstance(err, ExecutorDeadError):
+            for callback in self.dead_callbacks:
+                callback(err)
+
+    def _dead_error_for_requests(self) -> EngineDeadError:
+        err = self.dead_error
+        if isinstance(err, ExecutorDeadError):
+            return EngineUnavailableError(f"the engine is unavailable: {err}")
+        return EngineDeadError(f"the engine stopped after an error: {err!r}")
+
+    def _executor_failed(self, err: ExecutorDeadError) -> None:
+        """From the executor's monitor thread: a worker died, possibly while no step runs."""
+        loop = self._event_loop
+        if loop is None or loop.is_closed():
+            self.dead_error = self.dead_error or err
+            return
+
+        def die() -> None:
+            self._die(err)
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+        loop.call_soon_threadsafe(die)
 
     def _dispatch(self, outputs: list[RequestOutput], now: float) -> None:
         iteration = IterationStats()
@@ -343,7 +389,7 @@ class AsyncLLMEngine:
             encoder_cache_hits=getattr(encoder, "num_hits", None),
             num_encoder_cache_tokens_used=encoder.cache_size - encoder.num_free_slots,
             num_encoder_cache_tokens_total=encoder.cache_size,
-            encoder_cache_bytes=sum(t.nbytes for t in self.engine.runner.encoder_cache.values()),
+            encoder_cache_bytes=self.engine.engine_core.executor.encoder_cache_bytes(),
             num_suspects=len(scheduler.suspects),
             num_failed_steps=scheduler.num_failed_steps,
             num_aborted_requests=self.num_aborted_requests,

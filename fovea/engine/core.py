@@ -1,7 +1,7 @@
 """EngineCore: add / schedule / execute / update, and nothing else.
 
     add_requests(Request...) ──► Scheduler
-    step():  scheduler.schedule() ──► SchedulerOutput ──► runner.execute() ──► ModelRunnerOutput
+    step():  scheduler.schedule() ──► SchedulerOutput ──► executor.execute() ──► ModelRunnerOutput
              ──► scheduler.update_from_output() ──► list[RequestUpdate]   (tokens, finish, logprobs per sequence)
 
 It sees sequences (a request with n > 1 is n of them, made by the output processor) and token ids, never text:
@@ -10,7 +10,8 @@ prompts come in processed (fovea.engine.input_processor) and updates go out to b
 
 A step whose model run raises does not stop the engine: the scheduler's `fail_step` retries the step's sequences
 one at a time until the one that raises alone is found; it finishes with FINISHED_ERROR (finish reason "error",
-the exception as its stop reason) and every other request goes on as after a preemption.
+the exception as its stop reason) and every other request goes on as after a preemption. A dead executor (a
+worker process gone, `ExecutorDeadError`) is not a request's fault: it propagates and the engine stops.
 """
 from __future__ import annotations
 
@@ -23,16 +24,17 @@ from fovea.config import EngineConfig
 from fovea.engine.input_processor import profile_mm_features
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
+from fovea.executor import ExecutorDeadError, make_executor
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder
 from fovea.multimodal.processing import BaseMultiModalProcessor
-from fovea.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    """Loads the model (one in-process runner), sizes the KV cache from a worst-case step, and runs steps.
+    """Loads the model (through its executor: one in-process runner, or one worker process per TP/PP rank),
+    sizes the KV cache from a worst-case step, and runs steps.
 
     `max_tokens_per_item`: the largest item of each modality a prompt may carry, in encoder tokens (modalities
     limited to 0 items left out); it sets the encoder budgets and the profiled worst case.
@@ -54,12 +56,12 @@ class EngineCore:
         default_budget = max_model_len + largest_item if is_encoder_decoder(hf_config) else largest_item
         encoder_budget = config.max_num_encoder_input_tokens or max(max_batched, default_budget)
 
-        self.runner = ModelRunner(config, hf_config, model_cls)
+        self.executor = make_executor(config, hf_config, model_cls)
         needs_profile = config.num_kv_blocks is None and config.kv_cache_memory_bytes is None
         features = profile_mm_features(processor, max_model_len, max_batched, max_tokens_per_item,
                                        mm_limits or {}) if needs_profile else []
-        num_blocks = self.runner.determine_num_kv_blocks(max_model_len, max_batched, features)
-        self.runner.allocate_kv_cache(num_blocks)
+        num_blocks = self.executor.determine_num_kv_blocks(max_model_len, max_batched, features)
+        self.executor.allocate_kv_cache(num_blocks)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=max_batched,
@@ -80,7 +82,7 @@ class EngineCore:
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Read and check an adapter now (vLLM's `add_lora`), so a bad one is refused before any request runs it."""
-        self.runner.add_lora(lora_request)
+        self.executor.add_lora(lora_request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
@@ -92,7 +94,9 @@ class EngineCore:
     def step(self) -> list[RequestUpdate]:
         scheduler_output = self.scheduler.schedule()
         try:
-            runner_output = self.runner.execute(scheduler_output)
+            runner_output = self.executor.execute(scheduler_output)
+        except ExecutorDeadError:
+            raise
         except Exception as err:
             if not scheduler_output.num_scheduled_tokens:
                 raise  # no request to blame: the runner itself is broken
@@ -100,3 +104,11 @@ class EngineCore:
                              len(scheduler_output.num_scheduled_tokens))
             return self.scheduler.fail_step(scheduler_output, err)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    @property
+    def runner(self):
+        """The in-process ModelRunner (TP = PP = 1 only; see Executor.runner)."""
+        return self.executor.runner
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

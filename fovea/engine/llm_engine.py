@@ -157,7 +157,7 @@ class LLMEngine:
         """The structured-outputs compiler for this tokenizer (built once: it indexes the whole vocabulary)."""
         if self._grammar_compiler is None:
             self._grammar_compiler = GrammarCompiler(self.tokenizer, self._vocab_size)
-            self.engine_core.runner.grammar_compiler = self._grammar_compiler
+            self.engine_core.executor.enable_structured_outputs(self._grammar_compiler)
         return self._grammar_compiler
 
     def add_lora(self, lora_request: LoRARequest) -> None:

@@ -59,14 +59,16 @@ def add_dataclass_options(
     *,
     skip: Collection[str] = (),
     fill_defaults: bool = True,
+    aliases: dict[str, list[str]] | None = None,
 ) -> None:
-    """Add one flag per field of the dataclass `cls` (but those in `skip`) to `parser` (or an argument group)."""
+    """Add one flag per field of the dataclass `cls` (but those in `skip`) to `parser` (or an argument group);
+    `aliases`: more spellings of a field's flag (`{"tensor_parallel_size": ["-tp"]}`)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *(aliases or {}).get(f.name, ())]
         value_type = _value_type(cls, f.name, hints[f.name])
         doc = docs.get(f.name, f.name.replace("_", " ")).replace("%", "%%")
         options: dict[str, Any] = {"dest": f.name}
@@ -81,11 +83,11 @@ def add_dataclass_options(
             shown = "%(default)r" if fill_defaults else repr(default).replace("%", "%%")
             help_text = f"{doc} (default: {shown})"
         if value_type is bool:
-            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            action = parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **options)
         elif value_type is dict:
-            action = parser.add_argument(flag, type=json_object, metavar="JSON", **options)
+            action = parser.add_argument(*flags, type=json_object, metavar="JSON", **options)
         else:
-            action = parser.add_argument(flag, type=value_type, metavar=value_type.__name__.upper(), **options)
+            action = parser.add_argument(*flags, type=value_type, metavar=value_type.__name__.upper(), **options)
         action.help = help_text  # after construction: Python 3.11's BooleanOptionalAction appends its own default
 
 

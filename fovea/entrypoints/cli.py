@@ -33,6 +33,7 @@ DEMO_MODEL_PATH = Path(__file__).resolve().parents[2] / "demo" / "blip2-shapes"
 _MEDIA_DEFAULTS = MediaConfig()
 _MEDIA_OPTIONS = [f.name for f in dataclasses.fields(MediaConfig)]  # each is `serve --name-with-dashes`
 _SKIPPED_FIELDS = {"model"}  # given per subcommand (positional for serve, --model elsewhere)
+_ENGINE_ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"]}  # as vLLM spells them
 
 # Commands with their own parser in their own package: `main` hands them every word after the command before
 # this parser runs. name -> (module whose main(argv) runs it, help); `data` names a generator first.
@@ -54,7 +55,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine options (fovea.config.EngineConfig)")
-    add_dataclass_options(group, EngineConfig, skip=_SKIPPED_FIELDS)
+    add_dataclass_options(group, EngineConfig, skip=_SKIPPED_FIELDS, aliases=_ENGINE_ALIASES)
 
 
 def media_config(args: argparse.Namespace) -> MediaConfig:

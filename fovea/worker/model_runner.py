@@ -6,6 +6,10 @@ ids and counts; it never reads the scheduler's live `Request`. Per step: update 
 for the items the scheduler asked for, build input ids / positions / attention metadata over all scheduled
 tokens of all requests, merge multimodal embeddings into their placeholder rows, run the language model once,
 take logits at each request's last scheduled token, sample, and append the sampled tokens to its own state.
+
+In a worker process (fovea.executor.multiproc) the runner is one tensor-/pipeline-parallel rank: only the
+sampling rank (`is_sampler`: the last stage's TP rank 0) samples and keeps generators and grammar matchers; the
+other ranks append the tokens it drew when the next step's message brings them (`append_sampled_tokens`).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch import nn
 
 from fovea import kernels
 from fovea.config import EngineConfig
+from fovea.distributed import parallel_state
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
@@ -99,6 +104,8 @@ class ModelRunner:
         self.vocab_size = self.model.get_text_config().vocab_size
         self.is_encoder_decoder = is_encoder_decoder(hf_config)
         self.max_num_encoder_tokens = 0  # encoder-decoder: the encoder prompt of the profiled worst-case step
+        # one rank samples (its generators are the only ones, so sampling repeats exactly as in one process)
+        self.is_sampler = parallel_state.is_last_stage() and parallel_state.tp_rank() == 0
 
     # ---- KV cache -------------------------------------------------------------------------------------
 
@@ -123,7 +130,9 @@ class ModelRunner:
         else:
             self.max_num_encoder_tokens = max_model_len
             peak = self.profile_peak_bytes(min(max_num_batched_tokens, max_model_len), profile_features)
-            budget = int(available_memory_bytes() * config.memory_utilization) - peak
+            # the ranks of a multi-process engine share this host's memory equally
+            share = config.memory_utilization / parallel_state.layout().world_size
+            budget = int(available_memory_bytes() * share) - peak
             # never more than every running sequence at full length could use
             num_blocks = min(max(0, budget) // per_block, config.max_num_seqs * blocks_per_seq)
         if num_blocks < blocks_per_seq:
@@ -211,8 +220,17 @@ class ModelRunner:
             else:
                 state.block_ids.extend(cached.new_block_ids[i])
 
+    def append_sampled_tokens(self, sampled: dict[str, list[int]]) -> None:
+        """A rank that does not sample: take the tokens the sampling rank drew last step (before this step's
+        update, so a request that finished since is dropped right after)."""
+        for req_id, tokens in sampled.items():
+            state = self.requests.get(req_id)
+            if state is not None:
+                state.token_ids.extend(tokens)
+                state.output_token_ids.extend(tokens)
+
     def _new_matcher(self, params: SamplingParams):
-        if params.structured_outputs is None:
+        if params.structured_outputs is None or not self.is_sampler:
             return None
         if self.grammar_compiler is None:
             raise ValueError("structured_outputs needs the engine's grammar compiler (LLMEngine sets it)")
@@ -291,6 +309,10 @@ class ModelRunner:
         if prompt_rows:
             self._prompt_logprobs(hidden, prompt_rows)
         if not sampled:
+            return ModelRunnerOutput.empty()
+        if not self.is_sampler:
+            if parallel_state.is_last_stage():  # a vocabulary-parallel lm_head gathers over the TP group: take part
+                self.model.compute_logits(hidden[torch.tensor(logits_index)])
             return ModelRunnerOutput.empty()
         logits = self.model.compute_logits(hidden[torch.tensor(logits_index)])  # the sampler widens if it must
         sampling = SamplingMetadata.build([s.sampling for s in sampled], self.vocab_size, logits.device,

@@ -93,6 +93,15 @@ def test_engine_options_parse_into_engine_config_fields():
         cli.build_parser().parse_args(["serve", "m", "--limit-mm-per-prompt", "[1]"])
 
 
+def test_parallel_sizes_take_vllm_spellings():
+    for argv in (["-tp", "2", "-pp", "3"], ["--tensor-parallel-size", "2", "--pipeline-parallel-size", "3"]):
+        kwargs = cli.engine_kwargs(cli.build_parser().parse_args(["serve", "m", *argv]))
+        assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (2, 3)
+    kwargs = cli.engine_kwargs(cli.build_parser().parse_args(["generate", "--prompt", "x"]))
+    assert (kwargs["tensor_parallel_size"], kwargs["pipeline_parallel_size"]) == (1, 1)
+    assert kwargs["distributed_executor_backend"] is None
+
+
 def test_media_flags_parse_into_media_config(tmp_path):
     default = cli.media_config(cli.build_parser().parse_args(["serve", "m"]))
     assert default == MediaConfig()  # the flags' defaults are the config's documented ones

@@ -167,7 +167,12 @@ def run_server(engine_config: EngineConfig, settings: ServerSettings, *, host: s
                 engine.stop_soon(timeout_s)
             super().handle_exit(sig, frame)
 
-    Server(config).run()
+    server = Server(config)
+    # a dead worker process (tensor/pipeline parallelism): requests get 503s, then the server stops and exits 1
+    engine.dead_callbacks.append(lambda err: setattr(server, "should_exit", True))
+    server.run()
+    if engine.dead_error is not None:
+        raise SystemExit(f"fovea serve: the engine died: {engine.dead_error}")
 
 
 _FLUSH_GRACE_S = 5.0  # after the engine's aborts at --shutdown-timeout-s: time for the error replies to go out

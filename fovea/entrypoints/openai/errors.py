@@ -2,7 +2,7 @@
 
     400 invalid request (validation, bad media, a template that fails)   401 API key   404 model
     413 media too large   499 client gone   500 engine dead, or the model raised on this request (the others
-    go on)   503 queue full, or the server is stopping
+    go on)   503 queue full, the server is stopping, or a worker process of the engine died (the server then exits)
 """
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fovea.engine.async_engine import EngineDeadError, EngineOverloadedError, RequestAbortedError, RequestFailedError
+from fovea.engine.async_engine import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    RequestAbortedError,
+    RequestFailedError,
+)
 from fovea.entrypoints.media_fetch import MediaTooLargeError
 from fovea.entrypoints.openai import protocol as p
 
@@ -102,6 +108,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, err: EngineDeadError) -> JSONResponse:
         return error_response(500, str(err), "server_error", code="engine_dead")
+
+    @app.exception_handler(EngineUnavailableError)
+    async def engine_unavailable(_: Request, err: EngineUnavailableError) -> JSONResponse:  # a worker died
+        return error_response(503, str(err), "server_error", code="engine_unavailable")
 
     @app.exception_handler(RequestFailedError)
     async def request_failed(_: Request, err: RequestFailedError) -> JSONResponse:

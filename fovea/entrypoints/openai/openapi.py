@@ -23,7 +23,7 @@ _ERROR_DESCRIPTIONS = {
     413: "media over a server limit (--max-media-bytes, --max-image-pixels, --max-video-frame-pixels, "
          "--max-video-frames)",
     500: "the engine stopped working",
-    503: "the waiting queue is full (--max-waiting-requests), or the server is stopping",
+    503: "the waiting queue is full (--max-waiting-requests), the server is stopping, or a worker process died",
 }
 
 
