@@ -38,6 +38,7 @@ from fovea.executor import messages as m
 from fovea.executor.base import Executor, ExecutorDeadError
 from fovea.executor.placement import plan_cpus
 from fovea.lora.request import LoRARequest
+from fovea.models.interfaces import check_pipeline_parallel
 from fovea.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class MultiprocExecutor(Executor):
         self.config = config
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp * pp
+        check_pipeline_parallel(model_cls, hf_config, pp)  # before anything is spawned
+        if pp > 1 and config.enable_lora:
+            raise ValueError(f"enable_lora=True with pipeline_parallel_size={pp} is not supported yet (an adapter's "
+                             f"layers would have to be split by stage); use pipeline_parallel_size=1")
         self.output_rank = (pp - 1) * tp  # the last stage's TP rank 0: the one that samples
         self._dead: ExecutorDeadError | None = None
         self._is_shutting_down = False

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 from transformers import Blip2Config, Blip2VisionConfig, PretrainedConfig
 
+from fovea.distributed.pipeline import IntermediateTensors, first_stage_only
 from fovea.layers.encoder_attention import encoder_attention
 from fovea.layers.linear import Linear, copy_checked, set_weight_loader
 from fovea.layers.mlp import MLP
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
 from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.distributed import parallel_state as ps
-from fovea.models.interfaces import (SupportsLoRA, SupportsMultiModal, SupportsQuant, SupportsTensorParallel,
-                                     check_tensor_parallel)
+from fovea.models.interfaces import (SupportsLoRA, SupportsMultiModal, SupportsPP, SupportsQuant,
+                                     SupportsTensorParallel, check_tensor_parallel)
 from fovea.models.opt import OPT_LORA_TARGET_MODULES, OPTForCausalLM
 from fovea.models.t5 import T5ForConditionalGeneration
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
@@ -134,7 +135,7 @@ class BlipVisionModel(nn.Module):
     Blip2MultiModalProcessor, info=Blip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder
 )
 class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant, SupportsLoRA,
-                                    SupportsTensorParallel):
+                                    SupportsTensorParallel, SupportsPP):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
         "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias
@@ -165,10 +166,12 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         self.config = config
         self.num_query_tokens = config.num_query_tokens
         self.image_token_index = config.image_token_index
-        self.vision_model = BlipVisionModel(config.vision_config)
+        # pipeline stages (fovea.distributed.pipeline): the image side runs on the first stage only
+        self.vision_model = first_stage_only(lambda: BlipVisionModel(config.vision_config))
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        self.qformer = self.qformer_class(config.qformer_config)
-        self.language_projection = Linear(config.qformer_config.hidden_size, text_config.hidden_size)
+        self.qformer = first_stage_only(lambda: self.qformer_class(config.qformer_config))
+        self.language_projection = first_stage_only(
+            lambda: Linear(config.qformer_config.hidden_size, text_config.hidden_size))
         self.language_model = self.language_models[text_config.model_type](text_config)
         if isinstance(self.language_model, SupportsLoRA):
             self.lora_layers_prefix = "language_model." + self.language_model.lora_layers_prefix
@@ -288,9 +291,22 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
         return self.language_model.embed_input_ids(input_ids, mm_embeds, is_multimodal)
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.language_model(input_ids, positions, inputs_embeds)
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if intermediate_tensors is None:  # one stage, or the first: any language model
+            return self.language_model(input_ids, positions, inputs_embeds)
+        return self.language_model(input_ids, positions, inputs_embeds, intermediate_tensors)
+
+    def intermediate_shapes(self, num_tokens: int) -> dict[str, tuple[int, ...]]:
+        return self.language_model.intermediate_shapes(num_tokens)
+
+    @classmethod
+    def pp_unsupported_reason(cls, hf_config) -> str | None:
+        model_type = hf_config.text_config.model_type
+        if model_type != "opt":
+            return f"{cls.__name__} splits into stages over an OPT language model only, not {model_type!r}"
+        return None
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden_states)

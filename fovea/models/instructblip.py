@@ -51,6 +51,10 @@ class InstructBlipForConditionalGeneration(Blip2ForConditionalGeneration):
     packed_modules_mapping = {**Blip2ForConditionalGeneration.packed_modules_mapping,
                               "gate_up_proj": ["gate_proj", "up_proj"]}  # Llama's MLP
 
+    @classmethod
+    def pp_unsupported_reason(cls, hf_config) -> str | None:
+        return "InstructBLIP has not been verified with pipeline parallelism"
+
     def rename_checkpoint_weight(self, name: str) -> str | None:
         if name.startswith("qformer.embeddings.layernorm."):
             return "qformer.layernorm." + name[len("qformer.embeddings.layernorm."):]

@@ -97,6 +97,46 @@ def supports_quant(model: type | object) -> bool:
     return issubclass(cls, SupportsQuant)
 
 
+class SupportsPP(ABC):
+    """A model that splits into pipeline stages (fovea.distributed.pipeline): built on each rank with only its
+    stage's decoder layers (first stage: also embeddings and encoders; last: final norm and lm_head), its
+    `forward(input_ids, positions, inputs_embeds=None, intermediate_tensors=None)` takes the previous stage's
+    tensors on every stage but the first and returns them for the next stage on every stage but the last.
+
+    `intermediate_shapes(num_tokens)`: name -> shape of what a stage receives (the receiver allocates them).
+    `pp_unsupported_reason(hf_config)`: why this checkpoint cannot be split after all (its language model), or None.
+    """
+
+    supports_pp: ClassVar[Literal[True]] = True
+
+    @abstractmethod
+    def intermediate_shapes(self, num_tokens: int) -> dict[str, tuple[int, ...]]: ...
+
+    @classmethod
+    def pp_unsupported_reason(cls, hf_config: Any) -> str | None:
+        return None
+
+
+PP_MODELS = "OPT (BLIP-2's LM), Llama, Qwen2, BLIP-2 over OPT, Qwen2.5-VL"
+
+
+def check_pipeline_parallel(model_cls: type, hf_config: Any, pp_size: int) -> None:
+    """ValueError naming what is supported when `model_cls` (this checkpoint) cannot run `pp_size` stages."""
+    if pp_size == 1:
+        return
+    reason = None
+    if not issubclass(model_cls, SupportsPP):
+        reason = f"{model_cls.__name__} does not support pipeline parallelism"
+    else:
+        reason = model_cls.pp_unsupported_reason(hf_config)
+    if reason is not None:
+        raise ValueError(f"pipeline_parallel_size={pp_size}: {reason}; pipeline parallelism supports {PP_MODELS}")
+    text_config = hf_config.get_text_config()
+    from fovea.distributed.pipeline import get_pp_indices
+
+    get_pp_indices(text_config.num_hidden_layers, 0, pp_size)  # ValueError when stages outnumber the layers
+
+
 class SupportsEncoderDecoder(ABC):
     """A language model with an encoder that reads the prompt and a decoder that generates (T5).
 

@@ -11,6 +11,9 @@ tied or untied `lm_head`, and RoPE: plain, "linear", "dynamic" (NTK) or "llama3"
 Tensor parallel (`fovea.layers.parallel_linear`, `fovea.layers.vocab_parallel`): q/k/v and gate/up split by
 heads and columns, o and down by rows, the token table and `lm_head` by vocabulary; norms and rotary replicated.
 Every size below that a rank holds is its own (`self.num_heads` etc. are per rank).
+Pipeline stages (fovea.distributed.pipeline): the first builds `embed_tokens`, the last `norm` and `lm_head`;
+each layer adds into the hidden state it passes on (no separate residual), so the hidden state [N, hidden] is
+all that crosses between stages.
 """
 from __future__ import annotations
 
@@ -19,14 +22,21 @@ import logging
 import torch
 from torch import nn
 
+from fovea.distributed import parallel_state as ps
+from fovea.distributed.pipeline import (
+    IntermediateTensors,
+    first_stage_only,
+    last_stage_only,
+    make_layers,
+    tied_lm_head_name,
+)
 from fovea.layers.attention import Attention
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
 from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, build_rotary_embedding
-from fovea.models.interfaces import SupportsLoRA, SupportsQuant
 from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
-from fovea.models.interfaces import SupportsTensorParallel
+from fovea.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant, SupportsTensorParallel
 from fovea.models.utils import TokenEmbeddingsMixin
 
 logger = logging.getLogger(__name__)
@@ -83,22 +93,26 @@ class LlamaModel(nn.Module):
 
     def __init__(self, config, rotary: RotaryEmbedding, *, qkv_bias: bool, o_bias: bool, mlp_bias: bool):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, qkv_bias, o_bias, mlp_bias)
-                                    for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.embed_tokens = first_stage_only(lambda: VocabParallelEmbedding(config.vocab_size, config.hidden_size))
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers, lambda _: LlamaDecoderLayer(config, qkv_bias, o_bias, mlp_bias))
+        self.norm = last_stage_only(lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
         self.rotary = rotary
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # inputs_embeds [N, hidden]; positions [N] (or [3, N] for M-RoPE), each request's own
-        cos, sin = self.rotary(positions, inputs_embeds.dtype)
-        x = inputs_embeds
-        for layer in self.layers:
+    def forward(self, inputs_embeds: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
+        # inputs_embeds [N, hidden] (first stage) or the previous stage's hidden state; positions [N] (or [3, N]
+        # for M-RoPE), each request's own
+        x = inputs_embeds if ps.is_first_stage() else intermediate_tensors["hidden_states"]
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer in self.layers[self.start_layer:self.end_layer]:
             x = layer(x, cos, sin)
+        if not ps.is_last_stage():
+            return {"hidden_states": x}
         return self.norm(x)
 
 
-class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel):
+class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"
@@ -109,9 +123,9 @@ class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsL
         super().__init__()
         self.config = config
         self.model = self.build_model(config)
-        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = last_stage_only(lambda: ParallelLMHead(config.hidden_size, config.vocab_size, bias=False))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and ps.pp_size() == 1:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     @staticmethod
@@ -124,20 +138,23 @@ class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsL
         return self.config
 
     def rename_checkpoint_weight(self, name: str) -> str | None:
-        if name == "lm_head.weight" and self.tie_word_embeddings:
-            return None  # the same tensor as embed_tokens; some checkpoints store both
         if name.endswith("rotary_emb.inv_freq"):
             return None  # older checkpoints store the (recomputed) frequencies
-        return name
+        return tied_lm_head_name(name, self.tie_word_embeddings, "model.embed_tokens.weight")
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
-        return self.model(inputs_embeds, positions)
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if ps.is_first_stage():
+            inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
+        return self.model(inputs_embeds, positions, intermediate_tensors)
+
+    def intermediate_shapes(self, num_tokens: int) -> dict[str, tuple[int, ...]]:
+        return {"hidden_states": (num_tokens, self.config.hidden_size)}
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, hidden]
         return self.lm_head(hidden_states)  # [n, vocab]
@@ -154,3 +171,7 @@ def sliding_window_of(text_config) -> int | None:
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral: Llama's blocks (no biases) with a sliding attention window, exact while max_model_len <= window."""
+
+    @classmethod
+    def pp_unsupported_reason(cls, hf_config) -> str | None:
+        return "Mistral has not been verified with pipeline parallelism"

@@ -9,6 +9,9 @@ when `word_embed_proj_dim` differs from `hidden_size`; pre-norm layers, or post-
 
 Tensor parallel: q/k/v and fc1 split by heads and columns, out_proj and fc2 by rows, the token table and
 `lm_head` by vocabulary; the position table, layer norms and `project_in`/`project_out` are replicated.
+
+Pipeline stages (fovea.distributed.pipeline): the first builds the token and position tables and
+`project_in`, the last the final norm, `project_out` and `lm_head`; the hidden state [N, hidden] is what passes.
 """
 from __future__ import annotations
 
@@ -16,12 +19,20 @@ import torch
 from torch import nn
 from transformers import OPTConfig
 
+from fovea.distributed import parallel_state as ps
+from fovea.distributed.pipeline import (
+    IntermediateTensors,
+    first_stage_only,
+    last_stage_only,
+    make_layers,
+    tied_lm_head_name,
+)
 from fovea.layers.activations import get_activation
 from fovea.layers.attention import Attention, checkpoint_in_context
 from fovea.layers.linear import Linear
 from fovea.layers.parallel_linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
-from fovea.models.interfaces import SupportsLoRA, SupportsQuant, SupportsTensorParallel
+from fovea.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant, SupportsTensorParallel
 from fovea.models.utils import TokenEmbeddingsMixin
 
 OPT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # PEFT's names for OPT's projections
@@ -71,26 +82,35 @@ class OPTDecoder(nn.Module):
     def __init__(self, config: OPTConfig):
         super().__init__()
         hidden, embed_dim = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
-        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
+        self.embed_tokens = first_stage_only(lambda: VocabParallelEmbedding(config.vocab_size, embed_dim))
+        self.embed_positions = first_stage_only(
+            lambda: nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, hidden))
         # token embeddings (and lm_head) live in word_embed_proj_dim; the layers in hidden_size
-        self.project_in = Linear(embed_dim, hidden, bias=False) if embed_dim != hidden else None
-        self.project_out = Linear(hidden, embed_dim, bias=False) if embed_dim != hidden else None
+        has_projections = embed_dim != hidden
+        self.project_in = first_stage_only(lambda: Linear(embed_dim, hidden, bias=False)) if has_projections else None
+        self.project_out = last_stage_only(lambda: Linear(hidden, embed_dim, bias=False)) if has_projections else None
         has_final_norm = config.do_layer_norm_before and not config._remove_final_layer_norm
-        self.final_layer_norm = (
-            nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine) if has_final_norm else None
-        )
-        self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.final_layer_norm = last_stage_only(
+            lambda: nn.LayerNorm(hidden, elementwise_affine=config.layer_norm_elementwise_affine)
+        ) if has_final_norm else None
+        self.start_layer, self.end_layer, self.layers = make_layers(config.num_hidden_layers,
+                                                                    lambda _: OPTDecoderLayer(config))
         self.gradient_checkpointing = False  # training: recompute each layer in backward instead of keeping it
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs_embeds: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
         # inputs_embeds [N, word_embed_proj_dim], positions [N] 0-based within each request (serving); or
         # [B, L, word_embed_proj_dim] and [B, L] for a padded batch without KV cache (training)
-        x = inputs_embeds if self.project_in is None else self.project_in(inputs_embeds)
-        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        if ps.is_first_stage():
+            x = inputs_embeds if self.project_in is None else self.project_in(inputs_embeds)
+            x = x + self.embed_positions(positions + POSITION_OFFSET)
+        else:
+            x = intermediate_tensors["hidden_states"]  # [N, hidden]
         is_checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer in self.layers:
+        for layer in self.layers[self.start_layer:self.end_layer]:
             x = checkpoint_in_context(layer, x) if is_checkpointed else layer(x)
+        if not ps.is_last_stage():
+            return {"hidden_states": x}
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
@@ -104,7 +124,7 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
 
-class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel):
+class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"
@@ -115,29 +135,32 @@ class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoR
         super().__init__()
         self.config = config
         self.model = OPTModel(config)
-        self.lm_head = ParallelLMHead(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        self.lm_head = last_stage_only(lambda: ParallelLMHead(config.word_embed_proj_dim, config.vocab_size, bias=False))
         self.tie_word_embeddings = bool(config.tie_word_embeddings)
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and ps.pp_size() == 1:
             self.lm_head.tie_to(self.model.decoder.embed_tokens)
 
     def get_text_config(self) -> OPTConfig:
         return self.config
 
     def rename_checkpoint_weight(self, name: str) -> str | None:
-        if name == "lm_head.weight" and self.tie_word_embeddings:
-            return None  # the same tensor as embed_tokens; older checkpoints store both
         if name.startswith("decoder."):  # facebook/opt-* files name the base model's weights without "model."
-            return "model." + name
-        return name
+            name = "model." + name
+        return tied_lm_head_name(name, self.tie_word_embeddings, "model.decoder.embed_tokens.weight")
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.decoder.embed_tokens
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
-        return self.model.decoder(inputs_embeds, positions)
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if ps.is_first_stage():
+            inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
+        return self.model.decoder(inputs_embeds, positions, intermediate_tensors)
+
+    def intermediate_shapes(self, num_tokens: int) -> dict[str, tuple[int, ...]]:
+        return {"hidden_states": (num_tokens, self.config.hidden_size)}
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, word_embed_proj_dim]
         return self.lm_head(hidden_states)  # [n, vocab]

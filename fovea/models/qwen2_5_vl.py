@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fovea.distributed import parallel_state as ps
+from fovea.distributed.pipeline import IntermediateTensors, first_stage_only, last_stage_only, tied_lm_head_name
 from fovea.engine.request import MultiModalFeature
 from fovea.layers.encoder_attention import PackedSegments
 from fovea.layers.linear import Linear
@@ -32,7 +34,7 @@ from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
 from fovea.layers.vocab_parallel import ParallelLMHead
-from fovea.models.interfaces import (SupportsLoRA, SupportsMRoPE, SupportsMultiModal, SupportsQuant,
+from fovea.models.interfaces import (SupportsLoRA, SupportsMRoPE, SupportsMultiModal, SupportsPP, SupportsQuant,
                                      SupportsTensorParallel)
 from fovea.models.llama import LLAMA_LORA_TARGET_MODULES
 from fovea.models.qwen2 import Qwen2Model, head_dim_of
@@ -199,14 +201,14 @@ class Qwen2_5_VLModel(nn.Module):
         if "mrope_section" not in rope:
             raise ValueError("Qwen2.5-VL's text config needs rope_parameters['mrope_section']")
         rotary = RotaryEmbedding(head_dim_of(text_config), rope["rope_theta"], rope["mrope_section"])
-        self.visual = Qwen2_5_VisionTransformer(config.vision_config)
+        self.visual = first_stage_only(lambda: Qwen2_5_VisionTransformer(config.vision_config))
         self.language_model = Qwen2Model(text_config, rotary)
 
 
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsMultiModal, SupportsMRoPE,
-                                         SupportsQuant, SupportsLoRA, SupportsTensorParallel):
+                                         SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model.language_model",)
     lm_head_module = "lm_head"
@@ -218,9 +220,10 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, Suppor
         self.config = config
         text_config = config.text_config
         self.model = Qwen2_5_VLModel(config)
-        self.lm_head = ParallelLMHead(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.lm_head = last_stage_only(lambda: ParallelLMHead(text_config.hidden_size, text_config.vocab_size,
+                                                              bias=False))
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and ps.pp_size() == 1:
             self.lm_head.tie_to(self.model.language_model.embed_tokens)
         if config.vision_config.out_hidden_size != text_config.hidden_size:
             raise ValueError(f"vision out_hidden_size {config.vision_config.out_hidden_size} != text hidden_size "
@@ -230,13 +233,11 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, Suppor
         return self.config.text_config
 
     def rename_checkpoint_weight(self, name: str) -> str | None:
-        if name == "lm_head.weight" and self.tie_word_embeddings:
-            return None  # the same tensor as embed_tokens; some checkpoints store both
         if name.startswith("visual."):  # transformers 4 layout (the released Qwen checkpoints)
-            return "model." + name
-        if name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
-            return "model.language_model." + name[len("model."):]
-        return name
+            name = "model." + name
+        elif name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
+            name = "model.language_model." + name[len("model."):]
+        return tied_lm_head_name(name, self.tie_word_embeddings, "model.language_model.embed_tokens.weight")
 
     # ------------------------------------------------------------------ vision
 
@@ -317,13 +318,18 @@ class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, Suppor
         return self.model.language_model.embed_tokens
 
     def forward(
-        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, input_ids: torch.Tensor | None, positions: torch.Tensor, inputs_embeds: torch.Tensor | None = None,
+        intermediate_tensors: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
         """positions [3, N] M-RoPE (a [N] tensor is read as text positions, the same on all three rows)."""
-        inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
+        if ps.is_first_stage():
+            inputs_embeds = self.resolve_inputs_embeds(input_ids, inputs_embeds)
         if positions.dim() == 1:
             positions = positions.expand(3, -1)
-        return self.model.language_model(inputs_embeds, positions)
+        return self.model.language_model(inputs_embeds, positions, intermediate_tensors)
+
+    def intermediate_shapes(self, num_tokens: int) -> dict[str, tuple[int, ...]]:
+        return {"hidden_states": (num_tokens, self.config.text_config.hidden_size)}
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, hidden]
         return self.lm_head(hidden_states)  # [n, vocab]

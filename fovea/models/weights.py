@@ -13,6 +13,9 @@ A model says how checkpoint names map onto its parameters with two class-level h
 Parameters may carry a `weight_loader` (see `fovea.layers.linear`); the default copies the whole tensor.
 Every tensor must land in exactly one place and every parameter must be filled, with exactly matching
 shapes; anything else is a ValueError naming the tensor.
+
+A pipeline stage (fovea.distributed.pipeline) skips exactly the tensors that fall under a module another stage
+builds (a `PPMissingLayer`); any other tensor without a parameter is still an error.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from fovea.distributed import parallel_state as ps
+from fovea.distributed.pipeline import is_missing_weight, missing_prefixes
 from fovea.layers.linear import copy_checked, no_weight_init, parameter_owners, prepare_loaded_layer
 from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.quantization import prepare_quantization
@@ -124,6 +128,7 @@ def load_weights(model: nn.Module, model_dir: str | Path,
                 unfilled_of.setdefault(id(p), []).append(module)
     loaded: dict[str, set[str | None]] = {}
     packed_mapping = getattr(model, "packed_modules_mapping", {})
+    other_stages = missing_prefixes(model)  # modules another pipeline stage builds: their tensors are skipped
     for path in safetensors_files(model_dir):
         with SafetensorsFile(path) as f:
             lent: list[_Lent] = []  # tensors whose pages a parameter holds until its modules are done
@@ -133,6 +138,8 @@ def load_weights(model: nn.Module, model_dir: str | Path,
                     continue
                 param = params.get(target.param)
                 if param is None:
+                    if other_stages and is_missing_weight(other_stages, target.param):
+                        continue
                     if target.param in loaded:
                         raise ValueError(f"tensor {name!r} in {path.name} fills {target.param!r} a second time")
                     raise ValueError(

@@ -10,6 +10,8 @@ take logits at each request's last scheduled token, sample, and append the sampl
 In a worker process (fovea.executor.multiproc) the runner is one tensor-/pipeline-parallel rank: only the
 sampling rank (`is_sampler`: the last stage's TP rank 0) samples and keeps generators and grammar matchers; the
 other ranks append the tokens it drew when the next step's message brings them (`append_sampled_tokens`).
+With pipeline stages (fovea.distributed.pipeline) the first stage runs the encoders and the embedding merge and
+sends its hidden state on; a later stage receives it instead of embedding; the last computes logits.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch import nn
 from fovea import kernels
 from fovea.config import EngineConfig
 from fovea.distributed import parallel_state
+from fovea.distributed.pipeline import recv_from_previous_stage, send_to_next_stage
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
@@ -106,6 +109,8 @@ class ModelRunner:
         self.max_num_encoder_tokens = 0  # encoder-decoder: the encoder prompt of the profiled worst-case step
         # one rank samples (its generators are the only ones, so sampling repeats exactly as in one process)
         self.is_sampler = parallel_state.is_last_stage() and parallel_state.tp_rank() == 0
+        self.is_first_stage, self.is_last_stage = parallel_state.is_first_stage(), parallel_state.is_last_stage()
+        self.is_pipelined = parallel_state.pp_size() > 1
 
     # ---- KV cache -------------------------------------------------------------------------------------
 
@@ -160,7 +165,7 @@ class ModelRunner:
 
         @torch.inference_mode()
         def worst_case_step() -> None:
-            if encoder_items:
+            if encoder_items and self.is_first_stage:
                 self._run_encoder(encoder_items)
             if self.is_encoder_decoder:
                 encoder_decoder.profile_step(self.model, num_tokens, self.max_num_encoder_tokens, self.block_size,
@@ -168,9 +173,15 @@ class ModelRunner:
                 return
             ids = torch.zeros(num_tokens, dtype=torch.long)
             meta = build_attention_metadata([num_tokens], [num_tokens], [list(range(blocks))], self.block_size)
+            embeds = self.model.embed_input_ids(ids) if self.is_first_stage else None
+            received = None if self.is_first_stage else {  # what the previous stage would send
+                name: torch.zeros(shape, dtype=self.dtype)
+                for name, shape in self.model.intermediate_shapes(num_tokens).items()}
             with forward_context(meta):
-                hidden = self.model(ids, torch.arange(num_tokens), inputs_embeds=self.model.embed_input_ids(ids))
-            self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs):])
+                hidden = self.model(ids, torch.arange(num_tokens), inputs_embeds=embeds,
+                                    **self._stage_kwargs(received))
+            if self.is_last_stage:
+                self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs):])
 
         try:
             _, peak = measure_peak_bytes(worst_case_step)
@@ -243,7 +254,7 @@ class ModelRunner:
             self._copy_blocks(out.blocks_to_copy)
         if not out.num_scheduled_tokens:
             return ModelRunnerOutput.empty()
-        if out.scheduled_encoder_inputs:
+        if out.scheduled_encoder_inputs and self.is_first_stage:
             self._run_encoder([self.requests[req_id].mm_features[i]
                                for req_id, indices in out.scheduled_encoder_inputs.items() for i in indices])
         if out.scheduled_encoder_prompts:
@@ -270,7 +281,8 @@ class ModelRunner:
                 positions.extend(range(c, end))
             else:
                 positions.append(_mrope_positions(state, c, n))
-            for feature in state.mm_features if state.encoder_prompt_token_ids is None else ():
+            embeds_here = state.encoder_prompt_token_ids is None and self.is_first_stage
+            for feature in state.mm_features if embeds_here else ():
                 lo, hi = max(c, feature.offset), min(end, feature.offset + feature.length)
                 if lo >= hi:
                     continue
@@ -302,17 +314,24 @@ class ModelRunner:
                                                   [s.cross_block_ids for s in states], self.block_size)
         positions = torch.cat(positions, dim=1) if positions and isinstance(positions[0], torch.Tensor) \
             else torch.tensor(positions, dtype=torch.long)
-        embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
+        embeds = received = None
+        if self.is_first_stage:
+            embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
+        else:
+            received = recv_from_previous_stage(self.model.intermediate_shapes(num_tokens), self.dtype)
         lora_mapping = self.lora_manager.prepare_step(lora_rows) if lora_rows else None
         with forward_context(meta), lora_context(lora_mapping):
-            hidden = self.model(ids, positions, inputs_embeds=embeds)
+            hidden = self.model(ids, positions, inputs_embeds=embeds, **self._stage_kwargs(received))
+        if not self.is_last_stage:
+            send_to_next_stage(hidden)
+            return ModelRunnerOutput.empty()
         if prompt_rows:
             self._prompt_logprobs(hidden, prompt_rows)
         if not sampled:
             return ModelRunnerOutput.empty()
         if not self.is_sampler:
-            if parallel_state.is_last_stage():  # a vocabulary-parallel lm_head gathers over the TP group: take part
-                self.model.compute_logits(hidden[torch.tensor(logits_index)])
+            # a vocabulary-parallel lm_head gathers over the TP group: take part
+            self.model.compute_logits(hidden[torch.tensor(logits_index)])
             return ModelRunnerOutput.empty()
         logits = self.model.compute_logits(hidden[torch.tensor(logits_index)])  # the sampler widens if it must
         sampling = SamplingMetadata.build([s.sampling for s in sampled], self.vocab_size, logits.device,
@@ -332,6 +351,10 @@ class ModelRunner:
                 prompt_logprobs[state.req_id], state.prompt_logprobs_sent = state.prompt_logprobs, True
         return ModelRunnerOutput([s.req_id for s in sampled], [[t] for t in tokens], logprobs,
                                  prompt_logprobs or None)
+
+    def _stage_kwargs(self, received) -> dict:
+        """A split model's forward takes the previous stage's tensors; other models keep their signature."""
+        return {"intermediate_tensors": received} if self.is_pipelined else {}
 
     def _prompt_logprobs(self, hidden: torch.Tensor, rows: list[tuple[int, CachedRequestState, int]]) -> None:
         """Score prompt tokens (raw log_softmax, float32) and append them to their requests; a multimodal
