@@ -57,7 +57,8 @@ def _loop(spec: m.WorkerSpec, conn: Connection, runner) -> None:
             os._exit(0)
         if isinstance(message, m.Shutdown):
             _reply(conn, m.WorkerReply())
-            _exit_quietly()
+            _leave_world()
+            return  # a normal exit: multiprocessing's cleanup runs (no leaked-semaphore warnings)
         if runner is None:
             _reply(conn, m.WorkerReply(error=RuntimeError("this worker failed to start")))
             continue
@@ -136,10 +137,10 @@ def _error_reply(err: BaseException) -> m.WorkerReply:
     return m.WorkerReply(error=err, traceback="".join(traceback.format_exception(err)))
 
 
-def _exit_quietly() -> None:
+def _leave_world() -> None:
     from fovea.distributed.parallel_state import destroy_parallel
 
     try:
         destroy_parallel()
-    finally:
-        os._exit(0)
+    except Exception:  # noqa: BLE001 - a peer already gone; the process is ending anyway
+        logger.warning("leaving the process group failed", exc_info=True)

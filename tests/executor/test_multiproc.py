@@ -150,3 +150,29 @@ def test_killed_driver_leaves_no_worker_behind(blip2_ckpt, tmp_path):
         assert not alive, f"orphaned workers: {alive}"
     finally:
         driver.kill()
+
+
+def test_structured_outputs_and_lora_run_in_the_worker(tmp_path):
+    """The grammar compiler is built in the sampling rank and an adapter loaded in every rank (their messages):
+    the constrained and the adapted outputs equal the in-process engine's."""
+    from fovea import LoRARequest, StructuredOutputsParams
+    from tests.lora.adapters import make_peft_adapter
+    from tests.oracle.qwen2_5_vl import build_tiny_qwen2
+
+    ckpt = str(build_tiny_qwen2(tmp_path / "qwen2", seed=0))
+    adapter = make_peft_adapter(ckpt, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj"], seed=3)
+    lora = LoRARequest("adapter", 1, str(adapter))
+    constraints = [StructuredOutputsParams(choice=["yes", "no", "maybe so"]),
+                   StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,4}"),
+                   StructuredOutputsParams(json={"type": "array", "items": {"type": "integer"}, "maxItems": 3})]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=c) for c in constraints]
+    params += [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=LOGPROBS)] * 2
+    prompts = [f"write {i}" for i in range(len(params))]
+    adapters = [None] * 4 + [lora]
+    options = dict(dtype="float32", block_size=4, num_threads=1, enable_lora=True, max_lora_rank=8)
+    reference = LLM(ckpt, **options).generate(prompts, params, lora_request=adapters, use_tqdm=False)
+    outputs = LLM(ckpt, **options, distributed_executor_backend="mp").generate(prompts, params,
+                                                                              lora_request=adapters, use_tqdm=False)
+    assert_same(reference, outputs)
+    assert outputs[0].outputs[0].text in ("yes", "no", "maybe so")
+    assert outputs[3].outputs[0].token_ids != outputs[4].outputs[0].token_ids  # the adapter changed the output

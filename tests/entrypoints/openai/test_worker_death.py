@@ -75,3 +75,20 @@ def test_sigkilled_worker_gives_503_and_the_server_exits_nonzero(tmp_path):
         assert not alive, f"left behind: {alive}"
     finally:
         server.stop()
+
+
+def test_sigterm_stops_the_server_and_its_workers(tmp_path):
+    model_dir = build_tiny_qwen2_5_vl(tmp_path / "qwen", seed=0)
+    server = ServerProcess(model_dir, "--max-model-len", "256", "--pipeline-parallel-size", "2", log_dir=tmp_path)
+    try:
+        process = psutil.Process(server.proc.pid)
+        children = process.children(recursive=True)
+        assert len([p for p in children if "spawn_main" in " ".join(p.cmdline())]) == 2
+        response = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                              json={"prompt": "describe the picture", "max_tokens": 5, "temperature": 0.0})
+        assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
+        assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after its graceful shutdown
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        server.stop()
