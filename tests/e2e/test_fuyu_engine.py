@@ -8,25 +8,13 @@ transformers' batch-size-1 `generate` and logprobs be within 1e-4 of its raw log
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
-import torch
 
-from fovea import LLM, SamplingParams
+from fovea import LLM
 from tests.e2e.blip2_cases import make_image
-from tests.oracle.fuyu import build_tiny_fuyu, hf_reference
-
-LOGPROBS = 3
-ATOL = 1e-4
-
-
-@dataclass
-class Case:
-    name: str
-    prompt: str
-    images: list = field(default_factory=list)
-    max_tokens: int = 8
+from tests.e2e.llava_cases import Case, check_bfloat16_close, check_chat, check_placeholder_mismatch, run
+from tests.oracle import fuyu as oracle
+from tests.oracle.fuyu import build_tiny_fuyu
 
 
 def cases() -> list[Case]:
@@ -52,34 +40,12 @@ def ckpt_variant(tmp_path_factory):
                                partial_rotary_factor=1.0, num_layers=3, num_heads=8))
 
 
-def prompt_dict(case: Case) -> dict | str:
-    return {"prompt": case.prompt, "multi_modal_data": {"image": case.images}} if case.images else case.prompt
-
-
-def run(llm: LLM, model_dir: str, batch: list[Case]) -> list:
-    params = [SamplingParams(temperature=0.0, max_tokens=c.max_tokens, logprobs=LOGPROBS, ignore_eos=True)
-              for c in batch]
-    outs = llm.generate([prompt_dict(c) for c in batch], params, use_tqdm=False)
-    for case, out in zip(batch, outs):
-        ref_prompt, ref_ids, ref_logprobs = hf_reference(model_dir, case.prompt, case.images, case.max_tokens)
-        assert out.prompt_token_ids == ref_prompt, f"{case.name}: prompt ids"
-        got = out.outputs[0]
-        assert got.token_ids == ref_ids, case.name
-        assert got.finish_reason == "length" and len(got.logprobs) == len(ref_ids)
-        for step, (entry, ref) in enumerate(zip(got.logprobs, ref_logprobs)):
-            assert set(ref.topk(LOGPROBS).indices.tolist()) <= set(entry), f"{case.name}, step {step}"
-            for token_id, lp in entry.items():
-                err = abs(lp.logprob - ref[token_id].item())
-                assert err < ATOL, f"{case.name}, step {step}, token {token_id}: logprob off by {err:.2e}"
-    return outs
-
-
 def test_mixed_batch_chunked_and_preempted(ckpt):
     # 7-token steps cut the images' placeholder runs (up to 25 tokens) at varying places; 20 blocks of 4 hold
     # two or three requests at a time
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=128, max_num_batched_tokens=7, num_kv_blocks=20)
     batch = cases()
-    outs = run(llm, ckpt, batch)
+    outs = run(llm, ckpt, batch, oracle)
     assert len({tuple(o.outputs[0].token_ids) for o in outs}) == len(batch)  # not degenerate
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
@@ -96,7 +62,7 @@ def test_chunk_boundaries_inside_rows_and_at_newlines(ckpt):
     for chunk in (3, 4, 5):
         llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=128, max_num_batched_tokens=chunk,
                   enable_prefix_caching=False, num_kv_blocks=40)
-        (out,) = run(llm, ckpt, [case])
+        (out,) = run(llm, ckpt, [case], oracle)
         ids = out.prompt_token_ids
         vocab = llm.get_tokenizer().get_vocab()
         speaker, newline, bos = vocab["|SPEAKER|"], vocab["|NEWLINE|"], vocab["<s>"]
@@ -116,49 +82,34 @@ def test_prefix_cache_hits_end_inside_the_image_and_stay_exact(ckpt):
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=128, max_num_batched_tokens=16)
     image = make_image(7, (130, 70))  # 3 rows of 5: a placeholder run of 19 tokens
     first = Case("first", "What colour is the car?\n", [image], 6)
-    run(llm, ckpt, [first])
+    run(llm, ckpt, [first], oracle)
     # the same image, another text: the image's full blocks (16 of its 19 tokens: a hit that ends inside the
     # last row) are shared, the rest is computed from there
-    other_text = run(llm, ckpt, [Case("other text", "How many people are in the picture?\n", [image], 6)])[0]
+    other_text = run(llm, ckpt, [Case("other text", "How many people are in the picture?\n", [image], 6)], oracle)[0]
     assert other_text.num_cached_tokens == 16
     # another image of the same size with the same text: the image comes first, so nothing is shared
-    other_image = run(llm, ckpt, [Case("other image", first.prompt, [make_image(8, (130, 70))], 6)])[0]
+    other_image = run(llm, ckpt, [Case("other image", first.prompt, [make_image(8, (130, 70))], 6)], oracle)[0]
     assert other_image.num_cached_tokens == 0
-    again = run(llm, ckpt, [first])[0]
+    again = run(llm, ckpt, [first], oracle)[0]
     assert again.num_cached_tokens >= len(again.prompt_token_ids) - 4
 
 
 def test_variant_without_qk_layernorm_and_full_rotary(ckpt_variant):
     llm = LLM(ckpt_variant, dtype="float32", block_size=4, max_model_len=128, max_num_batched_tokens=9)
-    run(llm, ckpt_variant, [c for c in cases() if c.name in ("wide", "large, shrunk", "text only")])
+    run(llm, ckpt_variant, [c for c in cases() if c.name in ("wide", "large, shrunk", "text only")], oracle)
 
 
 def test_bfloat16_stays_as_close_to_float32_as_transformers_bfloat16(ckpt):
-    batch = [c for c in cases() if c.name in ("wide", "large, shrunk", "text only")]
     llm = LLM(ckpt, dtype="bfloat16", block_size=4, max_model_len=128)
-    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=LOGPROBS, ignore_eos=True)
-    outs = llm.generate([prompt_dict(c) for c in batch], params, use_tqdm=False)
-    for case, out in zip(batch, outs):
-        _, _, (exact,) = hf_reference(ckpt, case.prompt, case.images, 1)
-        _, _, (hf_bf16,) = hf_reference(ckpt, case.prompt, case.images, 1, dtype=torch.bfloat16)
-        entry = out.outputs[0].logprobs[0]
-        ours = max(abs(entry[t].logprob - exact[t].item()) for t in entry)
-        theirs = max(abs(hf_bf16[t].item() - exact[t].item()) for t in entry)
-        assert ours <= 3 * theirs + 0.02, f"{case.name}: fovea bf16 off by {ours:.3f}, transformers bf16 {theirs:.3f}"
+    check_bfloat16_close(llm, ckpt, [c for c in cases() if c.name in ("wide", "large, shrunk", "text only")], oracle)
 
 
 def test_chat_uses_the_fallback_template(ckpt):
     """The checkpoint has no chat template (adept's has none): vLLM's Fuyu fallback puts each turn's text on its own
     line, and fovea's processor frames it with the image as FuyuProcessor frames that text."""
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=128)
-    image = make_image(9, (90, 70))
-    messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
-                                             {"type": "text", "text": "Write a short caption for this photo."}]}]
-    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
-    assert out.prompt == "Write a short caption for this photo.\n"
-    ref_prompt, ref_ids, _ = hf_reference(ckpt, out.prompt, [image], 8)
-    assert out.prompt_token_ids == ref_prompt
-    assert out.outputs[0].token_ids == ref_ids
+    text = "Write a short caption for this photo."
+    check_chat(llm, ckpt, text, text + "\n", text + "\n", oracle)
 
 
 @pytest.mark.parametrize("prompt,num_images,match", [
@@ -168,10 +119,4 @@ def test_chat_uses_the_fallback_template(ckpt):
 ])
 def test_placeholders_and_images_must_match(ckpt, prompt, num_images, match):
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=128)
-    images = [make_image(i, (20, 20)) for i in range(num_images)]
-    request = {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
-    with pytest.raises(ValueError, match=match):
-        llm.generate(request, SamplingParams(max_tokens=2), use_tqdm=False)
-    good = llm.generate({"prompt": "ok", "multi_modal_data": {"image": make_image(0, (20, 20))}},
-                        SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    assert len(good[0].outputs[0].token_ids) == 2
+    check_placeholder_mismatch(llm, prompt, num_images, match, "ok", (20, 20))

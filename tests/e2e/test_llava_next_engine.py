@@ -14,10 +14,10 @@ import torch
 
 from fovea import LLM, SamplingParams
 from tests.e2e.blip2_cases import make_image
-from tests.e2e.test_llava_engine import LOGPROBS, Case, prompt_dict, run
+from tests.e2e.llava_cases import Case, check_bfloat16_close, check_chat, check_placeholder_mismatch, run
 from tests.oracle import llava_next as oracle
 from tests.oracle.llava import llava_prompt
-from tests.oracle.llava_next import build_tiny_llava_next, hf_reference
+from tests.oracle.llava_next import build_tiny_llava_next
 
 
 def cases() -> list[Case]:
@@ -82,31 +82,15 @@ def test_other_language_models_and_feature_layers(tmp_path, variant):
 
 
 def test_bfloat16_stays_as_close_to_float32_as_transformers_bfloat16(ckpt):
-    # as LLaVA-1.5's test: fovea's bfloat16 first-step logprobs no further from transformers' float32 than
-    # transformers' own bfloat16 (up to a factor for the summation orders)
-    batch = [c for c in cases() if c.name in ("2x2 grid, unpadded rows", "3x1 and 2x2", "text only")]
     llm = LLM(ckpt, dtype="bfloat16", block_size=4, max_model_len=256)
-    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=LOGPROBS, ignore_eos=True)
-    outs = llm.generate([prompt_dict(ckpt, c, oracle) for c in batch], params, use_tqdm=False)
-    for case, out in zip(batch, outs):
-        _, _, (exact,) = hf_reference(ckpt, case.prompt, case.images, 1)
-        _, _, (hf_bf16,) = hf_reference(ckpt, case.prompt, case.images, 1, dtype=torch.bfloat16)
-        entry = out.outputs[0].logprobs[0]
-        ours = max(abs(entry[t].logprob - exact[t].item()) for t in entry)
-        theirs = max(abs(hf_bf16[t].item() - exact[t].item()) for t in entry)
-        assert ours <= 3 * theirs + 0.02, f"{case.name}: fovea bf16 off by {ours:.3f}, transformers bf16 {theirs:.3f}"
+    batch = [c for c in cases() if c.name in ("2x2 grid, unpadded rows", "3x1 and 2x2", "text only")]
+    check_bfloat16_close(llm, ckpt, batch, oracle)
 
 
 def test_chat_uses_the_checkpoint_template(ckpt):
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256)
-    img = make_image(9, (90, 70))
-    messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": img},
-                                             {"type": "text", "text": "What is in this image?"}]}]
-    out = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
-    assert out.prompt == "<s>" + llava_prompt("What is in this image?")
-    ref_prompt, ref_ids, _ = hf_reference(ckpt, llava_prompt("What is in this image?"), [img], 8)
-    assert out.prompt_token_ids == ref_prompt
-    assert out.outputs[0].token_ids == ref_ids
+    text = "What is in this image?"
+    check_chat(llm, ckpt, text, "<s>" + llava_prompt(text), llava_prompt(text), oracle)
 
 
 @pytest.mark.parametrize("prompt,num_images,match", [
@@ -116,14 +100,7 @@ def test_chat_uses_the_checkpoint_template(ckpt):
 ])
 def test_placeholders_must_match_images(ckpt, prompt, num_images, match):
     llm = LLM(ckpt, dtype="float32", block_size=4, max_model_len=256)
-    images = [make_image(i, (20, 30)) for i in range(num_images)]
-    request = {"prompt": prompt, "multi_modal_data": {"image": images}} if images else prompt
-    with pytest.raises(ValueError, match=match):
-        llm.generate(request, SamplingParams(max_tokens=2), use_tqdm=False)
-    # the engine is unharmed: a good request in the same batch as a bad one still runs
-    good = {"prompt": llava_prompt("ok"), "multi_modal_data": {"image": make_image(0, (20, 30))}}
-    out = llm.generate(good, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 2
+    check_placeholder_mismatch(llm, prompt, num_images, match, llava_prompt("ok"), (20, 30))
 
 
 def test_bad_image_embeds_are_named(ckpt):
