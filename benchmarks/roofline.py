@@ -3,14 +3,15 @@ against them.
 
 Peaks, measured with torch on `--threads` threads: GEMM GFLOP/s per dtype (a square matmul, best of several) and
 memory read GB/s (a `sum` over a buffer far larger than the caches). Then one fovea run of each workload (the
-requests of benchmarks/throughput.py for BLIP-2 and benchmarks/throughput_qwen.py for Qwen2.5-VL, after a warm-up,
+requests of benchmarks/throughput.py for BLIP-2, benchmarks/throughput_qwen.py for Qwen2.5-VL and
+benchmarks/throughput_llava.py for LLaVA-1.5 and, on throughput_llava_next.py's model, LLaVA-NeXT, after a warm-up,
 prefix cache emptied) with a `PhaseRecorder` attached (benchmarks/roofline_phases.py: hooks from the outside,
 nothing in fovea changes). For each phase: its time and share of the run, its GFLOP and GB, what it reached
 (GFLOP/s, GB/s) and its fraction of the roofline: the time the machine's peaks allow for its FLOPs and bytes
 (max(FLOPs / GEMM peak, bytes / read peak)) over the time it took. The recorder's hooks cost a little time
 (a few microseconds per linear call): the run is ~2-5% slower than without them.
 
-    python benchmarks/roofline.py [--workloads blip2 qwen] [--dtype bfloat16] [--num-requests 16]
+    python benchmarks/roofline.py [--workloads blip2 qwen llava llava_next] [--dtype bfloat16] [--num-requests 16]
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import CACHE  # noqa: E402
 from benchmarks.peers import machine_description  # noqa: E402
 from benchmarks.roofline_phases import PhaseRecorder, PhaseTotals  # noqa: E402
+
+
+WORKLOADS = ("blip2", "qwen", "llava", "llava_next")
+"""The requests of throughput.py, throughput_qwen.py, throughput_llava.py, and throughput_llava.py's on
+throughput_llava_next.py's model."""
 
 
 @dataclass(slots=True)
@@ -72,7 +78,7 @@ def run_workload(name: str, dtype: str, num_requests: int) -> tuple[PhaseTotals,
         llm = LLM(str(path), dtype=dtype, max_model_len=512, max_num_seqs=num_requests)
         batch = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, imgs)]
         run = lambda items, params: llm.generate(items, params, use_tqdm=False)  # noqa: E731
-    else:
+    elif name == "qwen":
         from benchmarks import throughput_qwen as bench
         path = bench.build_checkpoint(CACHE / f"qwen2_5_vl-lm0.5b-vit8-{bench.MAX_PIXELS}", bench.MAX_PIXELS)
         conversations, imgs, caps = bench.requests(num_requests)
@@ -81,6 +87,22 @@ def run_workload(name: str, dtype: str, num_requests: int) -> tuple[PhaseTotals,
                   kv_cache_memory_bytes=1 << 29)
         batch = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, conv[0]["content"][1]]}]
                  for conv, im in zip(conversations, imgs)]
+        run = lambda items, params: llm.chat(items, params, use_tqdm=False)  # noqa: E731
+    else:  # llava / llava_next: throughput_llava.py's model and requests (the NeXT one with anyres tiles)
+        from benchmarks import throughput_llava as bench
+        if name == "llava":
+            path = bench.build_checkpoint(CACHE / "llava1.5-clipL8-lm0.5b", 8)
+            # 16 requests of ~700 tokens hold ~140 MB of KV
+            max_model_len, kv_bytes = 1024, 1 << 29
+        else:
+            from benchmarks import throughput_llava_next as next_bench
+            path = next_bench.build_checkpoint(CACHE / "llava-next-clipL8-lm0.5b", 8)
+            max_model_len, kv_bytes = 4096, 1 << 30  # up to ~3,000 tokens a request: ~37 KB each
+        texts, imgs, caps = bench.requests(num_requests)
+        llm = LLM(str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=num_requests,
+                  kv_cache_memory_bytes=kv_bytes)
+        batch = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, {"type": "text", "text": t}]}]
+                 for t, im in zip(texts, imgs)]
         run = lambda items, params: llm.chat(items, params, use_tqdm=False)  # noqa: E731
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
     run(batch[:2], params[:2])  # warm-up
@@ -123,7 +145,7 @@ def format_phases(title: str, totals: PhaseTotals, peaks: Peaks, dtype: str) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", choices=["blip2", "qwen"], default=["blip2", "qwen"])
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=["blip2", "qwen"])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--num-requests", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
