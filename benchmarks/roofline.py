@@ -97,7 +97,7 @@ def run_workload(name: str, dtype: str, num_requests: int) -> tuple[PhaseTotals,
         else:
             from benchmarks import throughput_llava_next as next_bench
             path = next_bench.build_checkpoint(CACHE / "llava-next-clipL8-lm0.5b", 8)
-            max_model_len, kv_bytes = 4096, 1 << 30  # up to ~3,000 tokens a request: ~37 KB each
+            max_model_len, kv_bytes = 4096, 1 << 30  # up to ~3,000 tokens a request, 12 KB of KV each: ~37 MB
         texts, imgs, caps = bench.requests(num_requests)
         llm = LLM(str(path), dtype=dtype, max_model_len=max_model_len, max_num_seqs=num_requests,
                   kv_cache_memory_bytes=kv_bytes)
