@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     BlipImageProcessorPil,
     GenerationConfig,
@@ -29,13 +29,26 @@ QFORMER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # BERT'
 
 
 def build_qformer_tokenizer(vocab_size: int = 200) -> PreTrainedTokenizerFast:
-    """A BERT-style WordPiece tokenizer (lower-cased, [CLS] ... [SEP]), as the Q-Former's bert-base-uncased is."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=QFORMER_SPECIAL_TOKENS,
-                                        show_progress=False)
-    tok.train_from_iterator([line for line in _CORPUS.splitlines() if line] * 4, trainer=trainer)
+    """A BERT-style WordPiece tokenizer (lower-cased, [CLS] ... [SEP]), as the Q-Former's bert-base-uncased is.
+
+    The vocabulary is written out, not trained: `WordPieceTrainer` gives a different vocabulary from one process
+    to the next (huggingface/tokenizers#1794: continuing-subword ids follow hash-map order and break count ties),
+    so every test process got another Q-Former input and another InstructBLIP case. Here: the special tokens, every
+    character of the corpus alone and as a `##` continuation (so any corpus word encodes), then whole words, most
+    frequent first, ties alphabetical."""
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts: dict[str, int] = {}
+    for line in _CORPUS.splitlines():
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for word in counts for c in word})
+    vocab = [*QFORMER_SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    vocab += words[:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A:0 [SEP]:0", pair="[CLS] $A:0 [SEP]:0 $B:1 [SEP]:1",
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
