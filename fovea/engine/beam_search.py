@@ -13,7 +13,11 @@ prompt on the few candidates that can win: the top 2k continuations over all bea
 can contribute), the best k not ending (EOS, or max_tokens reached) keep running, those among the first k that end
 join the k finished hypotheses ranked by cum_logprob / generated_len ** length_penalty, and the search stops by
 transformers' `early_stopping` rule (False: when the best running beam, scored at its current length, cannot beat
-the worst finished one). vLLM's own beam search differs (it ranks every candidate each step with its length
+the worst finished one). Encoder-decoder models (T5, BLIP-2 / InstructBLIP over Flan-T5) search the same way over the decoder: the root runs
+the encoder once and takes the request's cross blocks, and every fork shares them by reference with the parent's
+full decoder blocks (fovea.engine.scheduler_forks), so no beam re-runs the encoder. A sequence's `tokens` are then
+the decoder's ([decoder_start_token_id] + generated, transformers' `sequences`), and the RequestOutput's
+`prompt_token_ids` the encoder's prompt, as `generate` reports it. vLLM's own beam search differs (it ranks every candidate each step with its length
 penalty and keeps only unfinished beams in the running set); fovea follows transformers, as issue 20 asks.
 """
 from __future__ import annotations
@@ -169,7 +173,7 @@ class BeamSearchManager:
                              f"max_model_len={max_model_len}")
         max_tokens = min(params.max_tokens, room)
         num_blocks = _blocks_needed(self.core.scheduler.kv_cache_manager, root.num_prompt_tokens,
-                                    params.beam_width, max_tokens)
+                                    params.beam_width, max_tokens, root.num_encoder_tokens)
         root.hold_kv = True
         group = BeamGroup(params, None if params.ignore_eos else root.eos_token_id, max_tokens)
         group.running = [Beam(root.request_id, [], [], 0.0)]
@@ -245,7 +249,7 @@ class BeamSearchManager:
                 sampling_params=root.sampling_params, eos_token_id=root.eos_token_id, mm_features=root.mm_features,
                 arrival_index=root.arrival_index, mrope_positions=root.mrope_positions,
                 mrope_position_delta=root.mrope_position_delta, lora_request=root.lora_request,
-                hold_kv=True, fork_parent=cont.parent.seq_id))
+                encoder_prompt_token_ids=root.encoder_prompt_token_ids, hold_kv=True, fork_parent=cont.parent.seq_id))
         group.running = [c.beam for c in continuations]
         if forks:
             self.core.add_requests(forks)
@@ -274,17 +278,20 @@ class BeamSearchManager:
             completions = [CompletionOutput(index=i, text=s.text, token_ids=s.tokens[n:],
                                             cumulative_logprob=s.cum_logprob, finish_reason=s.finish_reason)
                            for i, s in enumerate(output.sequences)]
-        return RequestOutput(request_id=search.request_id, prompt=root.prompt, prompt_token_ids=root.prompt_token_ids,
+        # an encoder-decoder's prompt is the encoder's, as generate() reports it
+        prompt_ids = root.prompt_token_ids if root.encoder_prompt_token_ids is None else root.encoder_prompt_token_ids
+        return RequestOutput(request_id=search.request_id, prompt=root.prompt, prompt_token_ids=prompt_ids,
                              outputs=completions, finished=True)
 
 
-def _blocks_needed(kv, num_prompt_tokens: int, beam_width: int, max_tokens: int) -> int:
+def _blocks_needed(kv, num_prompt_tokens: int, beam_width: int, max_tokens: int, num_encoder_tokens: int = 0) -> int:
     """The most KV blocks one prompt's search may hold at once (ValueError if over the pool): while one step's
     forks are admitted, the k sequences they fork from still hold their blocks, so 2k sequences may hold their own
-    blocks past the prompt's full ones."""
+    blocks past the prompt's full ones. An encoder-decoder search adds its cross blocks once (every beam shares
+    them)."""
     bs = kv.block_size
     own = -(-(num_prompt_tokens % bs + max_tokens) // bs)
-    needed = num_prompt_tokens // bs + 2 * beam_width * own
+    needed = num_prompt_tokens // bs + 2 * beam_width * own + -(-num_encoder_tokens // bs)
     if needed > kv.num_usable_blocks:
         raise ValueError(f"beam search with beam_width={beam_width} and max_tokens={max_tokens} may "
                          f"hold {needed} KV blocks at once, more than the pool's {kv.num_usable_blocks}; lower them or "

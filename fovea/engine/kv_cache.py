@@ -296,7 +296,8 @@ class KVCacheManager:
         """Give `child` the KV of `parent`'s first `child.num_computed_tokens` tokens without computing it.
 
         The full blocks are shared (one more reference each); the partial last block, which the child will
-        write into, is copied to a fresh block (copy-on-write). Then room is made for `num_new_tokens`.
+        write into, is copied to a fresh block (copy-on-write). Then room is made for `num_new_tokens`. An
+        encoder-decoder parent's cross blocks are shared too (they are only read after admission).
         Returns (the child's new blocks, the (source, destination) copy or None), or None with nothing changed
         when the pool is short. The parent must still hold its blocks (`Request.hold_kv`).
         """
@@ -317,6 +318,10 @@ class KVCacheManager:
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         copy = (parent_blocks[num_full].block_id, new_blocks[0].block_id) if num_partial else None
         self.req_to_blocks[child.request_id] = [*shared, *new_blocks]
+        cross = self.req_to_cross_blocks.get(parent.request_id)
+        if cross:  # encoder-decoder: the beams read one encoder output, so its cross blocks are shared whole
+            self.block_pool.touch(cross)
+            self.req_to_cross_blocks[child.request_id] = list(cross)
         # the shared full blocks are registered already (when the parent computed them), or caching is off
         self.num_cached_blocks[child.request_id] = num_full
         if len(child.block_hashes) < num_full and len(parent.block_hashes) >= num_full:

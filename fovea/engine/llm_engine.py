@@ -147,9 +147,6 @@ class LLMEngine:
             self.add_lora(lora_request)
         root = self.input_processor.process(f"beam:{request_id}", prompt, sequence_params(params),
                                             next(self._arrivals))
-        if root.encoder_prompt_token_ids is not None:
-            raise ValueError("beam search is not supported for encoder-decoder models (T5): a fork would need the "
-                             "cross-attention blocks too; use generate()")
         root.lora_request = lora_request
         self.beam_searches.add(request_id, root, params, self.max_model_len, keep_output)
 

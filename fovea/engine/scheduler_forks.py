@@ -1,6 +1,8 @@
 """Beam search's side of the scheduler: sequences that finished with `hold_kv` keep their KV blocks (`held`) so
 that forks can start from them; a fork is admitted with its parent's full blocks shared and its partial one
-copied, and a held sequence is freed once released and no queued fork still needs it.
+copied, and a held sequence is freed once released and no queued fork still needs it. An encoder-decoder fork
+shares its parent's cross blocks too and does not run the encoder (it is not in `scheduled_encoder_prompts`); if it
+is preempted later it becomes an ordinary request and recomputes its encoder into cross blocks of its own.
 
 `BeamForks` is a part of `Scheduler` (scheduler.py), kept apart by concern: it reads and writes the scheduler's
 `held`, `num_pending_forks`, `release_requested`, `waiting`, `running` and KV cache manager.
@@ -62,6 +64,8 @@ class BeamForks:
             mrope_position_delta=request.mrope_position_delta,
             block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
             num_computed_tokens=num_computed, lora_request=request.lora_request,
+            encoder_prompt_token_ids=request.encoder_prompt_token_ids,
+            cross_block_ids=self.kv_cache_manager.get_cross_block_ids(request.request_id),
         ))
         request.status = RequestStatus.RUNNING
         self.running.append(request)

@@ -123,3 +123,72 @@ def test_no_prefix_caching_for_encoder_decoder():
     out, _ = step(sched)
     assert out.scheduled_new_reqs[0].num_computed_tokens == 0
     assert not sched.kv_cache_manager.block_pool.cached_blocks
+
+
+def encdec_fork(request_id: str, parent: Request, token: int) -> Request:
+    child = Request(request_id, [*parent.prompt_token_ids, token], Params(max_tokens=1),
+                    encoder_prompt_token_ids=parent.encoder_prompt_token_ids, hold_kv=True,
+                    fork_parent=parent.request_id)
+    return child
+
+
+def refs(sched: Scheduler, ids: list[int]) -> list[int]:
+    return [sched.kv_cache_manager.block_pool.blocks[i].ref_cnt for i in ids]
+
+
+def test_beam_forks_share_the_cross_blocks_and_do_not_run_the_encoder():
+    sched = scheduler()
+    kv = sched.kv_cache_manager
+    parent = encdec("p", 9, max_tokens=1)  # 3 cross blocks [1, 2, 3], its decoder token in block 4
+    parent.hold_kv = True
+    sched.add_request(parent)
+    out, updates = step(sched)
+    assert out.scheduled_encoder_prompts == ["p"] and updates[0].finished and "p" in sched.held
+    sched.add_requests([encdec_fork("a", parent, 50), encdec_fork("b", parent, 51)])
+    sched.release_held("p")
+    out, updates = step(sched)
+    assert out.scheduled_encoder_prompts == [] and out.scheduled_encoder_inputs == {}
+    new = {d.req_id: d for d in out.scheduled_new_reqs}
+    assert new["a"].cross_block_ids == new["b"].cross_block_ids == [1, 2, 3]
+    assert new["a"].encoder_prompt_token_ids == parent.encoder_prompt_token_ids
+    assert out.blocks_to_copy == [(4, 5), (4, 6)] and new["a"].block_ids == [5] and new["b"].block_ids == [6]
+    # the parent went at the end of the step: its cross blocks live on, one reference per fork
+    assert "p" not in sched.held and refs(sched, [1, 2, 3, 4]) == [2, 2, 2, 0]
+    assert {u.request_id for u in updates if u.finished} == {"a", "b"}
+    sched.release_held("a")
+    assert refs(sched, [1, 2, 3]) == [1, 1, 1] and kv.get_cross_block_ids("b") == [1, 2, 3]
+    sched.release_held("b")
+    assert kv.num_free_blocks == kv.num_usable_blocks
+
+
+def test_a_preempted_beam_fork_runs_its_encoder_into_cross_blocks_of_its_own():
+    # 12 usable blocks: c holds 4 cross + its decoder blocks, the fork a shares p's 3 cross blocks; both decode
+    # until the pool is short and a, admitted last, is preempted
+    sched = scheduler()
+    kv = sched.kv_cache_manager
+    sched.add_request(encdec("c", 16, max_tokens=20))
+    step(sched)
+    parent = encdec("p", 9, max_tokens=1)
+    parent.hold_kv = True
+    sched.add_request(parent)
+    step(sched)
+    child = encdec_fork("a", parent, 50)
+    child.sampling_params = Params(max_tokens=12)  # a fork that keeps decoding (a stand-in for a long beam)
+    child.hold_kv = False
+    sched.add_requests([child])
+    sched.release_held("p")
+    out, _ = step(sched)
+    shared = kv.get_cross_block_ids("a")
+    assert len(shared) == 3 and out.scheduled_encoder_prompts == [] and not sched.held
+    preempted, resumed = [], False
+    while sched.requests:
+        out, _ = step(sched)
+        preempted += out.preempted_request_ids
+        if "a" in out.scheduled_encoder_prompts:  # back: a cross table of its own, the encoder runs again
+            cached = out.scheduled_cached_reqs
+            i = cached.req_ids.index("a")
+            assert cached.resumed_from_preemption[i] and len(cached.new_cross_block_ids[i]) == 3
+            assert out.num_scheduled_tokens["a"] == sched.requests["a"].num_computed_tokens
+            resumed = True
+    assert preempted == ["a"] and resumed
+    assert kv.num_free_blocks == kv.num_usable_blocks
