@@ -16,6 +16,7 @@ from fovea.engine.retrieval import RETRIEVAL_ARCHITECTURE, RetrievalRunner, is_r
 from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
 from fovea.lora.request import LoRARequest
+from fovea.models.interfaces import is_encoder_decoder
 from fovea.outputs import BeamSearchOutput, RequestOutput
 from fovea.sampling_params import BeamSearchParams, SamplingParams
 
@@ -213,7 +214,8 @@ class LLM:
         conversations = list(messages) if is_batch else [messages]
         tokenizer = self.get_tokenizer()
         model_type = self.llm_engine.hf_config.model_type
-        template = resolve_chat_template(tokenizer, model_type, chat_template).template
+        template = resolve_chat_template(tokenizer, model_type, chat_template,
+                                         is_encoder_decoder=is_encoder_decoder(self.llm_engine.hf_config)).template
         if template is None:
             raise ValueError(f"this model has no chat template (none in the checkpoint, and fovea has no fallback "
                              f"for model type {model_type!r}); pass chat_template= (a Jinja string), or format the "

@@ -154,3 +154,27 @@ def test_blip2_t5_bfloat16_as_close_as_transformers_own(blip2_t5):
     fovea_mean, hf_mean = sum(fovea_errors) / len(fovea_errors), sum(hf_errors) / len(hf_errors)
     assert hf_mean > 1e-4  # bfloat16 really ran
     assert fovea_mean <= 1.5 * hf_mean + 1e-3, (fovea_mean, hf_mean)
+
+
+@pytest.mark.parametrize("fixture, template_prompt", [
+    ("blip2_t5", "Question: {} Answer:"),  # BLIP-2's VQA prompt, as vLLM's fallback for BLIP-2-OPT
+    ("instructblip_t5", "{}"),  # InstructBLIP's instruction as written
+])
+def test_chat_through_the_fallback_template_equals_generate_and_transformers(request, fixture, template_prompt):
+    """LLM.chat on a T5-based checkpoint (which ships no chat template): the fallback renders the prompt a user
+    would give generate(), with T5's closing </s> and no BOS, so the encoder sees the same ids and the reply is
+    transformers' own."""
+    model_dir = request.getfixturevalue(fixture)
+    llm = LLM(model_dir, dtype="float32", block_size=4)
+    assert not llm.get_tokenizer().chat_template
+    question, (_, img, _) = "what is in the picture?", cases(1)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=LOGPROBS, ignore_eos=True)
+    chat = llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": img},
+                                                   {"type": "text", "text": question}]}], params, use_tqdm=False)[0]
+    prompt = template_prompt.format(question)
+    assert chat.prompt == prompt + "</s>"
+    generated = llm.generate([{"prompt": prompt, "multi_modal_data": {"image": img}}], params, use_tqdm=False)[0]
+    assert chat.prompt_token_ids == generated.prompt_token_ids
+    assert chat.outputs[0].token_ids == generated.outputs[0].token_ids
+    ref_ids, _ = hf_reference(model_dir, prompt, img, 8)
+    assert chat.outputs[0].token_ids == ref_ids

@@ -36,6 +36,14 @@ FALLBACK_TEMPLATES: dict[str, FallbackTemplate] = {
 }
 """config.json `model_type` -> fovea's fallback template."""
 
+ENCODER_DECODER_FALLBACK_TEMPLATES: dict[str, FallbackTemplate] = {
+    "blip-2": FallbackTemplate("template_blip2_t5.jinja", "Question: {text} Answer:<eos>"),
+    "instructblip": FallbackTemplate("template_instructblip_t5.jinja", "{text}<eos>"),
+}
+"""The same, for checkpoints whose language model is an encoder-decoder (Flan-T5): T5's tokenizer adds no BOS but
+closes every encoder input with `</s>`, so these render the same text as the ones above with no BOS in front and
+the EOS at the end: what the processor gives for that prompt (a chat prompt is tokenized without special tokens)."""
+
 
 class TemplateSource(Enum):
     GIVEN = "given"
@@ -64,8 +72,10 @@ class ResolvedChatTemplate:
                 f"{self.model_type!r}); chat requests are refused")
 
 
-def resolve_chat_template(tokenizer: Any, model_type: str, given: str | None = None) -> ResolvedChatTemplate:
-    """The template chats with this model are rendered with (see the module's docstring for the order)."""
+def resolve_chat_template(tokenizer: Any, model_type: str, given: str | None = None, *,
+                          is_encoder_decoder: bool = False) -> ResolvedChatTemplate:
+    """The template chats with this model are rendered with (see the module's docstring for the order);
+    `is_encoder_decoder` (`fovea.models.interfaces.is_encoder_decoder`) picks the encoder-decoder fallbacks."""
     if given is not None:
         return ResolvedChatTemplate(given, TemplateSource.GIVEN, model_type)
     own = getattr(tokenizer, "chat_template", None)
@@ -73,7 +83,7 @@ def resolve_chat_template(tokenizer: Any, model_type: str, given: str | None = N
         own = own.get("default")
     if own:
         return ResolvedChatTemplate(own, TemplateSource.CHECKPOINT, model_type)
-    fallback = FALLBACK_TEMPLATES.get(model_type)
+    fallback = (ENCODER_DECODER_FALLBACK_TEMPLATES if is_encoder_decoder else FALLBACK_TEMPLATES).get(model_type)
     if fallback is not None:
         text = (CHAT_TEMPLATES_DIR / fallback.file_name).read_text(encoding="utf-8")
         return ResolvedChatTemplate(text, TemplateSource.FALLBACK, model_type, fallback)

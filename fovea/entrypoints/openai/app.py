@@ -40,6 +40,7 @@ from fovea.entrypoints.openai.errors import APIError, api_key_check, install_err
 from fovea.entrypoints.openai.metrics import CONTENT_TYPE, ErrorCountingMiddleware, ServerMetrics
 from fovea.entrypoints.openai.openapi import error_responses, openapi_schema
 from fovea.lora.request import LoRARequest
+from fovea.models.interfaces import is_encoder_decoder
 
 
 @dataclass(slots=True)
@@ -70,7 +71,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     engine.stat_loggers.append(metrics)
     # the server's own tokenizer: chats are rendered and encoded in request threads, never racing the engine thread
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_engine.config.tokenizer_path)
-    chat_template = resolve_chat_template(tokenizer, llm_engine.hf_config.model_type, settings.chat_template)
+    chat_template = resolve_chat_template(tokenizer, llm_engine.hf_config.model_type, settings.chat_template,
+                                          is_encoder_decoder=is_encoder_decoder(llm_engine.hf_config))
     chat = ChatServing(engine, tokenizer, settings.fetcher, chat_template)
     completion = CompletionServing(engine, tokenizer)
     embedding = EmbeddingServing(engine.embed, settings.fetcher)

@@ -150,19 +150,26 @@ def test_without_any_template_the_client_is_told_the_server_flag(blip_dir, monke
 def test_fallback_templates_ship_as_package_data():
     """Every fallback is a file in the package (pyproject's package-data lists *.jinja) and renders a one-message
     chat as its summary says."""
+    from tests.oracle.t5 import build_t5_tokenizer
     from tests.oracle.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer()
-    for model_type, fallback in chat_templates.FALLBACK_TEMPLATES.items():
-        path = CHAT_TEMPLATES_DIR / fallback.file_name
-        assert path.is_file(), model_type
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                                {"type": "text", "text": "hi"}]}],
-                                                 chat_template=path.read_text(), tokenize=False,
-                                                 add_generation_prompt=True)
-        # a summary is one log line: a newline the template renders is written "\\n" in it
-        expected = fallback.summary.replace("<bos>", tokenizer.bos_token).replace("{text}", "hi").replace("\\n", "\n")
-        assert rendered == expected
+    opt, t5 = build_tokenizer(), build_t5_tokenizer()
+    for tokenizer, templates in [(opt, chat_templates.FALLBACK_TEMPLATES),
+                                 (t5, chat_templates.ENCODER_DECODER_FALLBACK_TEMPLATES)]:
+        for model_type, fallback in templates.items():
+            path = CHAT_TEMPLATES_DIR / fallback.file_name
+            assert path.is_file(), model_type
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                                    {"type": "text", "text": "hi"}]}],
+                                                     chat_template=path.read_text(), tokenize=False,
+                                                     add_generation_prompt=True)
+            # a summary is one log line: a newline the template renders is written "\\n" in it
+            expected = fallback.summary.replace("{text}", "hi").replace("\\n", "\n")
+            expected = expected.replace("<bos>", str(tokenizer.bos_token)).replace("<eos>", tokenizer.eos_token)
+            assert rendered == expected
+            if tokenizer is t5:  # what the T5 tokenizer itself gives the plain prompt (its </s> included)
+                plain = expected.removesuffix(tokenizer.eos_token)
+                assert tokenizer.encode(rendered, add_special_tokens=False) == tokenizer(plain).input_ids
     import tomllib
 
     from tests.entrypoints import ROOT
