@@ -82,8 +82,24 @@ def benchmark_config():
     return config, tokenizer
 
 
+def video_processor_config(image_config: dict) -> dict:
+    """The video processor's options: the image processor's (same pixel limits, patches, normalisation) under
+    transformers' Qwen2VLVideoProcessor. vLLM's Qwen2.5-VL processor loads a video processor even for image-only
+    prompts and fails without its config; transformers 5's `save_pretrained` of the whole processor would write
+    one, but its video processor needs torchvision, which fovea's environment never has, so it is written here."""
+    options = {k: v for k, v in image_config.items() if k != "image_processor_type"}
+    return {**options, "video_processor_type": "Qwen2VLVideoProcessor", "min_frames": 4, "max_frames": 768,
+            "do_sample_frames": False}
+
+
 def build_checkpoint(path: Path, max_pixels: int) -> Path:
+    """The benchmark checkpoint, written once into the cache. One cached before the video processor config was
+    written gets that file now, from its own image processor config (the weights are not rewritten)."""
+    video_config = path / "video_preprocessor_config.json"
     if (path / "model.safetensors").exists():
+        if not video_config.exists():
+            image_config = json.loads((path / "processor_config.json").read_text())["image_processor"]
+            video_config.write_text(json.dumps(video_processor_config(image_config), indent=2))
         return path
     from transformers import Qwen2_5_VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -93,9 +109,10 @@ def build_checkpoint(path: Path, max_pixels: int) -> Path:
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=max_pixels)
-    processor_config = {"processor_class": "Qwen2_5_VLProcessor", "image_processor": image_processor.to_dict()}
+    image_config = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=max_pixels).to_dict()
+    processor_config = {"processor_class": "Qwen2_5_VLProcessor", "image_processor": image_config}
     (path / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
+    video_config.write_text(json.dumps(video_processor_config(image_config), indent=2))
     return path
 
 
