@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fovea-installed
 
-.PHONY: test test-slow demo demo-model eval-demo bench bench-peers venv clean
+.PHONY: test test-slow test-peers demo demo-model eval-demo bench bench-peers venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,11 @@ $(PEERS_STAMP): benchmarks/peers_setup.py
 	touch $(PEERS_STAMP)
 
 bench-peers: $(PEERS_STAMP)
+
+# The end-to-end peer runs (tests marked `peers`): built environment first, so they run rather than skip; neither
+# `make test` nor `make test-slow` collects them. vLLM takes several GB: on a shared machine run this under its lock.
+test-peers: $(STAMP) $(PEERS_STAMP)
+	FOVEA_PEERS_PYTHON=$(abspath $(PEERS_VENV))/bin/python $(BIN)/python -m pytest -q -m peers tests
 
 clean:
 	rm -rf $(VENV)
