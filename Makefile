@@ -1,5 +1,5 @@
 # `make test` and `make demo` build their own environment in .venv (torch's CPU wheel first, so pip never
-# reaches for a CUDA build), then run.
+# reaches for a CUDA build), then run. The Ray extra is in it so the Ray Serve / Ray Data tests run in `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,0 +1,34 @@
+"""One local Ray instance for the Ray tests (starting one takes ~10 s): 2 CPUs, no dashboard, a small object
+store, on loopback. At the end Ray is shut down and every process it started must be gone."""
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+import pytest
+
+OBJECT_STORE_BYTES = 200 * 1024**2
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report to Ray's servers from a test
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    started = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    assert_gone(started)
+
+
+def assert_gone(processes: list[psutil.Process], timeout_s: float = 30.0) -> None:
+    """Every process in `processes` (Ray's gcs, raylet, workers...) has exited within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    alive = processes
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.2)
+    assert not alive, f"left running after ray.shutdown(): {[(p.pid, p.name()) for p in alive]}"
