@@ -1,6 +1,7 @@
 """The `fovea` command line: `serve`, `generate`, `bench`, and `train`, `eval`, `data`.
 
     fovea serve path/to/model --port 8000 --api-key KEY        # the OpenAI-compatible server
+    fovea serve path/to/model --num-replicas 2                 # ... as Ray Serve replicas (pip install 'fovea[ray]')
     fovea generate --image cat.png --prompt "a photo of"       # one-shot, prints the text
     fovea bench --model path/to/model --num-requests 64        # offline throughput and latency
     fovea data shapes --out data/shapes --num 1000             # a synthetic dataset (train/val/test JSONL)
@@ -25,6 +26,7 @@ from typing import Any
 from fovea.config import EngineConfig
 from fovea.entrypoints.arg_utils import add_dataclass_options, dataclass_kwargs
 from fovea.entrypoints.media_config import MediaConfig
+from fovea.entrypoints.ray._require import RayNotInstalledError
 
 # The model `generate` and `bench` use without --model: the demo BLIP-2 fovea trained on synthetic shapes and ships
 # in the repository (`make demo-model` rebuilds it).
@@ -122,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="after SIGTERM, abort requests still running after this long (none: wait for all)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="server log level ('debug' also logs every request)")
+    replicas = serve.add_argument_group(
+        "Ray Serve replicas (pip install 'fovea[ray]'); giving any of these serves MODEL from replicas on Ray")
+    replicas.add_argument("--num-replicas", type=int, default=None,
+                          help="engine replicas behind the one endpoint, each owning an engine (with autoscaling: "
+                               "the initial count)")
+    replicas.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas")
+    replicas.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas")
+    replicas.add_argument("--target-ongoing-requests", type=float, default=None,
+                          help="autoscaling: requests per replica Ray Serve aims at")
+    replicas.add_argument("--replica-num-cpus", type=float, default=1.0,
+                          help="CPUs each replica asks Ray for (its engine's --num-threads unless given)")
+    replicas.add_argument("--ray-address", default=None,
+                          help="the Ray cluster to join (ray.init's address); none: $RAY_ADDRESS, else a new local "
+                               "Ray instance on loopback, stopped with the server")
     add_engine_options(serve)
     serve.set_defaults(handler=_serve)
 
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, RayNotInstalledError) as err:
         print(f"fovea {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # --cpu-kernels require and the C++ kernels did not build: the compiler's message
@@ -213,20 +229,20 @@ def _start_cpu_kernels(args: argparse.Namespace) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from fovea.lora.request import LoRARequest
+
+    if any(getattr(args, name) is not None for name in _REPLICA_OPTIONS):
+        return _serve_replicas(args)
     from fovea.entrypoints.media_fetch import MediaFetcher
     from fovea.entrypoints.openai.app import ServerSettings, run_server
-    from fovea.lora.request import LoRARequest
 
     _check_model_dir(args.model)
     _start_cpu_kernels(args)
-    chat_template = args.chat_template
-    if chat_template is not None and Path(chat_template).is_file():
-        chat_template = Path(chat_template).read_text()
     settings = ServerSettings(
         served_model_names=args.served_model_name or [],
         api_key=args.api_key,
         max_waiting_requests=args.max_waiting_requests,
-        chat_template=chat_template,
+        chat_template=_chat_template(args),
         fetcher=MediaFetcher(media_config(args)),
         shutdown_timeout_s=args.shutdown_timeout_s,
         lora_modules=[LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora_modules or [], 1)],
@@ -237,6 +253,67 @@ def _serve(args: argparse.Namespace) -> int:
     config = EngineConfig.from_kwargs(args.model, **options)
     run_server(config, settings, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+_REPLICA_OPTIONS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests")
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    """`fovea serve --num-replicas K`: the same server as K Ray Serve replicas (fovea.entrypoints.ray.serve),
+    until SIGTERM or Ctrl-C."""
+    import signal
+    import threading
+
+    from fovea.entrypoints.ray import require_ray
+
+    require_ray("fovea serve --num-replicas", "ray.serve")
+    import ray
+    from ray import serve
+
+    from fovea.entrypoints.ray.serve import ReplicaScaling, ServeOptions, deploy, shutdown
+    from fovea.lora.request import LoRARequest
+
+    _check_model_dir(args.model)
+    scaling = ReplicaScaling(num_replicas=args.num_replicas or 1, min_replicas=args.min_replicas,
+                             max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests)
+    scaling.deployment_options()  # bad counts fail before Ray starts
+    server = ServeOptions(
+        served_model_names=tuple(args.served_model_name or ()), api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests, chat_template=_chat_template(args),
+        media=media_config(args), shutdown_timeout_s=args.shutdown_timeout_s,
+        lora_modules=tuple(LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora_modules or [], 1)))
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # a single-machine instance: every Ray process on loopback (Ray's switch for that), no usage report
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(include_dashboard=False)
+    # after ray.init, whose failure-signal handler would otherwise take SIGTERM (a stack dump, then an abort)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        deploy(args.model, scaling=scaling, server=server, host=args.host, port=args.port,
+               replica_num_cpus=args.replica_num_cpus, **engine_kwargs(args))
+        print(f"fovea serve: {args.model} on Ray Serve at http://{args.host}:{args.port}/ "
+              f"({scaling.deployment_options()}); /metrics has every replica's series (label 'replica'), "
+              f"/metrics/replicas their own addresses", file=sys.stderr, flush=True)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        shutdown()
+        if not address:  # the local instance is ours: stop Serve and Ray with it
+            serve.shutdown()
+            ray.shutdown()
+    return 0
+
+
+def _chat_template(args: argparse.Namespace) -> str | None:
+    if args.chat_template is not None and Path(args.chat_template).is_file():
+        return Path(args.chat_template).read_text()
+    return args.chat_template
 
 
 def _lora_module(text: str) -> tuple[str, str]:

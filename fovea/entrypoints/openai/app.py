@@ -85,6 +85,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="fovea", lifespan=lifespan)
     app.state.chat_template = chat_template
+    app.state.metrics = metrics  # a Ray Serve replica also serves them on its own port (entrypoints/ray/replica.py)
     app.openapi = lambda: openapi_schema(app, model_names, llm_engine.input_processor.vocab_size)
     install_error_handlers(app)
     app.add_middleware(ErrorCountingMiddleware, metrics=metrics, model_name=model_names[0])

@@ -9,15 +9,16 @@ import psutil
 import pytest
 
 OBJECT_STORE_BYTES = 200 * 1024**2
+# Ray's processes on loopback only (Ray's switch for single-machine clusters), and no usage report to Ray's servers
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report to Ray's servers from a test
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    os.environ.update(LOOPBACK_RAY_ENV)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
     yield ray
     started = psutil.Process().children(recursive=True)
     ray.shutdown()
