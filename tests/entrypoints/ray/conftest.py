@@ -18,9 +18,12 @@ def ray_local():
     import ray
 
     os.environ.update(LOOPBACK_RAY_ENV)
+    before = set(psutil.Process().children())
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+    ray_roots = [p for p in psutil.Process().children() if p not in before]  # gcs_server, raylet, ...
+    assert ray_roots
     yield ray
-    started = psutil.Process().children(recursive=True)
+    started = [q for p in ray_roots if p.is_running() for q in [p, *p.children(recursive=True)]]  # + workers
     ray.shutdown()
     assert_gone(started)
 
