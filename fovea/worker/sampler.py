@@ -2,9 +2,9 @@
 
 One step, in vLLM v1's order, all of it vectorised over the batch:
 
-  0. grammar       rows with structured outputs: the tokens their matcher forbids -> -inf (before the logprobs,
-                   as vLLM applies its bitmask to the logits it hands the sampler); other rows are not touched,
-                   and a batch without such rows skips this step entirely
+  0. grammar       rows with structured outputs are sampled apart (see `GrammarRows`): their logits copied,
+                   the tokens their matcher forbids -> -inf (before the logprobs, as vLLM applies its bitmask
+                   to the logits it hands the sampler), then steps 1-5 on those rows alone
   1. raw logprobs  log_softmax of the model's logits in float32, if any row asked for logprobs
   2. min_tokens    EOS and stop_token_ids -> -inf while the output is shorter than min_tokens
   3. penalties     repetition over prompt + output, presence and frequency over the output only
@@ -14,6 +14,12 @@ One step, in vLLM v1's order, all of it vectorised over the batch:
 The exponential race picks argmax(p / q) with q ~ Exp(1), which is a draw from p. A seeded row draws its q
 from its own generator, so its tokens depend on its seed and nothing else in the batch; the other random rows
 draw from the engine's generator (seeded by `EngineConfig.seed`), so a run repeats exactly.
+
+Rows without a constraint pay nothing for the ones that have one: the whole batch first takes the path it
+would take if every constrained row were a plain greedy row (so an all-greedy batch keeps its fast argmax over
+the model's own dtype, and no row is widened for the sake of another), then the constrained rows are sampled
+again apart and written over their places. An unconstrained row's ids and logprobs are therefore bit-identical
+to what the same rows give without the constrained ones (tested).
 """
 from __future__ import annotations
 
@@ -64,7 +70,7 @@ class SamplingMetadata:
     prompt_token_ids: torch.Tensor | None  # (B, max_prompt_len) int64 padded with vocab_size
     output_token_ids: torch.Tensor | None  # (B, max_output_len) int64 padded with vocab_size
     min_tokens_mask: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) to set to -inf
-    grammar_rows: list[tuple[int, Any]] | None = None  # (row, matcher) of rows with structured outputs
+    grammar: GrammarRows | None = None  # the rows with structured outputs, sampled apart
 
     @classmethod
     def build(cls, rows: list[SamplingRow], vocab_size: int, device: torch.device | str = "cpu",
@@ -112,6 +118,20 @@ class SamplingMetadata:
         def long(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
 
+        constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+        if constrained:
+            # the batch's own pass sees each constrained row as a plain greedy row (no generator, logprobs or
+            # penalties), so the flags and tensors below are the unconstrained rows' alone
+            grammar = GrammarRows(
+                rows=long(constrained), matchers=[rows[i].grammar for i in constrained],
+                meta=cls.build([_without_grammar(rows[i]) for i in constrained], vocab_size, device,
+                               default_generator),
+                num_logprobs=[p.logprobs for p in params], is_whole_batch=len(constrained) == len(rows))
+            meta = cls.build([_NEUTRAL_ROW if row.grammar is not None else row for row in rows], vocab_size,
+                             device, default_generator)
+            meta.grammar = grammar
+            return meta
+
         return cls(
             temperature=floats([1.0 if g else p.temperature for g, p in zip(is_greedy, params)]),
             is_greedy=torch.tensor(is_greedy, dtype=torch.bool, device=device),
@@ -133,8 +153,27 @@ class SamplingMetadata:
             output_token_ids=(None if no_penalties else
                               _pad_token_ids([r.output_token_ids for r in rows], vocab_size, device)),
             min_tokens_mask=(long(min_rows), long(min_ids)) if min_rows else None,
-            grammar_rows=[(i, row.grammar) for i, row in enumerate(rows) if row.grammar is not None] or None,
         )
+
+
+@dataclass(slots=True)
+class GrammarRows:
+    """The rows of a step with structured outputs: where they sit in the batch, their matchers, and their own
+    sampling metadata (as if they were a batch of their own)."""
+
+    rows: torch.Tensor  # (R,) int64 batch rows
+    matchers: list[Any]  # one llguidance matcher per row, in order
+    meta: SamplingMetadata  # of these R rows
+    num_logprobs: list[int | None]  # of the whole batch, per row as asked
+    is_whole_batch: bool  # every row is constrained: the batch's own pass would be wasted
+
+
+# what a constrained row is in its batch's own pass: the cheapest row there is, and it asks for nothing
+_NEUTRAL_ROW = SamplingRow(SamplingParams(temperature=0.0), [], [])
+
+
+def _without_grammar(row: SamplingRow) -> SamplingRow:
+    return SamplingRow(row.params, row.prompt_token_ids, row.output_token_ids, row.generator, row.eos_token_id)
 
 
 def _pad_token_ids(seqs: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -188,8 +227,15 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: (B, V) of the model, any float dtype; not modified."""
-        if meta.grammar_rows is not None:
-            logits = apply_grammar(logits, meta.grammar_rows)
+        grammar = meta.grammar
+        if grammar is None:
+            return self._sample(logits, meta)
+        constrained = self._sample(masked_rows(logits, grammar), grammar.meta)
+        if grammar.is_whole_batch:
+            return constrained
+        return merge_outputs(self._sample(logits, meta), constrained, grammar)
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if (meta.all_greedy and meta.max_num_logprobs is None and meta.no_penalties
                 and meta.min_tokens_mask is None):
             # the first maximum of the logits as they are: widening them to float32 cannot change it
@@ -207,16 +253,38 @@ class Sampler:
         return SamplerOutput(sampled, logprobs)
 
 
-def apply_grammar(logits: torch.Tensor, grammar_rows: list[tuple[int, Any]]) -> torch.Tensor:
-    """A copy of `logits` in which each constrained row's forbidden tokens are -inf. The masks of all these rows
-    are computed in one call (llguidance's executor spreads them over threads), applied to those rows only."""
+def masked_rows(logits: torch.Tensor, grammar: GrammarRows) -> torch.Tensor:
+    """(R, V) float32: a copy of the constrained rows of `logits`, the tokens each matcher forbids set to -inf.
+    All R masks come from one llguidance call (its executor spreads them over threads)."""
     from fovea.engine.structured_output import mask_rows
 
-    rows = torch.tensor([row for row, _ in grammar_rows], dtype=torch.int64, device=logits.device)
-    constrained = logits.index_select(0, rows).float()  # a new tensor: the caller's logits stay as they are
-    mask_rows(constrained, [matcher for _, matcher in grammar_rows])
-    logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
-    return logits.index_copy_(0, rows, constrained)
+    constrained = logits.index_select(0, grammar.rows).float()  # a new tensor: the caller's stays as it was
+    mask_rows(constrained, grammar.matchers)
+    return constrained
+
+
+def merge_outputs(batch: SamplerOutput, constrained: SamplerOutput, grammar: GrammarRows) -> SamplerOutput:
+    """The batch's own pass with the constrained rows' results written over their places."""
+    sampled = batch.sampled_token_ids.index_copy(0, grammar.rows, constrained.sampled_token_ids)
+    if batch.logprobs is None and constrained.logprobs is None:
+        return SamplerOutput(sampled, None)
+    # either pass may have asked for fewer columns (or none): pad to the wider; a row reads only its own k
+    parts = [p.logprobs for p in (batch, constrained) if p.logprobs is not None]
+    width = max(p.token_ids.shape[1] for p in parts)
+    num_rows = sampled.shape[0]
+    token_ids = torch.zeros(num_rows, width, dtype=torch.int64)
+    logprobs = torch.zeros(num_rows, width, dtype=torch.float32)
+    ranks = torch.zeros(num_rows, dtype=torch.int64)
+    for part, rows in ((batch.logprobs, None), (constrained.logprobs, grammar.rows)):
+        if part is None:
+            continue
+        k = part.token_ids.shape[1]
+        if rows is None:
+            token_ids[:, :k], logprobs[:, :k], ranks[:] = part.token_ids, part.logprobs, part.sampled_token_ranks
+        else:
+            token_ids[rows, :k], logprobs[rows, :k] = part.token_ids, part.logprobs
+            ranks[rows] = part.sampled_token_ranks
+    return SamplerOutput(sampled, LogprobsTensors(token_ids, logprobs, ranks, list(grammar.num_logprobs)))
 
 
 def apply_min_tokens(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

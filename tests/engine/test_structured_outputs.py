@@ -77,7 +77,7 @@ def check(kind: str, target, text: str) -> None:
 
 def test_fifty_constrained_requests_all_valid_with_unconstrained_rows_in_the_same_batches(llm):
     requests = fifty_requests()
-    free = SamplingParams(temperature=1.0, seed=7, max_tokens=30, ignore_eos=True)
+    free = SamplingParams(temperature=1.0, seed=7, max_tokens=30, ignore_eos=True, logprobs=2)
     prompts = [f"request {i}: give me the answer" for i in range(len(requests))] + ["free text", "more free text"]
     outputs = llm.generate(prompts, [p for _, _, p in requests] + [free, free], use_tqdm=False)
     for (kind, target, _), out in zip(requests, outputs):
@@ -87,6 +87,12 @@ def test_fifty_constrained_requests_all_valid_with_unconstrained_rows_in_the_sam
     # the unconstrained rows are exactly what they are alone: the grammar rows did not touch them
     alone = llm.generate(["free text", "more free text"], free, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs[-2:]] == [o.outputs[0].token_ids for o in alone]
+    # their logprobs too, up to the model's own float32 noise: a batch of other size sums its GEMMs in another
+    # order (the sampler's part is bit-exact: test_unconstrained_rows_are_bit_identical_...)
+    for mixed_out, alone_out in zip(outputs[-2:], alone):
+        for a, b in zip(mixed_out.outputs[0].logprobs, alone_out.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys()
+            assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
     assert all(len(o.outputs[0].token_ids) == 30 for o in alone)
 
 
@@ -163,3 +169,78 @@ def test_sampler_masks_only_constrained_rows_and_leaves_logits_alone():
     assert torch.equal(logits, before)
     seven = tokenizer.convert_tokens_to_ids("7")
     assert out.sampled_token_ids.tolist() == [int(before[0].argmax()), seven, int(before[2].argmax())]
+
+
+def _rows(specs, compiler):
+    """SamplingRows from (params, constraint or None); seeded rows get fresh generators, so two calls agree."""
+    from fovea.worker.sampler import seeded_generator
+    rows = []
+    for params, so in specs:
+        generator = seeded_generator(params.seed) if params.seed is not None else None
+        rows.append(SamplingRow(params, [5, 6, 7], [8, 9], generator=generator,
+                                grammar=compiler.matcher(so) if so is not None else None))
+    return rows
+
+
+def test_unconstrained_rows_are_bit_identical_to_the_same_rows_without_the_constrained_ones():
+    """Greedy, seeded random, penalties and logprobs on bfloat16 logits: the unconstrained rows of a mixed batch
+    give exactly (bit for bit) the ids and logprobs that the same rows give in a batch of their own; the
+    constrained rows obey their grammar, with -inf logprobs on what it forbids, and a seeded one draws as it
+    would alone."""
+    from fovea.engine.structured_output import GrammarCompiler
+    from tests.oracle.qwen2_5_vl import build_qwen_tokenizer
+    tokenizer = build_qwen_tokenizer()
+    vocab = (len(tokenizer) + 15) // 16 * 16
+    compiler = GrammarCompiler(tokenizer, vocab)
+    free = [(SamplingParams(temperature=0.0, logprobs=2), None),
+            (SamplingParams(temperature=0.8, top_k=20, seed=3, logprobs=3), None),
+            (SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5), None),
+            (SamplingParams(temperature=1.0, top_p=0.9, seed=4), None)]
+    seven = StructuredOutputsParams(choice=["7"])
+    constrained = [(SamplingParams(temperature=0.9, seed=5, logprobs=5), seven),
+                   (SamplingParams(temperature=0.0), StructuredOutputsParams(regex="[0-9]+"))]
+    order = [free[0], constrained[0], free[1], free[2], constrained[1], free[3]]
+    free_at, constrained_at = [0, 2, 3, 5], [1, 4]
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    before = logits.clone()
+
+    mixed = Sampler()(logits, SamplingMetadata.build(_rows(order, compiler), vocab))
+    alone = Sampler()(logits[free_at], SamplingMetadata.build(_rows(free, compiler), vocab))
+    assert torch.equal(logits, before)
+    assert mixed.sampled_token_ids[free_at].tolist() == alone.sampled_token_ids.tolist()
+    k = alone.logprobs.token_ids.shape[1]
+    assert torch.equal(mixed.logprobs.token_ids[free_at, :k], alone.logprobs.token_ids)
+    assert torch.equal(mixed.logprobs.logprobs[free_at, :k], alone.logprobs.logprobs)  # bit for bit
+    assert torch.equal(mixed.logprobs.sampled_token_ranks[free_at], alone.logprobs.sampled_token_ranks)
+    mixed_dicts, alone_dicts = mixed.logprobs.to_dicts(), alone.logprobs.to_dicts()
+    assert [mixed_dicts[i] for i in free_at] == alone_dicts
+
+    ids = mixed.sampled_token_ids.tolist()
+    assert ids[1] == tokenizer.convert_tokens_to_ids("7")
+    assert tokenizer.decode([ids[4]]).isdigit()
+    row = mixed_dicts[1]  # 5 top logprobs + the sampled token's: only "7" is allowed, so it holds all the mass
+    assert row[ids[1]].logprob == 0.0 and row[ids[1]].rank == 1
+    assert sum(1 for lp in row.values() if lp.logprob == float("-inf")) == len(row) - 1
+    assert mixed_dicts[4] is None
+    # the seeded constrained row alone draws the same
+    seeded_alone = Sampler()(logits[[1]], SamplingMetadata.build(_rows([constrained[0]], compiler), vocab))
+    assert seeded_alone.sampled_token_ids.tolist() == [ids[1]]
+
+
+def test_a_greedy_batch_keeps_its_fast_path_beside_random_constrained_rows():
+    """The batch's own pass is planned from the unconstrained rows alone: greedy rows without logprobs stay on
+    the all-greedy argmax path whatever the constrained rows ask for."""
+    from fovea.engine.structured_output import GrammarCompiler
+    from tests.oracle.qwen2_5_vl import build_qwen_tokenizer
+    tokenizer = build_qwen_tokenizer()
+    vocab = (len(tokenizer) + 15) // 16 * 16
+    compiler = GrammarCompiler(tokenizer, vocab)
+    specs = [(SamplingParams(temperature=0.0), None)] * 3 + [
+        (SamplingParams(temperature=0.7, seed=1, logprobs=4, presence_penalty=0.5),
+         StructuredOutputsParams(regex="[a-z]+"))]
+    meta = SamplingMetadata.build(_rows(specs, compiler), vocab)
+    assert meta.all_greedy and meta.max_num_logprobs is None and meta.no_penalties and not meta.generators
+    assert meta.grammar.rows.tolist() == [3] and not meta.grammar.meta.all_greedy
+    assert meta.grammar.meta.max_num_logprobs == 4 and not meta.grammar.meta.no_penalties
+    all_constrained = SamplingMetadata.build(_rows(specs[3:] * 2, compiler), vocab)
+    assert all_constrained.grammar.is_whole_batch
