@@ -16,6 +16,23 @@ _CPU_KERNEL_MODES = ("auto", "off", "require")
 _QUANTIZATION_METHODS = ("int8", "compressed-tensors")  # fovea.models.quantization.QUANTIZATION_METHODS  # fovea.kernels.MODES, spelled out so this module imports no torch
 
 
+# What one request's structured-outputs constraint may cost (a server client is untrusted). `max_bytes` is
+# fovea's own (the constraint's text: schema JSON, regex, grammar, choices as JSON); the others are llguidance's
+# parser limits (`llguidance.LLParserLimits`), which bound compile time and memory and each mask step's time by
+# work counted as "fuel" (llguidance's figures: lexer ~50k fuel/ms at compile, ~14k/ms per step; Earley items
+# ~20k/ms; a lexer state ~1-2 kB). Defaults are llguidance's except where noted.
+STRUCTURED_OUTPUTS_LIMITS = {
+    "max_bytes": 64 * 1024,  # fovea's: llguidance takes ~1 s to refuse a 100k-value enum (~1 MB); 64 kB is
+    # a large JSON Schema, and bounds how deep a grammar can nest (see structured_output._STACK_BYTES)
+    "max_grammar_size": 200_000,  # symbols in the grammar's productions (llguidance: 500k)
+    "initial_lexer_fuel": 1_000_000,  # ~20 ms of regex analysis when a matcher is built
+    "step_lexer_fuel": 200_000,  # ~14 ms of lexer work per sequence per step
+    "step_max_items": 50_000,  # Earley items per sequence per step (~2.5 ms)
+    "max_lexer_states": 20_000,  # per matcher, ~40 MB at most (llguidance: 250k, up to ~500 MB each)
+    "max_items_in_row": 2_000,  # a production's branching factor
+}
+
+
 @dataclass
 class EngineConfig:
     model: str
@@ -82,6 +99,12 @@ class EngineConfig:
     """Largest adapter rank `r` accepted; the slots are sized for it."""
     max_cpu_loras: int | None = None
     """Adapters kept loaded in memory, least recently used evicted (and read again when needed); None: max_loras."""
+    structured_outputs_limits: dict[str, int] | None = None
+    """Override some of what one structured-outputs constraint may cost, e.g. {"max_lexer_states": 5000}; the
+    rest keep their defaults (`fovea.config.STRUCTURED_OUTPUTS_LIMITS`: max_bytes 65536, max_grammar_size
+    200000, initial_lexer_fuel 1000000, step_lexer_fuel 200000, step_max_items 50000, max_lexer_states 20000,
+    max_items_in_row 2000). A constraint over a limit is refused (ValueError / 400 naming it); one that reaches a
+    per-step limit while generating finishes with reason "error" naming it."""
 
     def __post_init__(self) -> None:
         path = Path(self.model)
@@ -126,6 +149,14 @@ class EngineConfig:
               or self.max_cpu_loras < self.max_loras):
             raise ValueError(f"max_cpu_loras={self.max_cpu_loras!r} must be an integer >= max_loras "
                              f"({self.max_loras}): every adapter of a batch is also kept in memory")
+        limits = self.structured_outputs_limits or {}
+        for name, value in limits.items():
+            if name not in STRUCTURED_OUTPUTS_LIMITS:
+                raise ValueError(f"structured_outputs_limits: unknown limit {name!r}; the limits are "
+                                 f"{', '.join(STRUCTURED_OUTPUTS_LIMITS)}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"structured_outputs_limits[{name!r}]={value!r} must be a positive integer")
+        self.structured_outputs_limits = {**STRUCTURED_OUTPUTS_LIMITS, **limits}
         if not 0.0 < self.memory_utilization <= 1.0:
             raise ValueError(f"memory_utilization={self.memory_utilization!r} must be in (0, 1]")
         if self.limit_mm_per_prompt is not None:

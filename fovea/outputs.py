@@ -89,6 +89,8 @@ class ModelRunnerOutput:
     # req id -> the prompt logprobs of prompt tokens 1..P-1 (None at placeholders), given once, in the step that
     # samples the request's first token (every chunk of its prompt computed them on the way)
     prompt_logprobs: dict[str, list[dict[int, Logprob] | None]] | None = None
+    # req id -> why it cannot go on (its structured-outputs matcher reached a limit); its token list is empty
+    errors: dict[str, str] | None = None
 
     @staticmethod
     def empty() -> "ModelRunnerOutput":

@@ -153,7 +153,8 @@ class LLMEngine:
     def grammar_compiler(self) -> GrammarCompiler:
         """The structured-outputs compiler for this tokenizer (built once: it indexes the whole vocabulary)."""
         if self._grammar_compiler is None:
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self._vocab_size)
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self._vocab_size,
+                                                     self.config.structured_outputs_limits)
             self.engine_core.executor.enable_structured_outputs(self._grammar_compiler)
         return self._grammar_compiler
 

@@ -438,6 +438,9 @@ class Scheduler(BeamForks):
             if row is None:
                 raise ValueError(f"no sampled token for request {rid!r}, whose chunk ended its tokens")
             new_token_ids = []
+            error = runner_output.errors.get(rid) if runner_output.errors else None
+            if error is not None:  # the request cannot go on (its grammar reached a limit); the others do
+                request.status, request.stop_reason = RequestStatus.FINISHED_ERROR, error
             for token_id in runner_output.sampled_token_ids[row]:
                 request.append_output_token_ids(token_id)
                 new_token_ids.append(token_id)
@@ -459,6 +462,7 @@ class Scheduler(BeamForks):
                         prompt_logprobs=runner_output.prompt_logprobs.get(rid)
                         if runner_output.prompt_logprobs else None,
                         num_cached_tokens=request.num_cached_prompt_tokens,
+                        error=error,
                     )
                 )
         if any_finished:

@@ -94,7 +94,8 @@ def _handle(spec: m.WorkerSpec, runner, message):
             from fovea.engine.structured_output import GrammarCompiler
 
             tokenizer = transformers.AutoTokenizer.from_pretrained(spec.config.tokenizer_path)
-            runner.grammar_compiler = GrammarCompiler(tokenizer, message.vocab_size)
+            runner.grammar_compiler = GrammarCompiler(tokenizer, message.vocab_size,
+                                                      spec.config.structured_outputs_limits)
         return None
     raise TypeError(f"unknown worker message {type(message).__name__}")
 

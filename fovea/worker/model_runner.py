@@ -338,19 +338,23 @@ class ModelRunner:
                                           default_generator=self.generator)
         result = self.sampler(logits, sampling)
         tokens = result.sampled_token_ids.tolist()
+        errors = {}
         for state, token in zip(sampled, tokens):
+            grammar = state.sampling.grammar
+            # a matcher that reached a limit computing this mask (or refuses the token) ends its request alone
+            if grammar is not None and (grammar.is_error() or not grammar.consume_token(token)):
+                errors[state.req_id] = self.grammar_compiler.describe_error("structured_outputs", grammar.get_error())
+                continue
             state.token_ids.append(token)
             state.output_token_ids.append(token)
-            grammar = state.sampling.grammar
-            if grammar is not None and not grammar.consume_token(token):
-                raise RuntimeError(f"request {state.req_id}: the grammar refused token {token}: {grammar.get_error()}")
         logprobs = result.logprobs.to_dicts() if result.logprobs is not None else None
         prompt_logprobs = {}
         for state in sampled:
             if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:
                 prompt_logprobs[state.req_id], state.prompt_logprobs_sent = state.prompt_logprobs, True
-        return ModelRunnerOutput([s.req_id for s in sampled], [[t] for t in tokens], logprobs,
-                                 prompt_logprobs or None)
+        return ModelRunnerOutput([s.req_id for s in sampled],
+                                 [[] if s.req_id in errors else [t] for s, t in zip(sampled, tokens)], logprobs,
+                                 prompt_logprobs or None, errors or None)
 
     def _stage_kwargs(self, received) -> dict:
         """A split model's forward takes the previous stage's tensors; other models keep their signature."""
