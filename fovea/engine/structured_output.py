@@ -78,7 +78,7 @@ class GrammarCompiler:
 
     def describe_error(self, what: str, error: str) -> str:
         """llguidance's error text, with the limit it reached named as fovea's option names it."""
-        error = error.strip().splitlines()[0] if error.strip() else "unknown error"
+        error = error.strip()[:2000] or "unknown error"  # the whole diagnosis (a regex's spans several lines)
         for phrase, name in _LIMIT_PHRASES:
             if phrase in error.lower():
                 return f"{what} exceeds the limit {name}={self.limits[name]} ({error}){_LIMITS_HINT}"

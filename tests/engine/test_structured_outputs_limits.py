@@ -52,7 +52,7 @@ def test_a_huge_enum_is_refused_by_size_before_llguidance_sees_it(llm):
 
 def test_a_grammar_over_llguidance_limits_is_refused_naming_the_limit(ckpt):
     small = LLM(ckpt, **OPTIONS, structured_outputs_limits={"max_grammar_size": 1_000})
-    message, seconds = refused(small, StructuredOutputsParams(grammar=chain(600)))
+    message, seconds = refused(small, StructuredOutputsParams(grammar=chain(300)))
     assert "exceeds the limit max_grammar_size=1000" in message, message
     assert seconds < 5.0, seconds
     # the lexer's compile budget: 2,000 enum values (40 kB) fit in max_bytes, not in 10,000 fuel
