@@ -22,6 +22,7 @@ fails with `EngineUnavailableError` (the server answers 503) and `dead_callbacks
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import time
@@ -138,6 +139,11 @@ class RequestStream:
                 return
 
 
+def _settle(future: asyncio.Future, setter, value) -> None:
+    if not future.done():  # the caller may have gone (cancelled)
+        setter(value)
+
+
 class AsyncLLMEngine:
     """Drive `engine` from an asyncio program. Call `start()` inside the running loop, `shutdown()` at the end.
 
@@ -165,6 +171,7 @@ class AsyncLLMEngine:
         on_failure = getattr(engine.engine_core.executor, "on_failure", None)
         if on_failure is not None:
             on_failure(self._executor_failed)
+        self._embed_calls: collections.deque = collections.deque()  # (inputs, pooling, future) waiting to run
 
     # ---- lifecycle --------------------------------------------------------------------------------------------
 
@@ -255,8 +262,28 @@ class AsyncLLMEngine:
             self._wakeup.set()
 
     async def embed(self, inputs: list, pooling: str | None = None) -> list:
-        """`LLMEngine.embed` on the engine thread, between two steps (the model is never run from two threads)."""
-        return await self._call(self.engine.embed, inputs, pooling)
+        """`LLMEngine.embed` on the engine thread, between two steps (the model is never run from two threads).
+        Calls that arrive while the engine thread is busy wait together and run as one batch
+        (`LLMEngine.embed_many`): a bad call gets its own ValueError, the others their embeddings."""
+        future = asyncio.get_running_loop().create_future()
+        self._embed_calls.append((inputs, pooling, future))
+        # every call submits a drain; the first to run takes all that are waiting, the later ones find none
+        await asyncio.wrap_future(self._executor.submit(self._job, self._embed_waiting, ()))
+        return await future
+
+    def _embed_waiting(self) -> None:
+        calls = []
+        while self._embed_calls:
+            calls.append(self._embed_calls.popleft())
+        if not calls:
+            return
+        try:
+            results = self.engine.embed_many([(inputs, pooling) for inputs, pooling, _ in calls])
+        except BaseException as err:  # the model raised: every call of the batch gets the error
+            results = [err] * len(calls)
+        for (_, _, future), result in zip(calls, results):
+            setter = future.set_exception if isinstance(result, BaseException) else future.set_result
+            future.get_loop().call_soon_threadsafe(_settle, future, setter, result)
 
     async def get_stats(self) -> EngineStats:
         """Stats after every job queued so far has run (the snapshot in `stats` may be one job old)."""

@@ -21,7 +21,8 @@ from fovea.engine.beam_search import BeamSearchManager, sequence_params
 from fovea.engine.core import EngineCore
 from fovea.engine.input_processor import InputProcessor, PromptType
 from fovea.engine.output_processor import OutputProcessor, fan_out
-from fovea.engine.pooling import check_embeds_images, embed_images
+from fovea.engine.embedding_cache import EmbeddingCache
+from fovea.engine.pooling import check_embed_inputs, embed_images
 from fovea.engine.structured_output import GrammarCompiler
 from fovea.layers.rotary import context_scaling_factor
 from fovea.lora.request import LoRARequest
@@ -75,6 +76,8 @@ class LLMEngine:
         self._grammar_compiler = None  # made by the first request with structured outputs
         self._arrivals = itertools.count()
         self._image_processor = None  # for embed(); read from the checkpoint on first use
+        # embeddings by image content, as many rows as the encoder cache holds tokens
+        self.embedding_cache = EmbeddingCache(self.scheduler.encoder_cache_manager.cache_size)
 
     def _resolve_max_model_len(self, text_config) -> int:
         if is_encoder_decoder(self.hf_config):
@@ -164,10 +167,37 @@ class LLMEngine:
 
     def embed(self, inputs: Sequence[Any], pooling: str | None = None) -> list[torch.Tensor]:
         """One float32 (rows, dim) embedding per input (see `fovea.engine.pooling`); a ValueError names a bad one."""
-        check_embeds_images(self.runner.model)  # before reading a preprocessor config that may not be BLIP's
-        if self._image_processor is None:
+        result = self.embed_many([(inputs, pooling)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def embed_many(self, calls: Sequence[tuple[Sequence[Any], str | None]]) -> list[list[torch.Tensor] | ValueError]:
+        """Several embed calls (inputs, pooling) as one batch, as the server gathers concurrent requests: each
+        call checked alone (a bad one gets its ValueError, the others their embeddings), then the images of all
+        good calls with the same pooling run together, repeated and cached images once (`EmbeddingCache`)."""
+        model = self.runner.model
+        checked: list[tuple[str, list] | ValueError] = []
+        for inputs, pooling in calls:
+            try:
+                checked.append(check_embed_inputs(model, list(inputs), pooling))
+            except ValueError as err:
+                checked.append(err)
+        if self._image_processor is None and any(not isinstance(c, ValueError) for c in checked):
+            # only now: a model that does not embed was refused above, before a preprocessor config not BLIP's
             self._image_processor = BlipImageProcessor.from_pretrained(self.config.model)
-        return embed_images(self.runner.model, self._image_processor, inputs, pooling, self.config.max_num_seqs)
+        results: list[list[torch.Tensor] | ValueError] = [c if isinstance(c, ValueError) else [] for c in checked]
+        by_pooling: dict[str, list[int]] = {}
+        for i, c in enumerate(checked):
+            if not isinstance(c, ValueError):
+                by_pooling.setdefault(c[0], []).append(i)
+        for pooling, members in by_pooling.items():
+            images = [image for i in members for image in checked[i][1]]
+            embeddings = iter(embed_images(model, self._image_processor, images, pooling, self.config.max_num_seqs,
+                                           self.embedding_cache))
+            for i in members:
+                results[i] = [next(embeddings) for _ in checked[i][1]]
+        return results
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

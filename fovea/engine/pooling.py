@@ -10,7 +10,9 @@ must hold exactly one image. `pooling` picks the stage, each one transformers' m
 
 An embedding is the whole (rows, dim) matrix, one row per token (vLLM's "token_embed" shape), never
 averaged: BLIP-2's features are per query and a mean has no meaning in its training.
-All images of a call run as batches of up to `max_num_seqs` through one forward each, not one per input.
+All images of a call run as batches of up to `max_num_seqs` through one forward each, not one per input; an image
+already embedded with the same pooling (same content hash) comes from the `EmbeddingCache` without running the
+model, and an image repeated within a call runs once.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from fovea.engine.embedding_cache import EmbeddingCache
 from fovea.models.blip2_qformer import Blip2QFormerModel
+from fovea.multimodal.hashing import hash_mm_item
 
 POOLING_STAGES = ("projected", "qformer", "vision")
 DEFAULT_POOLING = "projected"
@@ -97,12 +101,29 @@ def check_embeds_images(model: torch.nn.Module) -> None:
                          f"(Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval) do")
 
 
-def embed_images(model: torch.nn.Module, image_processor, inputs: Sequence[Any], pooling: str | None,
-                 max_batch: int) -> list[torch.Tensor]:
-    """Validate every input before any forward, so one bad input refuses the call without wasted work."""
+def check_embed_inputs(model: torch.nn.Module, inputs: Sequence[Any], pooling: str | None
+                       ) -> tuple[str, list[Image.Image]]:
+    """The pooling and the one image of each input; a ValueError names the first bad one (nothing has run)."""
     pooling = check_pooling(pooling)
     check_embeds_images(model)
-    images = [image_of(item, i) for i, item in enumerate(inputs)]
-    if not images:
-        return []
-    return embed_pixels(model, image_processor(images)["pixel_values"], pooling, max_batch)
+    return pooling, [image_of(item, i) for i, item in enumerate(inputs)]
+
+
+def embed_images(model: torch.nn.Module, image_processor, images: Sequence[Image.Image], pooling: str,
+                 max_batch: int, cache: EmbeddingCache | None = None) -> list[torch.Tensor]:
+    """One float32 (rows, dim) embedding per image (already checked): cached ones from `cache`, the distinct
+    others preprocessed and run in batches of `max_batch`, then kept. Each result is the caller's own copy."""
+    hashes = [hash_mm_item("image", image) for image in images]
+    found = {}
+    for mm_hash in dict.fromkeys(hashes):
+        if cache is not None and (embedding := cache.get(pooling, mm_hash)) is not None:
+            found[mm_hash] = embedding
+    missing = {h: image for h, image in zip(hashes, images) if h not in found}
+    if missing:
+        pixel_values = image_processor(list(missing.values()))["pixel_values"]
+        for mm_hash, embedding in zip(missing, embed_pixels(model, pixel_values, pooling, max_batch)):
+            found[mm_hash] = embedding
+            if cache is not None:
+                cache.put(pooling, mm_hash, embedding)
+    # copies: a caller writing into its result must not change the cache (or another input's result)
+    return [found[h].clone() for h in hashes]

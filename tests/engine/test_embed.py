@@ -94,3 +94,52 @@ def test_models_without_image_only_features_refuse_by_name(tmp_path):
     qwen = LLM(str(build_tiny_qwen2_5_vl(tmp_path / "qwen", seed=0)), dtype="float32", num_kv_blocks=64)
     with pytest.raises(ValueError, match="Qwen2_5_VLForConditionalGeneration does not serve embeddings; BLIP-2"):
         qwen.embed([make_image(0)])
+
+
+def test_repeated_images_come_from_the_cache_without_running_the_vision_tower(model_dir, expected):
+    """Counted on the real vision module with a forward hook: a second embed of the same image runs nothing, and
+    gives the same embedding; a new image beside it runs alone; an image repeated within a call runs once."""
+    llm = LLM(str(model_dir), dtype="float32", max_num_seqs=4)
+    images, want = expected
+    vision = llm.llm_engine.runner.model.vision_model
+    batch_sizes = []
+    handle = vision.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+    try:
+        first = llm.embed([images[0]])[0].outputs.embedding
+        assert batch_sizes == [1]
+        again = llm.embed([{"prompt": "", "multi_modal_data": {"image": images[0].copy()}}])[0].outputs.embedding
+        assert batch_sizes == [1]  # same content, another object: a hit
+        assert torch.equal(first, again)
+        torch.testing.assert_close(first, want["projected"][0], atol=1e-5, rtol=1e-5)
+        mixed = llm.embed([images[1], images[0], images[1]])
+        assert batch_sizes == [1, 1]  # only images[1], once
+        assert torch.equal(mixed[1].outputs.embedding, first)
+        torch.testing.assert_close(mixed[0].outputs.embedding, want["projected"][1], atol=1e-5, rtol=1e-5)
+        mixed[0].outputs.embedding.zero_()  # the caller's copy: the cache and the other result keep theirs
+        assert mixed[2].outputs.embedding.abs().max() > 0
+        assert torch.equal(llm.embed([images[1]])[0].outputs.embedding, mixed[2].outputs.embedding)
+        # another pooling is another entry: it runs
+        llm.embed([images[0]], pooling="qformer")
+        assert batch_sizes == [1, 1, 1]
+        cache = llm.llm_engine.embedding_cache
+        assert cache.num_hits >= 3 and len(cache) == 3
+    finally:
+        handle.remove()
+
+
+def test_concurrent_calls_run_as_one_batch_and_a_bad_one_fails_alone(model_dir, expected):
+    llm = LLM(str(model_dir), dtype="float32", max_num_seqs=8)
+    images, want = expected
+    vision = llm.llm_engine.runner.model.vision_model
+    batch_sizes = []
+    handle = vision.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+    try:
+        results = llm.llm_engine.embed_many([([images[0], images[1]], None), (["a text"], None),
+                                             ([images[2]], "projected"), ([images[3]], "sideways")])
+    finally:
+        handle.remove()
+    assert batch_sizes == [3]  # the two good "projected" calls: one forward
+    assert isinstance(results[1], ValueError) and "text-only inputs cannot be embedded" in str(results[1])
+    assert isinstance(results[3], ValueError) and "unknown pooling 'sideways'" in str(results[3])
+    got = torch.stack(results[0] + results[2])
+    torch.testing.assert_close(got, want["projected"][:3], atol=1e-5, rtol=1e-5)

@@ -91,3 +91,26 @@ def test_bad_requests_are_400_naming_the_problem(server, body, message):
     assert message in reply.json()["error"]["message"]
     # the server still serves afterwards
     assert post(server, {"input": [image_part(IMAGES[0])]}).status_code == 200
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, expected):
+    """Requests that arrive together are run as one batch on the engine thread (AsyncLLMEngine.embed): each gets
+    its own embeddings, repeated images included, and a bad one its own 400 while the others succeed."""
+    import asyncio
+
+    bodies = [{"input": [image_part(IMAGES[i % 3]), image_part(IMAGES[(i + 1) % 3])], "pooling": "projected"}
+              for i in range(6)]
+    bodies.insert(3, {"input": [image_part(IMAGES[0])], "pooling": "sideways"})
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            return await asyncio.gather(*(client.post("/v1/embeddings", json=b) for b in bodies))
+
+    replies = asyncio.run(send_all())
+    bad = replies.pop(3)
+    assert bad.status_code == 400 and "unknown pooling 'sideways'" in bad.text, bad.text
+    for i, reply in enumerate(replies):
+        assert reply.status_code == 200, reply.text
+        for data, image in zip(reply.json()["data"], (i % 3, (i + 1) % 3)):
+            torch.testing.assert_close(torch.tensor(data["embedding"]), expected["projected"][image],
+                                       atol=1e-6, rtol=1e-6)
