@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fovea.engine.input_processor import PromptType
+from fovea.engine.structured_output import CONSTRAINT_ERROR_PREFIX
 from fovea.engine.llm_engine import LLMEngine
 from fovea.executor import ExecutorDeadError
 from fovea.lora.request import LoRARequest
@@ -55,6 +56,11 @@ class EngineUnavailableError(EngineDeadError):
 class RequestFailedError(RuntimeError):
     """The model raised on this request alone (the other requests of its steps were answered); the server
     answers 500."""
+
+
+class ConstraintLimitError(RequestFailedError):
+    """The request's structured-outputs grammar reached one of its limits while generating (the client's
+    constraint, not the model, is at fault: the server answers 400 naming the limit)."""
 
 
 class RequestAbortedError(RuntimeError):
@@ -232,6 +238,13 @@ class AsyncLLMEngine:
             raise RequestAbortedError("the engine is not accepting requests (not started, or shutting down)")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params is not None and getattr(params, "structured_outputs", None) is not None:
+            # compiled here, on a worker thread, not on the engine thread between two steps: a grammar can take
+            # up to its limits' worth of time, which the running requests must not wait for (the engine's own
+            # check at add_request then finds it cached)
+            # (the compiler itself is made on the engine thread: making it tells the executor's workers)
+            compiler = await self._call(self.engine.grammar_compiler)
+            await asyncio.to_thread(compiler.compile, params.structured_outputs)
         stream = RequestStream(request_id, time.monotonic())
         self._streams[request_id] = stream  # before the job runs: the first step may already have its output
         try:
@@ -367,7 +380,10 @@ class AsyncLLMEngine:
             errors = [c.stop_reason for c in output.outputs if c.finish_reason == "error"]
             if errors:  # the model raised on it: fail the stream, withdraw its other completions
                 del self._streams[output.request_id]
-                stream.fail(RequestFailedError(f"the model failed on request {output.request_id!r}: {errors[0]}"))
+                if str(errors[0]).startswith(CONSTRAINT_ERROR_PREFIX):
+                    stream.fail(ConstraintLimitError(f"request {output.request_id!r}: {errors[0]}"))
+                else:
+                    stream.fail(RequestFailedError(f"the model failed on request {output.request_id!r}: {errors[0]}"))
                 if not output.finished:
                     self._executor.submit(self._job, self.engine.abort_request, ([output.request_id],))
                 iteration.num_failed += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +75,7 @@ class LLMEngine:
         self.beam_searches = BeamSearchManager(self.engine_core, self.tokenizer)
         self._vocab_size = text_config.vocab_size
         self._grammar_compiler = None  # made by the first request with structured outputs
+        self._grammar_lock = threading.Lock()
         self._arrivals = itertools.count()
         self._image_processor = None  # for embed(); read from the checkpoint on first use
         # embeddings by image content, as many rows as the encoder cache holds tokens
@@ -154,11 +156,14 @@ class LLMEngine:
         self.beam_searches.add(request_id, root, params, self.max_model_len, keep_output)
 
     def grammar_compiler(self) -> GrammarCompiler:
-        """The structured-outputs compiler for this tokenizer (built once: it indexes the whole vocabulary)."""
-        if self._grammar_compiler is None:
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self._vocab_size,
-                                                     self.config.structured_outputs_limits)
-            self.engine_core.executor.enable_structured_outputs(self._grammar_compiler)
+        """The structured-outputs compiler for this tokenizer (built once: it indexes the whole vocabulary).
+        Its `compile` is thread-safe: the server compiles a request's grammar off the engine thread
+        (AsyncLLMEngine.add_request), so a slow compile does not stall the other requests' steps."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self._vocab_size,
+                                                         self.config.structured_outputs_limits)
+                self.engine_core.executor.enable_structured_outputs(self._grammar_compiler)
         return self._grammar_compiler
 
     def add_lora(self, lora_request: LoRARequest) -> None:

@@ -114,6 +114,9 @@ _LIMIT_PHRASES = (("grammar size", "max_grammar_size"), ("initial lexer", "initi
                   ("too many items", "step_max_items"), ("lexer states", "max_lexer_states"),
                   ("max_lexer_states", "max_lexer_states"), ("fuel", "step_lexer_fuel"),
                   ("items in row", "max_items_in_row"), ("max_items_in_row", "max_items_in_row"))
+# how the runner's message for a request whose grammar failed while generating begins (the server tells it from
+# a model error by this: a 400, not a 500)
+CONSTRAINT_ERROR_PREFIX = "structured_outputs"
 _LIMITS_HINT = "; the server's operator sets these limits (EngineConfig.structured_outputs_limits, " \
                "fovea serve --structured-outputs-limits)"
 

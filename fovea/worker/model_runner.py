@@ -27,6 +27,7 @@ from fovea.distributed import parallel_state
 from fovea.distributed.pipeline import recv_from_previous_stage, send_to_next_stage
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
+from fovea.engine.structured_output import CONSTRAINT_ERROR_PREFIX
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
 from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
@@ -343,7 +344,7 @@ class ModelRunner:
             grammar = state.sampling.grammar
             # a matcher that reached a limit computing this mask (or refuses the token) ends its request alone
             if grammar is not None and (grammar.is_error() or not grammar.consume_token(token)):
-                errors[state.req_id] = self.grammar_compiler.describe_error("structured_outputs", grammar.get_error())
+                errors[state.req_id] = self.grammar_compiler.describe_error(CONSTRAINT_ERROR_PREFIX, grammar.get_error())
                 continue
             state.token_ids.append(token)
             state.output_token_ids.append(token)

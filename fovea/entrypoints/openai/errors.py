@@ -1,6 +1,6 @@
 """Every refusal as OpenAI's error body with the status code a client expects.
 
-    400 invalid request (validation, bad media, a template that fails)   401 API key   404 model
+    400 invalid request (validation, bad media, a template that fails, a grammar over its limits)   401 API key   404 model
     413 media too large   499 client gone   500 engine dead, or the model raised on this request (the others
     go on)   503 queue full, the server is stopping, or a worker process of the engine died (the server then exits)
 """
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fovea.engine.async_engine import (
+    ConstraintLimitError,
     EngineDeadError,
     EngineOverloadedError,
     EngineUnavailableError,
@@ -115,6 +116,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestFailedError)
     async def request_failed(_: Request, err: RequestFailedError) -> JSONResponse:
+        if isinstance(err, ConstraintLimitError):  # the client's grammar, not the model
+            return error_response(400, str(err), "invalid_request_error", "structured_outputs")
         return error_response(500, str(err), "server_error", code="model_error")
 
     @app.exception_handler(RequestAbortedError)
