@@ -82,11 +82,13 @@ def first_argmax(values: torch.Tensor) -> torch.Tensor:
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, block_size: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per request against its paged context.
 
     q [B, H, D]; k_cache, v_cache [slots, Hkv, D]; block_table [B, max_blocks] long; context_lens [B] long
     -> [B, H, D] in the cache's dtype. Token t of request b lives in slot
-    block_table[b, t // block_size] * block_size + t % block_size.
+    block_table[b, t // block_size] * block_size + t % block_size. `bias` [B, H, >= max context] (T5's relative
+    position scores) is added to the scaled scores, in float32.
     """
-    return _module().paged_decode(q, k_cache, v_cache, block_table, context_lens, scale, block_size)
+    return _module().paged_decode(q, k_cache, v_cache, block_table, context_lens, scale, block_size, bias)

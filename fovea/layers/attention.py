@@ -189,8 +189,8 @@ class Attention(nn.Module):
 
     `attn_bias` (T5's relative position bias): additive float scores that already hold the causal mask
     (-inf where a key may not be seen); paged, one [B, num_heads, max_q, max_blocks * block_size] tensor per
-    group of the step's metadata; dense, one [B or 1, num_heads, L, L] tensor. Such a layer always gathers
-    and runs SDPA (the decode kernel takes no bias).
+    group of the step's metadata; dense, one [B or 1, num_heads, L, L] tensor. Decode groups hand it to the
+    paged decode kernel (which adds it to the scores); longer query runs gather and run SDPA with it as the mask.
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int | None = None,
@@ -225,19 +225,22 @@ class Attention(nn.Module):
         bs = meta.block_size
         k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
         v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
-        if attn_bias is not None:
-            for g, bias in zip(meta.groups, attn_bias, strict=True):
-                out[g.token_index] = self._attend_blocks(q, g, k_blocks, v_blocks, bias.to(q.dtype))
-            return out
-        for g in meta.groups:
+        if attn_bias is not None and len(attn_bias) != len(meta.groups):
+            raise ValueError(f"attn_bias has {len(attn_bias)} tensors for the step's {len(meta.groups)} groups")
+        for i, g in enumerate(meta.groups):
             num_reqs = g.block_table.shape[0]
+            bias = None if attn_bias is None else attn_bias[i]  # (B, nh, max_q, K): the causal mask is in it
             if g.is_decode and self.use_kernel and kernels.is_available():
                 is_whole_step = num_reqs == num_tokens  # a decode-only step: rows already in token order
                 og = kernels.paged_decode(q if is_whole_step else q[g.token_index], k_cache, v_cache,
-                                               g.block_table, g.context_lens, self.scale, bs)  # (B, nh, hs)
+                                          g.block_table, g.context_lens, self.scale, bs,
+                                          None if bias is None else bias[:, :, 0])  # (B, nh, hs)
                 if is_whole_step:
                     return og.view(num_tokens, -1).to(out.dtype)
                 out[g.token_index] = og.reshape(num_reqs, -1).to(out.dtype)
+                continue
+            if bias is not None:
+                out[g.token_index] = self._attend_blocks(q, g, k_blocks, v_blocks, bias.to(q.dtype))
                 continue
             if g.fresh_range is not None:
                 lo, n = g.fresh_range

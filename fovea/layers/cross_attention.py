@@ -101,8 +101,11 @@ class CrossAttention(nn.Module):
         for g in cross.groups:
             num_reqs = g.block_table.shape[0]
             if g.is_decode and kernels.is_available() and self.num_kv_heads == self.num_heads:
-                og = kernels.paged_decode(q[g.token_index], k_cache, v_cache, g.block_table, g.context_lens,
-                                          self.scale, bs)  # (B, nh, hs)
+                is_whole_step = num_reqs == num_tokens  # a decode-only step: rows already in token order
+                og = kernels.paged_decode(q if is_whole_step else q[g.token_index], k_cache, v_cache, g.block_table,
+                                          g.context_lens, self.scale, bs)  # (B, nh, hs)
+                if is_whole_step:
+                    return og.view(num_tokens, -1).to(out.dtype)
                 out[g.token_index] = og.reshape(num_reqs, -1).to(out.dtype)
                 continue
             qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)

@@ -14,7 +14,8 @@ What is particular to T5:
 
 In the engine (fovea.worker.encoder_decoder) the encoder runs once per request over its whole prompt, each
 decoder layer writes the encoder output's keys/values into the request's cross blocks, and `forward` is the
-decoder over the step's flat batch (its self-attention paged with the position bias as an additive mask).
+decoder over the step's flat batch (its self-attention paged with the position bias as an additive score: the
+paged decode kernel adds it for one-token queries, SDPA takes it as the mask for longer runs).
 Without an attention context (`forward_dense`), the same modules run over whole sequences, nothing cached.
 
 Module and parameter names follow transformers' `T5ForConditionalGeneration`, so checkpoints load as they are.

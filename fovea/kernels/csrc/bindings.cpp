@@ -10,7 +10,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &fovea::silu_mul, "gate_up"_a);
   m.def("first_argmax", &fovea::first_argmax, "values"_a);
   m.def("paged_decode", &fovea::paged_decode, "q"_a, "k_cache"_a, "v_cache"_a, "block_table"_a, "context_lens"_a,
-        "scale"_a, "block_size"_a);
+        "scale"_a, "block_size"_a, "bias"_a = pybind11::none());
   m.def("amx_compiled", &fovea::amx_compiled);
   m.def("enable_amx", &fovea::enable_amx);
   m.def("amx_linear", &fovea::amx_linear, "x"_a, "packed"_a, "bias"_a);

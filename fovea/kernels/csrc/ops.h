@@ -15,7 +15,8 @@ at::Tensor first_argmax(const at::Tensor& values);
 
 // paged_attention.cpp: decode attention straight from the paged KV cache
 at::Tensor paged_decode(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor block_table,
-                        at::Tensor context_lens, double scale, int64_t block_size);
+                        at::Tensor context_lens, double scale, int64_t block_size,
+                        const std::optional<at::Tensor>& bias);
 
 // amx_linear.cpp: bfloat16 linear on Intel AMX tiles
 bool amx_compiled();
