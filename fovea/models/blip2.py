@@ -25,7 +25,7 @@ from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiMod
 from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.distributed import parallel_state as ps
 from fovea.models.interfaces import (SupportsLoRA, SupportsMultiModal, SupportsPP, SupportsQuant,
-                                     SupportsTensorParallel, check_tensor_parallel)
+                                     SupportsTensorParallel, check_tensor_parallel, supports_tensor_parallel)
 from fovea.models.opt import OPT_LORA_TARGET_MODULES, OPTForCausalLM
 from fovea.models.t5 import T5ForConditionalGeneration
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
@@ -161,8 +161,7 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
                              f"models, not {text_config.model_type!r}")
         # under tensor parallelism the LM is split; the ViT, Q-Former and projection are replicated (README,
         # "Scaling out"): an LM that cannot be split (T5) refuses here, before anything is built
-        check_tensor_parallel(self.language_models[text_config.model_type], ps.tp_size(),
-                              f"{type(self).__name__} over a {text_config.model_type} language model")
+        check_tensor_parallel(type(self), ps.tp_size(), config)
         self.config = config
         self.num_query_tokens = config.num_query_tokens
         self.image_token_index = config.image_token_index
@@ -192,6 +191,14 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
                 "them (its masked_scatter refills the %d-wide embedding rows from the flattened %d-wide features)",
                 self.embed_dim, text_config.hidden_size, self.embed_dim, text_config.hidden_size,
             )
+
+    @classmethod
+    def tp_unsupported_reason(cls, hf_config) -> str | None:
+        model_type = hf_config.text_config.model_type
+        language_model = cls.language_models.get(model_type)
+        if language_model is not None and not supports_tensor_parallel(language_model):
+            return f"{cls.__name__} over a {model_type} language model does not support tensor parallelism"
+        return None
 
     def get_text_config(self) -> PretrainedConfig:
         return self.config.text_config

@@ -162,10 +162,14 @@ class SupportsTensorParallel(ABC):
     """A model that builds its language model split over `tensor_parallel_size` ranks (the ranks' layers read
     `fovea.distributed.parallel_state` when built): attention and MLP projections split by heads and columns /
     rows, token table and `lm_head` by vocabulary, each rank's KV cache holding its KV heads. Encoders (vision
-    towers, Q-Former) and projectors stay replicated. A model built from a multimodal one's config may still
-    refuse in its constructor when its language model is not one of these (BLIP-2 over T5)."""
+    towers, Q-Former) and projectors stay replicated. `tp_unsupported_reason(hf_config)`: why this checkpoint
+    cannot be split after all (a language model of another family, e.g. BLIP-2 over T5), or None."""
 
     supports_tensor_parallel: ClassVar[Literal[True]] = True
+
+    @classmethod
+    def tp_unsupported_reason(cls, hf_config: Any) -> str | None:
+        return None
 
 
 TENSOR_PARALLEL_MODELS = "OPT, Llama, Mistral and Qwen2 language models, and BLIP-2 / InstructBLIP / LLaVA / " \
@@ -178,12 +182,19 @@ def supports_tensor_parallel(model: type | object) -> bool:
     return issubclass(cls, SupportsTensorParallel)
 
 
-def check_tensor_parallel(model: type | object, tp_size: int, what: str | None = None) -> None:
-    """A ValueError naming the model and what is supported if `model` cannot run with `tp_size` > 1 ranks."""
-    if tp_size > 1 and not supports_tensor_parallel(model):
-        name = what or (model if isinstance(model, type) else type(model)).__name__
-        raise ValueError(f"tensor_parallel_size={tp_size}: {name} does not support tensor parallelism; "
-                         f"supported: {TENSOR_PARALLEL_MODELS} (use tensor_parallel_size=1)")
+def check_tensor_parallel(model_cls: type, tp_size: int, hf_config: Any = None) -> None:
+    """A ValueError naming the model and what is supported if `model_cls` (with `hf_config`, when given) cannot
+    run with `tp_size` > 1 ranks: the driver calls it before spawning any rank, each rank again when it builds."""
+    if tp_size == 1:
+        return
+    reason = None
+    if not supports_tensor_parallel(model_cls):
+        reason = f"{model_cls.__name__} does not support tensor parallelism"
+    elif hf_config is not None:
+        reason = model_cls.tp_unsupported_reason(hf_config)
+    if reason is not None:
+        raise ValueError(f"tensor_parallel_size={tp_size}: {reason}; supported: {TENSOR_PARALLEL_MODELS} "
+                         f"(use tensor_parallel_size=1)")
 
 
 def is_encoder_decoder(hf_config: Any) -> bool:

@@ -234,7 +234,7 @@ def build_model(model_cls: type[nn.Module], hf_config, dtype: torch.dtype) -> nn
 
     In a tensor-parallel rank (`fovea.distributed.parallel_state.init_parallel`) the model is built split for
     the rank; a model class that cannot be split is refused here, naming what can."""
-    check_tensor_parallel(model_cls, ps.tp_size())
+    check_tensor_parallel(model_cls, ps.tp_size(), hf_config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

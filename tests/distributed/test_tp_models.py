@@ -21,6 +21,7 @@ from torch import nn
 from fovea.layers.attention import Attention
 from fovea.lora.manager import LoRAManager
 from fovea.models.blip2 import Blip2ForConditionalGeneration
+from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.fuyu import FuyuForCausalLM
 from fovea.models.llama import LlamaForCausalLM
 from fovea.models.opt import OPTForCausalLM
@@ -234,3 +235,14 @@ def test_int8_runs_split(checkpoints, by_rank):
 def test_what_cannot_run_split_is_refused_by_name(by_rank, name, message):
     for rank, result in by_rank.items():
         assert re.search(message, result["refusals"][name]), (rank, result["refusals"][name])
+
+
+def test_the_driver_can_refuse_before_any_rank_starts(checkpoints):
+    """`check_tensor_parallel(model_cls, tp, hf_config)` needs no rank: the executor calls it before spawning."""
+    small_t5 = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)
+    with pytest.raises(ValueError, match="tensor_parallel_size=2: T5ForConditionalGeneration does not support"):
+        check_tensor_parallel(T5ForConditionalGeneration, 2, small_t5)
+    with pytest.raises(ValueError, match="Blip2ForConditionalGeneration over a t5 language model does not support"):
+        check_tensor_parallel(Blip2ForConditionalGeneration, 2, transformers.Blip2Config(text_config=small_t5.to_dict()))
+    check_tensor_parallel(Blip2ForConditionalGeneration, 2, transformers.Blip2Config())  # OPT: split
+    check_tensor_parallel(T5ForConditionalGeneration, 1, small_t5)  # one rank: anything runs
