@@ -38,7 +38,7 @@ from fovea.executor import messages as m
 from fovea.executor.base import Executor, ExecutorDeadError
 from fovea.executor.placement import plan_cpus
 from fovea.lora.request import LoRARequest
-from fovea.models.interfaces import check_pipeline_parallel
+from fovea.models.interfaces import check_pipeline_parallel, check_tensor_parallel
 from fovea.outputs import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,10 @@ class MultiprocExecutor(Executor):
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         world_size = tp * pp
         check_pipeline_parallel(model_cls, hf_config, pp)  # before anything is spawned
+        check_tensor_parallel(model_cls, tp, hf_config)
+        if tp > 1 and config.enable_lora:  # as LoRAManager says in a rank, but before 40 s of spawning
+            raise ValueError(f"enable_lora=True with tensor_parallel_size={tp}: LoRA adapters run with "
+                             f"tensor_parallel_size=1 only (quantization='int8' does run under tensor parallelism)")
         if pp > 1 and config.enable_lora:
             raise ValueError(f"enable_lora=True with pipeline_parallel_size={pp} is not supported yet (an adapter's "
                              f"layers would have to be split by stage); use pipeline_parallel_size=1")
