@@ -82,3 +82,17 @@ def pick_eos(beams: list[tuple[list[int], float]]) -> int:
         if not all(t in ids for ids, _ in beams):
             return t
     raise AssertionError(f"no token to use as EOS in {beams}")
+
+
+def record_steps(llm: LLM) -> list:
+    """Every SchedulerOutput the engine's (in-process) runner executes from now on, in order."""
+    runner = llm.llm_engine.engine_core.runner
+    steps = []
+    execute = runner.execute
+
+    def spy(out):
+        steps.append(out)
+        return execute(out)
+
+    runner.execute = spy
+    return steps

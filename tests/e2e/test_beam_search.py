@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fovea import LLM, BeamSearchParams
-from tests.e2e.beam_cases import MAX_TOKENS, check, hf_beams, pick_eos, with_eos
+from tests.e2e.beam_cases import MAX_TOKENS, check, hf_beams, pick_eos, record_steps, with_eos
 from tests.e2e.blip2_cases import make_image
 from tests.e2e.qwen_cases import Case, chat, image, reference_inputs
 from tests.oracle.blip2 import build_tiny_blip2, hf_inputs, load_hf
@@ -97,15 +97,7 @@ def test_beams_fork_the_prompt_kv_instead_of_recomputing_it(blip2):
     with pytest.raises(ValueError, match="may hold 23 KV blocks at once, more than the pool's 22"):
         LLM(ckpt, dtype="float32", block_size=4, num_kv_blocks=23).beam_search(prompts[:1], params)
     llm = LLM(ckpt, dtype="float32", block_size=4, num_kv_blocks=24)
-    runner = llm.llm_engine.engine_core.runner
-    steps = []
-    execute = runner.execute
-
-    def spy(out):
-        steps.append(out)
-        return execute(out)
-
-    runner.execute = spy
+    steps = record_steps(llm)
     outs = llm.beam_search(prompts[:1], params)
     assert [s.tokens for s in outs[0].sequences] == [s.tokens for s in reference[0].sequences]
     scheduled = [n for out in steps for n in out.num_scheduled_tokens.values()]

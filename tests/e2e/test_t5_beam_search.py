@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from fovea import LLM, BeamSearchParams
-from tests.e2e.beam_cases import MAX_TOKENS, check, hf_beams, pick_eos, with_eos
+from tests.e2e.beam_cases import MAX_TOKENS, check, hf_beams, pick_eos, record_steps, with_eos
 from tests.e2e.blip2_cases import make_image
 from tests.oracle.t5 import build_tiny_blip2_t5, build_tiny_instructblip_t5, build_tiny_t5, load_hf
 
@@ -80,15 +80,7 @@ def test_beams_share_the_encoder_output_instead_of_recomputing_it(blip2_t5):
     ckpt, prompts, *_ = blip2_t5
     params = BeamSearchParams(beam_width=5, max_tokens=MAX_TOKENS)
     llm = LLM(ckpt, dtype="float32", block_size=4, num_kv_blocks=400)
-    runner = llm.llm_engine.engine_core.runner
-    steps = []
-    execute = runner.execute
-
-    def spy(out):
-        steps.append(out)
-        return execute(out)
-
-    runner.execute = spy
+    steps = record_steps(llm)
     results = llm.beam_search(prompts[:1], params)
     assert len(results[0].sequences) == 5 and all(s.tokens[0] == START for s in results[0].sequences)
     assert len([r for s in steps for r in s.scheduled_encoder_prompts]) == 1  # the root's, once
