@@ -12,13 +12,14 @@ shapes, weights cold):
   in csrc/common.h) until none is left.
 - Prefill outputs that will not stay in cache anyway (more than 256 rows) are written with streaming stores.
 
-Layout: W [N, K] is packed once into [N/32, K/32, 2, 16, 16, 2] (`pack_weight`): for each 32-column panel and
-each 32-wide step along K, the two AMX B tiles of 16 columns each, in the pair-interleaved (VNNI) order the tile
-multiply reads. Rows go 32 at a time (C tiles 2 x 2: rows 0-15 / 16-31 by columns 0-15 / 16-31; A tiles of 16 rows
-x 32 k read straight from x); a block of at most 16 rows uses the top half only, and a partial block is first
-copied into a zero-padded buffer. Bias is added in float32 and the result rounded to nearest even by
-VCVTNE2PS2BF16, which reads float32 denormals as zero (only results below 1.2e-38 in magnitude differ from torch's
-rounding). Only the summation order differs from a float32 matmul of the same bfloat16 inputs.
+Layout (`fovea.kernels.panels`, shared with the AVX-512 BF16 kernel): W [N, K] is packed once into [N/32, K/32, 2,
+16, 16, 2] (`pack_weight`): for each 32-column panel and each 32-wide step along K, the two AMX B tiles of 16
+columns each, in the pair-interleaved (VNNI) order the tile multiply reads. Rows go 32 at a time (C tiles 2 x 2:
+rows 0-15 / 16-31 by columns 0-15 / 16-31; A tiles of 16 rows x 32 k read straight from x); a block of at most 16
+rows uses the top half only, and a partial block is first copied into a zero-padded buffer. Bias is added in float32
+and the result rounded to nearest even by VCVTNE2PS2BF16, which reads float32 denormals as zero (only results below
+1.2e-38 in magnitude differ from torch's rounding). Only the summation order differs from a float32 matmul of the
+same bfloat16 inputs.
 
 The code (csrc/amx_linear.cpp) is compiled into the one extension on every x86-64 host; `available()` is True only
 where the CPU has AMX-BF16 and Linux grants the tile state (arch_prctl ARCH_REQ_XCOMP_PERM), the extension built,
@@ -28,11 +29,10 @@ from __future__ import annotations
 
 import torch
 
+from fovea.kernels import panels
 from fovea.kernels.ops import extension
+from fovea.kernels.panels import BLOCK  # K and N must be multiples of it here: this kernel reads no padding
 from fovea.kernels.runtime import RUNTIME
-
-BLOCK = 32
-"""K and N must be multiples of this (one tile step along K, one column panel)."""
 
 
 def available() -> bool:
@@ -49,10 +49,12 @@ def supports(weight: torch.Tensor) -> bool:
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> [N/32, K/32, 2, 16, 16, 2]: element [p, s, h, r, n, e] is W[32p + 16h + n, 32s + 2r + e]."""
-    n, k = weight.shape
-    return (weight.detach().reshape(n // BLOCK, 2, 16, k // BLOCK, 16, 2)
-            .permute(0, 3, 1, 4, 2, 5).contiguous())
+    """W [N, K] -> [N/32, K/32, 2, 16, 16, 2] (`panels.pack_weight`, unpadded): element [p, s, h, r, n, e] is
+    W[32p + 16h + n, 32s + 2r + e]. N and K must be multiples of 32: `linear` writes every packed column."""
+    if weight.dim() != 2 or weight.shape[0] % BLOCK or weight.shape[1] % BLOCK:
+        raise ValueError(f"the AMX kernel packs a [N, K] weight with N and K multiples of {BLOCK}; "
+                         f"got {list(weight.shape)}")
+    return panels.pack_weight(weight)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

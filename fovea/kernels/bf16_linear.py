@@ -6,7 +6,7 @@ GEMV at ~15, where the machine reads ~54 (a plain `sum`, AMD EPYC Zen 4, 2 threa
 measures all of them in one run. This kernel streams each weight panel as one contiguous run of memory,
 prefetched ahead, with every 64-byte load feeding one VDPBF16PS per row of x.
 
-Layout: the AMX kernel's (`fovea.kernels.amx_linear`), so one packed copy serves both kernels on a host that has
+Layout: `fovea.kernels.panels`, shared with the AMX kernel so one packed copy serves both on a host that has
 AMX: W [N, K] is zero-padded to multiples of 32 and packed into [N/32, K/32, 2, 16, 16, 2] (`pack_weight`): each
 32-column panel holds, for every 32-wide step along K, two blocks of 16 columns in which a 64-byte row is the
 16 columns' weights for one pair of k (k = 2r, 2r + 1). The kernel broadcasts x's pair (x[m, 2r], x[m, 2r + 1])
@@ -28,14 +28,10 @@ extension built, and `cpu_kernels` is not "off" (`fovea.kernels.status().bf16_li
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from fovea.kernels import amx_linear
 from fovea.kernels.ops import extension
+from fovea.kernels.panels import BLOCK, pack_weight, unpack_weight  # noqa: F401  (the layout's one home)
 from fovea.kernels.runtime import RUNTIME
-
-BLOCK = amx_linear.BLOCK
-"""The packed weight's K and N are padded to multiples of this."""
 
 
 def available() -> bool:
@@ -47,37 +43,6 @@ def supports(weight: torch.Tensor) -> bool:
     """`weight` [N, K] can be packed for this kernel: a non-empty CPU bfloat16 matrix, and the kernel runs here."""
     return (weight.dim() == 2 and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
             and weight.numel() > 0 and available())
-
-
-def padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> [N'/32, K'/32, 2, 16, 16, 2] with N', K' the sizes padded to multiples of 32 with zeros:
-    element [p, s, h, r, n, e] is W[32p + 16h + n, 32s + 2r + e] (zero past N or K).
-
-    The packed tensor is asked to live on 2 MiB pages (Linux transparent huge pages, in "madvise" mode by
-    default) before it is written: the kernel streams it, and with 4 KiB pages every 4 KiB costs a TLB walk and
-    stops the hardware prefetcher (a `torch.sum` over 1 GB on the AMD EPYC, 1 thread: ~23 GB/s on 4 KiB pages,
-    ~31 on 2 MiB)."""
-    n, k = weight.shape
-    weight = weight.detach()
-    if (n, k) != (padded(n), padded(k)):
-        weight = F.pad(weight, (0, padded(k) - k, 0, padded(n) - n))
-    n, k = weight.shape
-    packed = torch.empty(n // BLOCK, k // BLOCK, 2, 16, 16, 2, dtype=weight.dtype, device=weight.device)
-    module = extension()
-    if module is not None and weight.device.type == "cpu":
-        module.advise_huge_pages(packed)
-    return packed.copy_(weight.reshape(n // BLOCK, 2, 16, k // BLOCK, 16, 2).permute(0, 3, 1, 4, 2, 5))
-
-
-def unpack_weight(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """`pack_weight`'s inverse: the dense W [out_features, in_features]."""
-    num_panels, num_steps = packed.shape[:2]
-    dense = packed.permute(0, 2, 4, 1, 3, 5).reshape(num_panels * BLOCK, num_steps * BLOCK)
-    return dense[:out_features, :in_features].contiguous()
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:

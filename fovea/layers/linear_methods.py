@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fovea import kernels
-from fovea.kernels import amx_linear, bf16_linear
+from fovea.kernels import amx_linear, bf16_linear, panels
 from fovea.kernels.runtime import cpu_has_amx
 
 
@@ -121,22 +121,34 @@ class OneDNNLinearMethod(PackedLinearMethod):
         return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, layer.bias, "none", [], "")
 
 
-class AMXLinearMethod(PackedLinearMethod):
-    """fovea's bfloat16 AMX kernel (`fovea.kernels.amx_linear`): weight [N/32, K/32, 2, 16, 16, 2], bias float32."""
+class PanelLinearMethod(PackedLinearMethod):
+    """fovea's own bfloat16 kernels, which share one packed layout (`fovea.kernels.panels`): weight
+    [N'/32, K'/32, 2, 16, 16, 2] (N and K padded to 32), bias float32 in `layer.panel_bias` (the kernels add it
+    before their one rounding). Subclasses say which kernel reads it."""
+
+    def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        layer.panel_bias = None if layer.bias is None else layer.bias.detach().float()
+        return self.pack_panels(weight)
+
+    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
+        return panels.pack_weight(weight)
+
+    def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        return panels.unpack_weight(packed, layer.out_features, layer.in_features)
+
+
+class AMXLinearMethod(PanelLinearMethod):
+    """fovea's bfloat16 AMX kernel (`fovea.kernels.amx_linear`), for K and N multiples of 32."""
 
     name = "amx"
 
-    def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        layer.amx_bias = None if layer.bias is None else layer.bias.detach().float()
+    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
         return amx_linear.pack_weight(weight)
-
-    def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        return bf16_linear.unpack_weight(packed, layer.out_features, layer.in_features)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if AMX_HOST_DECODE_ROWS and x.numel() <= AMX_HOST_DECODE_ROWS * x.shape[-1] and bf16_linear.available():
-            return bf16_linear.linear(x, layer.packed_weight, layer.out_features, layer.amx_bias)
-        return amx_linear.linear(x, layer.packed_weight, layer.amx_bias)
+            return bf16_linear.linear(x, layer.packed_weight, layer.out_features, layer.panel_bias)
+        return amx_linear.linear(x, layer.packed_weight, layer.panel_bias)
 
 
 AMX_HOST_DECODE_ROWS = 0
@@ -146,21 +158,14 @@ AMX kernel already reads decode weights at a Sapphire Rapids VM's `sum` bandwidt
 and no such host was available when the AVX-512 kernel was written."""
 
 
-class BF16LinearMethod(PackedLinearMethod):
+class BF16LinearMethod(PanelLinearMethod):
     """fovea's AVX-512 BF16 kernel (`fovea.kernels.bf16_linear`) for every row count, on hosts without AMX:
     decode (a few rows) streams the weights at close to the memory's read bandwidth, where oneDNN's packed linear
     reads them at about half of it, and prefill runs the same kernel on the same single packed copy (oneDNN's
-    opaque layout cannot be shared). Weight [N'/32, K'/32, 2, 16, 16, 2] (the AMX layout, N and K padded to 32),
-    bias float32. `benchmarks/gemv.py` measures both against oneDNN."""
+    opaque layout cannot be shared). Any shape (the panels are zero-padded). `benchmarks/gemv.py` measures both
+    against oneDNN."""
 
     name = "avx512-bf16"
-
-    def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        layer.panel_bias = None if layer.bias is None else layer.bias.detach().float()
-        return bf16_linear.pack_weight(weight)
-
-    def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-        return bf16_linear.unpack_weight(packed, layer.out_features, layer.in_features)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return bf16_linear.linear(x, layer.packed_weight, layer.out_features, layer.panel_bias)
