@@ -26,8 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import CACHE, Timer  # noqa: E402
-from benchmarks.throughput_qwen import MAX_PIXELS, build_checkpoint, requests  # noqa: E402
+from benchmarks.common import CACHE, time_offline  # noqa: E402
+from benchmarks.throughput_qwen import MAX_PIXELS, build_checkpoint, chats, requests  # noqa: E402
 
 PROJECTIONS = {"self_attn": ["q_proj", "k_proj", "v_proj", "o_proj"], "mlp": ["gate_proj", "up_proj", "down_proj"]}
 
@@ -63,24 +63,15 @@ def write_adapter(path: Path, model_dir: Path, rank: int, seed: int) -> Path:
 def run(path: Path, dtype: str, reqs, loras, repeats: int, **options) -> tuple[float, int]:
     from fovea import LLM, SamplingParams
 
-    conversations, imgs, caps = reqs
+    conversations, _, caps = reqs
     llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(conversations),
               kv_cache_memory_bytes=2 << 30, **options)
-    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, conv[0]["content"][1]]}]
-                for conv, im in zip(conversations, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.chat(messages[:2], params[:2], lora_request=loras[:2], use_tqdm=False)  # warm-up, adapters read
-    best = float("inf")
-    for _ in range(repeats):
-        llm.reset_prefix_cache()
-        with Timer() as t:
-            outs = llm.chat(messages, params, lora_request=loras, use_tqdm=False)
-        useful = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert useful == sum(caps)
-        best = min(best, t.seconds)
+    # the warm-up reads the first two requests' adapters
+    seconds, useful, _ = time_offline(llm, "chat", chats(reqs), params, repeats, lora_request=loras)
     del llm
     gc.collect()
-    return best, useful
+    return seconds, useful
 
 
 def main() -> None:

@@ -211,3 +211,27 @@ def format_report(title: str, results: list[EngineResult], machine: str) -> str:
         if r.detail:
             lines.append(f"  {r.engine} detail: " + ", ".join(f"{k} {v:.3f}" for k, v in r.detail.items()))
     return "\n".join(lines)
+
+
+def run_engine_dtypes(args: argparse.Namespace, reqs, run_fovea, run_vllm, run_transformers,
+                      settings: dict[str, str] | None = None) -> EngineResult:
+    """What a child of `--peers` runs for an offline throughput benchmark: `args.engine` on every dtype of
+    `args.dtypes`, in this process. `run_fovea(dtype)` / `run_vllm(dtype)` return (seconds, useful tokens, prompt
+    tokens), `run_transformers(dtype, batch_size)` (seconds, useful tokens); transformers' best static batch
+    size counts, the others are kept as detail."""
+    metrics, detail, prompt_tokens = {}, {}, 0
+    for dtype in args.dtypes:
+        if args.engine == "transformers":
+            best = 0.0
+            for bs in args.hf_batch_sizes:
+                seconds, useful = run_transformers(dtype, bs)[:2]
+                detail[f"{dtype} bs={bs} tok/s"] = useful / seconds
+                best = max(best, useful / seconds)
+            seconds = useful / best
+        else:
+            seconds, useful, prompt_tokens = (run_fovea if args.engine == "fovea" else run_vllm)(dtype)
+        metrics[f"{dtype} tok/s"] = useful / seconds
+        print(f"  {dtype:9s} {args.engine:12s} {useful / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
+    return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
+                        metrics=metrics, prompt_tokens=prompt_tokens,
+                        settings={**engine_settings(args.engine, args.threads), **(settings or {})}, detail=detail)

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
-from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
-                              engine_settings, engine_version, format_report, machine_description,
-                              run_all)
+from benchmarks.common import (CACHE, add_run_arguments, compare_with_transformers, images, prompts,  # noqa: E402
+                               time_offline, time_static_batches, word_tokenizer)
+from benchmarks.peers import (add_peer_arguments, check_peer_arguments, format_report,  # noqa: E402
+                              machine_description, run_all, run_engine_dtypes)
 
 VOCAB = 50272
 
@@ -71,14 +71,10 @@ def run_fovea(path: Path, dtype: str, reqs) -> tuple[float, int, int]:
     llm = LLM(str(path), dtype=dtype, max_model_len=512, max_num_seqs=len(texts))
     batch = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.generate(batch[:2], params[:2], use_tqdm=False)  # warm-up
-    with Timer() as t:
-        outs = llm.generate(batch, params, use_tqdm=False)
-    useful = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert useful == sum(caps)
+    result = time_offline(llm, "generate", batch, params)
     del llm
     gc.collect()
-    return t.seconds, useful, sum(len(o.prompt_token_ids) for o in outs)
+    return result
 
 
 def run_transformers(path: Path, dtype: str, reqs, batch_size: int) -> tuple[float, int]:
@@ -100,13 +96,10 @@ def run_transformers(path: Path, dtype: str, reqs, batch_size: int) -> tuple[flo
         with torch.inference_mode():
             return model.generate(**inputs, generation_config=config)
 
-    generate(0, 2)  # warm-up
-    with Timer() as t:
-        for lo in range(0, len(texts), batch_size):
-            generate(lo, min(lo + batch_size, len(texts)))
+    seconds = time_static_batches(generate, len(texts), batch_size)
     del model
     gc.collect()
-    return t.seconds, sum(caps)
+    return seconds, sum(caps)
 
 
 def run_vllm(path: Path, dtype: str, reqs) -> tuple[float, int, int]:
@@ -119,45 +112,16 @@ def run_vllm(path: Path, dtype: str, reqs) -> tuple[float, int, int]:
               limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
     batch = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.generate(batch[:2], params[:2], use_tqdm=False)  # warm-up
-    llm.reset_prefix_cache()
-    with Timer() as t:
-        outs = llm.generate(batch, params, use_tqdm=False)
-    useful = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert useful == sum(caps), (useful, sum(caps))
+    result = time_offline(llm, "generate", batch, params)
     del llm  # shuts its engine process down before the next dtype's starts
     gc.collect()
-    return t.seconds, useful, sum(len(o.prompt_token_ids) for o in outs)
-
-
-def run_engine(args, path: Path, reqs) -> EngineResult:
-    """One engine, every dtype, in this process: what a child of `--peers` runs."""
-    metrics, detail, prompt_tokens = {}, {}, 0
-    for dtype in args.dtypes:
-        if args.engine == "fovea":
-            seconds, useful, prompt_tokens = run_fovea(path, dtype, reqs)
-        elif args.engine == "vllm":
-            seconds, useful, prompt_tokens = run_vllm(path, dtype, reqs)
-        else:  # transformers: its best static batch size counts
-            best = 0.0
-            for bs in args.hf_batch_sizes:
-                seconds, useful = run_transformers(path, dtype, reqs, bs)
-                detail[f"{dtype} bs={bs} tok/s"] = useful / seconds
-                best = max(best, useful / seconds)
-            seconds = useful / best
-        metrics[f"{dtype} tok/s"] = useful / seconds
-        print(f"  {dtype:9s} {args.engine:12s} {useful / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-    return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
-                        metrics=metrics, prompt_tokens=prompt_tokens,
-                        settings=engine_settings(args.engine, args.threads), detail=detail)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[16, 32, 64])
-    parser.add_argument("--threads", type=int, default=2)
+    add_run_arguments(parser, num_requests=64, dtypes=["float32", "bfloat16"], hf_batch_sizes=[16, 32, 64],
+                      repeats=False)
     add_peer_arguments(parser)
     args = parser.parse_args()
     check_peer_arguments(parser, args)
@@ -169,21 +133,21 @@ def main() -> None:
                             results, machine_description()))
         return
     reqs = requests(args.num_requests)
+
+    def fovea(dtype):
+        return run_fovea(path, dtype, reqs)
+
+    def vllm(dtype):
+        return run_vllm(path, dtype, reqs)
+
+    def transformers(dtype, batch_size):
+        return run_transformers(path, dtype, reqs, batch_size)
+
     if args.engine:
-        run_engine(args, path, reqs).write(args.result)
+        run_engine_dtypes(args, reqs, fovea, vllm, transformers).write(args.result)
         return
     print(f"{args.num_requests} requests, {sum(reqs[2])} useful output tokens, {args.threads} threads")
-    for dtype in args.dtypes:
-        hf = {}
-        for bs in args.hf_batch_sizes:
-            seconds, useful = run_transformers(path, dtype, reqs, bs)
-            hf[bs] = useful / seconds
-            print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-        seconds, useful, _ = run_fovea(path, dtype, reqs)
-        ours = useful / seconds
-        best_bs = max(hf, key=hf.get)
-        print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "
-              f"ratio vs transformers' best (bs={best_bs}): {ours / hf[best_bs]:.2f}x", flush=True)
+    compare_with_transformers(args.dtypes, args.hf_batch_sizes, transformers, fovea)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
+from benchmarks.common import (CACHE, add_run_arguments, compare_with_transformers, image_chats,  # noqa: E402
+                               images, prompts, time_offline, time_static_batches, word_tokenizer)
 
 VOCAB = 32064
 IMAGE_SIZE, PATCH = 336, 14
@@ -77,21 +78,11 @@ def run_fovea(path: Path, dtype: str, reqs, repeats: int = 1) -> tuple[float, in
 
     texts, imgs, caps = reqs
     llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(texts), kv_cache_memory_bytes=2 << 30)
-    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, {"type": "text", "text": t}]}]
-                for t, im in zip(texts, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.chat(messages[:2], params[:2], use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        llm.reset_prefix_cache()  # no run may reuse the prompts of the warm-up or of an earlier run
-        with Timer() as t:
-            outs = llm.chat(messages, params, use_tqdm=False)
-        useful = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert useful == sum(caps)
-        best = min(best, t.seconds)
+    seconds, useful, _ = time_offline(llm, "chat", image_chats(texts, imgs), params, repeats)
     del llm
     gc.collect()
-    return best, useful
+    return seconds, useful
 
 
 def run_transformers(path: Path, dtype: str, reqs, batch_size: int, repeats: int = 1) -> tuple[float, int]:
@@ -116,45 +107,25 @@ def run_transformers(path: Path, dtype: str, reqs, batch_size: int, repeats: int
             return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                   pixel_values=inputs["pixel_values"].to(torch_dtype), generation_config=config)
 
-    generate(0, 2)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        with Timer() as t:
-            for lo in range(0, len(texts), batch_size):
-                generate(lo, min(lo + batch_size, len(texts)))
-        best = min(best, t.seconds)
+    seconds = time_static_batches(generate, len(texts), batch_size, repeats)
     del model
     gc.collect()
-    return best, sum(caps)
+    return seconds, sum(caps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=16)
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
-    parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[4, 8, 16])
+    add_run_arguments(parser, num_requests=16, dtypes=["bfloat16"], hf_batch_sizes=[4, 8, 16])
     parser.add_argument("--vision-layers", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="time each configuration this many times; "
-                        "the fastest run counts (both sides alike)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = build_checkpoint(CACHE / f"llava1.5-clipL{args.vision_layers}-lm0.5b", args.vision_layers)
     reqs = requests(args.num_requests)
     print(f"{args.num_requests} requests, {sum(reqs[2])} useful output tokens, 576 image tokens each, "
           f"{args.threads} threads, best of {args.repeats} run(s) each")
-    for dtype in args.dtypes:
-        hf = {}
-        for bs in args.hf_batch_sizes:
-            seconds, useful = run_transformers(path, dtype, reqs, bs, args.repeats)
-            hf[bs] = useful / seconds
-            print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-        seconds, useful = run_fovea(path, dtype, reqs, args.repeats)
-        ours = useful / seconds
-        best_bs = max(hf, key=hf.get)
-        print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "
-              f"ratio vs transformers' best (bs={best_bs}): {ours / hf[best_bs]:.2f}x", flush=True)
-
+    compare_with_transformers(args.dtypes, args.hf_batch_sizes,
+                              lambda dtype, bs: run_transformers(path, dtype, reqs, bs, args.repeats),
+                              lambda dtype: run_fovea(path, dtype, reqs, args.repeats))
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import CACHE, Timer, word_tokenizer  # noqa: E402
+from benchmarks.common import (CACHE, add_run_arguments, image_chats, print_fovea_row,  # noqa: E402
+                               print_transformers_row, time_offline, time_static_batches, word_tokenizer)
 from benchmarks.throughput_llava import CHAT_TEMPLATE, IMAGE_SIZE, PATCH, VOCAB, requests  # noqa: E402
 
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -63,21 +64,11 @@ def run_fovea(path: Path, dtype: str, reqs, repeats: int) -> tuple[float, int, i
 
     texts, imgs, caps = reqs
     llm = LLM(str(path), dtype=dtype, max_model_len=4096, max_num_seqs=len(texts), kv_cache_memory_bytes=2 << 30)
-    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, {"type": "text", "text": t}]}]
-                for t, im in zip(texts, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.chat(messages[:1], params[:1], use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        llm.reset_prefix_cache()  # no run may reuse the prompts of the warm-up or of an earlier run
-        with Timer() as t:
-            outs = llm.chat(messages, params, use_tqdm=False)
-        assert sum(len(o.outputs[0].token_ids) for o in outs) == sum(caps)
-        best = min(best, t.seconds)
-    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    result = time_offline(llm, "chat", image_chats(texts, imgs), params, repeats, num_warmup=1)
     del llm
     gc.collect()
-    return best, sum(caps), prompt_tokens
+    return result
 
 
 def run_transformers(path: Path, dtype: str, reqs, batch_size: int, repeats: int) -> float:
@@ -103,26 +94,16 @@ def run_transformers(path: Path, dtype: str, reqs, batch_size: int, repeats: int
                                   pixel_values=inputs["pixel_values"].to(torch_dtype),
                                   image_sizes=inputs["image_sizes"], generation_config=config)
 
-    generate(0, 1)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        with Timer() as t:
-            for lo in range(0, len(texts), batch_size):
-                generate(lo, min(lo + batch_size, len(texts)))
-        best = min(best, t.seconds)
+    seconds = time_static_batches(generate, len(texts), batch_size, repeats, num_warmup=1)
     del model
     gc.collect()
-    return best
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=8)
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
-    parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[2, 4, 8])
+    add_run_arguments(parser, num_requests=8, dtypes=["bfloat16"], hf_batch_sizes=[2, 4, 8])
     parser.add_argument("--vision-layers", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="the fastest of this many runs counts, both sides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = build_checkpoint(CACHE / f"llava-next-clipL{args.vision_layers}-lm0.5b", args.vision_layers)
@@ -135,10 +116,8 @@ def main() -> None:
         hf = {}
         for bs in args.hf_batch_sizes:
             hf[bs] = useful / run_transformers(path, dtype, reqs, bs, args.repeats)
-            print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({useful / hf[bs]:.1f} s)", flush=True)
-        best_bs = max(hf, key=hf.get)
-        print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "
-              f"ratio vs transformers' best (bs={best_bs}): {ours / hf[best_bs]:.2f}x", flush=True)
+            print_transformers_row(dtype, bs, hf[bs], useful / hf[bs])
+        print_fovea_row(dtype, ours, seconds, hf)
 
 
 if __name__ == "__main__":

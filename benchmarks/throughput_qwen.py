@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import CACHE, Timer, images, prompts, word_tokenizer  # noqa: E402
-from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
-                              engine_settings, engine_version, format_report, machine_description,
-                              run_all)
+from benchmarks.common import (CACHE, add_run_arguments, compare_with_transformers, image_chats,  # noqa: E402
+                               images, prompts, time_offline, time_static_batches, word_tokenizer)
+from benchmarks.peers import (add_peer_arguments, check_peer_arguments, format_report,  # noqa: E402
+                              machine_description, run_all, run_engine_dtypes)
 
 VOCAB = 151936
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -123,29 +123,24 @@ def requests(num: int):
     return conversations, images(num), caps
 
 
+def chats(reqs) -> list[list[dict]]:
+    """The requests as OpenAI-style messages: the template's {"type": "image"} parts as image_pil parts."""
+    conversations, imgs, _ = reqs
+    return image_chats([conv[0]["content"][1]["text"] for conv in conversations], imgs)
+
+
 def run_fovea(path: Path, dtype: str, reqs, repeats: int = 1) -> tuple[float, int, int]:
     """(best seconds, useful tokens, prompt tokens: image placeholders included, printed next to the peers')"""
     from fovea import LLM, SamplingParams
 
-    conversations, imgs, caps = reqs
+    conversations, _, caps = reqs
     llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(conversations),
               kv_cache_memory_bytes=2 << 30)
-    # OpenAI-style messages: the template's {"type": "image"} parts as image_pil parts with the image
-    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, conv[0]["content"][1]]}]
-                for conv, im in zip(conversations, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.chat(messages[:2], params[:2], use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        llm.reset_prefix_cache()  # no run may reuse the prompts of the warm-up or of an earlier run
-        with Timer() as t:
-            outs = llm.chat(messages, params, use_tqdm=False)
-        useful = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert useful == sum(caps)
-        best = min(best, t.seconds)
+    result = time_offline(llm, "chat", chats(reqs), params, repeats)
     del llm
     gc.collect()
-    return best, useful, sum(len(o.prompt_token_ids) for o in outs)
+    return result
 
 
 def run_transformers(path: Path, dtype: str, reqs, batch_size: int, max_pixels: int,
@@ -179,16 +174,10 @@ def run_transformers(path: Path, dtype: str, reqs, batch_size: int, max_pixels: 
                                   image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=mm_token_type_ids,
                                   generation_config=config)
 
-    generate(0, 2)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        with Timer() as t:
-            for lo in range(0, len(conversations), batch_size):
-                generate(lo, min(lo + batch_size, len(conversations)))
-        best = min(best, t.seconds)
+    seconds = time_static_batches(generate, len(conversations), batch_size, repeats)
     del model
     gc.collect()
-    return best, sum(caps)
+    return seconds, sum(caps)
 
 
 def run_vllm(path: Path, dtype: str, reqs, max_pixels: int, repeats: int = 1) -> tuple[float, int, int]:
@@ -196,59 +185,21 @@ def run_vllm(path: Path, dtype: str, reqs, max_pixels: int, repeats: int = 1) ->
     each timed run); returns (best seconds, useful tokens, prompt tokens)."""
     from vllm import LLM, SamplingParams
 
-    conversations, imgs, caps = reqs
+    conversations, _, caps = reqs
     llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(conversations), seed=0,
               limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_cache_gb=0,
               mm_processor_kwargs={"min_pixels": MIN_PIXELS, "max_pixels": max_pixels})
-    messages = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": im}, conv[0]["content"][1]]}]
-                for conv, im in zip(conversations, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.chat(messages[:2], params[:2], use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        llm.reset_prefix_cache()
-        with Timer() as t:
-            outs = llm.chat(messages, params, use_tqdm=False)
-        useful = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert useful == sum(caps), (useful, sum(caps))
-        best = min(best, t.seconds)
+    result = time_offline(llm, "chat", chats(reqs), params, repeats)
     del llm  # shuts its engine process down before the next dtype's starts
     gc.collect()
-    return best, useful, sum(len(o.prompt_token_ids) for o in outs)
-
-
-def run_engine(args, path: Path, reqs) -> EngineResult:
-    """One engine, every dtype, in this process: what a child of `--peers` runs."""
-    metrics, detail, prompt_tokens = {}, {}, 0
-    for dtype in args.dtypes:
-        if args.engine == "fovea":
-            seconds, useful, prompt_tokens = run_fovea(path, dtype, reqs, args.repeats)
-        elif args.engine == "vllm":
-            seconds, useful, prompt_tokens = run_vllm(path, dtype, reqs, args.max_pixels, args.repeats)
-        else:  # transformers: its best static batch size counts
-            best = 0.0
-            for bs in args.hf_batch_sizes:
-                seconds, useful = run_transformers(path, dtype, reqs, bs, args.max_pixels, args.repeats)
-                detail[f"{dtype} bs={bs} tok/s"] = useful / seconds
-                best = max(best, useful / seconds)
-            seconds = useful / best
-        metrics[f"{dtype} tok/s"] = useful / seconds
-        print(f"  {dtype:9s} {args.engine:12s} {useful / seconds:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-    return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
-                        metrics=metrics, prompt_tokens=prompt_tokens,
-                        settings={**engine_settings(args.engine, args.threads), "repeats": str(args.repeats)},
-                        detail=detail)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[8, 16, 32])
+    add_run_arguments(parser, num_requests=32, dtypes=["float32", "bfloat16"], hf_batch_sizes=[8, 16, 32])
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="time each configuration this many times; "
-                        "the fastest run counts (both sides alike)")
     add_peer_arguments(parser)
     args = parser.parse_args()
     check_peer_arguments(parser, args)
@@ -261,22 +212,23 @@ def main() -> None:
                             results, machine_description()))
         return
     reqs = requests(args.num_requests)
+
+    def fovea(dtype):
+        return run_fovea(path, dtype, reqs, args.repeats)
+
+    def vllm(dtype):
+        return run_vllm(path, dtype, reqs, args.max_pixels, args.repeats)
+
+    def transformers(dtype, batch_size):
+        return run_transformers(path, dtype, reqs, batch_size, args.max_pixels, args.repeats)
+
     if args.engine:
-        run_engine(args, path, reqs).write(args.result)
+        run_engine_dtypes(args, reqs, fovea, vllm, transformers, settings={"repeats": str(args.repeats)}).write(
+            args.result)
         return
     print(f"{args.num_requests} requests, {sum(reqs[2])} useful output tokens, images up to {args.max_pixels} "
           f"pixels, {args.threads} threads, best of {args.repeats} run(s) each")
-    for dtype in args.dtypes:
-        hf = {}
-        for bs in args.hf_batch_sizes:
-            seconds, useful = run_transformers(path, dtype, reqs, bs, args.max_pixels, args.repeats)
-            hf[bs] = useful / seconds
-            print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-        seconds, useful, _ = run_fovea(path, dtype, reqs, args.repeats)
-        ours = useful / seconds
-        best_bs = max(hf, key=hf.get)
-        print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "
-              f"ratio vs transformers' best (bs={best_bs}): {ours / hf[best_bs]:.2f}x", flush=True)
+    compare_with_transformers(args.dtypes, args.hf_batch_sizes, transformers, fovea)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import CACHE, Timer, images, prompts  # noqa: E402
+from benchmarks.common import (CACHE, add_run_arguments, compare_with_transformers, images, prompts,  # noqa: E402
+                               time_offline, time_static_batches)
 
 VOCAB = 32128
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0..2; the decoder starts from <pad>
@@ -85,16 +86,10 @@ def run_fovea(path: Path, dtype: str, reqs, repeats: int) -> tuple[float, int]:
     llm = LLM(str(path), dtype=dtype, max_num_seqs=len(texts), max_model_len=256)
     batch = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
-    llm.generate(batch[:2], params[:2], use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        with Timer() as t:
-            outs = llm.generate(batch, params, use_tqdm=False)
-        best = min(best, t.seconds)
-        assert sum(len(o.outputs[0].token_ids) for o in outs) == sum(caps)
+    seconds, useful, _ = time_offline(llm, "generate", batch, params, repeats)
     del llm
     gc.collect()
-    return best, sum(caps)
+    return seconds, useful
 
 
 def run_transformers(path: Path, dtype: str, reqs, batch_size: int, repeats: int) -> tuple[float, int]:
@@ -115,42 +110,23 @@ def run_transformers(path: Path, dtype: str, reqs, batch_size: int, repeats: int
         with torch.inference_mode():
             return model.generate(**inputs, generation_config=config)
 
-    generate(0, 2)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        with Timer() as t:
-            for lo in range(0, len(texts), batch_size):
-                generate(lo, min(lo + batch_size, len(texts)))
-        best = min(best, t.seconds)
+    seconds = time_static_batches(generate, len(texts), batch_size, repeats)
     del model
     gc.collect()
-    return best, sum(caps)
+    return seconds, sum(caps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--hf-batch-sizes", nargs="+", type=int, default=[8, 16, 32])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1)
+    add_run_arguments(parser, num_requests=32, dtypes=["float32", "bfloat16"], hf_batch_sizes=[8, 16, 32])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = build_checkpoint(CACHE / "blip2-flan-t5-base-vits14")
     reqs = requests(args.num_requests)
     print(f"{args.num_requests} requests, {sum(reqs[2])} useful output tokens, {args.threads} threads")
-    for dtype in args.dtypes:
-        hf = {}
-        for bs in args.hf_batch_sizes:
-            seconds, useful = run_transformers(path, dtype, reqs, bs, args.repeats)
-            hf[bs] = useful / seconds
-            print(f"  {dtype:9s} transformers bs={bs:<3d} {hf[bs]:8.1f} tok/s  ({seconds:.1f} s)", flush=True)
-        seconds, useful = run_fovea(path, dtype, reqs, args.repeats)
-        ours = useful / seconds
-        best_bs = max(hf, key=hf.get)
-        print(f"  {dtype:9s} fovea              {ours:8.1f} tok/s  ({seconds:.1f} s)   "
-              f"ratio vs transformers' best (bs={best_bs}): {ours / hf[best_bs]:.2f}x", flush=True)
-
+    compare_with_transformers(args.dtypes, args.hf_batch_sizes,
+                              lambda dtype, bs: run_transformers(path, dtype, reqs, bs, args.repeats),
+                              lambda dtype: run_fovea(path, dtype, reqs, args.repeats))
 
 if __name__ == "__main__":
     main()
