@@ -38,7 +38,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -51,6 +51,7 @@ from benchmarks.peers import DEFAULT_PEER_PYTHON, engine_version, machine_descri
 
 WORDS = "describe the picture in detail what colours shapes and objects can you see here".split()
 REQUEST_TIMEOUT_S = 600.0
+HEALTH_PROBE_INTERVAL_S = 0.05
 SERVED_NAME = "bench"  # both servers serve the model under this name, and every request names it
 
 
@@ -103,18 +104,49 @@ async def send_one(client: httpx.AsyncClient, path: str, body: dict) -> Result:
                   num_tokens=num_tokens)
 
 
-async def run_rate(base_url: str, path: str, bodies: list[dict], rate: float, seed: int):
+async def probe_health(client: httpx.AsyncClient, latencies: list[float]) -> None:
+    """GET /health every HEALTH_PROBE_INTERVAL_S until cancelled, recording each answer's latency: a server whose
+    event loop waits on a step (or on anything else) answers late, so this measures the loop's stalls."""
+    while True:
+        start = time.perf_counter()
+        await client.get("/health")
+        latencies.append(time.perf_counter() - start)
+        await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
+
+
+async def run_rate(base_url: str, path: str, bodies: list[dict], rate: float, seed: int,
+                   health_latencies: list[float] | None = None):
     rng = np.random.default_rng(seed)
-    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    limits = httpx.Limits(max_connections=len(bodies) + 1, max_keepalive_connections=len(bodies) + 1)
     async with httpx.AsyncClient(base_url=base_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        probe = None if health_latencies is None else asyncio.ensure_future(probe_health(client, health_latencies))
         tasks = []
         start = time.perf_counter()
-        for body in bodies:
-            tasks.append(asyncio.ensure_future(send_one(client, path, body)))
-            if math.isfinite(rate):
-                await asyncio.sleep(rng.exponential(1.0 / rate))
-        results = await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_TIMEOUT_S)
-        return results, time.perf_counter() - start
+        try:
+            for body in bodies:
+                tasks.append(asyncio.ensure_future(send_one(client, path, body)))
+                if math.isfinite(rate):
+                    await asyncio.sleep(rng.exponential(1.0 / rate))
+            results = await asyncio.wait_for(asyncio.gather(*tasks), REQUEST_TIMEOUT_S)
+            return results, time.perf_counter() - start
+        finally:
+            if probe is not None:
+                probe.cancel()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its descendants (vLLM's server runs its engine in a child)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 class OfflineBaseline:
@@ -128,14 +160,15 @@ class OfflineBaseline:
         self.llm = LLM(model, **engine_kwargs(build_parser().parse_args(["serve", model, *engine_args])))
         self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
-    def requests_per_s(self, bodies: list[dict], endpoint: str) -> float:
+    def requests_per_s(self, bodies: list[dict], endpoint: str) -> tuple[float, float]:
+        """(requests/s, CPU seconds per request of this process)"""
         self.llm.llm_engine.scheduler.reset_prefix_cache()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if endpoint == "chat":
             self.llm.chat([b["messages"] for b in bodies], self.params, use_tqdm=False)
         else:
             self.llm.generate([b["prompt"] for b in bodies], self.params, use_tqdm=False)
-        return len(bodies) / (time.perf_counter() - start)
+        return len(bodies) / (time.perf_counter() - start), (time.process_time() - start_cpu) / len(bodies)
 
 
 def free_port() -> int:
@@ -192,9 +225,15 @@ class RateResult:
     def tokens_per_s(self) -> float:
         return sum(r.num_tokens for r in self.results) / self.seconds
 
+    health_s: list[float] = field(default_factory=list)  # /health latencies during the rate
+
     @property
     def p99_ttft_s(self) -> float:
         return float(np.percentile([r.ttft_s for r in self.results], 99))
+
+    @property
+    def p99_health_s(self) -> float:
+        return float(np.percentile(self.health_s, 99)) if self.health_s else math.nan
 
 
 def run_rates(base_url: str, path: str, bodies: list[list[dict]], rates: list[float], warmup: list[dict],
@@ -202,27 +241,31 @@ def run_rates(base_url: str, path: str, bodies: list[list[dict]], rates: list[fl
     """The warm-up, then each rate on its own requests; prints one line per rate as it finishes."""
     asyncio.run(run_rate(base_url, path, warmup, math.inf, seed))
     print(f"{'rate req/s':>10} {'done req/s':>10} {'out tok/s':>10} | {'TTFT ms: mean':>14} {'p50':>8} {'p99':>8} "
-          f"| {'TPOT ms: mean':>14} {'p50':>8} {'p99':>8}")
+          f"| {'TPOT ms: mean':>14} {'p50':>8} {'p99':>8} | {'/health ms: p99':>15} {'max':>8}")
     out = []
     for rate, rate_bodies in zip(rates, bodies):
-        results, seconds = asyncio.run(run_rate(base_url, path, rate_bodies, rate, seed))
+        health: list[float] = []
+        results, seconds = asyncio.run(run_rate(base_url, path, rate_bodies, rate, seed, health))
         short = [r.num_tokens for r in results if r.num_tokens != max_tokens]
         if short:  # a server that stopped early did less work: say so rather than compare
             print(f"warning: {len(short)} responses had other than {max_tokens} tokens: {short[:8]}")
-        out.append(RateResult(rate, results, seconds))
+        out.append(RateResult(rate, results, seconds, health))
         print(f"{rate:>10} {len(results) / seconds:>10.2f} {out[-1].tokens_per_s:>10.1f} | "
               f"{'':>6}{percentiles([r.ttft_s for r in results], 1e3)} | "
-              f"{'':>6}{percentiles([r.tpot_s for r in results], 1e3)}", flush=True)
+              f"{'':>6}{percentiles([r.tpot_s for r in results], 1e3)} | "
+              f"{out[-1].p99_health_s * 1e3:>15.1f} {max(health, default=math.nan) * 1e3:>8.1f}", flush=True)
     return out
 
 
 def format_comparison(ours: list[RateResult], peer: list[RateResult], peer_name: str) -> str:
     lines = [f"{'rate req/s':>10} {'out tok/s fovea':>16} {peer_name:>8} {'fovea/' + peer_name:>12} | "
-             f"{'p99 TTFT s fovea':>17} {peer_name:>8} {peer_name + '/fovea':>12}"]
+             f"{'p99 TTFT s fovea':>17} {peer_name:>8} {peer_name + '/fovea':>12} | "
+             f"{'p99 /health ms fovea':>21} {peer_name:>8}"]
     for a, b in zip(ours, peer):
         lines.append(f"{a.rate:>10} {a.tokens_per_s:>16.1f} {b.tokens_per_s:>8.1f} "
                      f"{a.tokens_per_s / b.tokens_per_s:>11.2f}x | {a.p99_ttft_s:>17.2f} {b.p99_ttft_s:>8.2f} "
-                     f"{b.p99_ttft_s / a.p99_ttft_s:>11.2f}x")
+                     f"{b.p99_ttft_s / a.p99_ttft_s:>11.2f}x | {a.p99_health_s * 1e3:>21.1f} "
+                     f"{b.p99_health_s * 1e3:>8.1f}")
     return "\n".join(lines)
 
 
@@ -281,14 +324,22 @@ def main() -> None:
         ours = run_rates(args.base_url, path, bodies, args.rates, warmup, args.seed, args.max_tokens)
         if offline is not None:
             # Alternating rounds on fresh requests, best of each: the machine's other load slows single runs.
+            # CPU seconds per request are the figure that survives a busy machine: the server's process (the
+            # client's own work not included) against the offline LLM's.
             best_server = best_offline = 0.0
+            server_cpu = offline_cpu = math.inf
             for round_index in range(args.repeats):
                 fresh = build_bodies(args.num_requests, args.endpoint, args.max_tokens, args.seed + 2000 + round_index)
-                best_offline = max(best_offline, offline.requests_per_s(fresh, args.endpoint))
+                rate, cpu = offline.requests_per_s(fresh, args.endpoint)
+                best_offline, offline_cpu = max(best_offline, rate), min(offline_cpu, cpu)
+                start_cpu = cpu_seconds(proc.pid)
                 results, seconds = asyncio.run(run_rate(args.base_url, path, fresh, math.inf, args.seed))
                 best_server = max(best_server, len(results) / seconds)
+                server_cpu = min(server_cpu, (cpu_seconds(proc.pid) - start_cpu) / len(results))
             print(f"all at once, best of {args.repeats}: server {best_server:.2f} req/s, offline LLM "
-                  f"{best_offline:.2f} req/s; server / offline = {best_server / best_offline:.2f}")
+                  f"{best_offline:.2f} req/s; server / offline = {best_server / best_offline:.2f}; CPU s per request: "
+                  f"server {server_cpu:.3f}, offline {offline_cpu:.3f}, offline / server = "
+                  f"{offline_cpu / server_cpu:.2f}")
     finally:
         if proc is not None:
             stop_server(proc)

@@ -25,7 +25,9 @@ def run_with_peers(script: str, *args: str) -> list[str]:
                          env={**os.environ, "PYTHONPATH": str(ROOT), "FOVEA_PEERS_PYTHON": str(PEER_PYTHON)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    return lines[next(i for i, line in enumerate(lines) if line.endswith("useful output tokens/s")):]
+    report = lines[next(i for i, line in enumerate(lines) if line.endswith("useful output tokens/s")):]
+    print("\n".join(report))  # the figures, for `pytest -s`
+    return report
 
 
 def check_report(report: list[str], metric: str) -> None:
