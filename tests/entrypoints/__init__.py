@@ -69,10 +69,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: str | Path, *flags: str, log_dir: Path, module: str = "fovea.entrypoints.cli"):
+    def __init__(self, model: str | Path, *flags: str, log_dir: Path, module: str = "fovea.entrypoints.cli",
+                 port: int | None = None, start_timeout_s: float | None = START_TIMEOUT_S):
         """`module`: what `python -m` runs (another entry point that ends in fovea's CLI, e.g. one that first
-        registers a test model: tests/e2e/faulty_model.py)."""
-        self.port = free_port()
+        registers a test model: tests/e2e/faulty_model.py). `port`: a free loopback port unless given.
+        `start_timeout_s`: how long to wait for /health; None returns at once (call `wait_healthy` later)."""
+        self.port = free_port() if port is None else port
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_dir) / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", module, "serve", str(model), "--port", str(self.port),
@@ -80,10 +82,13 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        self._wait_healthy()
+        if start_timeout_s is not None:
+            self.wait_healthy(start_timeout_s)
 
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
+    def wait_healthy(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Until /health answers 200; a server that exits first, or is not healthy in time (then it is stopped),
+        raises with the end of its log."""
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
@@ -94,11 +99,12 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"the server was not healthy after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+        raise RuntimeError(f"the server was not healthy after {timeout_s} s:\n{self.log_tail()}")
 
     def log_tail(self, num_chars: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-num_chars:]
+        """The end of the server's log; also after `stop` (the child wrote to the file itself: nothing of ours
+        is buffered, so a closed handle is no reason to fail)."""
+        return self.log_path.read_text(errors="replace")[-num_chars:]
 
     def metrics(self) -> dict[str, float]:
         """`fovea:*`, `fovea_*` and `process_*` samples of /metrics by name (labels dropped: one model per
