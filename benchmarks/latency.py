@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import CACHE, Timer  # noqa: E402
+from benchmarks.common import CACHE, Timer, image_chats  # noqa: E402
 from benchmarks.peers import (EngineResult, add_peer_arguments, check_peer_arguments, digest,  # noqa: E402
                               engine_settings, engine_version, format_report, machine_description,
-                              run_all)
+                              run_all, vllm_llm_options)
 
 IMAGE_SIDE = 448
 PROMPT = " ".join(f"w{1000 + 37 * i}" for i in range(16))
@@ -45,22 +45,18 @@ def checkpoint(model: str) -> Path:
     return build_checkpoint(CACHE / "blip2-opt125m-vits14")
 
 
-class FoveaRunner:
-    def __init__(self, path: Path, model: str, dtype: str):
-        from fovea import LLM
+class LLMRunner:
+    """fovea's or vLLM's offline `LLM` on one request at a time, by the same calls: `sampling_params` is the
+    engine's SamplingParams class."""
 
-        self.model = model
-        self.llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, kv_cache_memory_bytes=1 << 28)
+    def __init__(self, llm, sampling_params, model: str):
+        self.llm, self.sampling_params, self.model = llm, sampling_params, model
 
     def __call__(self, picture: Image.Image, max_tokens: int) -> int:
-        from fovea import SamplingParams
-
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = self.sampling_params(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         self.llm.reset_prefix_cache()
         if self.model == "qwen":
-            message = [{"role": "user", "content": [{"type": "image_pil", "image_pil": picture},
-                                                    {"type": "text", "text": PROMPT}]}]
-            out = self.llm.chat(message, params, use_tqdm=False)[0]
+            out = self.llm.chat(image_chats([PROMPT], [picture])[0], params, use_tqdm=False)[0]
         else:
             out = self.llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": picture}}, params,
                                     use_tqdm=False)[0]
@@ -68,33 +64,19 @@ class FoveaRunner:
         return len(out.prompt_token_ids)
 
 
-class VllmRunner(FoveaRunner):
-    def __init__(self, path: Path, model: str, dtype: str):
-        from vllm import LLM
+def fovea_runner(path: Path, model: str, dtype: str) -> LLMRunner:
+    from fovea import LLM, SamplingParams
 
-        self.model = model
-        extra = {}
-        if model == "qwen":
-            from benchmarks.throughput_qwen import MAX_PIXELS, MIN_PIXELS
-            extra = dict(limit_mm_per_prompt={"image": 1, "video": 0},
-                         mm_processor_kwargs={"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})
-        self.llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, seed=0, mm_processor_cache_gb=0,
-                       **extra)
+    llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, kv_cache_memory_bytes=1 << 28)
+    return LLMRunner(llm, SamplingParams, model)
 
-    def __call__(self, picture: Image.Image, max_tokens: int) -> int:
-        from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        self.llm.reset_prefix_cache()
-        if self.model == "qwen":
-            message = [{"role": "user", "content": [{"type": "image_pil", "image_pil": picture},
-                                                    {"type": "text", "text": PROMPT}]}]
-            out = self.llm.chat(message, params, use_tqdm=False)[0]
-        else:
-            out = self.llm.generate({"prompt": PROMPT, "multi_modal_data": {"image": picture}}, params,
-                                    use_tqdm=False)[0]
-        assert len(out.outputs[0].token_ids) == max_tokens
-        return len(out.prompt_token_ids)
+def vllm_runner(path: Path, model: str, dtype: str) -> LLMRunner:
+    from vllm import LLM, SamplingParams
+
+    from benchmarks.throughput_qwen import MAX_PIXELS, MIN_PIXELS
+    options = vllm_llm_options(MIN_PIXELS, MAX_PIXELS) if model == "qwen" else vllm_llm_options()
+    return LLMRunner(LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=1, **options), SamplingParams, model)
 
 
 class TransformersRunner:
@@ -148,7 +130,7 @@ class TransformersRunner:
         return int(inputs["input_ids"].shape[1])
 
 
-RUNNERS = {"fovea": FoveaRunner, "vllm": VllmRunner, "transformers": TransformersRunner}
+RUNNERS = {"fovea": fovea_runner, "vllm": vllm_runner, "transformers": TransformersRunner}
 
 
 def measure(runner, decode_tokens: int, repeats: int) -> tuple[dict[str, float], int]:
@@ -166,7 +148,7 @@ def measure(runner, decode_tokens: int, repeats: int) -> tuple[dict[str, float],
     return {"TTFT_s": ttft, "decode tok/s": decode, f"{decode_tokens}-token request_s": full}, prompt_tokens
 
 
-def ttft_flop_bound(runner: FoveaRunner, dtype: str) -> dict[str, float]:
+def ttft_flop_bound(runner: LLMRunner, dtype: str) -> dict[str, float]:
     """The FLOP bound of a TTFT (issue 16's target: within 1.2x of it): the vision tower's, the prefill's and
     lm_head's FLOPs of one more 1-token request, counted by the roofline's recorder, over this machine's GEMM peak
     measured now (benchmarks/roofline.py)."""

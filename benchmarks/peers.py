@@ -235,3 +235,14 @@ def run_engine_dtypes(args: argparse.Namespace, reqs, run_fovea, run_vllm, run_t
     return EngineResult(engine=args.engine, version=engine_version(args.engine), requests_digest=digest(*reqs),
                         metrics=metrics, prompt_tokens=prompt_tokens,
                         settings={**engine_settings(args.engine, args.threads), **(settings or {})}, detail=detail)
+
+
+def vllm_llm_options(min_pixels: int | None = None, max_pixels: int | None = None) -> dict:
+    """What every benchmark gives vLLM's `LLM` besides its sizes: seed 0, one image per prompt, no multimodal
+    preprocessing cache (a warm-up must not serve the timed runs); with a pixel range (Qwen2.5-VL), no video and
+    the image processor's range of fovea's run."""
+    options = dict(seed=0, mm_processor_cache_gb=0, limit_mm_per_prompt={"image": 1})
+    if max_pixels is not None:
+        options.update(limit_mm_per_prompt={"image": 1, "video": 0},
+                       mm_processor_kwargs={"min_pixels": min_pixels, "max_pixels": max_pixels})
+    return options

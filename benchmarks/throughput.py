@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (CACHE, add_run_arguments, compare_with_transformers, images, prompts,  # noqa: E402
                                time_offline, time_static_batches, word_tokenizer)
 from benchmarks.peers import (add_peer_arguments, check_peer_arguments, format_report,  # noqa: E402
-                              machine_description, run_all, run_engine_dtypes)
+                              machine_description, run_all, run_engine_dtypes, vllm_llm_options)
 
 VOCAB = 50272
 
@@ -108,8 +108,7 @@ def run_vllm(path: Path, dtype: str, reqs) -> tuple[float, int, int]:
     from vllm import LLM, SamplingParams
 
     texts, imgs, caps = reqs
-    llm = LLM(str(path), dtype=dtype, max_model_len=512, max_num_seqs=len(texts), seed=0,
-              limit_mm_per_prompt={"image": 1}, mm_processor_cache_gb=0)
+    llm = LLM(str(path), dtype=dtype, max_model_len=512, max_num_seqs=len(texts), **vllm_llm_options())
     batch = [{"prompt": t, "multi_modal_data": {"image": im}} for t, im in zip(texts, imgs)]
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
     result = time_offline(llm, "generate", batch, params)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (CACHE, add_run_arguments, compare_with_transformers, image_chats,  # noqa: E402
                                images, prompts, time_offline, time_static_batches, word_tokenizer)
 from benchmarks.peers import (add_peer_arguments, check_peer_arguments, format_report,  # noqa: E402
-                              machine_description, run_all, run_engine_dtypes)
+                              machine_description, run_all, run_engine_dtypes, vllm_llm_options)
 
 VOCAB = 151936
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
@@ -186,9 +186,8 @@ def run_vllm(path: Path, dtype: str, reqs, max_pixels: int, repeats: int = 1) ->
     from vllm import LLM, SamplingParams
 
     conversations, _, caps = reqs
-    llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(conversations), seed=0,
-              limit_mm_per_prompt={"image": 1, "video": 0}, mm_processor_cache_gb=0,
-              mm_processor_kwargs={"min_pixels": MIN_PIXELS, "max_pixels": max_pixels})
+    llm = LLM(str(path), dtype=dtype, max_model_len=1024, max_num_seqs=len(conversations),
+              **vllm_llm_options(MIN_PIXELS, max_pixels))
     params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
     result = time_offline(llm, "chat", chats(reqs), params, repeats)
     del llm  # shuts its engine process down before the next dtype's starts
