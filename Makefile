@@ -62,8 +62,14 @@ bench-peers: $(PEERS_STAMP)
 
 # The end-to-end peer runs (tests marked `peers`): built environment first, so they run rather than skip; neither
 # `make test` nor `make test-slow` collects them. vLLM takes several GB: on a shared machine run this under its lock.
-test-peers: $(STAMP) $(PEERS_STAMP)
-	FOVEA_PEERS_PYTHON=$(abspath $(PEERS_VENV))/bin/python $(BIN)/python -m pytest -q -m peers tests
+# Each environment is built here only when it is missing, never because this checkout's files are newer than its
+# stamp, so another checkout (a git worktree) runs its own code on existing ones (rebuilding them from there would
+# re-point their editable fovea at that checkout):
+#     flock /work/bigmem.lock make test-peers VENV=/work/main/.venv PEERS_VENV=/work/venv-peers
+test-peers:
+	test -e $(STAMP) || $(MAKE) $(STAMP)
+	test -e $(PEERS_STAMP) || $(MAKE) $(PEERS_STAMP)
+	PYTHONPATH=$(CURDIR) FOVEA_PEERS_PYTHON=$(abspath $(PEERS_VENV))/bin/python $(BIN)/python -m pytest -q -m peers tests
 
 clean:
 	rm -rf $(VENV)
