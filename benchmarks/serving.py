@@ -151,23 +151,37 @@ def cpu_seconds(pid: int) -> float:
 
 class OfflineBaseline:
     """The offline LLM in this process, on the server's engine options: `requests_per_s(bodies)` runs them all at
-    once with the prefix cache emptied first, so it computes what the server computes."""
+    once with the prefix cache emptied first, so it computes what the server computes.
+
+    Its steps run on a worker thread, as `fovea serve` runs its engine's (AsyncLLMEngine: the model loads on the
+    main thread, steps run on the engine thread). That is not cosmetic: torch's OpenMP (libgomp) spins at every
+    barrier for a while before it sleeps, unless the process manages more OpenMP threads than it has CPUs, when it
+    spins only briefly. The server has two OpenMP teams (the loading thread's and the engine thread's), so on 2
+    cores it never spins long; an LLM stepped on the main thread has one, and spins. On a busy machine the spinning
+    thread takes the core its partner needs: the same requests cost 4-6x the CPU seconds and wall time (README,
+    "Serving figures"). The comparison here is meant to price HTTP, not that."""
 
     def __init__(self, model: str, engine_args: list[str], max_tokens: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         from fovea import LLM, SamplingParams
         from fovea.entrypoints.cli import build_parser, engine_kwargs
 
         self.llm = LLM(model, **engine_kwargs(build_parser().parse_args(["serve", model, *engine_args])))
         self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        self.engine_thread = ThreadPoolExecutor(1, thread_name_prefix="offline-engine")
 
     def requests_per_s(self, bodies: list[dict], endpoint: str) -> tuple[float, float]:
         """(requests/s, CPU seconds per request of this process)"""
         self.llm.llm_engine.scheduler.reset_prefix_cache()
         start, start_cpu = time.perf_counter(), time.process_time()
         if endpoint == "chat":
-            self.llm.chat([b["messages"] for b in bodies], self.params, use_tqdm=False)
+            run = self.engine_thread.submit(self.llm.chat, [b["messages"] for b in bodies], self.params,
+                                            use_tqdm=False)
         else:
-            self.llm.generate([b["prompt"] for b in bodies], self.params, use_tqdm=False)
+            run = self.engine_thread.submit(self.llm.generate, [b["prompt"] for b in bodies], self.params,
+                                            use_tqdm=False)
+        run.result()
         return len(bodies) / (time.perf_counter() - start), (time.process_time() - start_cpu) / len(bodies)
 
 
@@ -194,7 +208,8 @@ def start_server(model: str, serve_args: list[str], engine: str = "fovea",
         env.pop("PYTHONPATH", None)
     proc = subprocess.Popen(server_command(engine, model, port, serve_args, peer_python), cwd=ROOT, env=env)
     base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + (1800 if engine == "vllm" else 600)  # vLLM imports, loads and warms up slowly
+    timeout_s = 1800 if engine == "vllm" else 600  # vLLM imports, loads and warms up slowly
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(base_url + "/health", timeout=2).status_code == 200:
@@ -202,8 +217,10 @@ def start_server(model: str, serve_args: list[str], engine: str = "fovea",
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError(f"the {engine} server did not come up")
+    if proc.poll() is not None:  # its log went to this script's output, just above
+        raise RuntimeError(f"the {engine} server exited with {proc.returncode} before it was healthy (log above)")
+    stop_server(proc)
+    raise RuntimeError(f"the {engine} server was not healthy after {timeout_s} s (its log is above)")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
