@@ -4,12 +4,18 @@ The generation engine's encoder cache (encoder_cache.py) holds an output only wh
 an embedding is the whole answer of a call that is already over, so these are kept least recently used first,
 capacity counted in rows (a row is an encoder-output token: the same unit as `EngineConfig.encoder_cache_size`,
 which sizes this cache too). Keys are (pooling, content hash): the stages of one image are separate entries.
+`embed_through_cache` is the one way callers use it: the generation engine's `LLM.embed` (fovea.engine.pooling)
+and a stage-1 export's `LLM.embed` and `LLM.score` (fovea.engine.retrieval).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from PIL import Image
+
+from fovea.multimodal.hashing import hash_mm_item
 
 
 class EmbeddingCache:
@@ -49,3 +55,23 @@ class EmbeddingCache:
             self.num_rows -= self._entries.popitem(last=False)[1].shape[0]
         self._entries[key] = embedding
         self.num_rows += rows
+
+
+def embed_through_cache(cache: EmbeddingCache | None, pooling: str, images: Sequence[Image.Image],
+                        embed: Callable[[list[Image.Image]], Iterable[torch.Tensor]]) -> list[torch.Tensor]:
+    """One (rows, dim) embedding per image: those `cache` holds under (pooling, content hash), and the distinct
+    others from one call of `embed` (a list of images -> their embeddings in order), which are then kept. An image
+    repeated within the call runs once. Each result is the caller's own copy."""
+    hashes = [hash_mm_item("image", image) for image in images]
+    found = {}
+    for mm_hash in dict.fromkeys(hashes):
+        if cache is not None and (embedding := cache.get(pooling, mm_hash)) is not None:
+            found[mm_hash] = embedding
+    missing = {h: image for h, image in zip(hashes, images) if h not in found}
+    if missing:
+        for mm_hash, embedding in zip(missing, embed(list(missing.values())), strict=True):
+            found[mm_hash] = embedding
+            if cache is not None:
+                cache.put(pooling, mm_hash, embedding)
+    # copies: a caller writing into its result must not change the cache (or another input's result)
+    return [found[h].clone() for h in hashes]

@@ -34,8 +34,7 @@ class LLM:
         config = EngineConfig.from_kwargs(model, **kwargs)
         self._counter = itertools.count()
         # a stage-1 export has no language model: it embeds and scores only, outside the generation engine
-        self._retrieval = RetrievalRunner(config.model, config.max_num_seqs) \
-            if is_retrieval_checkpoint(config.model) else None
+        self._retrieval = RetrievalRunner.from_config(config) if is_retrieval_checkpoint(config.model) else None
         self._llm_engine = None if self._retrieval else LLMEngine(config)
 
     @property

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fovea.engine.embedding_cache import EmbeddingCache
+from fovea.engine.embedding_cache import EmbeddingCache, embed_through_cache
 from fovea.models.blip2_qformer import Blip2QFormerModel
-from fovea.multimodal.hashing import hash_mm_item
 
 POOLING_STAGES = ("projected", "qformer", "vision")
 DEFAULT_POOLING = "projected"
@@ -113,17 +112,5 @@ def embed_images(model: torch.nn.Module, image_processor, images: Sequence[Image
                  max_batch: int, cache: EmbeddingCache | None = None) -> list[torch.Tensor]:
     """One float32 (rows, dim) embedding per image (already checked): cached ones from `cache`, the distinct
     others preprocessed and run in batches of `max_batch`, then kept. Each result is the caller's own copy."""
-    hashes = [hash_mm_item("image", image) for image in images]
-    found = {}
-    for mm_hash in dict.fromkeys(hashes):
-        if cache is not None and (embedding := cache.get(pooling, mm_hash)) is not None:
-            found[mm_hash] = embedding
-    missing = {h: image for h, image in zip(hashes, images) if h not in found}
-    if missing:
-        pixel_values = image_processor(list(missing.values()))["pixel_values"]
-        for mm_hash, embedding in zip(missing, embed_pixels(model, pixel_values, pooling, max_batch)):
-            found[mm_hash] = embedding
-            if cache is not None:
-                cache.put(pooling, mm_hash, embedding)
-    # copies: a caller writing into its result must not change the cache (or another input's result)
-    return [found[h].clone() for h in hashes]
+    return embed_through_cache(cache, pooling, images, lambda missing: embed_pixels(
+        model, image_processor(missing)["pixel_values"], pooling, max_batch))

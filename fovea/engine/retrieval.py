@@ -10,6 +10,13 @@ up to `max_num_seqs` inputs, in float32.
                           `logits_per_image` with use_image_text_matching_head=False)
     score, method "itm":  P(match), the softmax of the matching head's logits (use_image_text_matching_head=True)
 
+Images are cached between calls (`EmbeddingCache`, sized by `encoder_cache_size` in rows, default
+`max_num_batched_tokens` or 2048), keyed as `LLM.embed`'s cache is, by (stage, content hash), one stage per use:
+"itc", the (Q, E) embedding that `embed` returns and ITC scores read, and "vision", the ViT's (P, Dv) output that
+the matching head reads again with each text. So an image embedded once is not encoded again by a later ITC score
+(or embed), nor one scored by ITM before by a later ITM score; a repeated image within a call runs once. Texts are
+not cached (the Q-Former's text pass is short).
+
 Texts are tokenised by the checkpoint's Q-Former tokenizer and padded to the longest text of the call (padding is
 masked, so a text's result does not depend on its batch); a text over the Q-Former's position limit is refused,
 never truncated.
@@ -24,11 +31,15 @@ from typing import Any
 import torch
 from PIL import Image
 
+from fovea.config import EngineConfig
+from fovea.engine.embedding_cache import EmbeddingCache, embed_through_cache
 from fovea.training.scoring import ImageTextScorer
 
 RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
 RETRIEVAL_POOLING = ("itc",)
 SCORE_METHODS = ("itc", "itm")
+DEFAULT_CACHE_ROWS = 2048
+"""Rows (encoder-output tokens) of images kept when neither encoder_cache_size nor max_num_batched_tokens is set."""
 
 
 def is_retrieval_checkpoint(model: str | Path) -> bool:
@@ -74,10 +85,16 @@ def _distinct(items: Sequence[Any], rows: dict[Any, int], key) -> list[Any]:
 
 
 class RetrievalRunner:
-    def __init__(self, model: str | Path, max_batch: int):
+    def __init__(self, model: str | Path, max_batch: int, cache_rows: int = DEFAULT_CACHE_ROWS):
         self.scorer = ImageTextScorer.from_pretrained(model, batch_size=max_batch)
         self.tokenizer = self.scorer.tokenizer
         self.max_text_tokens = self.scorer.model.config.qformer_config.max_position_embeddings
+        self.embedding_cache = EmbeddingCache(cache_rows)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> RetrievalRunner:
+        return cls(config.model, config.max_num_seqs,
+                   config.encoder_cache_size or config.max_num_batched_tokens or DEFAULT_CACHE_ROWS)
 
     # ---- inputs ------------------------------------------------------------------------------------------------
 
@@ -91,6 +108,15 @@ class RetrievalRunner:
     def _texts(self, texts: Sequence[str]):
         self.scorer.max_text_len = max(len(self.tokenizer(t).input_ids) for t in texts)
         return self.scorer.embed_texts(texts)
+
+    def _images(self, images: Sequence[Image.Image], stage: str) -> torch.Tensor:
+        """(N, rows, dim) float32 of `stage` ("itc" or "vision", see the module docstring) per image: cached ones
+        from the cache, the distinct others run through the ViT (and the Q-Former) in batches, then kept."""
+        def run(missing: list[Image.Image]) -> list[torch.Tensor]:
+            embeddings = self.scorer.embed_images(missing)
+            return (embeddings.features if stage == "itc" else embeddings.vision).float().unbind(0)
+
+        return torch.stack(embed_through_cache(self.embedding_cache, stage, images, run))
 
     # ---- embed / score -----------------------------------------------------------------------------------------
 
@@ -112,7 +138,7 @@ class RetrievalRunner:
         self._check_texts(list(text_at.values()), "input")
         out: dict[int, torch.Tensor] = {}
         if image_at:
-            features = self.scorer.embed_images(list(image_at.values())).features  # (N, Q, E)
+            features = self._images(list(image_at.values()), "itc")  # (N, Q, E)
             out.update(zip(image_at, features.unbind(0)))
         if text_at:
             features = self._texts(list(text_at.values())).features  # (M, E)
@@ -135,11 +161,12 @@ class RetrievalRunner:
         # one-to-many calls repeat the same image (or text): embed each distinct one once
         image_row = _rows(images, key=id)
         text_row = _rows(texts, key=lambda text: text)
-        image_emb = self.scorer.embed_images(_distinct(images, image_row, key=id))
+        distinct_images = _distinct(images, image_row, key=id)
         text_emb = self._texts(_distinct(texts, text_row, key=lambda text: text))
         pairs = torch.tensor([(image_row[id(image)], text_row[text]) for image, text in zip(images, texts)])
         if method == "itm":
-            return self.scorer.itm_probs(image_emb, text_emb, pairs).tolist()
+            return self.scorer.itm_probs(self._images(distinct_images, "vision"), text_emb, pairs).tolist()
         i, j = pairs.unbind(1)
         # (K, Q) cosine of each pair's image queries with its text; the best query scores
-        return torch.einsum("kqe,ke->kq", image_emb.features[i], text_emb.features[j]).amax(dim=-1).tolist()
+        features = self._images(distinct_images, "itc")
+        return torch.einsum("kqe,ke->kq", features[i], text_emb.features[j]).amax(dim=-1).tolist()

@@ -95,17 +95,19 @@ class ImageTextScorer:
         return torch.einsum("nqe,me->nmq", images.features, texts.features).amax(dim=-1)
 
     @torch.no_grad()
-    def itm_logits(self, images: ImageEmbeddings, texts: TextEmbeddings,
+    def itm_logits(self, images: ImageEmbeddings | torch.Tensor, texts: TextEmbeddings,
                    pairs: Sequence[tuple[int, int]] | torch.Tensor) -> torch.Tensor:
-        """(K, 2) [no match, match] logits of the (image index, text index) pairs."""
+        """(K, 2) [no match, match] logits of the (image index, text index) pairs. `images`: embeddings, or their
+        `vision` (N, P, Dv) alone, all that ITM reads (a caller that caches images keeps just that)."""
+        vision = images.vision if isinstance(images, ImageEmbeddings) else images
         pairs = torch.as_tensor(pairs, dtype=torch.long).view(-1, 2)
         out = []
         for start in range(0, len(pairs), self.batch_size):
             i, j = pairs[start:start + self.batch_size].unbind(1)
-            out.append(self.model.itm_logits(images.vision[i], texts.input_ids[j], texts.attention_mask[j]))
+            out.append(self.model.itm_logits(vision[i], texts.input_ids[j], texts.attention_mask[j]))
         return torch.cat(out) if out else torch.zeros(0, 2)
 
-    def itm_probs(self, images: ImageEmbeddings, texts: TextEmbeddings,
+    def itm_probs(self, images: ImageEmbeddings | torch.Tensor, texts: TextEmbeddings,
                   pairs: Sequence[tuple[int, int]] | torch.Tensor) -> torch.Tensor:
         """(K,) probability that image i and text j match, for each pair (i, j)."""
         return self.itm_logits(images, texts, pairs).softmax(dim=-1)[:, 1]

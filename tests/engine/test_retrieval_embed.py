@@ -1,5 +1,6 @@
 """LLM.embed and LLM.score on a stage-1 export (Blip2ForImageTextRetrieval) against transformers' own class on the
-same checkpoint: its normalised ITC embeddings, ITC logits and ITM probabilities, within 1e-5 in float32."""
+same checkpoint: its normalised ITC embeddings, ITC logits and ITM probabilities, within 1e-5 in float32; and
+images kept between calls (the embedding cache), counted on the real ViT with a forward hook."""
 import numpy as np
 import pytest
 import torch
@@ -96,3 +97,53 @@ def test_one_image_scores_against_many_texts(llm):
 def test_bad_calls_are_clear_errors(llm, call, message):
     with pytest.raises(ValueError, match=message):
         call(llm)
+
+
+def _count_vision_runs(llm):
+    """The images each forward of the real ViT ran, recorded by a forward hook; remove the handle after."""
+    batch_sizes = []
+    vision = llm._retrieval.scorer.model.vision_model
+    return batch_sizes, vision.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+
+
+def test_scores_read_images_from_the_embedding_cache(model_dir, hf):
+    itc, itm = hf
+    cold = LLM(str(model_dir), max_num_seqs=2)
+    cold_itc = [o.outputs.score for o in cold.score(IMAGES, TEXTS, method="itc")]
+    cold_itm = [o.outputs.score for o in cold.score(IMAGES, TEXTS, method="itm")]
+    llm = LLM(str(model_dir), max_num_seqs=2)
+    batch_sizes, handle = _count_vision_runs(llm)
+    try:
+        embedded = [o.outputs.embedding for o in llm.embed(IMAGES)]
+        assert batch_sizes == [2, 1]
+        # a later ITC score of the same images (other objects, same content) runs no ViT: the embed's entries
+        copies = [image.copy() for image in IMAGES]
+        warm_itc = [o.outputs.score for o in llm.score(copies, TEXTS, method="itc")]
+        assert batch_sizes == [2, 1]
+        np.testing.assert_allclose(warm_itc, cold_itc, rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(warm_itc), itc.logits_per_image.diagonal(), atol=1e-5, rtol=1e-5)
+        # ITM reads the ViT's output, another entry: encoded once, then cached for the next ITM score
+        warm_itm = [o.outputs.score for o in llm.score(IMAGES, TEXTS, method="itm")]
+        assert batch_sizes == [2, 1, 2, 1]
+        again_itm = [o.outputs.score for o in llm.score(IMAGES[::-1], TEXTS[::-1], method="itm")]
+        assert batch_sizes == [2, 1, 2, 1]
+        np.testing.assert_allclose(warm_itm, cold_itm, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(again_itm[::-1], warm_itm, rtol=0, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(warm_itm), itm, atol=1e-5, rtol=1e-5)
+        # and a later embed is served from the entries, equal to the first
+        assert all(torch.equal(a.outputs.embedding, b) for a, b in zip(llm.embed(IMAGES), embedded))
+        assert batch_sizes == [2, 1, 2, 1]
+    finally:
+        handle.remove()
+
+
+def test_a_cache_too_small_to_keep_an_image_encodes_it_again(model_dir):
+    # the cache is what saves the work: with room for nothing the same calls run the ViT each time
+    llm = LLM(str(model_dir), max_num_seqs=2, encoder_cache_size=1)
+    batch_sizes, handle = _count_vision_runs(llm)
+    try:
+        llm.embed(IMAGES[:1])
+        llm.score(IMAGES[0], TEXTS, method="itc")  # one image against three texts: encoded once
+        assert batch_sizes == [1, 1] and len(llm._retrieval.embedding_cache) == 0
+    finally:
+        handle.remove()

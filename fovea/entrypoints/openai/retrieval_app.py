@@ -115,6 +115,6 @@ def build_retrieval_app(runner: RetrievalRunner, settings, model_path: str) -> F
 
 def run_retrieval_server(engine_config: EngineConfig, settings, *, host: str = "127.0.0.1", port: int = 8000,
                          log_level: str = "info") -> None:
-    runner = RetrievalRunner(engine_config.model, engine_config.max_num_seqs)
+    runner = RetrievalRunner.from_config(engine_config)
     app = build_retrieval_app(runner, settings, engine_config.model)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
