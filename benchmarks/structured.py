@@ -15,6 +15,12 @@ run of the same run timed alike: none constrained, 1 constrained (JSON Schema) b
 constrained; prints ms per step and the ratios. Needs the shared memory lock on a shared machine:
 
     flock /work/bigmem.lock python benchmarks/structured.py [--steps 48] [--dtype bfloat16] [--skip-e2e]
+
+A smoke run of every part in about two minutes, without the lock (2 layers: 1.9 GB peak RSS). Its figures are not
+the benchmark's: the 2-layer model's step is far shorter than the real one's, and a step's time is the whole
+`generate` call's over the steps, so with few steps the prefill weighs in:
+
+    python benchmarks/structured.py --steps 8 --num-layers 2
 """
 from __future__ import annotations
 
@@ -155,13 +161,13 @@ def sampler_step(tokenizer, steps: int) -> None:
         print(f"sampler, {num:2d} of {BATCH} rows constrained: {per_step * 1e3:6.2f} ms/step")
 
 
-def end_to_end(tokenizer, steps: int, dtype: str) -> None:
+def end_to_end(tokenizer, steps: int, dtype: str, num_layers: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from fovea import LLM, SamplingParams, StructuredOutputsParams
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = Qwen2Config(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        config = Qwen2Config(vocab_size=VOCAB, hidden_size=896, intermediate_size=4864, num_hidden_layers=num_layers,
                              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
                              tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id)
         torch.manual_seed(0)
@@ -194,6 +200,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--num-layers", type=int, default=24, help="end to end: Qwen2-0.5B's 24, fewer for a smoke run")
     args = parser.parse_args()
     t0 = time.perf_counter()
     tokenizer = byte_level_tokenizer(VOCAB)
@@ -201,7 +208,7 @@ def main() -> None:
     mask_engines(tokenizer, args.steps)
     sampler_step(tokenizer, args.steps)
     if not args.skip_e2e:
-        end_to_end(tokenizer, args.steps, args.dtype)
+        end_to_end(tokenizer, args.steps, args.dtype, args.num_layers)
 
 
 if __name__ == "__main__":
