@@ -64,8 +64,9 @@ def build_qformer_tokenizer(texts: Iterable[str], vocab_size: int = 512,
     normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     word_counts: Counter[str] = Counter()
-    for text in texts:
-        word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    for text, count in Counter(texts).items():  # each distinct text split once: the shapes texts repeat a lot
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            word_counts[word] += count
     vocab = train_wordpiece_vocab(word_counts, vocab_size, QFORMER_SPECIAL_TOKENS)
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizer
