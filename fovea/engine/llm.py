@@ -169,7 +169,8 @@ class LLM:
         `LLM.score`: one image and N texts, N images and one text, or N of each (pairs in order).
 
         method "itc": the best query's cosine similarity with the text (transformers' `logits_per_image`);
-        "itm": the matching head's P(match). Each distinct image and text is encoded once, in batches.
+        "itm": the matching head's P(match). Each distinct image and text is encoded once, in batches, and images
+        are kept between calls (an image `embed` or an earlier score encoded is not encoded again).
         """
         if self._retrieval is None:
             raise ValueError(f"LLM.score needs a {RETRIEVAL_ARCHITECTURE} checkpoint (a stage-1 export, what "
