@@ -214,7 +214,7 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
     def decoder_start_token_id(self) -> int | None:
         return getattr(self.language_model, "decoder_start_token_id", None)
 
-    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
+    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         return self.language_model.encode(inputs_embeds, lengths)
 
     def store_cross_kv(self, encoder_states: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -140,8 +140,8 @@ def check_pipeline_parallel(model_cls: type, hf_config: Any, pp_size: int) -> No
 class SupportsEncoderDecoder(ABC):
     """A language model with an encoder that reads the prompt and a decoder that generates (T5).
 
-    `encode(inputs_embeds [B, L, d], lengths)` runs the encoder once over whole prompts (the prompt's embeddings
-    from `embed_input_ids`, multimodal rows merged); `store_cross_kv(encoder_states [M, d], slot_mapping [M])`
+    `encode(inputs_embeds [N, d], lengths)` runs the encoder once over whole prompts packed row after row (the
+    prompts' embeddings from `embed_input_ids`, multimodal rows merged); `store_cross_kv(encoder_states [M, d], slot_mapping [M])`
     writes each decoder layer's cross-attention keys/values into the request's cross blocks; `forward` is the
     decoder over the step's flat batch, which starts from `decoder_start_token_id`. A multimodal model whose
     language model is one (BLIP-2 with Flan-T5) has these by delegation; the engine asks
@@ -152,7 +152,7 @@ class SupportsEncoderDecoder(ABC):
     decoder_start_token_id: int
 
     @abstractmethod
-    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor: ...
+    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor: ...
 
     @abstractmethod
     def store_cross_kv(self, encoder_states: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...

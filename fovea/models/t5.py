@@ -23,6 +23,7 @@ Module and parameter names follow transformers' `T5ForConditionalGeneration`, so
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,34 @@ def relative_position_bucket(relative_position: torch.Tensor, bidirectional: boo
     scaled = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
     large = (max_exact + scaled.to(torch.long)).clamp(max=num_buckets - 1)
     return bucket + torch.where(is_small, distance, large)
+
+
+@dataclass(slots=True)
+class EncoderBatch:
+    """The encoder's prompts packed row after row ([N, d], prompt b's rows consecutive), as every layer but
+    self-attention sees them: linears, norms and the feed-forward run on real rows only (padding to the
+    longest prompt costs as much as the prompts' length spread, ~25% of the encoder at the benchmark's).
+    Self-attention pads q, k, v to [B, L] for one SDPA call and packs its output again.
+
+    bias:      [B or 1, nh, L, L] in the activations' dtype: position scores, -inf on padding keys.
+    pad_index: [N] long, each packed row's place in the padded [B * L] rows; None when every prompt has
+               length L (padding is a view).
+    """
+
+    bias: torch.Tensor
+    num_seqs: int
+    max_len: int
+    pad_index: torch.Tensor | None
+
+    def pad(self, t: torch.Tensor) -> torch.Tensor:  # [N, w] -> [B, L, w], padding rows zero
+        if self.pad_index is None:
+            return t.view(self.num_seqs, self.max_len, -1)
+        out = t.new_zeros(self.num_seqs * self.max_len, t.shape[-1])
+        return out.index_copy_(0, self.pad_index, t).view(self.num_seqs, self.max_len, -1)
+
+    def unpad(self, t: torch.Tensor) -> torch.Tensor:  # [B, L, w] -> [N, w]
+        flat = t.reshape(self.num_seqs * self.max_len, -1)
+        return flat if self.pad_index is None else flat.index_select(0, self.pad_index)
 
 
 class T5LayerNorm(nn.Module):
@@ -109,10 +138,10 @@ class T5Attention(nn.Module):
         k, v = self.k(x), self.v(x)
         if self.kind == "decoder":
             return self.o(self.attn(q, k, v, attn_bias=bias))
-        batch, length = x.shape[:2]  # encoder: x [B, L, d], bias [B, nh, L, L]
-        q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
-        return self.o(out.transpose(1, 2).reshape(batch, length, -1))
+        batch: EncoderBatch = bias  # encoder: x [N, d] packed
+        q, k, v = (batch.pad(t).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.bias.to(q.dtype), scale=1.0)  # (B, nh, L, hs)
+        return self.o(batch.unpad(out.transpose(1, 2)))
 
 
 class T5FeedForward(nn.Module):
@@ -223,15 +252,19 @@ class T5ForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsEncode
 
     # ---------------------------------------------------------------------------- encoder
 
-    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int] | None = None) -> torch.Tensor:
-        """inputs_embeds [B, L, d] (rows past `lengths[b]` are padding) -> the encoder's output [B, L, d]."""
-        batch, length = inputs_embeds.shape[:2]
+    def encode(self, inputs_embeds: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """inputs_embeds [N, d]: prompts of `lengths` packed row after row -> the encoder's output [N, d]."""
+        length = max(lengths)
         pos = torch.arange(length)
         bias = self.encoder.bias_table.position_bias(pos[None, :] - pos[:, None])[None]  # (1, nh, L, L)
-        if lengths is not None and any(n != length for n in lengths):
+        pad_index = None
+        if any(n != length for n in lengths):
             is_pad = pos[None, :] >= torch.tensor(lengths)[:, None]  # (B, L)
             bias = bias.masked_fill(is_pad[:, None, None, :], float("-inf"))
-        return self.encoder(inputs_embeds, bias)
+            pad_index = (~is_pad).flatten().nonzero().flatten()
+        # in the dtype of q (the norm's output, the model's dtype): SDPA adds a mask of q's dtype
+        batch = EncoderBatch(bias.to(self.encoder.final_layer_norm.weight.dtype), len(lengths), length, pad_index)
+        return self.encoder(inputs_embeds, batch)
 
     def store_cross_kv(self, encoder_states: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Each decoder layer's keys/values of encoder_states [M, d], written into the cross slots [M]."""
@@ -265,7 +298,8 @@ class T5ForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsEncode
     def forward_dense(self, encoder_embeds: torch.Tensor, decoder_input_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits without a KV cache: encoder_embeds [B, Le, d], decoder_input_ids [B, Ld]
         -> [B, Ld, vocab] (every sequence whole, no padding)."""
-        encoder_states = self.encode(encoder_embeds)
+        batch, length = encoder_embeds.shape[:2]
+        encoder_states = self.encode(encoder_embeds.flatten(0, 1), [length] * batch).view(batch, length, -1)
         pos = torch.arange(decoder_input_ids.shape[1])
         rel = pos[None, :] - pos[:, None]
         bias = self.decoder.bias_table.position_bias(rel).masked_fill(rel > 0, float("-inf"))[None]

@@ -41,13 +41,9 @@ def run_encoder_prompts(model: nn.Module, prompts: Sequence[tuple[list[int], lis
     flat = torch.tensor(ids, dtype=torch.long)
     embeds = model.embed_input_ids(flat, rows or None, torch.cat(is_mm) if rows else None)  # (sum L, d)
     lengths = [len(p[0]) for p in prompts]
-    padded = embeds.new_zeros(len(prompts), max(lengths), embeds.shape[-1])
-    for b, chunk in enumerate(embeds.split(lengths)):
-        padded[b, :lengths[b]] = chunk
-    states = model.encode(padded, lengths)  # (B, L, d)
-    real = torch.cat([states[b, :n] for b, n in enumerate(lengths)])
+    states = model.encode(embeds, lengths)  # (sum L, d): no padding outside self-attention
     slots = torch.cat([cross_slot_mapping(p[2], n, block_size) for p, n in zip(prompts, lengths)])
-    model.store_cross_kv(real, slots)
+    model.store_cross_kv(states, slots)
 
 
 def attach_cross_metadata(meta: AttentionMetadata, query_lens: list[int], encoder_lens: list[int],
