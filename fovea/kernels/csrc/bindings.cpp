@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &fovea::rotary_, "x"_a, "cos"_a, "sin"_a, "heads"_a, "head_dim"_a);
   m.def("silu_mul", &fovea::silu_mul, "gate_up"_a);
   m.def("first_argmax", &fovea::first_argmax, "values"_a);
+  m.def("t5_layer_norm", &fovea::t5_layer_norm, "x"_a, "weight"_a, "eps"_a);
+  m.def("gelu_tanh_mul", &fovea::gelu_tanh_mul, "a"_a, "b"_a);
   m.def("paged_decode", &fovea::paged_decode, "q"_a, "k_cache"_a, "v_cache"_a, "block_table"_a, "context_lens"_a,
         "scale"_a, "block_size"_a, "bias"_a = pybind11::none());
   m.def("amx_compiled", &fovea::amx_compiled);

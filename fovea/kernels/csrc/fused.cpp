@@ -13,24 +13,6 @@
 namespace fovea {
 namespace {
 
-// float -> storage, in plain arithmetic so loops over them vectorise; bfloat16 rounds to nearest even, as c10
-inline float round_to(float f, const float*) { return f; }
-inline float round_to(float f, const c10::BFloat16*) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t rounded = ((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16;
-  const uint32_t bits = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded;  // NaN stays NaN
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-inline void store(float* p, int64_t i, float f) { p[i] = f; }
-inline void store(c10::BFloat16* p, int64_t i, float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));  // f is already rounded: the top half is the value
-  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(u >> 16);
-}
-
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* y, int64_t N, int64_t D, int64_t x_stride, float eps) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {

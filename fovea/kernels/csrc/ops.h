@@ -13,6 +13,10 @@ void rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, 
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor first_argmax(const at::Tensor& values);
 
+// t5_fused.cpp: T5's layer norm (float32 residual stream, output in the weight's dtype), Flan-T5's gated tanh-GELU
+at::Tensor t5_layer_norm(const at::Tensor& x, at::Tensor weight, double eps);
+at::Tensor gelu_tanh_mul(const at::Tensor& a, const at::Tensor& b);
+
 // paged_attention.cpp: decode attention straight from the paged KV cache
 at::Tensor paged_decode(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor block_table,
                         at::Tensor context_lens, double scale, int64_t block_size,
