@@ -144,7 +144,8 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
     # replaces these with its own in __init__
     lora_layers_prefix = "language_model.model.decoder.layers."
     lora_target_modules = OPT_LORA_TARGET_MODULES
-    # transformers keeps these in float32 whatever the model dtype; a runner casting the model should too
+    # float32 in every model dtype (transformers keeps them so only in float16: its bfloat16 Q-Former is further from
+    # float32, and InstructBLIP's bfloat16 test fails with a bfloat16 one)
     keep_in_fp32_modules = ("query_tokens", "qformer")
     language_model_modules = ("language_model.model",)  # OPT's decoder; not vision_model, qformer, projection
     lm_head_module = "language_model.lm_head"
@@ -179,6 +180,8 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
             self.lora_layers_prefix, self.lora_target_modules = "language_model.<none>.", ()
         self.keep_in_fp32_modules = self.keep_in_fp32_modules + tuple(
             "language_model." + name for name in getattr(self.language_model, "keep_in_fp32_modules", ()))
+        self.keep_in_fp32_modules_float16 = tuple(
+            "language_model." + name for name in getattr(self.language_model, "keep_in_fp32_modules_float16", ()))
         # OPT may embed narrower than its hidden size (word_embed_proj_dim); other LMs embed at it
         self.embed_dim = getattr(text_config, "word_embed_proj_dim", None) or text_config.hidden_size
         if self.embed_dim > text_config.hidden_size:

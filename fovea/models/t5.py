@@ -7,7 +7,8 @@ What is particular to T5:
 - attention scores are not scaled by head_dim ** -0.5 (the initialisation absorbed it);
 - the layer norm is an RMS norm without bias or mean, and pre-norm everywhere, with a final norm per stack;
 - the feed-forward is ReLU (T5 v1.0) or gated GELU (Flan-T5, T5 v1.1): wo(act(wi_0 x) * wi_1 x); as
-  transformers does, `wo` stays float32 in a bfloat16 model and the residual stream is float32 from then on;
+  transformers does, `wo` stays float32 in a float16 model (and the residual stream is float32 from then on);
+  a bfloat16 model runs it in bfloat16, as transformers' `from_pretrained(dtype=torch.bfloat16)` does;
 - the output projection shares the token table unless the checkpoint has its own `lm_head.weight` (Flan-T5),
   and the decoder output is scaled by d_model ** -0.5 first when `scale_decoder_outputs` (transformers 5.23's
   name; older config.json files say `tie_word_embeddings`, true for T5 v1.0 and false for Flan-T5).
@@ -246,8 +247,9 @@ class T5ForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsEncode
         # transformers 5.23 sets scale_decoder_outputs from an older file's tie_word_embeddings (default true)
         self.scale_decoder_outputs = bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings))
         self.decoder_start_token_id = config.decoder_start_token_id
-        # as transformers' _keep_in_fp32_modules = ["wo"]: Flan-T5's wo overflows bfloat16 activations' range less
-        self.keep_in_fp32_modules = tuple(
+        # as transformers' _keep_in_fp32_modules = ["wo"]: float32 in a float16 model (whose range Flan-T5's wo
+        # outputs overflow), not in a bfloat16 one (fovea.models.weights.build_model)
+        self.keep_in_fp32_modules_float16 = tuple(
             f"{stack}.block.{i}.layer.{len(block.layer) - 1}.DenseReluDense.wo"
             for stack in ("encoder", "decoder") for i, block in enumerate(getattr(self, stack).block))
         self.is_lm_head_tied = False

@@ -242,8 +242,14 @@ def build_model(model_cls: type[nn.Module], hf_config, dtype: torch.dtype) -> nn
             model = model_cls(hf_config)
     finally:
         torch.set_default_dtype(previous)
-    for name in getattr(model, "keep_in_fp32_modules", ()):
-        # as transformers does: these stay float32 whatever the model dtype (BLIP-2's Q-Former)
+    # `keep_in_fp32_modules` stay float32 whatever the model dtype (BLIP-2's Q-Former: more accurate than
+    # transformers' bfloat16 one); `keep_in_fp32_modules_float16` only in a float16 model, transformers' rule for
+    # its `_keep_in_fp32_modules` (T5's `wo`: float16's range is the danger, and a bfloat16 model runs it in
+    # bfloat16, as transformers 5.23's `from_pretrained(dtype=torch.bfloat16)` does)
+    names = tuple(getattr(model, "keep_in_fp32_modules", ()))
+    if dtype == torch.float16:
+        names += tuple(getattr(model, "keep_in_fp32_modules_float16", ()))
+    for name in names:
         target = model.get_parameter(name) if "." not in name and isinstance(
             getattr(model, name, None), nn.Parameter) else model.get_submodule(name)
         if isinstance(target, nn.Parameter):

@@ -61,3 +61,19 @@ def test_decoder_deeper_or_shallower_than_encoder(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.forward_dense(model.shared(ids), dec),
                                    hf(input_ids=ids, decoder_input_ids=dec).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wo_dtype_follows_transformers(tmp_path, dtype):
+    """transformers keeps T5's `wo` in float32 in a float16 model only (`_keep_in_fp32_modules`); a bfloat16 one
+    runs it in bfloat16, and so does fovea's."""
+    model_dir = build_tiny_t5(tmp_path, seed=1)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model, _ = load_model(resolve_model_class(config.architectures), config, model_dir, dtype)
+    hf, _ = load_hf(str(model_dir), dtype=dtype)
+    for stack, hf_stack in ((model.encoder, hf.encoder), (model.decoder, hf.decoder)):
+        for block, hf_block in zip(stack.block, hf_stack.block):
+            assert block.layer[-1].DenseReluDense.wo.params_dtype == hf_block.layer[-1].DenseReluDense.wo.weight.dtype
+            assert block.layer[-1].DenseReluDense.wi_0.params_dtype == dtype
+    assert model.decoder.block[0].layer[-1].DenseReluDense.wo.params_dtype == (
+        torch.float32 if dtype == torch.float16 else torch.bfloat16)
