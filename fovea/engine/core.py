@@ -12,6 +12,9 @@ A step whose model run raises does not stop the engine: the scheduler's `fail_st
 one at a time until the one that raises alone is found; it finishes with FINISHED_ERROR (finish reason "error",
 the exception as its stop reason) and every other request goes on as after a preemption. A dead executor (a
 worker process gone, `ExecutorDeadError`) is not a request's fault: it propagates and the engine stops.
+
+With pipeline stages (`executor.max_concurrent_batches` > 1) `step` goes through a batch queue instead
+(fovea.engine.batch_queue): up to P steps in flight, so the stages overlap; the one-at-a-time path is unchanged.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from fovea.config import EngineConfig
+from fovea.engine.batch_queue import BatchQueue
 from fovea.engine.input_processor import profile_mm_features
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
@@ -75,6 +79,8 @@ class EngineCore:
             max_tokens_per_mm_item=largest_item,
             max_loras=config.max_loras if config.enable_lora else None,
         ))
+        num_batches = self.executor.max_concurrent_batches
+        self.batch_queue = BatchQueue(self.scheduler, self.executor, num_batches) if num_batches > 1 else None
 
     def add_requests(self, requests: list[Request]) -> None:
         """Queue sequences all or none (ValueError naming the problem, nothing queued)."""
@@ -92,6 +98,8 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def step(self) -> list[RequestUpdate]:
+        if self.batch_queue is not None:
+            return self.batch_queue.step()
         scheduler_output = self.scheduler.schedule()
         try:
             runner_output = self.executor.execute(scheduler_output)
@@ -104,6 +112,10 @@ class EngineCore:
                              len(scheduler_output.num_scheduled_tokens))
             return self.scheduler.fail_step(scheduler_output, err)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def has_batches_in_flight(self) -> bool:
+        """Steps dispatched whose replies are not taken yet (pipeline micro-batches only)."""
+        return self.batch_queue is not None and bool(self.batch_queue.batches)
 
     @property
     def runner(self):

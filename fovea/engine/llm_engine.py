@@ -210,7 +210,9 @@ class LLMEngine:
         self.engine_core.abort_requests(self.output_processor.abort_requests(ids))
 
     def has_unfinished_requests(self) -> bool:
-        return self.get_num_unfinished_requests() > 0
+        """Requests not finished yet, or a pipeline batch still out (an aborted request's, whose blocks are freed
+        when it lands)."""
+        return self.get_num_unfinished_requests() > 0 or self.engine_core.has_batches_in_flight()
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.get_num_unfinished_requests() + len(self.beam_searches)

@@ -42,6 +42,7 @@ from fovea.engine.encoder_decoder import check_encoder_prompt, plan_encoder_prom
 from fovea.engine.kv_cache import KVCacheManager
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler_forks import BeamForks
+from fovea.engine.scheduler_in_flight import InFlight
 from fovea.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from fovea.outputs import Logprob, ModelRunnerOutput
 
@@ -110,7 +111,7 @@ class RequestUpdate:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # prompt tokens 1..P-1, once, if asked
 
 
-class Scheduler(BeamForks):
+class Scheduler(BeamForks, InFlight):
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.kv_cache_manager = KVCacheManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -128,6 +129,7 @@ class Scheduler(BeamForks):
         self.held: dict[str, Request] = {}
         self.num_pending_forks: dict[str, int] = {}
         self.release_requested: set[str] = set()
+        self.init_in_flight()  # pipeline micro-batches (scheduler_in_flight.py); off unless the batch queue runs
 
     # ---- requests in and out -------------------------------------------------------------------------------
 
@@ -207,6 +209,8 @@ class Scheduler(BeamForks):
             request = self.requests.get(rid)
             if request is None:
                 continue
+            if self.in_flight and self._defer_finish(rid, status):
+                continue  # applied when its batch lands
             if request.status == RequestStatus.RUNNING:
                 was_running = True
             else:
@@ -237,8 +241,11 @@ class Scheduler(BeamForks):
 
     # ---- one step --------------------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_num_seqs_in_step: int | None = None) -> SchedulerOutput:
+        """The next step. `max_num_seqs_in_step` caps the sequences of this one step (the batch queue splits the
+        running requests into micro-batches with it); None: only `max_num_seqs` running in all."""
         cfg, kv = self.config, self.kv_cache_manager
+        in_flight = self.in_flight
         token_budget = cfg.max_num_batched_tokens
         encoder_budget = cfg.max_num_encoder_input_tokens
         out = SchedulerOutput(
@@ -254,10 +261,15 @@ class Scheduler(BeamForks):
                 suspect = next(r for r in reversed(self.waiting) if r.request_id in self.suspects)
                 self.waiting.remove(suspect)
                 self.waiting.appendleft(suspect)
+        step_cap = max_num_seqs if max_num_seqs_in_step is None else min(max_num_seqs_in_step, max_num_seqs)
+        scheduled = out.num_scheduled_tokens
 
         index = 0
-        while index < len(self.running) and token_budget > 0:
+        while index < len(self.running) and token_budget > 0 and len(scheduled) < step_cap:
             request = self.running[index]
+            if in_flight and request.request_id in in_flight:
+                index += 1  # its batch is still in the pipeline
+                continue
             num_remaining = request.num_tokens - request.num_computed_tokens
             num_new = min(num_remaining, token_budget)
             num_new, to_encode, to_share = self._plan_encoder(
@@ -267,7 +279,7 @@ class Scheduler(BeamForks):
                 index += 1
                 continue
             while (new_blocks := kv.allocate_slots(request, num_new)) is None:
-                victim = self.running.pop()
+                victim = self._pop_victim()
                 self._preempt(victim)
                 preempted_ids.append(victim.request_id)
                 if victim is request:
@@ -286,7 +298,8 @@ class Scheduler(BeamForks):
             index += 1
 
         passed_over: deque[Request] = deque()  # adapters over max_loras this step: back to the queue's front
-        while not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < max_num_seqs:
+        while (not preempted_ids and self.waiting and token_budget > 0 and len(self.running) < max_num_seqs
+               and len(scheduled) < step_cap):
             request = self.waiting[0]
             if not self._lora_fits(request):
                 passed_over.append(self.waiting.popleft())
@@ -351,6 +364,8 @@ class Scheduler(BeamForks):
         out.total_num_scheduled_tokens = cfg.max_num_batched_tokens - token_budget
         out.finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
         out.freed_mm_hashes = self.encoder_cache_manager.get_freed_mm_hashes()
+        if self.track_in_flight:
+            in_flight.update(scheduled)
         return out
 
     def _lora_fits(self, request: Request) -> bool:
@@ -420,6 +435,8 @@ class Scheduler(BeamForks):
         Only requests whose chunk reached their last known token sample; a request still in the middle of its
         prompt has no entry. A request finished from outside after schedule() is skipped.
         """
+        if self.in_flight:
+            self.land(scheduler_output)
         updates: list[RequestUpdate] = []
         any_finished = False
         row_of = {rid: row for row, rid in enumerate(runner_output.req_ids)}
@@ -477,6 +494,8 @@ class Scheduler(BeamForks):
         """The runner raised on `scheduler_output`'s step: nothing it computed counts. Returns the update of
         the sequence that failed when it ran alone (FINISHED_ERROR), or [] when the batch is to be retried
         one suspect at a time (see the module docstring)."""
+        if self.in_flight:
+            self.land(scheduler_output)
         self.num_failed_steps += 1
         step = [(r, n) for rid, n in scheduler_output.num_scheduled_tokens.items()
                 if (r := self.requests.get(rid)) is not None]
@@ -508,7 +527,8 @@ class Scheduler(BeamForks):
             if mark is not None and request.num_computed_tokens >= mark:
                 del self.suspects[request.request_id]
         if self.suspects:
-            while self.running and self.running[-1].request_id not in self.suspects:
+            while (self.running and self.running[-1].request_id not in self.suspects
+                   and self.running[-1].request_id not in self.in_flight):
                 self._preempt(self.running.pop())
 
     def _free_computed_encoder_inputs(self, request: Request) -> None:

@@ -6,10 +6,15 @@ through an `Executor`, in this order:
     num_blocks = executor.determine_num_kv_blocks(max_model_len, max_num_batched_tokens, profile_features)
     executor.allocate_kv_cache(num_blocks)
     executor.execute(scheduler_output) -> ModelRunnerOutput      (once per step)
+
+With pipeline stages (`max_concurrent_batches` > 1) the engine core keeps several steps in flight instead
+(fovea.engine.batch_queue): `execute_async(scheduler_output)` sends a step and returns a `StepFuture` at once,
+`collect(future)` waits for its output; steps are answered in the order they were sent.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -25,8 +30,18 @@ class ExecutorDeadError(RuntimeError):
     is shut down and every later call raises this again. Not a per-request error: the engine stops."""
 
 
+@dataclass(slots=True, eq=False)
+class StepFuture:
+    """A step sent to the model side: its output, or the exception its run raised, once `done`."""
+
+    done: bool = False
+    output: ModelRunnerOutput | None = None
+    error: BaseException | None = None
+
+
 class Executor(ABC):
     config: EngineConfig
+    max_concurrent_batches: int = 1  # steps the engine core may have in flight at once (pipeline stages)
 
     @abstractmethod
     def determine_num_kv_blocks(self, max_model_len: int, max_num_batched_tokens: int,
@@ -38,6 +53,29 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        """Start a step; `collect` gives its output. Here: run it now (an executor with one step at a time)."""
+        future = StepFuture(done=True)
+        try:
+            future.output = self.execute(scheduler_output)
+        except ExecutorDeadError:
+            raise
+        except Exception as err:  # noqa: BLE001 - raised again by collect, as execute would have
+            future.error = err
+        return future
+
+    def collect(self, future: StepFuture) -> ModelRunnerOutput:
+        """The output of a step `execute_async` started (waiting for the steps sent before it); raises what its
+        run raised."""
+        if future.error is not None:
+            raise future.error
+        return future.output
+
+    @property
+    def num_steps_in_flight(self) -> int:
+        """Steps sent and not yet collected."""
+        return 0
 
     @abstractmethod
     def add_lora(self, lora_request: LoRARequest) -> None:

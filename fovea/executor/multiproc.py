@@ -8,6 +8,12 @@ The driver holds no model. Sampling happens on one rank only, the last stage's T
 `ModelRunnerOutput` comes back): its generators are the only ones, so seeded and unseeded sampling repeats
 exactly as in one process; the other ranks learn the sampled tokens with the next step's message.
 
+With pipeline stages (P = pipeline_parallel_size > 1) up to P steps are in flight (fovea.engine.batch_queue):
+`execute_async` sends a step and returns, `collect` reads the oldest step's replies. The workers need nothing
+new: each handles its messages in order and blocks only on the stage before it, and replies come back in the
+order the steps were sent. The sends then go through a sender thread, so the engine thread never blocks writing
+to a busy worker while that worker blocks writing its reply to the engine (a pipe full both ways).
+
 A worker that dies is noticed by its process sentinel (or its pipe's EOF) while the driver waits, or by a
 monitor thread while the engine is idle; the driver raises `ExecutorDeadError` naming the rank, pid and exit
 code, stops the other workers and refuses every later call. A rank that raised while its peers are stuck in a
@@ -23,8 +29,10 @@ import shutil
 import signal
 import tempfile
 import threading
+import queue
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
@@ -35,7 +43,7 @@ from fovea.distributed.parallel_state import ParallelLayout
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.executor import messages as m
-from fovea.executor.base import Executor, ExecutorDeadError
+from fovea.executor.base import Executor, ExecutorDeadError, StepFuture
 from fovea.executor.placement import plan_cpus
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import check_pipeline_parallel, check_tensor_parallel
@@ -86,7 +94,10 @@ class MultiprocExecutor(Executor):
         self._dead: ExecutorDeadError | None = None
         self._is_shutting_down = False
         self._failure_callbacks: list = []
+        # req id -> tokens the sampling rank drew, for the next step sent to the ranks that did not draw them
         self._sampled: dict[str, list[int]] = {}
+        self.max_concurrent_batches = pp
+        self._pending: deque[StepFuture] = deque()  # steps sent whose replies are not read yet, oldest first
         self._encoder_cache_bytes = 0
         num_threads, cpus = plan_cpus(world_size, config.num_threads)
         self._store_dir = tempfile.mkdtemp(prefix="fovea-dist-")
@@ -105,7 +116,8 @@ class MultiprocExecutor(Executor):
             process.start()
             child_end.close()
             self.workers.append(_Worker(rank, process, parent_end))
-        self._finalizer = weakref.finalize(self, _stop_workers, list(self.workers), self._store_dir)
+        self._sender = _Sender(self.workers) if pp > 1 else None
+        self._finalizer = weakref.finalize(self, _stop_workers, list(self.workers), self._store_dir, self._sender)
         logger.info("started %d worker process(es): tp %d x pp %d, pids %s, %d torch thread(s) each",
                     world_size, tp, pp, [w.process.pid for w in self.workers], num_threads)
         # a weak reference: the monitor must not keep the executor alive (its finalizer stops the workers)
@@ -132,12 +144,41 @@ class MultiprocExecutor(Executor):
         self._call(m.AllocateKVCache(num_blocks), "allocating the KV cache")
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.collect(self.execute_async(scheduler_output))
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepFuture:
         sampled, self._sampled = self._sampled, {}
-        replies = self._call(m.ExecuteStep(scheduler_output, sampled), "running a step")
-        output: ModelRunnerOutput = replies[self.output_rank].value
-        self._sampled = dict(zip(output.req_ids, output.sampled_token_ids))
-        self._encoder_cache_bytes = replies[0].encoder_cache_bytes  # the first stage runs the encoders
-        return output
+        self._send(m.ExecuteStep(scheduler_output, sampled))
+        future = StepFuture()
+        self._pending.append(future)
+        return future
+
+    def collect(self, future: StepFuture) -> ModelRunnerOutput:
+        while not future.done:
+            self._collect_oldest_step()
+        if future.error is not None:
+            raise future.error
+        return future.output
+
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._pending)
+
+    def _collect_oldest_step(self) -> None:
+        future = self._pending[0]
+        try:
+            replies = self._collect("running a step")
+        except ExecutorDeadError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a rank raised: every rank answered, the pipes stay in step
+            future.error = err
+        else:
+            output: ModelRunnerOutput = replies[self.output_rank].value
+            self._sampled.update(zip(output.req_ids, output.sampled_token_ids))
+            self._encoder_cache_bytes = replies[0].encoder_cache_bytes  # the first stage runs the encoders
+            future.output = output
+        future.done = True
+        self._pending.popleft()
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         self._call(m.AddLoRA(lora_request), "loading a LoRA adapter")
@@ -163,15 +204,23 @@ class MultiprocExecutor(Executor):
     # ---- messages ---------------------------------------------------------------------------------------------
 
     def _call(self, message, what: str) -> list[m.WorkerReply]:
+        while self._pending:  # replies come in order: read the steps' first (collect hands them out later)
+            self._collect_oldest_step()
+        self._send(message, what)
+        return self._collect(what)
+
+    def _send(self, message, what: str = "running a step") -> None:
         if self._dead is not None:
             raise ExecutorDeadError(str(self._dead))
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every rank
+        if self._sender is not None:
+            self._sender.send(data)
+            return
         for worker in self.workers:
             try:
                 worker.conn.send_bytes(data)
             except (BrokenPipeError, OSError):
                 self._die(worker, what)
-        return self._collect(what)
 
     def _collect(self, what: str) -> list[m.WorkerReply]:
         """Every rank's reply, watching the processes: a death is an ExecutorDeadError, never a hang."""
@@ -252,8 +301,40 @@ def _watch_workers(executor_ref: weakref.ref, workers: list[_Worker]) -> None:
         callback(executor._dead)
 
 
-def _stop_workers(workers: list[_Worker], store_dir: str) -> None:
+class _Sender:
+    """Writes the driver's messages to every worker from a thread of its own, in order (pipeline stages only).
+
+    With steps in flight a worker may be busy when the next step is sent to it; a large message (new requests'
+    images) then blocks the writer until the worker reads, and the worker may itself be blocked writing a large
+    reply (logprobs) that only the engine thread reads. Writing from here keeps the engine thread reading.
+    """
+
+    def __init__(self, workers: list[_Worker]):
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(list(workers),), name="fovea-step-sender",
+                                        daemon=True)
+        self._thread.start()
+
+    def send(self, data: bytes) -> None:
+        self._queue.put(data)
+
+    def close(self, timeout_s: float) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+
+    def _run(self, workers: list[_Worker]) -> None:
+        while (data := self._queue.get()) is not None:
+            for worker in workers:
+                try:
+                    worker.conn.send_bytes(data)
+                except (BrokenPipeError, OSError):
+                    pass  # a dead worker: the engine thread, waiting for its reply, sees its sentinel
+
+
+def _stop_workers(workers: list[_Worker], store_dir: str, sender: _Sender | None = None) -> None:
     """Ask every worker to exit, then make sure they did (terminate, then kill); remove the rendezvous store."""
+    if sender is not None:  # its last writes first, so no Shutdown is interleaved with a step's bytes
+        sender.close(timeout_s=2.0)
     data = pickle.dumps(m.Shutdown())
     for worker in workers:
         try:

@@ -1,5 +1,7 @@
 """Pipeline parallelism in real worker processes against the in-process engine: the same greedy ids, logprobs
-within 1e-4 (float32) and random samples, with images, chunked prefill and preemption in the batch. BLIP-2 (OPT,
+within 1e-4 (float32) and seeded random samples, with images, chunked prefill and preemption in the batch (an
+unseeded sample draws from the engine's one generator in the order the micro-batches reach the sampler, which
+differs from one process's: it is checked for its length only). BLIP-2 (OPT,
 3 layers split 2 + 1, lm_head tied to the token table that only the first stage holds), Qwen2.5-VL (M-RoPE, the
 vision tower on the first stage) and Llama in three stages (a middle stage that only receives and sends)."""
 from __future__ import annotations
@@ -7,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from fovea import LLM, SamplingParams
-from tests.executor.test_multiproc import STRESS, assert_same, blip2_batch, qwen_batch
+from tests.executor.test_multiproc import BLIP2_UNSEEDED_ROW, STRESS, assert_same, blip2_batch, qwen_batch
 from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.llama import build_llama_tokenizer, build_tiny_llama
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl
@@ -23,7 +25,9 @@ def run_both(ckpt, batch, **options):
 def test_blip2_two_stages_equal_one_process(tmp_path):
     ckpt = str(build_tiny_blip2(tmp_path / "blip2", seed=0, init_gain=2.0, num_layers=3))
     reference, outputs, llm = run_both(ckpt, blip2_batch(), **STRESS)
-    assert_same(reference, outputs)
+    unseeded = BLIP2_UNSEEDED_ROW
+    assert_same(reference[:unseeded], outputs[:unseeded])
+    assert len(outputs[unseeded].outputs[0].token_ids) == len(reference[unseeded].outputs[0].token_ids) == 8
     assert llm.llm_engine.scheduler.num_preemptions > 0
     assert len({tuple(o.outputs[0].token_ids) for o in outputs}) > 3
 

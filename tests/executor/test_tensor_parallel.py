@@ -1,5 +1,5 @@
 """Tensor parallelism (and TP x PP) in real worker processes against the in-process engine: the same greedy ids,
-logprobs within 1e-4 (float32) and random samples, with images, chunked prefill and preemption in the batch.
+logprobs within 1e-4 (float32) and random samples (seeded ones only with two stages), with images, chunked prefill and preemption in the batch.
 TP = 2 (two processes) and TP = 2 x PP = 2 (four: each stage's two ranks all-reduce, the stages pass activations),
 on tiny BLIP-2 (OPT, 3 layers) and Qwen2.5-VL (GQA with 2 KV heads)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fovea import LLM
-from tests.executor.test_multiproc import STRESS, assert_same, blip2_batch, qwen_batch
+from tests.executor.test_multiproc import BLIP2_UNSEEDED_ROW, STRESS, assert_same, blip2_batch, qwen_batch
 from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2_5_vl
 from tests.oracle.t5 import build_tiny_t5
@@ -33,7 +33,11 @@ def test_blip2_tensor_parallel_equals_one_process(blip2_ckpt, tp, pp):
     reference = LLM(blip2_ckpt, **STRESS).generate(prompts, params, use_tqdm=False)
     llm = LLM(blip2_ckpt, **STRESS, tensor_parallel_size=tp, pipeline_parallel_size=pp)
     assert len(llm.llm_engine.engine_core.executor.workers) == tp * pp
-    assert_same(reference, llm.generate(prompts, params, use_tqdm=False))
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    # with two stages the micro-batches reach the sampler in another order than one process's batches: the
+    # unseeded row's draws from the engine's one generator differ (seeded rows have their own)
+    num_same = BLIP2_UNSEEDED_ROW if pp > 1 else len(prompts)
+    assert_same(reference[:num_same], outputs[:num_same])
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 

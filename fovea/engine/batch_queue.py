@@ -1,0 +1,73 @@
+"""Pipeline micro-batches: up to P scheduled steps in the pipeline at once (P = pipeline_parallel_size), vLLM's
+batch queue (`EngineCore.step_with_batch_queue`, `max_concurrent_batches`), written for fovea's engine core.
+
+With one step at a time, stage 0 of a P-stage pipeline idles while the later stages finish step k, so P stages
+run no faster than one. Here the engine core dispatches the next batch before the oldest one's reply is back:
+
+    step():  queue not full ──► scheduler.schedule(cap) ──► executor.execute_async() ──► queue   (return [] while
+                                                                                               filling the queue)
+             queue full, or nothing new to schedule ──► executor.collect(oldest) ──► scheduler.update_from_output()
+
+- Batches never share a request (the scheduler skips requests in flight: scheduler_in_flight.py), so each batch
+  is computed from tokens that are already known; stage 0 works on batch k+1 while stage 1 finishes batch k.
+- To give the stages something to overlap, a batch takes at most its share of the sequences that could run,
+  `ceil(schedulable / free slots)`: with 8 running requests and P = 2 the first batch takes 4 and the second the
+  other 4, and each then comes back and is rescheduled as a group (the split keeps itself).
+- A step that raised (not a dead executor) is failed as in the one-at-a-time loop (`Scheduler.fail_step`), after
+  the batches still in flight have landed: fail_step preempts every running request, which must not be in flight.
+- The sampled tokens of a batch reach the stages that do not sample with the next batch sent after its reply
+  (fovea.executor.multiproc), which is before any batch that schedules those requests again.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from fovea.engine.scheduler import RequestUpdate, Scheduler
+from fovea.engine.scheduler_output import SchedulerOutput
+from fovea.executor.base import Executor, ExecutorDeadError, StepFuture
+
+logger = logging.getLogger(__name__)
+
+
+class BatchQueue:
+    def __init__(self, scheduler: Scheduler, executor: Executor, max_batches: int):
+        self.scheduler, self.executor = scheduler, executor
+        self.max_batches = max_batches
+        self.batches: deque[tuple[SchedulerOutput, StepFuture]] = deque()
+        self.max_batches_in_flight = 0  # the most steps the executor had dispatched and not yet answered
+        scheduler.track_in_flight = True
+
+    def step(self) -> list[RequestUpdate]:
+        free = self.max_batches - len(self.batches)
+        if free > 0:
+            cap = max(1, -(-self.scheduler.num_schedulable() // free))
+            out = self.scheduler.schedule(cap)
+            if out.num_scheduled_tokens or _has_bookkeeping(out):  # finished ids etc. must reach the runners
+                self.batches.append((out, self.executor.execute_async(out)))
+                self.max_batches_in_flight = max(self.max_batches_in_flight, self.executor.num_steps_in_flight)
+                if out.num_scheduled_tokens and free > 1:
+                    return []  # fill the pipeline before waiting for its oldest batch
+        if not self.batches:
+            return []
+        return self._land_oldest()
+
+    def _land_oldest(self) -> list[RequestUpdate]:
+        out, future = self.batches.popleft()
+        try:
+            runner_output = self.executor.collect(future)
+        except ExecutorDeadError:
+            raise
+        except Exception as err:
+            if not out.num_scheduled_tokens:
+                raise  # no request to blame: the runner itself is broken
+            logger.exception("the model raised in a step of %d sequence(s)", len(out.num_scheduled_tokens))
+            updates: list[RequestUpdate] = []
+            while self.batches:
+                updates += self._land_oldest()
+            return updates + self.scheduler.fail_step(out, err)
+        return self.scheduler.update_from_output(out, runner_output)
+
+
+def _has_bookkeeping(out: SchedulerOutput) -> bool:
+    return bool(out.finished_request_ids or out.freed_mm_hashes or out.preempted_request_ids or out.blocks_to_copy)
