@@ -10,9 +10,17 @@ run no faster than one. Here the engine core dispatches the next batch before th
 
 - Batches never share a request (the scheduler skips requests in flight: scheduler_in_flight.py), so each batch
   is computed from tokens that are already known; stage 0 works on batch k+1 while stage 1 finishes batch k.
-- To give the stages something to overlap, a batch takes at most its share of the sequences that could run,
-  `ceil(schedulable / free slots)`: with 8 running requests and P = 2 the first batch takes 4 and the second the
-  other 4, and each then comes back and is rescheduled as a group (the split keeps itself).
+- What to put in each batch. On a CPU a decode step of few rows is bound by reading the weights, not by its
+  arithmetic: splitting 16 decode rows into two batches of 8 makes every stage read its weights twice per round
+  of tokens, which the overlap only pays back when the stages are equal, and costs when they are not (the last
+  stage also holds the lm_head). So:
+  - prompt work (a waiting request, a prompt chunk) is dispatched beside the batches in flight: prefill and the
+    encoders are compute-bound, and the token budget already splits them into steps;
+  - decode rows are split into micro-batches only when each gets at least `min_decode_rows` (16: past the rows
+    at which a CPU step stops being bound by memory, ~F / bandwidth, 8-13 rows for bf16 on the hosts in
+    DESIGN.md), a batch taking its share `ceil(schedulable / free slots)` of the sequences that could run;
+  - fewer decode rows than that wait for the batches in flight to land and join them in one batch, so a small
+    decode-only load runs one batch at a time, as without micro-batches.
 - A step that raised (not a dead executor) is failed as in the one-at-a-time loop (`Scheduler.fail_step`), after
   the batches still in flight have landed: fail_step preempts every running request, which must not be in flight.
 - The sampled tokens of a batch reach the stages that do not sample with the next batch sent after its reply
@@ -36,18 +44,21 @@ class BatchQueue:
         self.max_batches = max_batches
         self.batches: deque[tuple[SchedulerOutput, StepFuture]] = deque()
         self.max_batches_in_flight = 0  # the most steps the executor had dispatched and not yet answered
+        self.min_decode_rows = 16  # decode rows a micro-batch needs before decode is split (see the module doc)
         scheduler.track_in_flight = True
 
     def step(self) -> list[RequestUpdate]:
         free = self.max_batches - len(self.batches)
         if free > 0:
-            cap = max(1, -(-self.scheduler.num_schedulable() // free))
-            out = self.scheduler.schedule(cap)
-            if out.num_scheduled_tokens or _has_bookkeeping(out):  # finished ids etc. must reach the runners
-                self.batches.append((out, self.executor.execute_async(out)))
-                self.max_batches_in_flight = max(self.max_batches_in_flight, self.executor.num_steps_in_flight)
-                if out.num_scheduled_tokens and free > 1:
-                    return []  # fill the pipeline before waiting for its oldest batch
+            num_seqs, has_prompt_work = self.scheduler.schedulable()
+            if has_prompt_work or not self.batches or num_seqs >= self.min_decode_rows:
+                cap = max(-(-num_seqs // free), self.min_decode_rows)
+                out = self.scheduler.schedule(cap)
+                if out.num_scheduled_tokens or _has_bookkeeping(out):  # finished ids etc. must reach the runners
+                    self.batches.append((out, self.executor.execute_async(out)))
+                    self.max_batches_in_flight = max(self.max_batches_in_flight, self.executor.num_steps_in_flight)
+                    if out.num_scheduled_tokens and free > 1:
+                        return []  # fill the pipeline before waiting for its oldest batch
         if not self.batches:
             return []
         return self._land_oldest()

@@ -26,10 +26,15 @@ class InFlight:
         self.in_flight: set[str] = set()  # request ids of batches dispatched and not yet landed
         self.finish_on_return: dict[str, RequestStatus] = {}  # finished from outside while in flight
 
-    def num_schedulable(self) -> int:
-        """Sequences a new batch could hold now: unfinished and not in flight, within `max_num_seqs` running."""
-        in_flight = len(self.in_flight)
-        return min(len(self.requests) - in_flight, self.config.max_num_seqs - in_flight)
+    def schedulable(self) -> tuple[int, bool]:
+        """What a new batch could hold now: (sequences unfinished and not in flight, within `max_num_seqs` running;
+        whether any of them has prompt work: a waiting request, or a running one with more than one token to
+        compute). Without prompt work a batch is decode rows only."""
+        in_flight = self.in_flight
+        num = min(len(self.requests) - len(in_flight), self.config.max_num_seqs - len(in_flight))
+        has_prompt_work = bool(self.waiting) or any(
+            r.num_tokens - r.num_computed_tokens > 1 for r in self.running if r.request_id not in in_flight)
+        return num, has_prompt_work
 
     def _pop_victim(self) -> Request:
         """The request to preempt: the most recently admitted one not in flight (`running` always holds one,

@@ -145,7 +145,7 @@ def test_random_micro_batches_keep_every_invariant_and_free_every_block():
             aborted.add(rid)
         if len(queue) < 3:
             free = 3 - len(queue)
-            view = dispatch(sched, cap=max(1, -(-sched.num_schedulable() // free)))
+            view = dispatch(sched, cap=max(1, -(-sched.schedulable()[0] // free)))
             batch = set(ids(view))
             for other in queue:
                 assert batch.isdisjoint(ids(other))

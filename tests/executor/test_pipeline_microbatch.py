@@ -97,7 +97,8 @@ def test_an_abort_in_flight_lands_with_its_batch_and_the_others_are_unchanged(pp
 
 
 def test_a_worker_killed_with_batches_in_flight_is_a_clear_error(blip2_ckpt):
-    llm = LLM(blip2_ckpt, dtype="float32", num_threads=1, pipeline_parallel_size=2)
+    # a small token budget: the prompts take several steps, so a second batch is sent before the first is back
+    llm = LLM(blip2_ckpt, dtype="float32", num_threads=1, pipeline_parallel_size=2, max_num_batched_tokens=64)
     engine = llm.llm_engine
     executor = engine.engine_core.executor
     prompts, params = many_requests()
