@@ -5,8 +5,9 @@
                     wait for every rank's reply ◄──pipe──  (ranks talk to each other over torch.distributed)
 
 The driver holds no model. Sampling happens on one rank only, the last stage's TP rank 0 (the one whose
-`ModelRunnerOutput` comes back): its generators are the only ones, so seeded and unseeded sampling repeats
-exactly as in one process; the other ranks learn the sampled tokens with the next step's message.
+`ModelRunnerOutput` comes back): its generators are the only ones, so seeded sampling repeats exactly as in one
+process (unseeded sampling too with one step at a time; micro-batches reach the engine's generator in another
+order); the other ranks learn the sampled tokens with the next step sent after the reply.
 
 With pipeline stages (P = pipeline_parallel_size > 1) up to P steps are in flight (fovea.engine.batch_queue):
 `execute_async` sends a step and returns, `collect` reads the oldest step's replies. The workers need nothing
@@ -25,11 +26,11 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import shutil
 import signal
 import tempfile
 import threading
-import queue
 import time
 import weakref
 from collections import deque
