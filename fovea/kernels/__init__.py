@@ -12,6 +12,7 @@ wrap the kernels.
 """
 from fovea.kernels.build import KernelBuildError
 from fovea.kernels.ops import (
+    add_rms_norm_,
     can_fuse,
     extension,
     first_argmax,
@@ -19,7 +20,9 @@ from fovea.kernels.ops import (
     paged_decode,
     rms_norm,
     rotary_,
+    rotary_paged_decode,
     silu_mul,
+    write_kv_,
 )
 from fovea.kernels.runtime import MODES, RUNTIME, KernelStatus, PathStatus
 
@@ -45,7 +48,7 @@ def configure(mode: str) -> KernelStatus:
 
 
 __all__ = [
-    "MODES", "RUNTIME", "KernelBuildError", "KernelStatus", "PathStatus", "can_fuse", "configure", "extension",
-    "first_argmax", "get_mode", "is_available", "paged_decode", "rms_norm", "rotary_", "set_mode", "silu_mul",
-    "status",
+    "MODES", "RUNTIME", "KernelBuildError", "KernelStatus", "PathStatus", "add_rms_norm_", "can_fuse", "configure",
+    "extension", "first_argmax", "get_mode", "is_available", "paged_decode", "rms_norm", "rotary_",
+    "rotary_paged_decode", "set_mode", "silu_mul", "status", "write_kv_",
 ]

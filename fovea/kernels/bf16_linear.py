@@ -50,6 +50,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch
     if not available():
         raise RuntimeError(f"fovea's AVX-512 BF16 linear kernel does not run here "
                            f"({RUNTIME.status().bf16_linear.describe()})")
+    # the models' flat batch [N, K] goes straight in: a reshape and a view around the call would each be one more
+    # op starting from cold caches after the previous layer's weights streamed through them (fovea/kernels/ops.py)
+    if x.dim() == 2 and x.stride(1) == 1:
+        return extension().bf16_linear(x, packed, out_features, bias)
     flat = x.reshape(-1, x.shape[-1])
     if flat.stride(-1) != 1:
         flat = flat.contiguous()

@@ -176,6 +176,19 @@ def build_attention_metadata(
     return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=num_tokens, block_size=block_size)
 
 
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Rows k, v [N, kv_heads * head_dim] into their slots of the caches [slots, kv_heads, head_dim]: one kernel
+    call where it runs (a decode step writes one row per layer: two `index_copy_` cost more than the copy)."""
+    if k.dtype == k_cache.dtype and v.dtype == v_cache.dtype and kernels.can_fuse(k_cache, v_cache) \
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous():
+        kernels.write_kv_(k_cache, v_cache, slot_mapping, k.view(k.shape[0], -1), v.view(v.shape[0], -1))
+        return
+    shape = (k.shape[0], *k_cache.shape[1:])
+    k_cache.index_copy_(0, slot_mapping, k.reshape(shape).to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.reshape(shape).to(v_cache.dtype))
+
+
 class Attention(nn.Module):
     """Causal self-attention, against the paged KV cache or over the given sequences.
 
@@ -219,15 +232,21 @@ class Attention(nn.Module):
         k_cache, v_cache = self.kv_cache
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k_cache.index_copy_(0, meta.slot_mapping, k.view(num_tokens, self.num_kv_heads, self.head_dim).to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.slot_mapping, v.view(num_tokens, self.num_kv_heads, self.head_dim).to(v_cache.dtype))
-        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
-        bs = meta.block_size
-        k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
-        v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         if attn_bias is not None and len(attn_bias) != len(meta.groups):
             raise ValueError(f"attn_bias has {len(attn_bias)} tensors for the step's {len(meta.groups)} groups")
-        for i, g in enumerate(meta.groups):
+        bs = meta.block_size
+        groups = meta.groups
+        if len(groups) == 1 and groups[0].is_decode and self.use_kernel and kernels.is_available():
+            # a decode-only step (single-stream decode): its rows are already in token order, one kernel call
+            g = groups[0]
+            return kernels.paged_decode(q, k_cache, v_cache, g.block_table, g.context_lens, self.scale, bs,
+                                        None if attn_bias is None else attn_bias[0][:, :, 0]
+                                        ).view(num_tokens, -1).to(q.dtype)
+        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
+        k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        for i, g in enumerate(groups):
             num_reqs = g.block_table.shape[0]
             bias = None if attn_bias is None else attn_bias[i]  # (B, nh, max_q, K): the causal mask is in it
             if g.is_decode and self.use_kernel and kernels.is_available():

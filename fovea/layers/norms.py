@@ -10,8 +10,12 @@ from fovea import kernels
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back before the weight (as transformers' Qwen2).
 
-    Over rows with contiguous features at inference, one fused CPU kernel (`fovea.kernels.rms_norm`) instead
-    of seven ops, with the same roundings.
+    `forward(x, residual)` also does a pre-norm block's residual add first (vLLM's fused add-norm): it returns
+    (norm(x + residual), x + residual), the sum rounded to x's dtype as torch's add, and writes the sum into x's
+    own buffer when the kernel runs (x is a sublayer's fresh output; `residual` is only read).
+
+    Over rows with contiguous features at inference, one fused CPU kernel (`fovea.kernels.rms_norm`,
+    `add_rms_norm_`) instead of seven ops (eight with the add), with the same roundings.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -19,11 +23,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 2 and x.stride(1) == 1 and x.dtype == self.weight.dtype
-                and kernels.can_fuse(x, self.weight)):
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return rms_norm_reference(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        is_fused = (x.dim() == 2 and x.stride(1) == 1 and x.dtype == self.weight.dtype
+                    and kernels.can_fuse(x, self.weight))
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps) if is_fused else \
+                rms_norm_reference(x, self.weight, self.eps)
+        if is_fused and residual.shape == x.shape and residual.stride(1) == 1 and residual.dtype == x.dtype \
+                and kernels.can_fuse(residual):
+            return kernels.add_rms_norm_(x, residual, self.weight, self.eps), x
+        x = x + residual
+        return self(x), x
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,8 +12,9 @@ Tensor parallel (`fovea.layers.parallel_linear`, `fovea.layers.vocab_parallel`):
 heads and columns, o and down by rows, the token table and `lm_head` by vocabulary; norms and rotary replicated.
 Every size below that a rank holds is its own (`self.num_heads` etc. are per rank).
 Pipeline stages (fovea.distributed.pipeline): the first builds `embed_tokens`, the last `norm` and `lm_head`;
-each layer adds into the hidden state it passes on (no separate residual), so the hidden state [N, hidden] is
-all that crosses between stages.
+inside a stage a layer hands the next its MLP output and the residual stream apart, so that the add runs fused
+into the next norm (vLLM's layout), and a stage sums them before it sends: the hidden state [N, hidden] is all
+that crosses between stages.
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ from fovea.distributed.pipeline import (
     make_layers,
     tied_lm_head_name,
 )
-from fovea.layers.attention import Attention
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
-from fovea.layers.rotary import RotaryEmbedding, apply_rotary_packed, build_rotary_embedding
+from fovea.layers.rotary import RotaryEmbedding, build_rotary_embedding
+from fovea.layers.rotary_attention import RotaryQKVAttention
 from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from fovea.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant, SupportsTensorParallel
 from fovea.models.utils import TokenEmbeddingsMixin
@@ -64,13 +65,12 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        self.attn = Attention(self.num_heads, self.head_dim, scale=self.head_dim**-0.5, num_kv_heads=self.num_kv_heads)
+        self.attn = RotaryQKVAttention(self.num_heads, self.head_dim, scale=self.head_dim**-0.5,
+                                       num_kv_heads=self.num_kv_heads)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x [N, hidden]; cos, sin [N, head_dim]
-        qkv = apply_rotary_packed(self.qkv_proj(x), cos, sin, self.num_heads + self.num_kv_heads)
-        q, k, v = self.qkv_proj.split(qkv)  # (N, nh*hs), (N, nkv*hs), (N, nkv*hs)
-        return self.o_proj(self.attn(q, k, v))
+        # x [N, hidden]; cos, sin [N, head_dim]; qkv (N, (nh + 2 nkv) * hs), rotated and split by the attention
+        return self.o_proj(self.attn(self.qkv_proj(x), cos, sin))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -82,9 +82,18 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=mlp_bias,
                             tensor_parallel=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, hidden]: the previous layer's MLP output, not yet added into `residual` (the stream of residual
+        sums); the first layer gets the hidden state itself and None. Returns (this layer's MLP output, the
+        stream before it): each add is done by the next norm's fused kernel (`RMSNorm.forward(x, residual)`),
+        rounded where transformers' `residual + hidden_states` rounds."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -105,11 +114,12 @@ class LlamaModel(nn.Module):
         # for M-RoPE), each request's own
         x = inputs_embeds if ps.is_first_stage() else intermediate_tensors["hidden_states"]
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer in self.layers[self.start_layer:self.end_layer]:
-            x = layer(x, cos, sin)
+            x, residual = layer(x, residual, cos, sin)
         if not ps.is_last_stage():
-            return {"hidden_states": x}
-        return self.norm(x)
+            return {"hidden_states": x if residual is None else x + residual}
+        return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP):

@@ -6,6 +6,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace pybind11::literals;
   m.def("rms_norm", &fovea::rms_norm, "x"_a, "weight"_a, "eps"_a);
+  m.def("add_rms_norm_", &fovea::add_rms_norm_, "x"_a, "residual"_a, "weight"_a, "eps"_a);
+  m.def("write_kv_", &fovea::write_kv_, "k_cache"_a, "v_cache"_a, "slot_mapping"_a, "k"_a, "v"_a);
   m.def("rotary_", &fovea::rotary_, "x"_a, "cos"_a, "sin"_a, "heads"_a, "head_dim"_a);
   m.def("silu_mul", &fovea::silu_mul, "gate_up"_a);
   m.def("first_argmax", &fovea::first_argmax, "values"_a);
@@ -13,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_tanh_mul", &fovea::gelu_tanh_mul, "a"_a, "b"_a);
   m.def("paged_decode", &fovea::paged_decode, "q"_a, "k_cache"_a, "v_cache"_a, "block_table"_a, "context_lens"_a,
         "scale"_a, "block_size"_a, "bias"_a = pybind11::none());
+  m.def("rotary_paged_decode", &fovea::rotary_paged_decode, "qkv"_a, "cos"_a, "sin"_a, "k_cache"_a, "v_cache"_a,
+        "slot_mapping"_a, "block_table"_a, "context_lens"_a, "num_heads"_a, "scale"_a, "block_size"_a);
   m.def("amx_compiled", &fovea::amx_compiled);
   m.def("enable_amx", &fovea::enable_amx);
   m.def("amx_linear", &fovea::amx_linear, "x"_a, "packed"_a, "bias"_a);

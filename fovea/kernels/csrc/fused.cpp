@@ -1,4 +1,5 @@
-// Fused element-wise kernels of a decoder layer (RMSNorm, rotary, SiLU-and-multiply) and the sampler's argmax.
+// Fused element-wise kernels of a decoder layer (RMSNorm, residual add + RMSNorm, rotary, SiLU-and-multiply, the
+// KV-cache write) and the sampler's argmax.
 // Each reproduces its torch formula's roundings op by op; see fovea/kernels/ops.py for the formulas. The build
 // passes -ffp-contract=off, so no product is fused into an add that torch would have rounded first.
 #include <ATen/Parallel.h>
@@ -13,23 +14,50 @@
 namespace fovea {
 namespace {
 
+// one row of RMSNorm; add_rms_norm_ calls the same function, so its normed rows equal rms_norm's bit for bit
+template <typename T>
+inline void rms_norm_row(const T* xr, const T* w, T* yr, int64_t D, float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = load(xr, d);
+    sum += v * v;
+  }
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) store(yr, d, round_to(round_to(load(xr, d) * inv, xr) * load(w, d), xr));
+}
+
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* y, int64_t N, int64_t D, int64_t x_stride, float eps) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) rms_norm_row(x + n * x_stride, w, y + n * D, D, eps);
+  });
+}
+
+// x += residual (each sum rounded to T, as torch's add), then y = rms_norm(x)
+template <typename T>
+void add_rms_norm_rows(T* x, const T* residual, const T* w, T* y, int64_t N, int64_t D, int64_t x_stride,
+                       int64_t r_stride, float eps) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const T* xr = x + n * x_stride;
-      T* yr = y + n * D;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < D; ++d) {
-        const float v = load(xr, d);
-        sum += v * v;
-      }
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+      T* xr = x + n * x_stride;
+      const T* rr = residual + n * r_stride;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) store(yr, d, round_to(round_to(load(xr, d) * inv, xr) * load(w, d), xr));
+      for (int64_t d = 0; d < D; ++d) store(xr, d, round_to(load(xr, d) + load(rr, d), xr));
+      rms_norm_row(xr, w, y + n * D, D, eps);
     }
   });
+}
+
+// rows of k and v [N, Hkv * D] (any row stride) into slot slot_mapping[n] of each cache [slots, Hkv, D]
+template <typename T>
+void write_kv_rows(const T* k, const T* v, T* k_cache, T* v_cache, const int64_t* slots, int64_t N, int64_t width,
+                   int64_t k_stride, int64_t v_stride) {
+  for (int64_t n = 0; n < N; ++n) {
+    std::memcpy(k_cache + slots[n] * width, k + n * k_stride, width * sizeof(T));
+    std::memcpy(v_cache + slots[n] * width, v + n * v_stride, width * sizeof(T));
+  }
 }
 
 // C is cos/sin's type: T (round every op to T) or float (float arithmetic, round once)
@@ -138,6 +166,51 @@ at::Tensor rms_norm(const at::Tensor& x, at::Tensor weight, double eps) {
       rms_norm_rows(x.data_ptr<c10::BFloat16>(), weight.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(),
                     x.size(0), x.size(1), x.stride(0), static_cast<float>(eps)); }));
   return y;
+}
+
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& residual, at::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [N, D] with contiguous rows");
+  TORCH_CHECK(residual.dim() == 2 && residual.stride(1) == 1 && residual.sizes() == x.sizes() &&
+              residual.scalar_type() == x.scalar_type(), "residual must be [N, D] like x, with contiguous rows");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.numel() == x.size(1), "weight [D] in x's dtype");
+  weight = weight.contiguous();
+  auto y = at::empty({x.size(0), x.size(1)}, x.options());
+  AT_DISPATCH_SWITCH(x.scalar_type(), "add_rms_norm_",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      add_rms_norm_rows(x.data_ptr<float>(), residual.data_ptr<float>(), weight.data_ptr<float>(),
+                        y.data_ptr<float>(), x.size(0), x.size(1), x.stride(0), residual.stride(0),
+                        static_cast<float>(eps)); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      add_rms_norm_rows(x.data_ptr<c10::BFloat16>(), residual.data_ptr<c10::BFloat16>(),
+                        weight.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>(), x.size(0), x.size(1),
+                        x.stride(0), residual.stride(0), static_cast<float>(eps)); }));
+  return y;
+}
+
+void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+               const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+              v_cache.is_contiguous(), "k_cache, v_cache must be contiguous [slots, kv_heads, head_dim] alike");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+              v_cache.scalar_type() == k_cache.scalar_type(), "k, v and the caches must have one dtype");
+  const int64_t width = k_cache.size(1) * k_cache.size(2), num_slots = k_cache.size(0);
+  TORCH_CHECK(k.dim() == 2 && v.dim() == 2 && k.size(1) == width && v.size(1) == width && k.stride(1) == 1 &&
+              v.stride(1) == 1 && v.size(0) == k.size(0),
+              "k, v must be [N, kv_heads * head_dim] with contiguous rows, like the caches");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
+              slot_mapping.size(0) == k.size(0), "slot_mapping must be a contiguous int64 [N]");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  for (int64_t n = 0; n < k.size(0); ++n) {
+    TORCH_CHECK(slots[n] >= 0 && slots[n] < num_slots, "slot_mapping[", n, "] = ", slots[n],
+                " is outside the cache's ", num_slots, " slots");
+  }
+  AT_DISPATCH_SWITCH(k.scalar_type(), "write_kv_",
+    AT_DISPATCH_CASE(at::kFloat, [&] {
+      write_kv_rows(k.data_ptr<float>(), v.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                    slots, k.size(0), width, k.stride(0), v.stride(0)); })
+    AT_DISPATCH_CASE(at::kBFloat16, [&] {
+      write_kv_rows(k.data_ptr<c10::BFloat16>(), v.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+                    v_cache.data_ptr<c10::BFloat16>(), slots, k.size(0), width, k.stride(0), v.stride(0)); }));
 }
 
 void rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t head_dim) {

@@ -7,8 +7,11 @@
 
 namespace fovea {
 
-// fused.cpp: element-wise parts of a decoder layer, and the sampler's argmax
+// fused.cpp: element-wise parts of a decoder layer (and its KV-cache write), and the sampler's argmax
 at::Tensor rms_norm(const at::Tensor& x, at::Tensor weight, double eps);
+at::Tensor add_rms_norm_(const at::Tensor& x, const at::Tensor& residual, at::Tensor weight, double eps);
+void write_kv_(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+               const at::Tensor& k, const at::Tensor& v);
 void rotary_(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t head_dim);
 at::Tensor silu_mul(const at::Tensor& gate_up);
 at::Tensor first_argmax(const at::Tensor& values);
@@ -21,6 +24,12 @@ at::Tensor gelu_tanh_mul(const at::Tensor& a, const at::Tensor& b);
 at::Tensor paged_decode(at::Tensor q, const at::Tensor& k_cache, const at::Tensor& v_cache, at::Tensor block_table,
                         at::Tensor context_lens, double scale, int64_t block_size,
                         const std::optional<at::Tensor>& bias);
+
+// decode_attention.cpp: rotary + KV-cache write + paged decode of a packed qkv, one call per layer and step
+at::Tensor rotary_paged_decode(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                               const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
+                               const at::Tensor& block_table, const at::Tensor& context_lens, int64_t num_heads,
+                               double scale, int64_t block_size);
 
 // amx_linear.cpp: bfloat16 linear on Intel AMX tiles
 bool amx_compiled();
