@@ -17,8 +17,16 @@ call reads from memory); (2) one single-stream decode of `--decode-tokens` in a 
 attention, the rest of the forward (norms, rotary, embeddings, residual adds), `lm_head`, sampler and
 scheduling / Python.
 
+`--gaps` adds, same run, where the time between the linear layers goes: one single-stream decode in a child with
+only fovea's bfloat16 linear kernel wrapped (two clock reads per call, nothing else), printing the median time
+from the end of one linear call to the start of the next by position in a layer (qkv -> o: rotary, KV write,
+attention; o -> gate_up: residual add + norm; gate_up -> down: SiLU-and-mul; down -> next qkv: add + norm;
+down -> lm_head: the final norm; lm_head -> qkv: the rest of the step, sampler, scheduling, input building)
+and their sum per decode step against the step's time. (The recorder of `--profile` hooks every linear and
+attention module, and its hooks' own cost lands in "decode other"; this one does not.)
+
     flock /work/bigmem.lock python benchmarks/decode.py [--decode-tokens 64] [--repeats 3] [--methods fovea onednn]
-    python benchmarks/decode.py --profile --methods fovea   # every process under 3 GB
+    python benchmarks/decode.py --profile --gaps --methods fovea   # every process under 3 GB
 """
 from __future__ import annotations
 
@@ -141,6 +149,58 @@ def profile_step(path: Path, decode_tokens: int, bandwidth: float, threads: int)
         print(f"    {name:20s} {p.seconds / decode_s:6.1%}  {rate}", flush=True)
 
 
+def profile_gaps(path: Path, decode_tokens: int, threads: int) -> None:
+    """In a child process: the time between consecutive linear kernel calls of a single-stream decode, by the
+    pair of layers around the gap (named by their output width), median over the decode steps."""
+    import statistics
+
+    from fovea import LLM, SamplingParams
+    from fovea.kernels import bf16_linear
+
+    torch.set_num_threads(threads)
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=1024, max_num_seqs=4, kv_cache_memory_bytes=1 << 28)
+    text = llm.llm_engine.runner.model.get_text_config()
+    h, i, head_dim = text.hidden_size, text.intermediate_size, text.hidden_size // text.num_attention_heads
+    qkv = (text.num_attention_heads + 2 * text.num_key_value_heads) * head_dim
+    names = {qkv: "qkv", h: "o/down", 2 * i: "gate_up", text.vocab_size: "lm_head"}
+    prompt = prompts(1, 10, 100000, seed=7)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True)
+    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()
+    events: list[tuple[float, float, int, int]] = []  # (start, end, out_features, rows) of every call
+    linear = bf16_linear.linear
+
+    def timed(x, packed, out_features, bias):
+        start = time.perf_counter()
+        y = linear(x, packed, out_features, bias)
+        events.append((start, time.perf_counter(), out_features, x.shape[0]))
+        return y
+
+    bf16_linear.linear = timed
+    try:
+        start = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        wall = time.perf_counter() - start
+    finally:
+        bf16_linear.linear = linear
+    gaps: dict[tuple[str, str], list[float]] = {}
+    kernel_s = 0.0
+    for (_, prev_end, prev_out, prev_rows), (begin, end, out, rows) in zip(events, events[1:]):
+        if rows == 1:
+            kernel_s += end - begin
+        if rows == 1 and prev_rows == 1:  # decode steps only (the prompt's step has more rows)
+            gaps.setdefault((names.get(prev_out, str(prev_out)), names.get(out, str(out))), []).append(begin - prev_end)
+    steps = max(1, len(gaps.get(("lm_head", "qkv"), [])))
+    gap_s = sum(sum(v) for v in gaps.values())
+    print(f"  gaps between linear layers, {threads} thread(s), {steps} decode steps; per step: "
+          f"{(gap_s + kernel_s) / steps * 1e3:.2f} ms from the first linear to the last, of which the linear "
+          f"kernels {kernel_s / steps * 1e3:.2f} ms and the gaps {gap_s / steps * 1e3:.2f} ms "
+          f"({gap_s / max(gap_s + kernel_s, 1e-9):.1%}); whole generate {wall / decode_tokens * 1e3:.2f} ms per token")
+    for (before, after), values in sorted(gaps.items(), key=lambda kv: -sum(kv[1])):
+        print(f"    {before:>8s} -> {after:8s} {len(values) / steps:5.1f} per step, median "
+              f"{statistics.median(values) * 1e6:7.1f} us, {sum(values) / steps * 1e3:6.2f} ms per step", flush=True)
+
+
 def run_one(method: str, path: Path, decode_tokens: int, repeats: int, threads: int) -> None:
     """In a child process: load, warm up, print one JSON line."""
     from benchmarks.int8 import single_stream_decode
@@ -164,12 +224,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["fovea", "onednn"], choices=["fovea", "onednn"])
     parser.add_argument("--profile", action="store_true", help="per-shape kernel GB/s and a step's phases")
+    parser.add_argument("--gaps", action="store_true", help="the time between linear layers, by position")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--bandwidth", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     path = build_checkpoint(CACHE / f"qwen2_5_vl-lm0.5b-vit8-{MAX_PIXELS}", MAX_PIXELS)
     if args.child == "profile":
         profile_step(path, args.decode_tokens, args.bandwidth, args.threads)
+        return
+    if args.child == "gaps":
+        profile_gaps(path, args.decode_tokens, args.threads)
         return
     if args.child:
         run_one(args.child, path, args.decode_tokens, args.repeats, args.threads)
@@ -195,6 +259,10 @@ def main() -> None:
                              capture_output=True, text=True, check=True)
         print(out.stdout, end="", flush=True)
         profile_linears(model_shapes(path), max(args.repeats, 5))
+    if args.gaps:
+        out = subprocess.run([sys.executable, __file__, "--child", "gaps", "--decode-tokens", str(args.decode_tokens),
+                              "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+        print(out.stdout, end="", flush=True)
 
 
 if __name__ == "__main__":
