@@ -14,7 +14,9 @@ from benchmarks.peers import DEFAULT_PEER_PYTHON
 ROOT = Path(__file__).resolve().parents[2]
 PEER_PYTHON = Path(os.environ.get("FOVEA_PEERS_PYTHON", DEFAULT_PEER_PYTHON))
 
-pytestmark = pytest.mark.peers
+# each test runs up to three engines in turn, vLLM compiling its model first: past the suite-wide 900 s on a busy
+# machine (the Qwen one took longer there); the subprocess has its own 3600 s limit
+pytestmark = [pytest.mark.peers, pytest.mark.timeout(3600)]
 
 
 def run_with_peers(script: str, *args: str) -> list[str]:
