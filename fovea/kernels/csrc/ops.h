@@ -43,6 +43,10 @@ bool advise_huge_pages(const at::Tensor& t);
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                        const std::optional<at::Tensor>& bias);
 
+// weight_pack.cpp: W [N, K] (2-byte elements, contiguous rows) into the bfloat16 kernels' panel layout
+// [N'/32, K'/32, 2, 16, 16, 2], zeros past N and K (fovea/kernels/panels.py)
+void pack_panels_(const at::Tensor& packed, const at::Tensor& weight);
+
 // int8_linear.cpp: int8 weight-only linear (W8A16) on AVX-512 BF16, W8A8 on AVX-512 VNNI
 bool int8_linear_compiled();
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, const at::Tensor& scale,
