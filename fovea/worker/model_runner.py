@@ -37,7 +37,8 @@ from fovea.models.weights import load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker import encoder_decoder
-from fovea.worker.memory import lazily_zeroed, measure_peak_bytes
+from fovea.worker.memory import (current_rss_bytes, extrapolate_peak_bytes, lazily_zeroed, measure_peak_bytes,
+                                 scaled_profile_tokens, trim_free_memory)
 from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, gather_logprobs, seeded_generator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -158,39 +159,57 @@ class ModelRunner:
             layer.kv_cache = (lazily_zeroed(shape, self.dtype), lazily_zeroed(shape, self.dtype))
 
     def profile_peak_bytes(self, num_tokens: int, encoder_items: list[MultiModalFeature]) -> int:
-        """Run the worst-case step once (encoder + LM over `num_tokens`) and return the memory it took at its
-        peak, above what the process held just before (see fovea.worker.memory)."""
+        """The memory a worst-case step (encoder over `encoder_items`, then the LM over `num_tokens`) takes at its
+        peak, above what the process held just before (fovea.worker.memory). A long step is not run whole: the
+        encoder runs, then the LM over two shorter steps, and the peak is extrapolated from them
+        (`memory.scaled_profile_tokens`; an encoder-decoder model and short steps run whole)."""
+        scaled = None if self.is_encoder_decoder else scaled_profile_tokens(num_tokens, self.block_size)
         blocks = -(-num_tokens // self.block_size)
         num_cross = -(-self.max_num_encoder_tokens // self.block_size) if self.is_encoder_decoder else 0
         self.allocate_kv_cache(blocks + num_cross)
-
-        @torch.inference_mode()
-        def worst_case_step() -> None:
-            if encoder_items and self.is_first_stage:
-                self._run_encoder(encoder_items)
-            if self.is_encoder_decoder:
-                encoder_decoder.profile_step(self.model, num_tokens, self.max_num_encoder_tokens, self.block_size,
-                                             first_cross_block=blocks)
-                return
-            ids = torch.zeros(num_tokens, dtype=torch.long)
-            meta = build_attention_metadata([num_tokens], [num_tokens], [list(range(blocks))], self.block_size)
-            embeds = self.model.embed_input_ids(ids) if self.is_first_stage else None
-            received = None if self.is_first_stage else {  # what the previous stage would send
-                name: torch.zeros(shape, dtype=self.dtype)
-                for name, shape in self.model.intermediate_shapes(num_tokens).items()}
-            with forward_context(meta):
-                hidden = self.model(ids, torch.arange(num_tokens), inputs_embeds=embeds,
-                                    **self._stage_kwargs(received))
-            if self.is_last_stage:
-                self.model.compute_logits(hidden[-min(num_tokens, self.config.max_num_seqs):])
-
         try:
-            _, peak = measure_peak_bytes(worst_case_step)
+            if scaled is None:
+                return measure_peak_bytes(lambda: self._profile_step(num_tokens, encoder_items))[1]
+            baseline = current_rss_bytes()
+            _, encoder_peak = measure_peak_bytes(lambda: self._profile_step(0, encoder_items))
+            self._profile_step(self.block_size, [], num_tokens)  # first-call allocations kept for good: held below
+            points = []
+            for t in scaled:  # shortest first: what one step leaves behind is counted again in the next (safe side)
+                trim_free_memory()
+                held = current_rss_bytes() - baseline  # the encoder's outputs, what earlier steps keep for good
+                points.append((t, held + measure_peak_bytes(lambda: self._profile_step(t, [], num_tokens))[1]))
+            return extrapolate_peak_bytes(encoder_peak, points[0], points[1], num_tokens)
         finally:
             self.encoder_cache.clear()
             for layer in self.attention_layers:
                 layer.kv_cache = None
-        return peak
+
+    @torch.inference_mode()
+    def _profile_step(self, num_tokens: int, encoder_items: list[MultiModalFeature],
+                      logits_of_tokens: int | None = None) -> None:
+        """Encode `encoder_items`, then run `num_tokens` (0: none) through the LM and take the logits the
+        scheduler's largest step of `logits_of_tokens` (default `num_tokens`) would: one row per sequence."""
+        if encoder_items and self.is_first_stage:
+            self._run_encoder(encoder_items)
+        if num_tokens == 0:
+            return
+        if self.is_encoder_decoder:
+            encoder_decoder.profile_step(self.model, num_tokens, self.max_num_encoder_tokens, self.block_size,
+                                         first_cross_block=-(-num_tokens // self.block_size))
+            return
+        blocks = -(-num_tokens // self.block_size)
+        ids = torch.zeros(num_tokens, dtype=torch.long)
+        meta = build_attention_metadata([num_tokens], [num_tokens], [list(range(blocks))], self.block_size)
+        embeds = self.model.embed_input_ids(ids) if self.is_first_stage else None
+        received = None if self.is_first_stage else {  # what the previous stage would send
+            name: torch.zeros(shape, dtype=self.dtype)
+            for name, shape in self.model.intermediate_shapes(num_tokens).items()}
+        with forward_context(meta):
+            hidden = self.model(ids, torch.arange(num_tokens), inputs_embeds=embeds, **self._stage_kwargs(received))
+        if self.is_last_stage:
+            rows = min(logits_of_tokens or num_tokens, self.config.max_num_seqs)
+            # as many rows as the whole step's, however short this one (the same fixed part at every length)
+            self.model.compute_logits(hidden[-rows:] if rows <= num_tokens else hidden[-1:].repeat(rows, 1))
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         if self.lora_manager is None:
