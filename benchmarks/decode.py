@@ -7,7 +7,8 @@ this host; "onednn" turns fovea's own bfloat16 kernels off for linear layers onl
 Decode tok/s = (max_tokens - 1) / (time of a `max_tokens` request minus time of a 1-token request, same prompt,
 prefix cache reset), best of `--repeats` (`int8.py`'s measure). The bound is the bytes a decode step must read
 (every LM linear weight and the `lm_head`, bfloat16) over the read bandwidth of a plain `torch.sum` over 1 GB
-measured in the same run (~54 GB/s on an idle AMD EPYC Zen 4 with 2 threads).
+on 2 MiB pages, as the packed weights are, measured in the same run (36-38 GB/s on an idle AMD EPYC Zen 4 with 2
+threads, 2026-12-07; 34-35 on 4 KiB pages, also printed).
 
 `--profile` adds where a step's time goes, same run: (1) each decode linear shape of the model (qkv, o, gate/up,
 down, lm_head) on fovea's bfloat16 and int8 kernels at 1 row, GB/s of weights read and its fraction of the
@@ -55,9 +56,19 @@ def decode_bytes(path: Path) -> int:
     return 2 * (layers * per_layer + vocab * h)
 
 
-def read_bandwidth(threads: int, repeats: int = 5) -> float:
+def read_bandwidth(threads: int, repeats: int = 5, huge_pages: bool = True) -> float:
+    """Bytes/s a `torch.sum` over 1 GB reads. fovea's packed weights sit on 2 MiB pages (advised before first touch),
+    so the bound is measured on such pages (on an idle AMD EPYC, 2 threads, 2026-12-07 09:53 UTC: 36-38 GB/s on
+    2 MiB pages, 34-35 on 4 KiB pages; both are printed)."""
     torch.set_num_threads(threads)
-    x = torch.ones(1 << 29, dtype=torch.bfloat16)  # 1 GB
+    x = torch.empty(1 << 29, dtype=torch.bfloat16)  # 1 GB
+    if huge_pages:
+        from fovea import kernels
+        from fovea.kernels.ops import extension
+
+        kernels.set_mode("require")
+        extension().advise_huge_pages(x)
+    x.fill_(1)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -240,9 +251,11 @@ def main() -> None:
         return
     num_bytes = decode_bytes(path)
     bandwidth = read_bandwidth(args.threads)
+    small_pages = read_bandwidth(args.threads, huge_pages=False)
     bound = bandwidth / num_bytes
     print(f"{cpu_name()}, {args.threads} threads; Qwen benchmark LM: {num_bytes / 1e9:.3f} GB read per decode step; "
-          f"torch.sum reads {bandwidth / 1e9:.1f} GB/s: bound {bound:.1f} tok/s")
+          f"torch.sum reads {bandwidth / 1e9:.1f} GB/s on 2 MiB pages (the weights' pages; "
+          f"{small_pages / 1e9:.1f} on 4 KiB pages): bound {bound:.1f} tok/s")
     results = {}
     for method in args.methods:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--decode-tokens", str(args.decode_tokens),
