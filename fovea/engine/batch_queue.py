@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from fovea.engine.scheduler import RequestUpdate, Scheduler
 from fovea.engine.scheduler_output import SchedulerOutput
@@ -65,19 +66,32 @@ class BatchQueue:
 
     def _land_oldest(self) -> list[RequestUpdate]:
         out, future = self.batches.popleft()
-        try:
-            runner_output = self.executor.collect(future)
-        except ExecutorDeadError:
+        return land_step(self.scheduler, out, lambda: self.executor.collect(future), before_failing=self._land_all)
+
+    def _land_all(self) -> list[RequestUpdate]:
+        updates: list[RequestUpdate] = []
+        while self.batches:
+            updates += self._land_oldest()
+        return updates
+
+
+def land_step(scheduler: Scheduler, out: SchedulerOutput, reply: Callable[[], object],
+              before_failing: Callable[[], list[RequestUpdate]] = list) -> list[RequestUpdate]:
+    """`out`'s reply (`reply()`: the executor's answer) applied to the scheduler, for both engine-core loops.
+
+    A step that raised fails its requests (`Scheduler.fail_step`) and the engine goes on, after `before_failing`
+    (the batch queue lands the batches still in flight first); a dead executor, or a step with no request to blame
+    (the runner itself is broken), raises."""
+    try:
+        runner_output = reply()
+    except ExecutorDeadError:
+        raise
+    except Exception as err:
+        if not out.num_scheduled_tokens:
             raise
-        except Exception as err:
-            if not out.num_scheduled_tokens:
-                raise  # no request to blame: the runner itself is broken
-            logger.exception("the model raised in a step of %d sequence(s)", len(out.num_scheduled_tokens))
-            updates: list[RequestUpdate] = []
-            while self.batches:
-                updates += self._land_oldest()
-            return updates + self.scheduler.fail_step(out, err)
-        return self.scheduler.update_from_output(out, runner_output)
+        logger.exception("the model raised in a step of %d sequence(s)", len(out.num_scheduled_tokens))
+        return before_failing() + scheduler.fail_step(out, err)
+    return scheduler.update_from_output(out, runner_output)
 
 
 def _has_bookkeeping(out: SchedulerOutput) -> bool:

@@ -18,22 +18,19 @@ With pipeline stages (`executor.max_concurrent_batches` > 1) `step` goes through
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
 from fovea.config import EngineConfig
-from fovea.engine.batch_queue import BatchQueue
+from fovea.engine.batch_queue import BatchQueue, land_step
 from fovea.engine.input_processor import profile_mm_features
 from fovea.engine.request import Request, RequestStatus
 from fovea.engine.scheduler import RequestUpdate, Scheduler, SchedulerConfig
-from fovea.executor import ExecutorDeadError, make_executor
+from fovea.executor import make_executor
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder
 from fovea.multimodal.processing import BaseMultiModalProcessor
-
-logger = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -101,17 +98,7 @@ class EngineCore:
         if self.batch_queue is not None:
             return self.batch_queue.step()
         scheduler_output = self.scheduler.schedule()
-        try:
-            runner_output = self.executor.execute(scheduler_output)
-        except ExecutorDeadError:
-            raise
-        except Exception as err:
-            if not scheduler_output.num_scheduled_tokens:
-                raise  # no request to blame: the runner itself is broken
-            logger.exception("the model raised in a step of %d sequence(s)",
-                             len(scheduler_output.num_scheduled_tokens))
-            return self.scheduler.fail_step(scheduler_output, err)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        return land_step(self.scheduler, scheduler_output, lambda: self.executor.execute(scheduler_output))
 
     def has_batches_in_flight(self) -> bool:
         """Steps dispatched whose replies are not taken yet (pipeline micro-batches only)."""
