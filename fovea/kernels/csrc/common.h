@@ -41,6 +41,22 @@ inline void store(c10::BFloat16* p, int64_t i, float f) {
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(u >> 16);
 }
 
+// One row of RMSNorm: the float32 mean square, then x * inv rounded to the output's dtype, times the weight, rounded
+// again (transformers' LlamaRMSNorm when X = W = Y; T5's layer norm reads a float32 residual stream into the weight's
+// dtype). rms_norm_ and add_rms_norm_ (fused.cpp) and T5's layer norm (t5_fused.cpp) share it.
+template <typename X, typename W, typename Y>
+inline void rms_norm_row(const X* xr, const W* w, Y* yr, int64_t D, float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = load(xr, d);
+    sum += v * v;
+  }
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) store(yr, d, round_to(round_to(load(xr, d) * inv, yr) * load(w, d), yr));
+}
+
 // a * b + c: one rounding (an FMA) when kFused and the CPU has FMA, else two. The extension is built with
 // -ffp-contract=off because the fused kernels reproduce torch's roundings op by op; a kernel free to fuse asks
 // for it here (paged attention's dot products and softmax).

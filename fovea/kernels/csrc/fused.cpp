@@ -14,20 +14,7 @@
 namespace fovea {
 namespace {
 
-// one row of RMSNorm; add_rms_norm_ calls the same function, so its normed rows equal rms_norm's bit for bit
-template <typename T>
-inline void rms_norm_row(const T* xr, const T* w, T* yr, int64_t D, float eps) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t d = 0; d < D; ++d) {
-    const float v = load(xr, d);
-    sum += v * v;
-  }
-  const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
-#pragma omp simd
-  for (int64_t d = 0; d < D; ++d) store(yr, d, round_to(round_to(load(xr, d) * inv, xr) * load(w, d), xr));
-}
-
+// rms_norm_row (common.h): add_rms_norm_ calls the same function, so its normed rows equal rms_norm's bit for bit
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* y, int64_t N, int64_t D, int64_t x_stride, float eps) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {

@@ -22,15 +22,7 @@ void t5_layer_norm_rows(const X* x, const W* w, W* y, int64_t N, int64_t D, int6
     for (int64_t n = begin; n < end; ++n) {
       const X* xr = x + n * x_stride;
       W* yr = y + n * D;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t d = 0; d < D; ++d) {
-        const float v = load(xr, d);
-        sum += v * v;
-      }
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) store(yr, d, round_to(round_to(load(xr, d) * inv, w) * load(w, d), w));
+      rms_norm_row(xr, w, yr, D, eps);
     }
   });
 }
