@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-# The demo model (issue 5): trained from nothing with fovea's own commands (39 minutes on 2 cores, see the README), then
+# The demo model (issue 5): trained from nothing with fovea's own commands (29 minutes on 2 cores, see the README), then
 # evaluated on a held-out split generated with another seed. The checkpoint ships in demo/blip2-shapes.
 DEMO_MODEL := demo/blip2-shapes
 DEMO_WORK := runs/demo-build
