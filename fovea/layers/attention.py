@@ -56,6 +56,10 @@ class AttentionMetadata:
     # encoder-decoder models: the same step's cross-attention over each request's encoder K/V blocks
     # (fovea.layers.cross_attention); None for decoder-only models
     cross: AttentionMetadata | None = None
+    # the rows whose final hidden state the step reads (its logits rows: each the last scheduled token of its
+    # request, in request order), as a one-query-per-request group; None: every row. A model that declares
+    # `SupportsOutputRows` runs its last layer past the K/V projection on these rows only (`Attention.forward_rows`)
+    output_group: AttentionGroup | None = None
 
 
 @dataclass(slots=True)
@@ -142,6 +146,7 @@ def build_attention_metadata(
     context_lens: list[int],
     block_tables: list[list[int]],
     block_size: int,
+    output_requests: list[int] | None = None,
 ) -> AttentionMetadata:
     """Metadata for one step.
 
@@ -149,6 +154,8 @@ def build_attention_metadata(
     length once they are computed (cached prefix + these), and `block_tables[i]` holds enough blocks for it.
     Scheduled tokens are laid out flat in request order. Decodes (one query token) share one attention
     call; each longer chunk gets its own, so nothing is padded to the longest prompt.
+    `output_requests` (ascending request indices): the step reads only the hidden state of these requests' last
+    scheduled tokens (`AttentionMetadata.output_group`); None: every row.
     """
     num_reqs = len(query_lens)
     blocks_needed = [-(-c // block_size) for c in context_lens]
@@ -173,7 +180,13 @@ def build_attention_metadata(
         groups.append(_group(is_decode.nonzero().flatten(), q_len, ctx_len, tables, q_starts, block_size))
     for i in (~is_decode).nonzero().flatten().tolist():
         groups.append(_group(torch.tensor([i]), q_len, ctx_len, tables, q_starts, block_size))
-    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=num_tokens, block_size=block_size)
+    output_group = None
+    if output_requests is not None:
+        # each output row is its request's last token: one query that sees the whole context, as a decode does
+        output_group = _group(torch.tensor(output_requests, dtype=torch.long), torch.ones_like(q_len), ctx_len,
+                              tables, q_starts + q_len - 1, block_size)
+    return AttentionMetadata(slot_mapping=slot_mapping, groups=groups, num_tokens=num_tokens, block_size=block_size,
+                             output_group=output_group)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
@@ -274,6 +287,26 @@ class Attention(nn.Module):
                 continue
             out[g.token_index] = self._attend_blocks(q, g, k_blocks, v_blocks, g.mask)
         return out
+
+    def forward_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The step's K/V of every row into the cache, and attention for the metadata's output rows only:
+        q, k, v as `forward` -> [len(output rows), num_heads * head_dim], in the group's order. An output row is
+        its request's last token, so its attention is a decode's over the request's whole context, this step's
+        keys included (written first)."""
+        meta = get_attention_metadata()
+        g = meta.output_group
+        k_cache, v_cache = self.kv_cache
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        if self.use_kernel and kernels.is_available():
+            out = kernels.paged_decode(q[g.token_index], k_cache, v_cache, g.block_table, g.context_lens, self.scale,
+                                       meta.block_size)  # (S, nh, hs)
+            return out.view(out.shape[0], -1).to(q.dtype)
+        bs = meta.block_size
+        k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        return self._attend_blocks(q, g, k_blocks, v_blocks, g.mask)
 
     def _attend_blocks(self, q: torch.Tensor, g: AttentionGroup, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
                        mask: torch.Tensor | None) -> torch.Tensor:

@@ -29,7 +29,14 @@ class RotaryQKVAttention(Attention):
             k_cache, v_cache = self.kv_cache
             return kernels.rotary_paged_decode(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, group.block_table,
                                                group.context_lens, self.num_heads, self.scale, meta.block_size)
+        return super().forward(*self._rotated_split(qkv, cos, sin))
+
+    def forward_rows(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every row's K/V into the cache, attention for the step's output rows only (`Attention.forward_rows`):
+        qkv [N, ...] -> [len(output rows), nh * hs]."""
+        return super().forward_rows(*self._rotated_split(qkv, cos, sin))
+
+    def _rotated_split(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         qkv = apply_rotary_packed(qkv, cos, sin, self.num_heads + self.num_kv_heads)
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
-        return super().forward(q, k, v)
+        return qkv.split([q_width, kv_width, kv_width], dim=-1)

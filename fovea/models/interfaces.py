@@ -64,6 +64,21 @@ class SupportsLoRA(ABC):
     lora_target_modules: ClassVar[tuple[str, ...]]
 
 
+class SupportsOutputRows(ABC):
+    """A model whose forward honours `AttentionMetadata.output_group` (fovea.layers.attention): given one, it
+    returns the hidden states of those rows only ([S, hidden], in the group's order) and skips its last layer's
+    work for the other rows past their K/V projection. The runner asks for it in steps that compute more rows than
+    they read (prefill: one logits row per request) when nothing else reads every row (prompt logprobs, LoRA's
+    per-row adapters, a pipeline's stages)."""
+
+    supports_output_rows: ClassVar[Literal[True]] = True
+
+
+def supports_output_rows(model: type | object) -> bool:
+    cls = model if isinstance(model, type) else type(model)
+    return issubclass(cls, SupportsOutputRows)
+
+
 def supports_lora(model: type | object) -> bool:
     cls = model if isinstance(model, type) else type(model)
     return issubclass(cls, SupportsLoRA)

@@ -31,13 +31,15 @@ from fovea.distributed.pipeline import (
     make_layers,
     tied_lm_head_name,
 )
+from fovea.layers.attention import AttentionMetadata, get_attention_metadata
 from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.parallel_linear import QKVParallelLinear, RowParallelLinear
 from fovea.layers.rotary import RotaryEmbedding, build_rotary_embedding
 from fovea.layers.rotary_attention import RotaryQKVAttention
 from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
-from fovea.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant, SupportsTensorParallel
+from fovea.models.interfaces import (SupportsLoRA, SupportsOutputRows, SupportsPP, SupportsQuant,
+                                     SupportsTensorParallel)
 from fovea.models.utils import TokenEmbeddingsMixin
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,10 @@ class LlamaAttention(nn.Module):
         # x [N, hidden]; cos, sin [N, head_dim]; qkv (N, (nh + 2 nkv) * hs), rotated and split by the attention
         return self.o_proj(self.attn(self.qkv_proj(x), cos, sin))
 
+    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # K/V of all N rows are cached; the rest only for the step's S output rows -> [S, hidden]
+        return self.o_proj(self.attn.forward_rows(self.qkv_proj(x), cos, sin))
+
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, qkv_bias: bool, o_bias: bool, mlp_bias: bool):
@@ -95,6 +101,18 @@ class LlamaDecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(self.self_attn(x, cos, sin), residual)
         return self.mlp(x), residual
 
+    def forward_rows(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                     rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for a last layer whose outputs are read at `rows` [S] only (the step's logits rows): every
+        row still feeds the K/V projection (the cache needs it), but the queries, o_proj, the MLP and the norms
+        after the attention run on S rows. Each is row by row, so those rows get what `forward` gives them."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn.forward_rows(x, cos, sin), residual[rows])
+        return self.mlp(x), residual
+
 
 class LlamaModel(nn.Module):
     """The decoder stack. The caller builds the rotary module (1-D here, M-RoPE for Qwen2.5-VL) and says
@@ -115,14 +133,23 @@ class LlamaModel(nn.Module):
         x = inputs_embeds if ps.is_first_stage() else intermediate_tensors["hidden_states"]
         cos, sin = self.rotary(positions, x.dtype)
         residual = None
-        for layer in self.layers[self.start_layer:self.end_layer]:
+        layers = self.layers[self.start_layer:self.end_layer]
+        meta = get_attention_metadata()
+        # a step that reads only some rows (its logits rows; `AttentionMetadata.output_group`): the last layer
+        # skips the others past its K/V projection, and [S, hidden] comes out
+        output_group = meta.output_group if isinstance(meta, AttentionMetadata) and ps.is_last_stage() \
+            and len(layers) else None
+        for layer in layers[:-1] if output_group is not None else layers:
             x, residual = layer(x, residual, cos, sin)
+        if output_group is not None:
+            x, residual = layers[-1].forward_rows(x, residual, cos, sin, output_group.token_index)
         if not ps.is_last_stage():
             return {"hidden_states": x if residual is None else x + residual}
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
 
 
-class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP):
+class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP,
+                       SupportsOutputRows):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"

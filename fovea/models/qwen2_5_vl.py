@@ -34,8 +34,8 @@ from fovea.layers.mlp import GatedMLP
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary import RotaryEmbedding, VisionRotaryEmbedding, apply_rotary_packed, rope_parameters
 from fovea.layers.vocab_parallel import ParallelLMHead
-from fovea.models.interfaces import (SupportsLoRA, SupportsMRoPE, SupportsMultiModal, SupportsPP, SupportsQuant,
-                                     SupportsTensorParallel)
+from fovea.models.interfaces import (SupportsLoRA, SupportsMRoPE, SupportsMultiModal, SupportsOutputRows, SupportsPP,
+                                     SupportsQuant, SupportsTensorParallel)
 from fovea.models.llama import LLAMA_LORA_TARGET_MODULES
 from fovea.models.qwen2 import Qwen2Model, head_dim_of
 from fovea.models.qwen2_5_vl_processing import (
@@ -134,9 +134,17 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, config.num_heads)
         self.mlp = GatedMLP(dim, config.intermediate_size, config.hidden_act, bias=True)
 
-    def forward(self, x, cos, sin, runs: PackedSegments) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, runs)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                runs: PackedSegments) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D]: the previous block's MLP output, not yet added into `residual` (None in the first block, where
+        x is the stream itself). Returns (this block's MLP output, the stream before it): each residual add runs
+        inside the next RMSNorm's fused kernel, rounded where transformers' `hidden_states + ...` rounds."""
+        if residual is None:
+            h, residual = self.norm1(x), x
+        else:
+            h, residual = self.norm1(x, residual)
+        h, residual = self.norm2(self.attn(h, cos, sin, runs), residual)
+        return self.mlp(h), residual
 
 
 class PatchMerger(nn.Module):
@@ -147,8 +155,11 @@ class PatchMerger(nn.Module):
         self.mlp = nn.Sequential(Linear(self.merged_dim, self.merged_dim), nn.GELU(),
                                  Linear(self.merged_dim, out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, D] -> [N / merge^2, out_dim]
-        return self.mlp(self.ln_q(x).view(-1, self.merged_dim))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        # [N, D] -> [N / merge^2, out_dim]; x + residual (the last block's MLP output and the stream) is added
+        # inside ln_q's fused kernel (no blocks: x is the stream)
+        h = self.ln_q(x) if residual is None else self.ln_q(x, residual)[0]
+        return self.mlp(h.view(-1, self.merged_dim))
 
 
 class Qwen2_5_VisionTransformer(nn.Module):
@@ -182,9 +193,10 @@ class Qwen2_5_VisionTransformer(nn.Module):
         x = x.view(n // unit, unit, -1)[layout.window_order].view(n, -1)
         cos, sin = self.rotary(layout.row_col.view(n // unit, unit, 2)[layout.window_order].view(n, 2))
         frames, windows = PackedSegments(layout.frame_runs), PackedSegments(layout.window_runs)
+        residual = None
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, frames if i in self.fullatt_block_indexes else windows)
-        merged = self.merger(x)  # (N / unit, out), window order
+            x, residual = block(x, residual, cos, sin, frames if i in self.fullatt_block_indexes else windows)
+        merged = self.merger(x, residual)  # (N / unit, out), window order
         restored = torch.empty_like(merged)
         restored[layout.window_order] = merged
         return restored
@@ -208,7 +220,8 @@ class Qwen2_5_VLModel(nn.Module):
 @MULTIMODAL_REGISTRY.register_processor(Qwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
 class Qwen2_5_VLForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsMultiModal, SupportsMRoPE,
-                                         SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP):
+                                         SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP,
+                                         SupportsOutputRows):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     language_model_modules = ("model.language_model",)
     lm_head_module = "lm_head"

@@ -32,7 +32,7 @@ from fovea.layers.attention import Attention, build_attention_metadata, forward_
 from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
-from fovea.models.interfaces import is_encoder_decoder
+from fovea.models.interfaces import is_encoder_decoder, supports_output_rows
 from fovea.models.weights import load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
@@ -113,6 +113,9 @@ class ModelRunner:
         self.is_sampler = parallel_state.is_last_stage() and parallel_state.tp_rank() == 0
         self.is_first_stage, self.is_last_stage = parallel_state.is_first_stage(), parallel_state.is_last_stage()
         self.is_pipelined = parallel_state.pp_size() > 1
+        # prefill steps read one row per request: such a model skips the rest in its last layer (not across a
+        # pipeline's stages, whose boundary carries every row)
+        self.prunes_output_rows = supports_output_rows(model_cls) and not self.is_pipelined
 
     # ---- KV cache -------------------------------------------------------------------------------------
 
@@ -288,11 +291,11 @@ class ModelRunner:
         positions: list = []  # ints (1-D positions) or [3, n] tensors (M-RoPE)
         is_mm = torch.zeros(num_tokens, dtype=torch.bool)
         query_lens, context_lens, block_tables = [], [], []
-        mm_rows, logits_index, sampled = [], [], []
+        mm_rows, logits_index, sampled, sampled_requests = [], [], [], []
         lora_rows: list[tuple[LoRARequest, int, int]] = []  # (adapter, first flat row, count) per request
         prompt_rows: list[tuple[int, CachedRequestState, int]] = []  # (flat row, request, prompt position)
         start = 0
-        for req_id, n in out.num_scheduled_tokens.items():
+        for req_index, (req_id, n) in enumerate(out.num_scheduled_tokens.items()):
             state = self.requests[req_id]
             c = state.num_computed_tokens
             end = c + n
@@ -325,9 +328,14 @@ class ModelRunner:
             if end == len(state.token_ids):  # the chunk reached the last known token: sample the next one
                 logits_index.append(start - 1)
                 sampled.append(state)
+                sampled_requests.append(req_index)
 
         ids = torch.tensor(input_ids, dtype=torch.long)
-        meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size)
+        # only the logits rows come out of the model (every row when something else reads them)
+        is_pruned = self.prunes_output_rows and 0 < len(logits_index) < num_tokens and not prompt_rows \
+            and not lora_rows
+        meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size,
+                                        sampled_requests if is_pruned else None)
         if self.is_encoder_decoder:
             states = [self.requests[req_id] for req_id in out.num_scheduled_tokens]
             encoder_decoder.attach_cross_metadata(meta, query_lens, [len(s.encoder_prompt_token_ids) for s in states],
@@ -349,11 +357,13 @@ class ModelRunner:
             self._prompt_logprobs(hidden, prompt_rows)
         if not sampled:
             return ModelRunnerOutput.empty()
+        if not is_pruned:
+            hidden = hidden[torch.tensor(logits_index)]
         if not self.is_sampler:
             # a vocabulary-parallel lm_head gathers over the TP group: take part
-            self.model.compute_logits(hidden[torch.tensor(logits_index)])
+            self.model.compute_logits(hidden)
             return ModelRunnerOutput.empty()
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_index)])  # the sampler widens if it must
+        logits = self.model.compute_logits(hidden)  # the sampler widens if it must
         sampling = SamplingMetadata.build([s.sampling for s in sampled], self.vocab_size, logits.device,
                                           default_generator=self.generator)
         result = self.sampler(logits, sampling)
