@@ -189,6 +189,18 @@ class PhaseRecorder:
 
         encoder_attention.attend_heads = attend_heads
         self._undo.append(lambda: setattr(encoder_attention, "attend_heads", original_attend))
+        original_rows = Attention.forward_rows
+
+        def forward_rows(module, q, k, v):  # a pruned last layer (SupportsOutputRows): one query per output row
+            owner = self._owner()
+            if owner is not None:
+                ctx = get_attention_metadata().output_group.context_lens.tolist()
+                self._add(owner, 0.0, *paged_attention_cost([1] * len(ctx), ctx, module.num_heads,
+                                                            module.num_kv_heads, module.head_dim, q.element_size()))
+            return original_rows(module, q, k, v)
+
+        Attention.forward_rows = forward_rows
+        self._undo.append(lambda: setattr(Attention, "forward_rows", original_rows))
 
     def _linear_cost(self, module: LinearBase, x: torch.Tensor) -> tuple[float, float]:
         rows = x.numel() // module.in_features

@@ -58,7 +58,7 @@ class AttentionMetadata:
     cross: AttentionMetadata | None = None
     # the rows whose final hidden state the step reads (its logits rows: each the last scheduled token of its
     # request, in request order), as a one-query-per-request group; None: every row. A model that declares
-    # `SupportsOutputRows` runs its last layer past the K/V projection on these rows only (`Attention.forward_rows`)
+    # `SupportsOutputRows` runs its last layer past the q/k/v projection on these rows only (`Attention.forward_rows`)
     output_group: AttentionGroup | None = None
 
 

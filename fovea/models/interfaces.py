@@ -67,7 +67,7 @@ class SupportsLoRA(ABC):
 class SupportsOutputRows(ABC):
     """A model whose forward honours `AttentionMetadata.output_group` (fovea.layers.attention): given one, it
     returns the hidden states of those rows only ([S, hidden], in the group's order) and skips its last layer's
-    work for the other rows past their K/V projection. The runner asks for it in steps that compute more rows than
+    work for the other rows past their (packed) q/k/v projection, whose K/V the cache needs. The runner asks for it in steps that compute more rows than
     they read (prefill: one logits row per request) when nothing else reads every row (prompt logprobs, LoRA's
     per-row adapters, a pipeline's stages)."""
 

@@ -75,7 +75,7 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(self.qkv_proj(x), cos, sin))
 
     def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # K/V of all N rows are cached; the rest only for the step's S output rows -> [S, hidden]
+        # q/k/v of all N rows (K/V cached); attention and o_proj for the step's S output rows -> [S, hidden]
         return self.o_proj(self.attn.forward_rows(self.qkv_proj(x), cos, sin))
 
 
@@ -104,8 +104,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward_rows(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                      rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` for a last layer whose outputs are read at `rows` [S] only (the step's logits rows): every
-        row still feeds the K/V projection (the cache needs it), but the queries, o_proj, the MLP and the norms
-        after the attention run on S rows. Each is row by row, so those rows get what `forward` gives them."""
+        row still goes through the packed q/k/v projection (the cache needs its K/V), but the attention, o_proj,
+        the MLP and the norm between them run on S rows. Each works row by row, so those rows get what `forward`
+        gives them (their attention as a decode's: the paged kernel instead of causal SDPA, another summation
+        order)."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
@@ -136,7 +138,7 @@ class LlamaModel(nn.Module):
         layers = self.layers[self.start_layer:self.end_layer]
         meta = get_attention_metadata()
         # a step that reads only some rows (its logits rows; `AttentionMetadata.output_group`): the last layer
-        # skips the others past its K/V projection, and [S, hidden] comes out
+        # skips the others past its q/k/v projection, and [S, hidden] comes out
         output_group = meta.output_group if isinstance(meta, AttentionMetadata) and ps.is_last_stage() \
             and len(layers) else None
         for layer in layers[:-1] if output_group is not None else layers:

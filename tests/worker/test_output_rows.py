@@ -1,5 +1,5 @@
 """A prefill step reads one row per request (its logits row): a model that declares `SupportsOutputRows` runs its
-last layer past the K/V projection on those rows only. Checked: the pruned path is taken (the last layer's MLP
+last layer past the q/k/v projection on those rows only. Checked: the pruned path is taken (the last layer's MLP
 sees one row per sampled request, the first layer every row), it is not taken where every row is read (prompt
 logprobs) or nothing is sampled, and its outputs equal the unpruned run's (greedy ids; float32 logprobs to 1e-5)
 with the C++ kernels and without them (gather + SDPA), chunked prefill (a cached prefix) and a one-layer model
@@ -65,7 +65,7 @@ def test_pruned_rows_equal_every_row(tmp_path, cpu_kernels, layers):
     model_dir = str(build_tiny_llama(tmp_path, seed=3, num_layers=layers))
     llm = LLM(model_dir, dtype="float32", block_size=4, max_model_len=64, cpu_kernels=cpu_kernels,
               enable_prefix_caching=False)
-    # the first layer's MLP, and the last layer's K/V projection, see every row
+    # the first layer's MLP, and the last layer's q/k/v projection, see every row
     first, last_kv, last = rows_seen(llm, 0), rows_seen(llm, -1, "self_attn.qkv_proj"), rows_seen(llm, -1)
     outs = run(llm)
     num_prompt = sum(len(o.prompt_token_ids) for o in outs)
