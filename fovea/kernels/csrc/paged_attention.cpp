@@ -1,8 +1,9 @@
 // Decode attention straight from the paged KV cache: every key and value read once, where it lies in the pool.
 // Decode is bound by memory traffic; gathering each request's blocks into a padded tensor and then running SDPA
 // reads and writes the whole context twice more than needed. With AVX-512 and a head size of 64 or 128
-// (`decode_avx512`) a work item is a request and a run of its kv heads, read slot by slot; otherwise (the generic
-// loop) one (request, kv head) pair.
+// (`decode_avx512`) a work item is a request and a run of its kv heads, read slot by slot (bfloat16 heads of 64
+// without GQA: the same with AVX-512 BF16 score products, `decode_bf16_mha64`); otherwise (the generic loop) one
+// (request, kv head) pair.
 // An optional additive bias [B, H, >= L] (float32; T5's relative position scores) is added to the scaled scores.
 #include <ATen/Parallel.h>
 
@@ -17,6 +18,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define FOVEA_PAGED_AVX512 1
 #include <immintrin.h>
+#if defined(__AVX512BF16__)
+#define FOVEA_PAGED_BF16 1  // bfloat16 heads of 64 without GQA: `decode_bf16_mha64`
+#endif
 #endif
 
 namespace fovea {
@@ -131,6 +135,123 @@ void decode_avx512(const T* q, const T* kc, const T* vc, const int64_t* tables, 
 }
 #endif
 
+#ifdef FOVEA_PAGED_BF16
+// v[0..15] -> one vector of their 16 horizontal sums (lane i = sum of v[i]): pairs, quads, then across the four
+// 128-bit lanes, 45 instructions for 16 sums where one `_mm512_reduce_add_ps` per key is ~8 (and a long chain)
+inline __m512 sum16(const __m512* v) {
+  __m512 s2[8], s4[4];
+  for (int j = 0; j < 8; ++j)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] of a = v[2j], b = v[2j+1]
+    s2[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: the lane's sums of v[4j .. 4j + 3]
+    const __m512d a = _mm512_castps_pd(s2[2 * j]), b = _mm512_castps_pd(s2[2 * j + 1]);
+    s4[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // lanes (0, 2) + (1, 3) of two quads, then once more: lane l of the result holds v[4l .. 4l + 3]'s full sums
+  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[0], s4[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(s4[0], s4[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2], s4[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(s4[2], s4[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// bfloat16 heads of 64 without GQA (T5, OPT: a decode step's self- and cross-attention), the layout and work items
+// of `decode_avx512`. Scores: two AVX-512 BF16 dot products (`vdpbf16ps`) per key and head over the bf16 pairs of q
+// and k as stored, where `decode_avx512` widens the key to float32 and runs four FMAs; the 16 partial sums of 16 keys
+// are then reduced together (`sum16`), not one key at a time. A product of two bfloat16 is exact in float32 either
+// way, so only the order of the float32 sums differs (and the scale is applied to the sum, where `decode_avx512`
+// scales q: the same arithmetic for T5's 1 and a power-of-two head_dim ** -0.5). Values: a 64-byte load of 32 bf16
+// is 16 even and 16 odd elements as float32 by one shift and one mask (no widening load), with the same FMAs in the
+// same order as `decode_avx512`, so the output is that loop's to the bit given the same probabilities.
+void decode_bf16_mha64(const c10::BFloat16* q, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                       const int64_t* tables, const int64_t* ctx, c10::BFloat16* out, int64_t B, int64_t H,
+                       int64_t max_blocks, int64_t bs, float scale, const float* bias, int64_t bias_len) {
+  constexpr int64_t D = 64;
+  const int64_t row_stride = H * D;  // elements from one slot to the next
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::min(H, std::max<int64_t>(1, (4 * threads + B - 1) / B));
+  const int64_t per_chunk = (H + chunks - 1) / chunks;
+  WorkCounter items(B * chunks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<float> scores, inv(per_chunk);
+    std::vector<__m512> part(per_chunk * 16), acc(per_chunk * 4);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    const __m512i odd_mask = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+    for (int64_t item; items.take(item);) {
+      const int64_t b = item / chunks, h0 = (item % chunks) * per_chunk, L = ctx[b];
+      const int64_t nh = std::min(H, h0 + per_chunk) - h0;
+      if (nh <= 0) continue;
+      scores.resize(nh * L);
+      const auto* qb = reinterpret_cast<const uint16_t*>(q + (b * H + h0) * D);
+      const int64_t* table = tables + b * max_blocks;
+      for (int64_t t0 = 0; t0 < L; t0 += bs) {
+        const auto* kblock = reinterpret_cast<const uint16_t*>(kc + (table[t0 / bs] * bs * H + h0) * D);
+        const int64_t n = std::min(bs, L - t0);
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {  // 16 keys at a time (fewer at the block's end)
+          const int64_t m = std::min<int64_t>(16, n - i0);
+          for (int64_t i = 0; i < m; ++i) {
+            const uint16_t* k = kblock + (i0 + i) * row_stride;
+            for (int64_t hh = 0; hh < nh; ++hh) {
+              const uint16_t* kh = k + hh * D;
+              const uint16_t* qh = qb + hh * D;
+              __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_loadu_si512(kh),
+                                          (__m512bh)_mm512_loadu_si512(qh));
+              part[hh * 16 + i] = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(kh + 32),
+                                                   (__m512bh)_mm512_loadu_si512(qh + 32));
+            }
+          }
+          const __mmask16 keep = static_cast<__mmask16>((1u << m) - 1);
+          for (int64_t hh = 0; hh < nh; ++hh) {
+            for (int64_t i = m; i < 16; ++i) part[hh * 16 + i] = _mm512_setzero_ps();
+            _mm512_mask_storeu_ps(scores.data() + hh * L + t0 + i0, keep,
+                                  _mm512_mul_ps(sum16(part.data() + hh * 16), vscale));
+          }
+        }
+      }
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        float* sr = scores.data() + hh * L;
+        if (bias != nullptr) {
+          const float* br = bias + (b * H + h0 + hh) * bias_len;
+#pragma omp simd
+          for (int64_t t = 0; t < L; ++t) sr[t] += br[t];
+        }
+        inv[hh] = 1.f / softmax_unnormalised(sr, L);
+      }
+      // acc[hh * 4 + c]: c = 0, 1 the even and odd elements of d < 32, c = 2, 3 those of d >= 32
+      for (int64_t j = 0; j < nh * 4; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t t0 = 0; t0 < L; t0 += bs) {
+        const auto* v = reinterpret_cast<const uint16_t*>(vc + (table[t0 / bs] * bs * H + h0) * D);
+        const int64_t n = std::min(bs, L - t0);
+        for (int64_t i = 0; i < n; ++i, v += row_stride) {
+          for (int64_t hh = 0; hh < nh; ++hh) {
+            const __m512 p = _mm512_set1_ps(scores[hh * L + t0 + i]);
+            for (int c = 0; c < 2; ++c) {
+              const __m512i pairs = _mm512_loadu_si512(v + hh * D + 32 * c);
+              __m512* a = acc.data() + hh * 4 + 2 * c;
+              a[0] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), a[0]);
+              a[1] = _mm512_fmadd_ps(p, _mm512_castsi512_ps(_mm512_and_si512(pairs, odd_mask)), a[1]);
+            }
+          }
+        }
+      }
+      c10::BFloat16* o = out + (b * H + h0) * D;
+      alignas(64) float even[16], odd[16];
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        const __m512 scale_h = _mm512_set1_ps(inv[hh]);
+        for (int c = 0; c < 2; ++c) {
+          _mm512_store_ps(even, _mm512_mul_ps(acc[hh * 4 + 2 * c], scale_h));
+          _mm512_store_ps(odd, _mm512_mul_ps(acc[hh * 4 + 2 * c + 1], scale_h));
+          for (int j = 0; j < 16; ++j) {
+            o[hh * D + 32 * c + 2 * j] = static_cast<c10::BFloat16>(even[j]);
+            o[hh * D + 32 * c + 2 * j + 1] = static_cast<c10::BFloat16>(odd[j]);
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 // DC > 0: the head size known at compile time (fixed trip counts unroll and vectorise better); 0: runtime `dim`
 template <typename T, int64_t DC>
 void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out, int64_t B,
@@ -210,6 +331,15 @@ at::Tensor paged_decode(at::Tensor q, const at::Tensor& k_cache, const at::Tenso
   }
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const int64_t bias_len = bias_f.defined() ? bias_f.size(2) : 0;
+#ifdef FOVEA_PAGED_BF16
+  if (D == 64 && Hkv == H && q.scalar_type() == at::kBFloat16) {
+    decode_bf16_mha64(q.data_ptr<c10::BFloat16>(), k_cache.data_ptr<c10::BFloat16>(),
+                      v_cache.data_ptr<c10::BFloat16>(), block_table.data_ptr<int64_t>(),
+                      context_lens.data_ptr<int64_t>(), out.data_ptr<c10::BFloat16>(), B, H, block_table.size(1),
+                      block_size, static_cast<float>(scale), bias_ptr, bias_len);
+    return out;
+  }
+#endif
 #ifdef FOVEA_PAGED_AVX512
   if ((D == 64 || D == 128) && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat)) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "paged_decode_avx512", [&] {
