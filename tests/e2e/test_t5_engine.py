@@ -48,6 +48,12 @@ def blip2_t5_hub_flan(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def blip2_t5_heads64(tmp_path_factory):
+    """Heads of 64 (Flan-T5's d_kv): bfloat16 decode attention runs the kernel's AVX-512 BF16 loop."""
+    return build_tiny_blip2_t5(tmp_path_factory.mktemp("blip2_t5_heads64"), seed=5, hidden=128, num_heads=2)
+
+
+@pytest.fixture(scope="module")
 def instructblip_t5(tmp_path_factory):
     return build_tiny_instructblip_t5(tmp_path_factory.mktemp("instructblip_t5"), seed=3, init_gain=3.0)
 
@@ -131,9 +137,11 @@ def test_instructblip_t5_preempted_and_chunked(instructblip_t5):
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
-def test_blip2_t5_bfloat16_as_close_as_transformers_own(blip2_t5):
+@pytest.mark.parametrize("fixture", ["blip2_t5", "blip2_t5_heads64"])
+def test_blip2_t5_bfloat16_as_close_as_transformers_own(request, fixture):
     """fovea in bfloat16 vs transformers in float32: no further off than transformers in bfloat16 is (teacher
     forced on the float32 tokens, so both see the same decoder inputs)."""
+    blip2_t5 = request.getfixturevalue(fixture)
     batch = cases(4)
     llm = LLM(blip2_t5, dtype="bfloat16", block_size=4)
     fovea_errors, hf_errors = [], []
