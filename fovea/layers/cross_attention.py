@@ -94,18 +94,22 @@ class CrossAttention(nn.Module):
         k_cache, v_cache = self.kv_cache
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
-        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
         bs = cross.block_size
+        groups = cross.groups
+        use_kernel = kernels.is_available() and self.num_kv_heads == self.num_heads
+        if len(groups) == 1 and groups[0].is_decode and use_kernel:
+            # a decode-only step: its rows are already in token order, one kernel call and nothing else
+            g = groups[0]
+            return kernels.paged_decode(q, k_cache, v_cache, g.block_table, g.context_lens, self.scale, bs
+                                        ).view(num_tokens, -1).to(q.dtype)
+        out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
         k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
         v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
-        for g in cross.groups:
+        for g in groups:
             num_reqs = g.block_table.shape[0]
-            if g.is_decode and kernels.is_available() and self.num_kv_heads == self.num_heads:
-                is_whole_step = num_reqs == num_tokens  # a decode-only step: rows already in token order
-                og = kernels.paged_decode(q if is_whole_step else q[g.token_index], k_cache, v_cache, g.block_table,
-                                          g.context_lens, self.scale, bs)  # (B, nh, hs)
-                if is_whole_step:
-                    return og.view(num_tokens, -1).to(out.dtype)
+            if g.is_decode and use_kernel:
+                og = kernels.paged_decode(q[g.token_index], k_cache, v_cache, g.block_table, g.context_lens,
+                                          self.scale, bs)  # (B, nh, hs)
                 out[g.token_index] = og.reshape(num_reqs, -1).to(out.dtype)
                 continue
             qg = q[g.q_index].transpose(1, 2)  # (B, nh, max_q, hs)

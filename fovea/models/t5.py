@@ -93,21 +93,35 @@ class EncoderBatch:
 class T5LayerNorm(nn.Module):
     """x / rms(x) * weight: the variance in float32, the result in the weight's dtype (as transformers').
 
+    `forward(x, residual)` adds the residual stream first, as the previous sublayer's `residual + x`, and returns
+    (norm(x + residual), x + residual): in an all-bfloat16 model (`wo` in bfloat16, the stream bfloat16) one kernel
+    does the add and the norm (`kernels.add_rms_norm_`, the sum written into x's buffer: x is a sublayer's fresh
+    output), so a decode step runs one call between two sublayers where it ran a torch add and the norm.
+
     In bfloat16 over rows with contiguous features at inference, one fused kernel (`fovea.kernels.t5_fused`)
-    with the same roundings instead of seven ops. Not in float32: its float32 sum and rsqrt may differ from
-    torch's in the last bit or two, and a float32 T5 (unscaled attention scores) carries that into logprobs ~5x
-    further from transformers' (1.3e-4 against 2.6e-5 on the tiny test model); a bfloat16 rounding hides it."""
+    with the same roundings instead of seven ops (the add-norm kernel's rows are the same function's, bit for bit).
+    Not in float32: its float32 sum and rsqrt may differ from torch's in the last bit or two, and a float32 T5
+    (unscaled attention scores) carries that into logprobs ~5x further from transformers' (1.3e-4 against 2.6e-5
+    on the tiny test model); a bfloat16 rounding hides it."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.weight.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
-                and kernels.can_fuse(x, self.weight)):
-            return t5_fused.t5_layer_norm(x, self.weight, self.eps)
-        return self.reference(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        weight = self.weight  # one lookup (nn.Module.__getattr__ per access, paid in every decode step)
+        is_bf16 = weight.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1
+        if residual is None:
+            if is_bf16 and kernels.can_fuse(x, weight):
+                return t5_fused.t5_layer_norm(x, weight, self.eps)
+            return self.reference(x)
+        if (is_bf16 and x.dtype == weight.dtype and residual.dtype == weight.dtype and residual.stride(-1) == 1
+                and kernels.can_fuse(x, residual, weight)):
+            return kernels.add_rms_norm_(x, residual, weight, self.eps), x
+        stream = residual + x  # float32 from the first float32 `wo` on (float16 models)
+        return self(stream), stream
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         variance = x.float().pow(2).mean(-1, keepdim=True)
@@ -187,7 +201,11 @@ class T5FeedForward(nn.Module):
 
 
 class T5SubLayer(nn.Module):
-    """x + f(norm(x)): the residual unit whose f is `SelfAttention`, `EncDecAttention` or `DenseReluDense`."""
+    """x + f(norm(x)): the residual unit whose f is `SelfAttention`, `EncDecAttention` or `DenseReluDense`.
+
+    The add is left to the next norm (`T5LayerNorm.forward(x, residual)`): forward(x, residual) takes the previous
+    sublayer's output x and the stream it has not been added to yet (None: x is the stream, a stack's first
+    sublayer) and returns (f's output, the stream)."""
 
     def __init__(self, config: PretrainedConfig, name: str, inner: nn.Module):
         super().__init__()
@@ -195,8 +213,12 @@ class T5SubLayer(nn.Module):
         self.inner_name = name
         setattr(self, name, inner)
 
-    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        return x + getattr(self, self.inner_name)(self.layer_norm(x), *args)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            normed, residual = self.layer_norm(x), x
+        else:
+            normed, residual = self.layer_norm(x, residual)
+        return getattr(self, self.inner_name)(normed, *args), residual
 
 
 class T5Block(nn.Module):
@@ -210,11 +232,12 @@ class T5Block(nn.Module):
         self.layer = nn.ModuleList(layers)
         self.is_decoder = is_decoder
 
-    def forward(self, x: torch.Tensor, bias, encoder_states: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.layer[0](x, bias)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, bias,
+                encoder_states: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, residual = self.layer[0](x, residual, bias)
         if self.is_decoder:
-            x = self.layer[1](x, None, encoder_states)
-        return self.layer[-1](x)
+            x, residual = self.layer[1](x, residual, None, encoder_states)
+        return self.layer[-1](x, residual)
 
 
 class T5Stack(nn.Module):
@@ -229,9 +252,10 @@ class T5Stack(nn.Module):
         return self.block[0].layer[0].SelfAttention
 
     def forward(self, x: torch.Tensor, bias, encoder_states: torch.Tensor | None = None) -> torch.Tensor:
+        residual = None
         for block in self.block:
-            x = block(x, bias, encoder_states)
-        return self.final_layer_norm(x)
+            x, residual = block(x, residual, bias, encoder_states)
+        return self.final_layer_norm(x, residual)[0]
 
 
 class T5ForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsEncoderDecoder):
@@ -303,13 +327,16 @@ class T5ForConditionalGeneration(TokenEmbeddingsMixin, nn.Module, SupportsEncode
 
     def _decoder_bias(self, meta: AttentionMetadata) -> list[torch.Tensor]:
         """Per attention group of the step: causal relative-position scores [B, nh, max_q, K] (keys past a
-        query -inf), computed once and shared by every decoder layer."""
+        query -inf), computed once and shared by every decoder layer. A decode group's are float32 and contiguous,
+        as the paged decode kernel reads them (the table's values, exactly): converted once per step, not in each
+        of the decoder's layers."""
         table = self.decoder.bias_table
         biases = []
         for g in meta.groups:
             key_pos = torch.arange(g.block_table.shape[1] * meta.block_size)
             rel = key_pos[None, None, :] - g.query_positions[:, :, None]  # (B, max_q, K)
-            biases.append(table.position_bias(rel).masked_fill((rel > 0)[:, None], float("-inf")))
+            bias = table.position_bias(rel).masked_fill((rel > 0)[:, None], float("-inf"))
+            biases.append(bias.to(torch.float32, memory_format=torch.contiguous_format) if g.is_decode else bias)
         return biases
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,

@@ -60,6 +60,30 @@ def test_t5_layer_norm_module_uses_the_kernel_at_inference_and_torch_under_autog
     _close_or_one_step(fused, plain.detach(), 0.05)
 
 
+@pytest.mark.parametrize("rows, dim", [(1, 768), (37, 64), (5, 13)])
+def test_t5_layer_norm_with_residual_adds_as_torch_and_norms_as_the_kernel(rows, dim):
+    """forward(x, residual) in bfloat16: the stream is torch's `residual + x` bit for bit (written into x's buffer),
+    the normed rows the norm kernel's of that stream bit for bit; float32 (torch's ops) adds out of place."""
+    gen = torch.Generator().manual_seed(rows + dim)
+    norm = T5LayerNorm(dim, eps=1e-6).to(torch.bfloat16).requires_grad_(False)  # as loaded for serving
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(dim, generator=gen))
+    x = (torch.randn(rows, dim, generator=gen) * 3).bfloat16()
+    residual = (torch.randn(rows, dim, generator=gen) * 20).bfloat16()
+    want_stream = residual + x
+    with torch.inference_mode():
+        normed, stream = norm(x.clone(), residual)
+        assert torch.equal(stream, want_stream)
+        assert torch.equal(normed, t5_fused.t5_layer_norm(want_stream, norm.weight, 1e-6))
+        x_buffer = x.clone()
+        assert norm(x_buffer, residual)[1].data_ptr() == x_buffer.data_ptr()  # in place: no new stream tensor
+    norm32 = T5LayerNorm(dim, eps=1e-6)
+    x32, residual32 = x.float(), residual.float()
+    normed32, stream32 = norm32(x32, residual32)
+    assert torch.equal(stream32, residual32 + x32) and torch.equal(x32, x.float())
+    assert torch.equal(normed32, norm32.reference(residual32 + x32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, width", [(1, 2048), (33, 100), (7, 13), (64, 1536)])
 def test_gelu_tanh_mul_kernel_equals_the_torch_formula(dtype, rows, width):
