@@ -24,8 +24,9 @@ the rows and reproduces the torch formula's roundings op by op (`csrc/fused.cpp`
   per decode step), this kernel in 0.6 ms.
 
 And `paged_decode(...)` (`csrc/paged_attention.cpp`): decode attention reading every key and value once, where it
-lies in the paged pool, one (request, kv head) pair per work item; gather + SDPA reads and writes the context
-twice more (4x slower at 64 requests). `rotary_paged_decode(...)` (`csrc/decode_attention.cpp`) is `rotary_`,
+lies in the paged pool, a request and a run of its kv heads per work item (bfloat16 heads of 64 without GQA: scores
+by AVX-512 BF16 dot products where the CPU has them, the float32 arithmetic summed in another order); gather +
+SDPA reads and writes the context twice more (4x slower at 64 requests). `rotary_paged_decode(...)` (`csrc/decode_attention.cpp`) is `rotary_`,
 `write_kv_` and `paged_decode` of a packed qkv in one call, for a decode-only step.
 
 Why one call rather than three, and few ops between two linear layers at all: a decode step's linear layers
