@@ -74,6 +74,7 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     num_unfinished: int = 0  # requests (a request with n > 1 is one), as LLMEngine counts them
+    num_batches_in_flight: int = 0  # pipeline micro-batches dispatched and not landed (may hold aborted requests)
     num_preemptions: int = 0  # since start
     num_kv_blocks_used: int = 0
     num_kv_blocks_total: int = 0  # usable blocks (the reserved null block excluded)
@@ -308,7 +309,9 @@ class AsyncLLMEngine:
         while True:
             if self.dead_error is not None:
                 return
-            if self.stats.num_unfinished == 0:
+            # a batch in flight may hold only aborted requests: it is stepped until it lands, so that their KV
+            # blocks are freed now and not at the next request's arrival (which may never come)
+            if self.stats.num_unfinished == 0 and self.stats.num_batches_in_flight == 0:
                 if self._is_stopping:
                     return
                 await self._wakeup.wait()
@@ -423,6 +426,7 @@ class AsyncLLMEngine:
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting,
             num_unfinished=self.engine.get_num_unfinished_requests(),
+            num_batches_in_flight=self.engine.engine_core.num_batches_in_flight,
             num_preemptions=scheduler.num_preemptions,
             num_kv_blocks_used=kv.num_usable_blocks - kv.num_free_blocks,
             num_kv_blocks_total=kv.num_usable_blocks,

@@ -100,9 +100,15 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         return land_step(self.scheduler, scheduler_output, lambda: self.executor.execute(scheduler_output))
 
+    @property
+    def num_batches_in_flight(self) -> int:
+        """Steps dispatched whose replies are not taken yet (pipeline micro-batches only). Such a batch may hold
+        requests that are no longer unfinished (aborted while in flight: their KV blocks are freed when it lands),
+        so a loop that steps "while requests are unfinished" must also step while this is non-zero."""
+        return len(self.batch_queue.batches) if self.batch_queue is not None else 0
+
     def has_batches_in_flight(self) -> bool:
-        """Steps dispatched whose replies are not taken yet (pipeline micro-batches only)."""
-        return self.batch_queue is not None and bool(self.batch_queue.batches)
+        return self.num_batches_in_flight > 0
 
     @property
     def runner(self):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,10 +16,13 @@ from fovea.engine.pooling import EmbeddingOutput, EmbeddingRequestOutput, Scorin
 from fovea.engine.retrieval import RETRIEVAL_ARCHITECTURE, RetrievalRunner, is_retrieval_checkpoint
 from fovea.entrypoints.chat_templates import resolve_chat_template
 from fovea.entrypoints.chat_utils import ChatMessage, build_chat_prompt
+from fovea.executor import ExecutorDeadError
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder
 from fovea.outputs import BeamSearchOutput, RequestOutput
 from fovea.sampling_params import BeamSearchParams, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -145,9 +149,11 @@ class LLM:
                     if output.outputs[0].finish_reason == "error":
                         raise RuntimeError(f"beam search failed on prompt {ids.index(output.request_id)}: "
                                            f"{output.outputs[0].stop_reason}")
-        except BaseException:
+        except BaseException as err:
             engine.abort_request([i for i in ids if i not in done])
+            self._land_in_flight_after(err)
             raise
+        self._land_in_flight()
         return [engine.beam_searches.outputs.pop(i) for i in ids]
 
     def embed(self, inputs: Any | Sequence[Any], *, pooling: str | None = None) -> list[EmbeddingRequestOutput]:
@@ -249,9 +255,29 @@ class LLM:
                         num_generated += sum(len(c.token_ids) for c in output.outputs)
                         bar.update(1)
                         bar.set_postfix_str(f"{num_generated} tokens out", refresh=False)
-        except BaseException:
+            self._land_in_flight()
+        except BaseException as err:
             engine.abort_request([i for i in ids if i not in finished])
+            self._land_in_flight_after(err)
             raise
         finally:
             bar.close()
         return [finished[i] for i in ids]
+
+    def _land_in_flight(self) -> None:
+        """Step until no pipeline micro-batch is in flight (pipeline_parallel_size > 1), so that a call returns
+        with every KV block of its requests free: a batch still out may hold requests aborted while it was in
+        flight, whose blocks are freed only when it lands. Its outputs belong to no caller."""
+        engine = self.llm_engine
+        while engine.engine_core.has_batches_in_flight():
+            engine.step()
+
+    def _land_in_flight_after(self, err: BaseException) -> None:
+        """After a failed call, its aborted requests' batches in flight land before `err` propagates, unless the
+        workers are gone or the user interrupted (Ctrl-C stops at once; the next call lands them)."""
+        if not isinstance(err, Exception) or isinstance(err, ExecutorDeadError):
+            return
+        try:
+            self._land_in_flight()
+        except Exception:  # noqa: BLE001 - the original error is the one to raise
+            logger.exception("landing the batches in flight after %r failed", err)

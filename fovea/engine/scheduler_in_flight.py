@@ -25,6 +25,7 @@ class InFlight:
         self.track_in_flight = False  # set by the engine core's batch queue
         self.in_flight: set[str] = set()  # request ids of batches dispatched and not yet landed
         self.finish_on_return: dict[str, RequestStatus] = {}  # finished from outside while in flight
+        self.num_deferred_finishes = 0  # finishes recorded in finish_on_return, since start
 
     def schedulable(self) -> tuple[int, bool]:
         """What a new batch could hold now: (sequences unfinished and not in flight, within `max_num_seqs` running;
@@ -50,7 +51,9 @@ class InFlight:
         """Record a finish of a request in flight (the first one wins); False if it is not in flight."""
         if request_id not in self.in_flight:
             return False
-        self.finish_on_return.setdefault(request_id, status)
+        if request_id not in self.finish_on_return:
+            self.finish_on_return[request_id] = status
+            self.num_deferred_finishes += 1
         return True
 
     def land(self, scheduler_output: SchedulerOutput) -> None:

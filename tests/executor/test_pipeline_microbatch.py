@@ -2,10 +2,12 @@
 chunked prefill, preemption, prefix-cache hits on blocks computed by a batch still in flight) the greedy ids,
 float32 logprobs (within 1e-4) and seeded samples equal one process's; two batches really are in the pipeline at
 once (the executor's count of steps sent and not collected, as the engine recorded it); an abort of a request in
-flight lands with its batch and emits nothing after it; a worker killed with batches in flight is an
+flight lands with its batch and emits nothing after it, and the server's engine loop lands it (its KV blocks
+freed) even when no other request is left or arrives; `LLM.generate` returns with no batch in flight; a worker killed with batches in flight is an
 `ExecutorDeadError`, not a hang."""
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
@@ -13,6 +15,7 @@ import psutil
 import pytest
 
 from fovea import LLM, SamplingParams
+from fovea.engine.async_engine import AsyncLLMEngine, RequestAbortedError
 from fovea.executor import ExecutorDeadError
 from tests.e2e.blip2_cases import cases as blip2_cases
 from tests.executor.test_multiproc import LOGPROBS, STRESS, assert_same
@@ -67,6 +70,8 @@ def test_micro_batches_equal_one_process_with_two_batches_in_flight(pp_llm, refe
     assert any(o.num_cached_tokens > 0 for o in outputs[8:])  # the repeated prompts hit the prefix cache
     assert len({tuple(o.outputs[0].token_ids) for o in outputs}) > 8  # not degenerate
     assert_all_blocks_free(pp_llm.llm_engine)
+    # the offline call returns only once nothing is in the pipeline
+    assert core.num_batches_in_flight == 0 and core.executor.num_steps_in_flight == 0
 
 
 def test_an_abort_in_flight_lands_with_its_batch_and_the_others_are_unchanged(pp_llm, reference):
@@ -115,3 +120,38 @@ def test_a_worker_killed_with_batches_in_flight_is_a_clear_error(blip2_ckpt):
     assert engine.engine_core.batch_queue.max_batches_in_flight == 2
     with pytest.raises(ExecutorDeadError):  # and stays dead, without waiting
         engine.step()
+
+
+def test_the_server_loop_lands_the_batch_of_the_only_request_aborted_in_flight(blip2_ckpt):
+    """The server's engine loop (AsyncLLMEngine) used to wait for work as soon as no request was unfinished: the
+    batch of the last request, aborted while in flight, then stayed in the pipeline and its KV blocks held until
+    another request came. Here the only request is aborted right after its first token (the loop sends its next
+    decode batch in the same turn), and nothing else is sent."""
+    engine = LLM(blip2_ckpt, **STRESS, pipeline_parallel_size=2).llm_engine
+    scheduler = engine.scheduler
+    prompt, image, _ = blip2_cases(1)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+
+    async def scenario():
+        async_engine = AsyncLLMEngine(engine)
+        async_engine.start()
+        try:
+            stream = await async_engine.add_request("only", {"prompt": prompt, "multi_modal_data": {"image": image}},
+                                                    params)
+            with pytest.raises(RequestAbortedError):
+                async for _ in stream:
+                    async_engine.abort("only")
+            start = time.monotonic()
+            stats = await async_engine.get_stats()
+            while stats.num_kv_blocks_used and time.monotonic() - start < 5.0:
+                await asyncio.sleep(0.05)
+                stats = await async_engine.get_stats()
+            return stats, time.monotonic() - start
+        finally:
+            await async_engine.shutdown(timeout_s=10)
+
+    stats, elapsed = asyncio.run(scenario())
+    assert scheduler.num_deferred_finishes == 1  # the abort came while its batch was in flight
+    assert stats.num_kv_blocks_used == 0, f"blocks still held {elapsed:.1f} s after the abort: {stats}"
+    assert stats.num_unfinished == 0 and stats.num_batches_in_flight == 0
+    assert_all_blocks_free(engine)
