@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
 from torch import nn
 
 from fovea.config import EngineConfig
@@ -99,6 +100,11 @@ class EngineCore:
             return self.batch_queue.step()
         scheduler_output = self.scheduler.schedule()
         return land_step(self.scheduler, scheduler_output, lambda: self.executor.execute(scheduler_output))
+
+    def embed_pixels(self, pixel_values: torch.Tensor, pooling: str) -> list[torch.Tensor]:
+        """Image embeddings of a BLIP-2 model (fovea.engine.pooling), wherever its image side runs (in this
+        process, or in the first pipeline stage's worker)."""
+        return self.executor.embed_pixels(pixel_values, pooling)
 
     @property
     def num_batches_in_flight(self) -> int:

@@ -42,7 +42,7 @@ class LLMEngine:
         self.config = config
         self.hf_config = transformers.AutoConfig.from_pretrained(config.model)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(config.tokenizer_path)
-        model_cls = resolve_model_class(list(getattr(self.hf_config, "architectures", None) or []))
+        self.model_cls = model_cls = resolve_model_class(list(getattr(self.hf_config, "architectures", None) or []))
         text_config = self.hf_config.get_text_config()
         self.max_model_len = self._resolve_max_model_len(text_config)
 
@@ -181,11 +181,10 @@ class LLMEngine:
         """Several embed calls (inputs, pooling) as one batch, as the server gathers concurrent requests: each
         call checked alone (a bad one gets its ValueError, the others their embeddings), then the images of all
         good calls with the same pooling run together, repeated and cached images once (`EmbeddingCache`)."""
-        model = self.runner.model
         checked: list[tuple[str, list] | ValueError] = []
         for inputs, pooling in calls:
             try:
-                checked.append(check_embed_inputs(model, list(inputs), pooling))
+                checked.append(check_embed_inputs(self.model_cls, list(inputs), pooling))
             except ValueError as err:
                 checked.append(err)
         if self._image_processor is None and any(not isinstance(c, ValueError) for c in checked):
@@ -198,7 +197,7 @@ class LLMEngine:
                 by_pooling.setdefault(c[0], []).append(i)
         for pooling, members in by_pooling.items():
             images = [image for i in members for image in checked[i][1]]
-            embeddings = iter(embed_images(model, self._image_processor, images, pooling, self.config.max_num_seqs,
+            embeddings = iter(embed_images(self.engine_core.embed_pixels, self._image_processor, images, pooling,
                                            self.embedding_cache))
             for i in members:
                 results[i] = [next(embeddings) for _ in checked[i][1]]

@@ -16,7 +16,7 @@ model, and an image repeated within a call runs once.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,24 +93,32 @@ def embed_pixels(model: torch.nn.Module, pixel_values: torch.Tensor, pooling: st
     return out
 
 
-def check_embeds_images(model: torch.nn.Module) -> None:
+def check_embeds_images(model_cls: type[torch.nn.Module]) -> None:
+    """A ValueError unless the model class serves image embeddings (checked on the class: under tensor or
+    pipeline parallelism the engine's process holds no model)."""
     # InstructBLIP's Q-Former reads the instruction, so its features are not the image's alone
-    if not hasattr(model, "image_feature_stages") or getattr(model, "qformer_class", None) is not Blip2QFormerModel:
-        raise ValueError(f"{type(model).__name__} does not serve embeddings; BLIP-2 checkpoints "
+    if not hasattr(model_cls, "image_feature_stages") or getattr(model_cls, "qformer_class", None) \
+            is not Blip2QFormerModel:
+        raise ValueError(f"{model_cls.__name__} does not serve embeddings; BLIP-2 checkpoints "
                          f"(Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval) do")
 
 
-def check_embed_inputs(model: torch.nn.Module, inputs: Sequence[Any], pooling: str | None
+def check_embed_inputs(model_cls: type[torch.nn.Module], inputs: Sequence[Any], pooling: str | None
                        ) -> tuple[str, list[Image.Image]]:
     """The pooling and the one image of each input; a ValueError names the first bad one (nothing has run)."""
     pooling = check_pooling(pooling)
-    check_embeds_images(model)
+    check_embeds_images(model_cls)
     return pooling, [image_of(item, i) for i, item in enumerate(inputs)]
 
 
-def embed_images(model: torch.nn.Module, image_processor, images: Sequence[Image.Image], pooling: str,
-                 max_batch: int, cache: EmbeddingCache | None = None) -> list[torch.Tensor]:
+PixelEmbedder = Callable[[torch.Tensor, str], list[torch.Tensor]]
+"""(pixel_values (N, 3, H, W), pooling) -> N float32 (rows, dim) tensors: `embed_pixels` on the model, wherever
+it runs (the engine's process, or the first pipeline stage's worker: `EngineCore.embed_pixels`)."""
+
+
+def embed_images(run: PixelEmbedder, image_processor, images: Sequence[Image.Image], pooling: str,
+                 cache: EmbeddingCache | None = None) -> list[torch.Tensor]:
     """One float32 (rows, dim) embedding per image (already checked): cached ones from `cache`, the distinct
-    others preprocessed and run in batches of `max_batch`, then kept. Each result is the caller's own copy."""
-    return embed_through_cache(cache, pooling, images, lambda missing: embed_pixels(
-        model, image_processor(missing)["pixel_values"], pooling, max_batch))
+    others preprocessed and run by `run`, then kept. Each result is the caller's own copy."""
+    return embed_through_cache(cache, pooling, images, lambda missing: run(
+        image_processor(missing)["pixel_values"], pooling))

@@ -2,7 +2,9 @@
 
 Such a checkpoint has no language model, so it does not go through the generation engine: the scoring model
 (`fovea.training.scoring.ImageTextScorer`, the same one `fovea eval retrieval` uses) runs every call in batches of
-up to `max_num_seqs` inputs, in float32.
+up to `max_num_seqs` inputs, in float32, in the calling process, also when tensor_parallel_size /
+pipeline_parallel_size are given (what they would split is the language model; the ViT and Q-Former are replicated
+under tensor parallelism and sit on the first stage of a pipeline, so a worker would run exactly this).
 
     embed, pooling "itc" (the only one):   an image -> (Q, E), one L2-normalised ITC embedding per query
                                            a text   -> (1, E), the [CLS] position's, L2-normalised
@@ -24,6 +26,7 @@ never truncated.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ from PIL import Image
 from fovea.config import EngineConfig
 from fovea.engine.embedding_cache import EmbeddingCache, embed_through_cache
 from fovea.training.scoring import ImageTextScorer
+
+logger = logging.getLogger(__name__)
 
 RETRIEVAL_ARCHITECTURE = "Blip2ForImageTextRetrieval"
 RETRIEVAL_POOLING = ("itc",)
@@ -93,6 +98,13 @@ class RetrievalRunner:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> RetrievalRunner:
+        num_ranks = config.tensor_parallel_size * config.pipeline_parallel_size
+        if num_ranks > 1:
+            # nothing here to split: tensor parallelism replicates the ViT and Q-Former on every rank, and a
+            # pipeline puts them all on its first stage; so they run here, as that rank would run them
+            logger.info("%s: tensor_parallel_size=%d x pipeline_parallel_size=%d has no language model to split; "
+                        "the ViT and Q-Former run in this process", RETRIEVAL_ARCHITECTURE,
+                        config.tensor_parallel_size, config.pipeline_parallel_size)
         return cls(config.model, config.max_num_seqs,
                    config.encoder_cache_size or config.max_num_batched_tokens or DEFAULT_CACHE_ROWS)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fovea.config import EngineConfig
@@ -78,6 +79,11 @@ class Executor(ABC):
         return 0
 
     @abstractmethod
+    def embed_pixels(self, pixel_values: torch.Tensor, pooling: str) -> list[torch.Tensor]:
+        """BLIP-2 image embeddings (`fovea.engine.pooling.embed_pixels`, `max_num_seqs` images per forward): one
+        float32 (rows, dim) tensor per image of pixel_values (N, 3, H, W)."""
+
+    @abstractmethod
     def add_lora(self, lora_request: LoRARequest) -> None:
         """Read and check an adapter on every rank; ValueError naming the problem."""
 
@@ -96,8 +102,8 @@ class Executor(ABC):
     def runner(self):
         """The in-process ModelRunner (embeddings, tests); an executor with worker processes has none here."""
         raise RuntimeError(f"{type(self).__name__} runs the model in worker processes: there is no model in the "
-                           f"engine's process (embed() and model introspection need tensor_parallel_size=1 and "
-                           f"pipeline_parallel_size=1)")
+                           f"engine's process (model introspection needs tensor_parallel_size=1 and "
+                           f"pipeline_parallel_size=1; embeddings go through embed_pixels)")
 
 
 def make_executor(config: EngineConfig, hf_config, model_cls: type[nn.Module]) -> Executor:

@@ -51,6 +51,16 @@ class ExecuteStep:
 
 
 @dataclass(slots=True)
+class EmbedPixels:
+    """BLIP-2 image embeddings: computed by `rank` only (the first stage's TP rank 0, which holds the replicated
+    ViT, Q-Former and projection); the other ranks answer None without computing (pixel_values is None for them)."""
+
+    rank: int
+    pixel_values: Any  # torch.Tensor (N, 3, H, W) for `rank`, None for the others
+    pooling: str
+
+
+@dataclass(slots=True)
 class AddLoRA:
     lora_request: LoRARequest
 

@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
+import torch
 from torch import nn
 
 from fovea.config import EngineConfig
@@ -181,6 +182,12 @@ class MultiprocExecutor(Executor):
         future.done = True
         self._pending.popleft()
 
+    def embed_pixels(self, pixel_values: torch.Tensor, pooling: str) -> list[torch.Tensor]:
+        # rank 0 is the first stage's TP rank 0: it holds the image side (replicated under TP, on the first stage
+        # under PP), so it alone computes and only it receives the pixels
+        messages = [m.EmbedPixels(0, pixel_values if rank == 0 else None, pooling) for rank in range(len(self.workers))]
+        return self._call_each(messages, "embedding images")[0].value
+
     def add_lora(self, lora_request: LoRARequest) -> None:
         self._call(m.AddLoRA(lora_request), "loading a LoRA adapter")
 
@@ -210,16 +217,26 @@ class MultiprocExecutor(Executor):
         self._send(message, what)
         return self._collect(what)
 
+    def _call_each(self, messages: list, what: str) -> list[m.WorkerReply]:
+        """`_call` with one message per rank (messages[rank])."""
+        while self._pending:
+            self._collect_oldest_step()
+        self._send_bytes([pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL) for message in messages], what)
+        return self._collect(what)
+
     def _send(self, message, what: str = "running a step") -> None:
+        self._send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL), what)  # once, for every rank
+
+    def _send_bytes(self, data: bytes | list[bytes], what: str) -> None:
+        """`data` to every rank, or data[rank] to each."""
         if self._dead is not None:
             raise ExecutorDeadError(str(self._dead))
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)  # once, for every rank
         if self._sender is not None:
             self._sender.send(data)
             return
         for worker in self.workers:
             try:
-                worker.conn.send_bytes(data)
+                worker.conn.send_bytes(data[worker.rank] if isinstance(data, list) else data)
             except (BrokenPipeError, OSError):
                 self._die(worker, what)
 
@@ -311,12 +328,13 @@ class _Sender:
     """
 
     def __init__(self, workers: list[_Worker]):
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[bytes | list[bytes] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(list(workers),), name="fovea-step-sender",
                                         daemon=True)
         self._thread.start()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | list[bytes]) -> None:
+        """`data` to every worker, or data[rank] to each."""
         self._queue.put(data)
 
     def close(self, timeout_s: float) -> None:
@@ -327,7 +345,7 @@ class _Sender:
         while (data := self._queue.get()) is not None:
             for worker in workers:
                 try:
-                    worker.conn.send_bytes(data)
+                    worker.conn.send_bytes(data[worker.rank] if isinstance(data, list) else data)
                 except (BrokenPipeError, OSError):
                     pass  # a dead worker: the engine thread, waiting for its reply, sees its sentinel
 

@@ -1,9 +1,11 @@
 """UniProcExecutor: today's engine, one ModelRunner in the engine's own process (TP = PP = 1)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fovea.config import EngineConfig
+from fovea.engine.pooling import embed_pixels
 from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.executor.base import Executor
@@ -30,6 +32,9 @@ class UniProcExecutor(Executor):
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self._runner.execute(scheduler_output)
+
+    def embed_pixels(self, pixel_values: torch.Tensor, pooling: str) -> list[torch.Tensor]:
+        return embed_pixels(self._runner.model, pixel_values, pooling, self.config.max_num_seqs)
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         self._runner.add_lora(lora_request)

@@ -85,6 +85,12 @@ def _handle(spec: m.WorkerSpec, runner, message):
                                               message.profile_features)
     if isinstance(message, m.AllocateKVCache):
         return runner.allocate_kv_cache(message.num_blocks)
+    if isinstance(message, m.EmbedPixels):
+        if message.pixel_values is None:
+            return None
+        from fovea.engine.pooling import embed_pixels
+
+        return embed_pixels(runner.model, message.pixel_values, message.pooling, spec.config.max_num_seqs)
     if isinstance(message, m.AddLoRA):
         return runner.add_lora(message.lora_request)
     if isinstance(message, m.EnableStructuredOutputs):

@@ -114,3 +114,20 @@ def test_concurrent_requests_each_get_their_own_answer(server, expected):
         for data, image in zip(reply.json()["data"], (i % 3, (i + 1) % 3)):
             torch.testing.assert_close(torch.tensor(data["embedding"]), expected["projected"][image],
                                        atol=1e-6, rtol=1e-6)
+
+
+def test_embeddings_from_a_tensor_parallel_server_equal_llm_embed(blip_dir, expected, tmp_path):
+    """`fovea serve -tp 2`: the model is in two worker processes; the first (TP rank 0) computes the image side,
+    replicated on both ranks, and the embeddings are one process's."""
+    proc = ServerProcess(blip_dir, "--served-model-name", MODEL, "--dtype", "float32", "--tensor-parallel-size", "2",
+                         log_dir=tmp_path)
+    try:
+        for pooling, want in expected.items():
+            reply = post(proc, {"model": MODEL, "input": [image_part(img) for img in IMAGES], "pooling": pooling})
+            assert reply.status_code == 200, reply.text
+            got = [torch.tensor(d["embedding"]) for d in reply.json()["data"]]
+            torch.testing.assert_close(torch.stack(got), torch.stack(want), atol=1e-5, rtol=1e-5)
+        reply = post(proc, {"model": MODEL, "input": ["a text"]})
+        assert reply.status_code == 400 and "need an image" in reply.text
+    finally:
+        proc.stop()
