@@ -86,12 +86,6 @@ class MultiprocExecutor(Executor):
         world_size = tp * pp
         check_pipeline_parallel(model_cls, hf_config, pp)  # before anything is spawned
         check_tensor_parallel(model_cls, tp, hf_config)
-        if tp > 1 and config.enable_lora:  # as LoRAManager says in a rank, but before 40 s of spawning
-            raise ValueError(f"enable_lora=True with tensor_parallel_size={tp}: LoRA adapters run with "
-                             f"tensor_parallel_size=1 only (quantization='int8' does run under tensor parallelism)")
-        if pp > 1 and config.enable_lora:
-            raise ValueError(f"enable_lora=True with pipeline_parallel_size={pp} is not supported yet (an adapter's "
-                             f"layers would have to be split by stage); use pipeline_parallel_size=1")
         self.output_rank = (pp - 1) * tp  # the last stage's TP rank 0: the one that samples
         self._dead: ExecutorDeadError | None = None
         self._is_shutting_down = False

@@ -111,9 +111,13 @@ def read_adapter_config(path: Path, name: str, max_rank: int, target_modules: tu
 
 
 def load_adapter(request: LoRARequest, *, max_rank: int, target_modules: tuple[str, ...], resolve: ModuleResolver,
-                 layer_shapes: Mapping[str, Mapping[str | None, tuple[int, int]]], dtype: torch.dtype) -> LoRAAdapter:
+                 layer_shapes: Mapping[str, Mapping[str | None, tuple[int, int]]], dtype: torch.dtype,
+                 on_other_stage: Callable[[str], bool] = lambda module: False) -> LoRAAdapter:
     """Read and check one adapter: every tensor must land on a LoRA-capable layer of this model with matching
-    shapes, every module must have both A and B. `layer_shapes`: fovea module path -> shard -> (in, out)."""
+    shapes, every module must have both A and B. `layer_shapes`: fovea module path -> shard -> (in, out).
+    `on_other_stage(module)`: the module is a LoRA target that another pipeline stage builds; its tensors are
+    neither read nor checked here (that stage does both), and an adapter none of whose tensors is this stage's
+    holds no weights here."""
     name, path = request.lora_name, Path(request.lora_path)
     config = read_adapter_config(path, name, max_rank, target_modules)
     file = path / WEIGHTS_FILE
@@ -123,6 +127,7 @@ def load_adapter(request: LoRARequest, *, max_rank: int, target_modules: tuple[s
                          + ("; adapter_model.bin is pickled, which fovea never loads (save with safetensors)"
                             if pickled else ""))
     parts: dict[tuple[str, str | None], dict[str, torch.Tensor]] = {}
+    num_elsewhere = 0
     with SafetensorsFile(file) as f:
         for key in f.keys():
             suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
@@ -131,12 +136,15 @@ def load_adapter(request: LoRARequest, *, max_rank: int, target_modules: tuple[s
                                  f"('{_PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'); embedding, "
                                  f"magnitude (DoRA) and bias tensors are not supported")
             module = key[len(_PEFT_PREFIX):-len(suffix)]
+            if on_other_stage(module):
+                num_elsewhere += 1
+                continue
             target = resolve(module)
             if target is None:
                 raise ValueError(f"LoRA adapter {name!r}: module {module!r} is not one fovea applies LoRA to; "
                                  f"supported: the language model's {', '.join(target_modules)}")
             parts.setdefault(target, {})[_SUFFIXES[suffix]] = f.get(key).to(torch.float32, copy=True)  # off the mmap
-    if not parts:
+    if not parts and not num_elsewhere:
         raise ValueError(f"LoRA adapter {name!r}: {WEIGHTS_FILE} holds no LoRA weights")
     weights: dict[str, dict[str | None, LoRALayerWeights]] = {}
     for (module, shard), ab in parts.items():

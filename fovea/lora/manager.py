@@ -1,9 +1,11 @@
 """The model runner's side of LoRA: which layers take adapters, adapters kept in memory, and batch slots.
 
 - At load, every linear layer of the language model's decoder whose PEFT name (its own, or one of its packed
-  shards') is a target the model declares (`SupportsLoRA`) gets a `LoRALinearMethod` over the method it runs.
+  shards') is a target the model declares (`SupportsLoRA`) gets a `LoRALinearMethod` over the method it runs
+  (under tensor parallelism: over the rank's slice, with the rank's part of each adapter, fovea.lora.tensor_parallel).
 - `add_adapter` reads and checks an adapter (fovea.lora.adapter) into a CPU cache of `max_cpu_loras`
-  adapters, least recently used evicted first (a later request reads it from its directory again).
+  adapters, least recently used evicted first (a later request reads it from its directory again). A pipeline
+  stage reads only the tensors of its own decoder layers; the other stages check theirs.
 - `prepare_step` gives each adapter of the step a slot of the layers' stacked weights (`max_loras` slots;
   the least recently used slot whose adapter is not in this step is reused) and returns the rows mapping the
   layers read. The scheduler keeps the adapters of one batch within `max_loras`.
@@ -15,11 +17,12 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from fovea.distributed.pipeline import is_missing_weight, missing_prefixes
 from fovea.layers.linear import LinearBase, PackedLinear
 from fovea.lora.adapter import LoRAAdapter, load_adapter
-from fovea.distributed import parallel_state as ps
 from fovea.lora.layers import LoRALinearMethod, LoRAMapping
 from fovea.lora.request import LoRARequest
+from fovea.lora.tensor_parallel import checkpoint_shapes, keep_rank_part
 from fovea.models.interfaces import supports_lora
 from fovea.models.weights import map_checkpoint_name
 
@@ -30,9 +33,6 @@ class LoRAManager:
         if not supports_lora(model):
             raise ValueError(f"{type(model).__name__} does not take LoRA adapters (enable_lora=True); fovea "
                              f"serves LoRA on BLIP-2 (OPT), LLaVA, OPT, Llama, Mistral, Qwen2 and Qwen2.5-VL")
-        if ps.tp_size() > 1:  # adapters would need A split by rows / B by columns as their base layer: not built
-            raise ValueError(f"enable_lora=True with tensor_parallel_size={ps.tp_size()}: LoRA adapters run with "
-                             f"tensor_parallel_size=1 only (quantization='int8' does run under tensor parallelism)")
         self.model = model
         self.max_loras, self.max_lora_rank, self.max_cpu_loras = max_loras, max_lora_rank, max_cpu_loras
         self.dtype = dtype
@@ -50,7 +50,11 @@ class LoRAManager:
             method.create_lora_weights(module, dtype)
             module.method = method
             self.layers[name] = module
-            self.layer_shapes[name] = {s: (module.in_features, size) for s, size in shards.items()}
+            # adapters are checked against the checkpoint's shapes; under tensor parallelism each rank then keeps
+            # its part of them (fovea.lora.tensor_parallel)
+            self.layer_shapes[name] = checkpoint_shapes(module)
+        # pipeline stages: decoder layers another stage builds; their adapter tensors are that stage's to load
+        self.other_stages = missing_prefixes(model)
         self.known: dict[int, LoRARequest] = {}  # every adapter ever added, by id
         self.cpu_cache: OrderedDict[int, LoRAAdapter] = OrderedDict()  # LRU order: oldest first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora_int_id -> slot, LRU order
@@ -71,12 +75,23 @@ class LoRAManager:
         if adapter is not None:
             self.cpu_cache.move_to_end(request.lora_int_id)
             return adapter
-        adapter = load_adapter(request, max_rank=self.max_lora_rank, target_modules=self.target_modules,
-                               resolve=self._resolve, layer_shapes=self.layer_shapes, dtype=self.dtype)
+        adapter = keep_rank_part(load_adapter(request, max_rank=self.max_lora_rank, target_modules=self.target_modules,
+                                              resolve=self._resolve, layer_shapes=self.layer_shapes, dtype=self.dtype,
+                                              on_other_stage=self._on_other_stage),
+                                 self.layers)
         self.cpu_cache[request.lora_int_id] = adapter
         while len(self.cpu_cache) > self.max_cpu_loras:
             self.cpu_cache.popitem(last=False)
         return adapter
+
+    def _on_other_stage(self, module: str) -> bool:
+        """A LoRA target in a decoder layer that another pipeline stage builds (a `PPMissingLayer` here): that stage
+        reads and checks its tensors. (A module outside the decoder layers is refused by `_resolve` on every stage.)"""
+        if not self.other_stages or module.rsplit(".", 1)[-1] not in self.target_modules:
+            return False
+        target = map_checkpoint_name(self.model, module + ".weight")
+        return (target is not None and target.param.startswith(self.model.lora_layers_prefix)
+                and is_missing_weight(self.other_stages, target.param))
 
     def _resolve(self, module: str) -> tuple[str, str | None] | None:
         """A base-checkpoint module name -> (fovea LoRA layer, shard), mapped as the base weights are."""

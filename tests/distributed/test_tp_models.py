@@ -19,7 +19,6 @@ from transformers import OPTConfig
 from torch import nn
 
 from fovea.layers.attention import Attention
-from fovea.lora.manager import LoRAManager
 from fovea.models.blip2 import Blip2ForConditionalGeneration
 from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.fuyu import FuyuForCausalLM
@@ -109,9 +108,6 @@ def _refusals(qwen2_dir: str) -> dict[str, str]:
                                         transformers.Blip2Config(text_config=small_t5.to_dict()), torch.float32),
         "compressed-tensors": lambda: prepare_quantization(
             nn.Linear(2, 2), {"quantization_config": {"quant_method": "compressed-tensors"}}, qwen2_dir, None, False),
-        "lora": lambda: LoRAManager(load_model(Qwen2ForCausalLM, transformers.AutoConfig.from_pretrained(qwen2_dir),
-                                               qwen2_dir, torch.float32)[0],
-                                    max_loras=1, max_lora_rank=8, max_cpu_loras=1, dtype=torch.float32),
     }
     messages = {}
     for name, attempt in attempts.items():
@@ -230,7 +226,6 @@ def test_int8_runs_split(checkpoints, by_rank):
     ("fuyu", "FuyuForCausalLM does not support tensor parallelism"),
     ("blip2-t5", "Blip2ForConditionalGeneration over a t5 language model does not support tensor parallelism"),
     ("compressed-tensors", "compressed-tensors checkpoints .* run with tensor_parallel_size=1 only"),
-    ("lora", "enable_lora=True with tensor_parallel_size=2: LoRA adapters run with tensor_parallel_size=1 only"),
 ])
 def test_what_cannot_run_split_is_refused_by_name(by_rank, name, message):
     for rank, result in by_rank.items():

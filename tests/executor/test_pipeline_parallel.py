@@ -58,5 +58,3 @@ def test_more_stages_than_layers_is_refused_before_spawning(tmp_path):
     ckpt = str(build_tiny_blip2(tmp_path / "blip2", seed=0))
     with pytest.raises(ValueError, match="pipeline_parallel_size=3 is more than the language model's 2 decoder"):
         LLM(ckpt, pipeline_parallel_size=3)
-    with pytest.raises(ValueError, match="enable_lora=True with pipeline_parallel_size=2 is not supported yet"):
-        LLM(ckpt, pipeline_parallel_size=2, enable_lora=True)

@@ -60,11 +60,9 @@ def test_qwen2_5_vl_with_one_kv_head_for_two_ranks_equals_one_process(tmp_path):
     assert llm.llm_engine.scheduler.num_preemptions > 0
 
 
-def test_what_cannot_run_split_is_refused_before_spawning(tmp_path, qwen_ckpt):
+def test_what_cannot_run_split_is_refused_before_spawning(tmp_path):
     ckpt = str(build_tiny_t5(tmp_path / "t5"))
     start = time.monotonic()
     with pytest.raises(ValueError, match="tensor_parallel_size=2: T5ForConditionalGeneration does not support"):
         LLM(ckpt, tensor_parallel_size=2, num_threads=1)
-    with pytest.raises(ValueError, match="enable_lora=True with tensor_parallel_size=2"):
-        LLM(qwen_ckpt, tensor_parallel_size=2, num_threads=1, enable_lora=True)
     assert time.monotonic() - start < 20  # no rank was started (one takes ~10-40 s here)
