@@ -117,6 +117,31 @@ def test_auto_builds_once_per_process(tmp_path, monkeypatch):
     assert runtime.get() is None and len(calls) == 1
 
 
+
+def test_cpu_flags_are_read_once_however_many_layers_ask(monkeypatch):
+    """Every linear layer asks which kernel runs it while a model loads; /proc/cpuinfo is parsed once."""
+    from fovea.layers.linear import Linear, prepare_linear_layer
+
+    opened = []
+    real_open = open
+
+    def counting_open(path, *args, **kwargs):
+        if str(path) == "/proc/cpuinfo":
+            opened.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    kbuild.cpu_flags.cache_clear()
+    try:
+        first = kbuild.cpu_flags()
+        for _ in range(20):
+            prepare_linear_layer(Linear(64, 64, dtype=torch.bfloat16))
+            kruntime.cpu_has_amx(), kruntime.cpu_has_avx512_bf16(), kruntime.cpu_has_bf16_linear_isa()
+    finally:
+        monkeypatch.undo()
+    assert kbuild.cpu_flags() == first
+    assert len(opened) == (1 if Path("/proc/cpuinfo").exists() else 0)
+
 # ---- modes and status --------------------------------------------------------------------------------------------
 
 
