@@ -1,0 +1,140 @@
+"""Where fovea's engine start goes: `LLM(model)` once, in this process, timed by part (wall and CPU seconds).
+
+    python benchmarks/load_profile.py MODEL_DIR [--threads 2] [--max-model-len 512] [--cprofile 25]
+
+Parts: the C++ kernels' build check (`kernels.configure`), building the model (`build_model`), each checkpoint
+tensor's way in by kind (a linear layer's repack in its hook, by method and by tower; copies through a weight
+loader, e.g. q/k/v into the stacked qkv or bfloat16 -> float32 for the Q-Former; copies out of the file of what a
+module keeps as it is), the memory profiling pass (its encoder part and language-model steps), the KV pool, and
+whatever else `LLM(...)` does (tokenizer, processor, chat template: the remainder). The page cache is warmed
+first (one read of the checkpoint), so the disk is not measured. `--cprofile N` also prints the N functions
+with the most cumulative time (cProfile slows Python-heavy parts a little; the part figures are taken without).
+
+Real-size checkpoints take several GB: run them under the shared memory lock (`flock /work/bigmem.lock ...`).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import functools
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TIMES: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])  # part -> wall, cpu, calls
+
+
+def timed(part_of, fn):
+    """`fn` with its wall and CPU time added to TIMES[part_of(*args)] (nested parts are counted in both)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            entry = TIMES[part_of(*args, **kwargs) if callable(part_of) else part_of]
+            entry[0] += time.perf_counter() - wall
+            entry[1] += time.process_time() - cpu
+            entry[2] += 1
+    return wrapper
+
+
+def tower(module_name: str) -> str:
+    for prefix in ("vision_model", "visual", "qformer", "language_model", "lm_head", "model"):
+        if module_name.startswith(prefix):
+            return prefix
+    return module_name.split(".")[0]
+
+
+def instrument() -> None:
+    from fovea import kernels
+    from fovea.layers import linear
+    from fovea.models import weights
+    from fovea.worker import model_runner
+
+    names: dict[int, str] = {}
+    build = weights.build_model
+
+    def build_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        names.update({id(m): n for n, m in model.named_modules()})
+        return model
+
+    weights.build_model = timed("build the model (no weights)", build_model)
+    prepare = linear.prepare_loaded_layer
+
+    def prepare_loaded_layer(module, owners):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = prepare(module, owners)
+        if isinstance(module, linear.LinearBase):
+            entry = TIMES[f"weights: repack, {tower(names.get(id(module), '?'))}, {module.method.name}"]
+            entry[0] += time.perf_counter() - wall
+            entry[1] += time.process_time() - cpu
+            entry[2] += 1
+        return result
+
+    weights.prepare_loaded_layer = prepare_loaded_layer
+    default_loader = weights.default_weight_loader
+    weights.default_weight_loader = timed(
+        lambda param, loaded, shard: f"weights: copy {loaded.dtype}->{param.dtype} (default loader)", default_loader)
+    weights.copy_checked = linear.copy_checked = timed(
+        lambda dst, src: f"weights: copy {src.dtype}->{dst.dtype} (any loader)", linear.copy_checked)
+    weights._give_back = timed("weights: copy kept tensors out of the file", weights._give_back)
+    weights.load_weights = timed("weights: load_weights (all of the above)", weights.load_weights)
+    model_runner.load_model = timed("weights: load_model (all)", model_runner.load_model)
+    kernels.configure = timed("kernels.configure (build check)", kernels.configure)
+    model_runner.kernels.configure = kernels.configure
+    runner = model_runner.ModelRunner
+    runner.profile_peak_bytes = timed("profiling pass (all)", runner.profile_peak_bytes)
+    runner._profile_step = timed(
+        lambda self, num_tokens, items, *rest: (f"profiling pass: encoder ({len(items)} items)" if items and not
+                                                num_tokens else f"profiling pass: step of {num_tokens} tokens"),
+        runner._profile_step)
+    runner.allocate_kv_cache = timed("KV pool allocation", runner.allocate_kv_cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=8)
+    parser.add_argument("--cprofile", type=int, default=0, help="print this many functions by cumulative time")
+    args = parser.parse_args()
+    for path in sorted(args.model_dir.glob("*.safetensors")):  # warm the page cache
+        with open(path, "rb") as f:
+            while f.read(1 << 26):
+                pass
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from fovea import LLM
+
+    instrument()
+    profiler = cProfile.Profile() if args.cprofile else None
+    wall, cpu = time.perf_counter(), time.process_time()
+    if profiler:
+        profiler.enable()
+    LLM(str(args.model_dir), dtype="bfloat16", max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        num_threads=args.threads)
+    if profiler:
+        profiler.disable()
+    total = (time.perf_counter() - wall, time.process_time() - cpu)
+    print(f"LLM({args.model_dir.name}): {total[0]:.2f} s wall, {total[1]:.2f} CPU-s")
+    print("| part | wall s | CPU s | calls |\n| --- | --- | --- | --- |")
+    for part, (w, c, n) in sorted(TIMES.items()):
+        print(f"| {part} | {w:.2f} | {c:.2f} | {n} |")
+    if profiler:
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.cprofile)
+        print(out.getvalue())
+
+
+if __name__ == "__main__":
+    main()
