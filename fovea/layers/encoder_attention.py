@@ -10,6 +10,9 @@ Projections stay in the model files (BLIP's fused `qkv` with q/v bias, the Q-For
   that each attend only to themselves.
 
 Both feed torch's SDPA 4-D inputs: its CPU flash kernel takes only batched inputs (3-D ones run ~10x slower).
+Unmasked bfloat16 attention at inference (a ViT's blocks, Qwen2.5-VL's windows) runs fovea's AVX-512 BF16
+kernel instead where it runs (`fovea.kernels.encoder_attention`: 1.5-1.9x SDPA's speed at BLIP-2's and CLIP's
+shapes, SDPA's bfloat16 arithmetic up to summation order), every sequence of the batch in one call.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fovea.kernels import encoder_attention as attention_kernel
+
 
 def attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
                  dropout_p: float = 0.0) -> torch.Tensor:
@@ -25,6 +30,15 @@ def attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
     mask: bool "may attend", broadcastable to (B, H, Tq, Tk) (see `as_sdpa_mask`); None attends everywhere.
     """
+    if mask is None and dropout_p == 0.0 and q.shape[2] == k.shape[2] and attention_kernel.supports(q, k, v):
+        batch, rows, heads, head_dim = q.shape
+        keys = k.shape[1]
+        # (B, T, H, hs) views of a packed qkv flatten to (B * T, H, hs) views: nothing is copied
+        out = attention_kernel.attention(
+            q.reshape(batch * rows, heads, head_dim), k.reshape(batch * keys, heads, head_dim),
+            v.reshape(batch * keys, heads, head_dim), attention_kernel.uniform_segments(batch, rows),
+            attention_kernel.uniform_segments(batch, keys), scale)
+        return out.view(batch, rows, heads, head_dim)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                          dropout_p=dropout_p, scale=scale)  # (B, H, Tq, hs)
     return out.transpose(1, 2)

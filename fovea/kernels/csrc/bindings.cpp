@@ -17,6 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "scale"_a, "block_size"_a, "bias"_a = pybind11::none());
   m.def("rotary_paged_decode", &fovea::rotary_paged_decode, "qkv"_a, "cos"_a, "sin"_a, "k_cache"_a, "v_cache"_a,
         "slot_mapping"_a, "block_table"_a, "context_lens"_a, "num_heads"_a, "scale"_a, "block_size"_a);
+  m.def("encoder_attention_compiled", &fovea::encoder_attention_compiled);
+  m.def("encoder_attention", &fovea::encoder_attention, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a,
+        "scale"_a);
   m.def("amx_compiled", &fovea::amx_compiled);
   m.def("enable_amx", &fovea::enable_amx);
   m.def("amx_linear", &fovea::amx_linear, "x"_a, "packed"_a, "bias"_a);

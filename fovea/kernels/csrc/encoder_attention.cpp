@@ -1,0 +1,314 @@
+// Encoder (bidirectional) attention over variable-length segments on AVX-512 BF16: flash attention with
+// VDPBF16PS products, float32 scores and an online softmax over key blocks, the probabilities rounded to bfloat16
+// for P @ V (as torch's CPU flash kernel rounds them), the output rounded once. fovea/kernels/encoder_attention.py
+// says why and what it matches.
+//
+// Compiled on every x86-64 host, like bf16_linear.cpp: Python runs it only where the CPU reports avx512_bf16.
+#include <ATen/Parallel.h>
+
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : (defined(__GNUC__) && __GNUC__ >= 10))
+#define FOVEA_ENCODER_BF16 1
+#include <immintrin.h>
+#define FOVEA_ATTN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
+namespace fovea {
+
+#ifdef FOVEA_ENCODER_BF16
+namespace {
+
+constexpr int kBlockRows = 12;    // query rows per block: 12 x 2 accumulators of 16 keys in `scores_tile`
+constexpr int kKeyBlock = 256;    // keys per online-softmax step (a multiple of 32): S, P and O stay in L1
+
+inline int32_t pair_at(const uint16_t* p) {  // two bfloat16 as one 32-bit lane
+  int32_t pair;
+  std::memcpy(&pair, p, sizeof(pair));
+  return pair;
+}
+
+// S[m][0..31] = q_m . k_t for 32 keys (two panels of 16): `kp` holds a panel's keys pair-major ([D/2][16 keys][2]),
+// so q's pair (2r, 2r + 1), broadcast, meets one 64-byte row of 16 keys; float32 sums in pair order.
+template <int kRows>
+FOVEA_ATTN_TARGET void scores_tile(const uint16_t* q, int64_t ldq, const uint16_t* kp, int64_t pairs, float* s,
+                                   int64_t lds) {
+  __m512 acc[kRows][2];
+  for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  const uint16_t* kp1 = kp + pairs * 32;
+  for (int64_t r = 0; r < pairs; ++r) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kp + r * 32);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kp1 + r * 32);
+#pragma GCC unroll 12
+    for (int m = 0; m < kRows; ++m) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair_at(q + m * ldq + 2 * r));
+      acc[m][0] = _mm512_dpbf16_ps(acc[m][0], x, b0);
+      acc[m][1] = _mm512_dpbf16_ps(acc[m][1], x, b1);
+    }
+  }
+  for (int m = 0; m < kRows; ++m) {
+    _mm512_storeu_ps(s + m * lds, acc[m][0]);
+    _mm512_storeu_ps(s + m * lds + 16, acc[m][1]);
+  }
+}
+
+// O[m][16 c .. 16 c + 15] = alpha_m O[m][..] + sum_j P[m][j] V[j][..] for kChunks chunks of 16 columns: `vp` holds
+// the values key-pair-major ([keys/2][D'][2], D' the head size padded to 16), so P's pair (2j, 2j + 1) of a row,
+// broadcast, meets one 64-byte row of 16 columns x 2 keys.
+template <int kRows, int kChunks>
+FOVEA_ATTN_TARGET void values_tile(const uint16_t* p, int64_t ldp, const uint16_t* vp, int64_t ldv, int64_t key_pairs,
+                                   float* o, int64_t ldo, const float* alpha) {
+  __m512 acc[kRows][kChunks];
+  for (int m = 0; m < kRows; ++m) {
+    const __m512 a = _mm512_set1_ps(alpha[m]);
+    for (int c = 0; c < kChunks; ++c) acc[m][c] = _mm512_mul_ps(_mm512_loadu_ps(o + m * ldo + 16 * c), a);
+  }
+  for (int64_t j = 0; j < key_pairs; ++j) {
+    __m512bh b[kChunks];
+    for (int c = 0; c < kChunks; ++c) b[c] = (__m512bh)_mm512_loadu_si512(vp + j * ldv + 32 * c);
+#pragma GCC unroll 12
+    for (int m = 0; m < kRows; ++m) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair_at(p + m * ldp + 2 * j));
+      for (int c = 0; c < kChunks; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], x, b[c]);
+    }
+  }
+  for (int m = 0; m < kRows; ++m) {
+    for (int c = 0; c < kChunks; ++c) _mm512_storeu_ps(o + m * ldo + 16 * c, acc[m][c]);
+  }
+}
+
+using ScoresFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t);
+using ValuesFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, const float*);
+
+template <int... kRows>
+ScoresFn pick_scores(int rows, std::integer_sequence<int, kRows...>) {
+  ScoresFn fn = nullptr;
+  ((rows == kRows + 1 ? (fn = scores_tile<kRows + 1>, 0) : 0), ...);
+  return fn;
+}
+
+// values tiles keep rows x chunks <= 24 accumulators (of 32 registers)
+constexpr int values_rows(int chunks) { return chunks <= 2 ? 12 : chunks == 3 ? 8 : 6; }
+
+template <int kChunks, int... kRows>
+ValuesFn pick_values(int rows, std::integer_sequence<int, kRows...>) {
+  ValuesFn fn = nullptr;
+  ((rows == kRows + 1 ? (fn = values_tile<kRows + 1, kChunks>, 0) : 0), ...);
+  return fn;
+}
+
+ValuesFn values_fn(int rows, int chunks) {
+  switch (chunks) {
+    case 1: return pick_values<1>(rows, std::make_integer_sequence<int, values_rows(1)>{});
+    case 2: return pick_values<2>(rows, std::make_integer_sequence<int, values_rows(2)>{});
+    case 3: return pick_values<3>(rows, std::make_integer_sequence<int, values_rows(3)>{});
+    default: return pick_values<4>(rows, std::make_integer_sequence<int, values_rows(4)>{});
+  }
+}
+
+// exp_approx (common.h) on 16 lanes with FMAs: Cephes' polynomial, 2^n by VSCALEFPS
+FOVEA_ATTN_TARGET inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One key block of one query row: s[0..nb) raw scores, of which the first `valid` are keys. Scales them, takes the
+// block's max into the row's running max `mx`, writes P = bf16(exp(s - max)) (zeros past `valid`), adds the
+// unrounded exps to the running sum `l` (torch's order: l = block sum + exp(old max - max) * l) and returns
+// exp(old max - max), the factor the row's output is rescaled by.
+FOVEA_ATTN_TARGET float softmax_block(float* s, int64_t nb, int64_t valid, float scale, float& mx, float& l,
+                                      uint16_t* p) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < nb; j += 16) {
+    const __mmask16 real = valid - j >= 16 ? 0xFFFF : valid > j ? static_cast<__mmask16>((1u << (valid - j)) - 1) : 0;
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), sc);
+    _mm512_storeu_ps(s + j, x);
+    vmax = _mm512_mask_max_ps(vmax, real, vmax, x);
+  }
+  const float new_max = std::max(mx, _mm512_reduce_max_ps(vmax));
+  const float alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(mx - new_max)));  // exp(-inf) clamps to ~1e-38: l, O are 0
+  const __m512 vm = _mm512_set1_ps(new_max);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; j += 16) {
+    const __mmask16 real = valid - j >= 16 ? 0xFFFF : valid > j ? static_cast<__mmask16>((1u << (valid - j)) - 1) : 0;
+    const __m512 e = _mm512_maskz_mov_ps(real, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm)));
+    vsum = _mm512_add_ps(vsum, e);
+    // VCVTNEPS2BF16 rounds to nearest even, as c10's conversion
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  l = _mm512_reduce_add_ps(vsum) + alpha * l;
+  mx = new_max;
+  return alpha;
+}
+
+struct Problem {
+  const uint16_t *q, *k, *v;
+  int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // strides in elements
+  const int64_t *cu_q, *cu_k;
+  int64_t heads, D;
+  float scale;
+  uint16_t* out;  // [Nq, heads, D]
+};
+
+// Per thread: one (segment, head)'s keys and values as the tiles read them, and one query block's S, P, O.
+struct Scratch {
+  std::vector<uint16_t> kp, vp, p;
+  std::vector<float> s, o, mx, l, alpha;
+};
+
+// Keys [L, D] into panels of 16 keys, pair-major: kp[((t / 16) * D/2 + r) * 32 + (t % 16) * 2 + e] = k[t][2r + e];
+// values into key pairs: vp[((t / 2) * D' + d) * 2 + t % 2] = v[t][d]. Zeros past L (up to `padded`) and past D.
+void pack_keys_values(const Problem& pr, int64_t k0, int64_t L, int64_t padded, int64_t h, Scratch& buf) {
+  const int64_t pairs = pr.D / 2, dpad = (pr.D + 15) / 16 * 16;
+  buf.kp.assign(padded * pr.D, 0);
+  buf.vp.assign(padded * dpad, 0);
+  int32_t* kp = reinterpret_cast<int32_t*>(buf.kp.data());
+  for (int64_t t = 0; t < L; ++t) {
+    const uint16_t* kr = pr.k + (k0 + t) * pr.k_row + h * pr.k_head;
+    int32_t* panel = kp + (t / 16) * pairs * 16 + t % 16;
+    for (int64_t r = 0; r < pairs; ++r) panel[r * 16] = pair_at(kr + 2 * r);
+    const uint16_t* vr = pr.v + (k0 + t) * pr.v_row + h * pr.v_head;
+    uint16_t* dst = buf.vp.data() + (t / 2) * dpad * 2 + t % 2;
+    for (int64_t d = 0; d < pr.D; ++d) dst[2 * d] = vr[d];
+  }
+}
+
+FOVEA_ATTN_TARGET void attend(const Problem& pr, int64_t segment, int64_t h, Scratch& buf) {
+  const int64_t q0 = pr.cu_q[segment], rows = pr.cu_q[segment + 1] - q0;
+  const int64_t k0 = pr.cu_k[segment], L = pr.cu_k[segment + 1] - k0;
+  if (rows == 0) return;
+  const int64_t padded = (L + 31) / 32 * 32, pairs = pr.D / 2, dpad = (pr.D + 15) / 16 * 16, chunks = dpad / 16;
+  pack_keys_values(pr, k0, L, padded, h, buf);
+  for (int64_t b0 = 0; b0 < rows; b0 += kBlockRows) {
+    const int R = static_cast<int>(std::min<int64_t>(kBlockRows, rows - b0));
+    const uint16_t* q = pr.q + (q0 + b0) * pr.q_row + h * pr.q_head;
+    std::fill(buf.o.begin(), buf.o.begin() + R * dpad, 0.f);
+    std::fill(buf.mx.begin(), buf.mx.end(), -std::numeric_limits<float>::infinity());
+    std::fill(buf.l.begin(), buf.l.end(), 0.f);
+    const ScoresFn scores = pick_scores(R, std::make_integer_sequence<int, kBlockRows>{});
+    for (int64_t kb = 0; kb < padded; kb += kKeyBlock) {
+      const int64_t nb = std::min<int64_t>(kKeyBlock, padded - kb), valid = std::min(nb, L - kb);
+      for (int64_t t = 0; t < nb; t += 32) {
+        scores(q, pr.q_row, buf.kp.data() + (kb + t) * pr.D, pairs, buf.s.data() + t, kKeyBlock);
+      }
+      for (int m = 0; m < R; ++m) {
+        buf.alpha[m] = softmax_block(buf.s.data() + m * kKeyBlock, nb, valid, pr.scale, buf.mx[m], buf.l[m],
+                                     buf.p.data() + m * kKeyBlock);
+      }
+      for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+        const int c = static_cast<int>(std::min<int64_t>(4, chunks - c0)), tile = values_rows(c);
+        for (int m0 = 0; m0 < R; m0 += tile) {
+          const int r = std::min(tile, R - m0);
+          values_fn(r, c)(buf.p.data() + m0 * kKeyBlock, kKeyBlock, buf.vp.data() + (kb / 2) * dpad * 2 + c0 * 32,
+                          dpad * 2, nb / 2, buf.o.data() + m0 * dpad + c0 * 16, dpad, buf.alpha.data() + m0);
+        }
+      }
+    }
+    for (int m = 0; m < R; ++m) {  // O / l, rounded once (torch multiplies by the reciprocal too)
+      const float inv = 1.f / buf.l[m];
+      uint16_t* y = pr.out + ((q0 + b0 + m) * pr.heads + h) * pr.D;
+      const float* o = buf.o.data() + m * dpad;
+      for (int64_t d = 0; d < pr.D; d += 16) {
+        const __mmask16 mask = pr.D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (pr.D - d)) - 1);
+        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(inv));
+        _mm256_mask_storeu_epi16(y + d, mask, (__m256i)_mm512_cvtneps_pbh(x));
+      }
+    }
+  }
+}
+
+void check_segments(const at::Tensor& cu, int64_t rows, const char* name, const char* what) {
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2 && cu.scalar_type() == at::kLong && cu.is_contiguous(), name,
+              " must be a contiguous int64 [num_segments + 1] tensor of offsets");
+  const int64_t* c = cu.data_ptr<int64_t>();
+  TORCH_CHECK(c[0] == 0 && c[cu.size(0) - 1] == rows, name, " must run from 0 to the ", rows, " rows of ", what,
+              "; got ", c[0], " .. ", c[cu.size(0) - 1]);
+  for (int64_t i = 1; i < cu.size(0); ++i) {
+    TORCH_CHECK(c[i] >= c[i - 1], name, " must not decrease; offset ", i, " is ", c[i], " after ", c[i - 1]);
+  }
+}
+
+void check_qkv(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3 && t.scalar_type() == at::kBFloat16 && t.stride(2) == 1, name,
+              " must be a bfloat16 [rows, heads, head_dim] tensor with contiguous heads; got ", t.scalar_type(), " ",
+              t.sizes());
+}
+
+}  // namespace
+
+bool encoder_attention_compiled() { return true; }
+
+at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                             const at::Tensor& cu_seqlens_k, double scale) {
+  check_qkv(q, "q");
+  check_qkv(k, "k");
+  check_qkv(v, "v");
+  const int64_t rows = q.size(0), heads = q.size(1), D = q.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have one shape; got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(1) == heads && k.size(2) == D, "k and v must have q's ", heads, " heads of ", D,
+              "; got ", k.sizes());
+  TORCH_CHECK(D > 0 && D % 2 == 0, "head_dim must be even (pairs of bfloat16 per product); got ", D);
+  check_segments(cu_seqlens_q, rows, "cu_seqlens_q", "q");
+  check_segments(cu_seqlens_k, k.size(0), "cu_seqlens_k", "k");
+  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must count the same "
+              "segments; got ", cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
+  const int64_t segments = cu_seqlens_q.size(0) - 1;
+  const int64_t *cq = cu_seqlens_q.data_ptr<int64_t>(), *ck = cu_seqlens_k.data_ptr<int64_t>();
+  int64_t longest = 0;
+  for (int64_t i = 0; i < segments; ++i) {
+    TORCH_CHECK(cq[i + 1] == cq[i] || ck[i + 1] > ck[i], "segment ", i, " has ", cq[i + 1] - cq[i],
+                " queries and no keys");
+    longest = std::max(longest, ck[i + 1] - ck[i]);
+  }
+  auto out = at::empty({rows, heads, D}, q.options());
+  if (rows == 0) return out;
+  auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  const Problem pr{u16(q), u16(k), u16(v), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                   v.stride(1), cq, ck, heads, D, static_cast<float>(scale),
+                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())};
+  const int64_t dpad = (D + 15) / 16 * 16, padded = (longest + 31) / 32 * 32;
+  // one work item: a (segment, head) pair, its keys and values packed once for all of its query blocks
+  WorkCounter items(segments * heads);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    Scratch buf;
+    buf.kp.reserve(padded * D);
+    buf.vp.reserve(padded * dpad);
+    buf.s.resize(kBlockRows * kKeyBlock);
+    buf.p.resize(kBlockRows * kKeyBlock);
+    buf.o.resize(kBlockRows * dpad);
+    buf.mx.resize(kBlockRows);
+    buf.l.resize(kBlockRows);
+    buf.alpha.resize(kBlockRows);
+    for (int64_t item; items.take(item);) attend(pr, item / heads, item % heads, buf);
+  });
+  return out;
+}
+
+#else  // no AVX-512 BF16 code from this compiler or on this architecture
+
+bool encoder_attention_compiled() { return false; }
+at::Tensor encoder_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, double) {
+  TORCH_CHECK(false, "fovea's AVX-512 BF16 encoder attention was not compiled (x86-64 with gcc >= 10 or clang >= 9)");
+}
+
+#endif
+
+}  // namespace fovea

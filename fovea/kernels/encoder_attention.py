@@ -1,0 +1,64 @@
+"""fovea's encoder attention kernel on AVX-512 BF16: bidirectional attention over variable-length segments.
+
+Why: a ViT's attention (BLIP-2's ViT over 257 tokens, CLIP ViT-L/14-336's over 577) is ~10% of its FLOPs but ran
+at ~15% of the GEMM rate in torch's SDPA on this class of machine (AMD Zen 4, 2 cores), so it took about as long
+as all of a block's linear layers. This kernel (csrc/encoder_attention.cpp) is flash attention written for
+VDPBF16PS: per (segment, head) it packs the keys into panels of 16 keys (pair-major, as the bfloat16 linear
+kernel's weight panels) and the values into key pairs, then for each block of 12 query rows computes the
+scores 12 x 32 at a time in float32, an online softmax over blocks of 256 keys, and P @ V into float32
+accumulators, with no horizontal sum anywhere and S, P and O in L1.
+
+API (general on purpose: vision encoders with several images per batch, and windowed attention as Qwen2.5-VL's,
+can call it alike): `attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)` with q [Nq, H, D] and k, v [Nk, H, D]
+bfloat16 (any row and head strides, contiguous heads: views of a packed qkv projection go in as they are),
+segment i being rows cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q attending to rows cu_seqlens_k[i]:cu_seqlens_k[i + 1]
+of k and v, no causal order, no mask -> [Nq, H, D] contiguous (= [Nq, H * D] for the output projection).
+D any even size (64, 80, 128 ...); as many kv heads as q heads.
+
+Arithmetic, as torch's CPU flash attention does it for bfloat16: q . k products of bfloat16 pairs summed in
+float32 (VDPBF16PS), times `scale` in float32, per row an online softmax (running max and sum over key blocks, the
+output rescaled by exp(old max - new max)), the probabilities rounded to bfloat16 for P @ V (summed in float32),
+the row's sum of the unrounded exps, and the output times 1 / sum, rounded once. What may differ from torch's:
+the order of the float32 sums, the exp (Cephes' polynomial, ~1 ulp; torch's is its own vectorised one) and the
+key block boundaries (torch's depend on the sequence length): a few bfloat16 steps in some outputs, never more than
+torch's own bfloat16 is from float32 (tests/kernels/test_encoder_attention.py measures both).
+
+Runs where the bfloat16 linear kernel does (`fovea.kernels.status().bf16_linear`: AVX-512 BF16, extension built,
+`cpu_kernels` not "off"); `supports(...)` says whether a call may use it, else callers run torch's SDPA.
+"""
+from __future__ import annotations
+
+import torch
+
+from fovea.kernels.ops import extension
+from fovea.kernels.runtime import RUNTIME
+
+
+def available() -> bool:
+    """This kernel runs here (see the module docstring)."""
+    if not RUNTIME.status().bf16_linear.is_active:
+        return False
+    return bool(extension().encoder_attention_compiled())
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """q, k, v can go to this kernel: bfloat16 CPU tensors with an even last dimension, no autograd, kernel here."""
+    for t in tensors:
+        if not t.is_cpu or t.dtype != torch.bfloat16 or t.requires_grad or t.shape[-1] % 2:
+            return False
+    return available()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+              cu_seqlens_k: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [Nq, H, D], k, v [Nk, H, D] bfloat16; cu_seqlens_* [S + 1] int64 offsets (k's default: q's) -> [Nq, H, D]."""
+    if not available():
+        raise RuntimeError(f"fovea's AVX-512 BF16 encoder attention does not run here "
+                           f"({RUNTIME.status().bf16_linear.describe()})")
+    cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    return extension().encoder_attention(q, k, v, cu_seqlens_q, cu_k, scale)
+
+
+def uniform_segments(num_segments: int, length: int) -> torch.Tensor:
+    """Offsets of `num_segments` runs of `length` rows: [0, length, 2 length, ...] int64."""
+    return torch.arange(0, (num_segments + 1) * length, length, dtype=torch.int64)
