@@ -4,9 +4,12 @@ Why: a ViT's attention (BLIP-2's ViT over 257 tokens, CLIP ViT-L/14-336's over 5
 at ~15% of the GEMM rate in torch's SDPA on this class of machine (AMD Zen 4, 2 cores), so it took about as long
 as all of a block's linear layers. This kernel (csrc/encoder_attention.cpp) is flash attention written for
 VDPBF16PS: per (segment, head) it packs the keys into panels of 16 keys (pair-major, as the bfloat16 linear
-kernel's weight panels) and the values into key pairs, then for each block of 12 query rows computes the
-scores 12 x 32 at a time in float32, an online softmax over blocks of 256 keys, and P @ V into float32
-accumulators, with no horizontal sum anywhere and S, P and O in L1.
+kernel's weight panels) and the values into key pairs (prefetched: a head's rows lie a packed qkv row apart, and
+unprefetched this packing was half of the kernel's time), then for each block of 12 query rows computes the
+scores 12 x 32 at a time in float32 (each row's maximum on the way), an online softmax over blocks of 256 keys,
+and P @ V into float32 accumulators, with no horizontal sum in the products and S, P and O in L1. Per core
+(AMD Zen 4, 1 thread) 104-132 GFLOP/s where SDPA reached 54-59 at BLIP-2's and CLIP's shapes
+(`benchmarks/vision_tower.py` measures both).
 
 API (general on purpose: vision encoders with several images per batch, and windowed attention as Qwen2.5-VL's,
 can call it alike): `attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)` with q [Nq, H, D] and k, v [Nk, H, D]
@@ -19,8 +22,8 @@ Arithmetic, as torch's CPU flash attention does it for bfloat16: q . k products 
 float32 (VDPBF16PS), times `scale` in float32, per row an online softmax (running max and sum over key blocks, the
 output rescaled by exp(old max - new max)), the probabilities rounded to bfloat16 for P @ V (summed in float32),
 the row's sum of the unrounded exps, and the output times 1 / sum, rounded once. What may differ from torch's:
-the order of the float32 sums, the exp (Cephes' polynomial, ~1 ulp; torch's is its own vectorised one) and the
-key block boundaries (torch's depend on the sequence length): a few bfloat16 steps in some outputs, never more than
+the order of the float32 sums, the exp (Cephes' polynomial, ~1 ulp; torch's is its own vectorised one), its
+argument (s * scale - max in one FMA where torch rounds s * scale first) and the key block boundaries (torch's depend on the sequence length): a few bfloat16 steps in some outputs, never more than
 torch's own bfloat16 is from float32 (tests/kernels/test_encoder_attention.py measures both).
 
 Runs where the bfloat16 linear kernel does (`fovea.kernels.status().bf16_linear`: AVX-512 BF16, extension built,

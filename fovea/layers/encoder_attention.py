@@ -11,7 +11,7 @@ Projections stay in the model files (BLIP's fused `qkv` with q/v bias, the Q-For
 
 Both feed torch's SDPA 4-D inputs: its CPU flash kernel takes only batched inputs (3-D ones run ~10x slower).
 Unmasked bfloat16 attention at inference (a ViT's blocks, Qwen2.5-VL's windows) runs fovea's AVX-512 BF16
-kernel instead where it runs (`fovea.kernels.encoder_attention`: 1.5-1.9x SDPA's speed at BLIP-2's and CLIP's
+kernel instead where it runs (`fovea.kernels.encoder_attention`: ~2x SDPA's speed at BLIP-2's and CLIP's
 shapes, SDPA's bfloat16 arithmetic up to summation order), every sequence of the batch in one call.
 """
 from __future__ import annotations

@@ -34,10 +34,11 @@ inline int32_t pair_at(const uint16_t* p) {  // two bfloat16 as one 32-bit lane
 }
 
 // S[m][0..31] = q_m . k_t for 32 keys (two panels of 16): `kp` holds a panel's keys pair-major ([D/2][16 keys][2]),
-// so q's pair (2r, 2r + 1), broadcast, meets one 64-byte row of 16 keys; float32 sums in pair order.
+// so q's pair (2r, 2r + 1), broadcast, meets one 64-byte row of 16 keys; float32 sums in pair order. Each row's
+// lane-wise maximum over the first `valid` keys goes into vmax[m] (16 lanes), so the softmax needs no pass for it.
 template <int kRows>
 FOVEA_ATTN_TARGET void scores_tile(const uint16_t* q, int64_t ldq, const uint16_t* kp, int64_t pairs, float* s,
-                                   int64_t lds) {
+                                   int64_t lds, int valid, float* vmax) {
   __m512 acc[kRows][2];
   for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const uint16_t* kp1 = kp + pairs * 32;
@@ -51,9 +52,23 @@ FOVEA_ATTN_TARGET void scores_tile(const uint16_t* q, int64_t ldq, const uint16_
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], x, b1);
     }
   }
+  if (valid >= 32) {
+    for (int m = 0; m < kRows; ++m) {
+      _mm512_storeu_ps(s + m * lds, acc[m][0]);
+      _mm512_storeu_ps(s + m * lds + 16, acc[m][1]);
+      _mm512_storeu_ps(vmax + 16 * m, _mm512_max_ps(_mm512_loadu_ps(vmax + 16 * m),
+                                                    _mm512_max_ps(acc[m][0], acc[m][1])));
+    }
+    return;
+  }
+  const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 m1 = valid > 16 ? static_cast<__mmask16>((1u << (valid - 16)) - 1) : 0;
   for (int m = 0; m < kRows; ++m) {
     _mm512_storeu_ps(s + m * lds, acc[m][0]);
     _mm512_storeu_ps(s + m * lds + 16, acc[m][1]);
+    __m512 v = _mm512_loadu_ps(vmax + 16 * m);
+    v = _mm512_mask_max_ps(v, m0, v, acc[m][0]);
+    _mm512_storeu_ps(vmax + 16 * m, _mm512_mask_max_ps(v, m1, v, acc[m][1]));
   }
 }
 
@@ -82,7 +97,7 @@ FOVEA_ATTN_TARGET void values_tile(const uint16_t* p, int64_t ldp, const uint16_
   }
 }
 
-using ScoresFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t);
+using ScoresFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, int, float*);
 using ValuesFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, const float*);
 
 template <int... kRows>
@@ -111,9 +126,9 @@ ValuesFn values_fn(int rows, int chunks) {
   }
 }
 
-// exp_approx (common.h) on 16 lanes with FMAs: Cephes' polynomial, 2^n by VSCALEFPS
+// exp(x) for x <= 0 on 16 lanes: exp_approx's (common.h) Cephes polynomial with FMAs, 2^n by VSCALEFPS, which
+// needs no clamp (x below ~-104 gives 0, as exp's float32 result underflows)
 FOVEA_ATTN_TARGET inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
@@ -128,29 +143,28 @@ FOVEA_ATTN_TARGET inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One key block of one query row: s[0..nb) raw scores, of which the first `valid` are keys. Scales them, takes the
-// block's max into the row's running max `mx`, writes P = bf16(exp(s - max)) (zeros past `valid`), adds the
-// unrounded exps to the running sum `l` (torch's order: l = block sum + exp(old max - max) * l) and returns
-// exp(old max - max), the factor the row's output is rescaled by.
-FOVEA_ATTN_TARGET float softmax_block(float* s, int64_t nb, int64_t valid, float scale, float& mx, float& l,
-                                      uint16_t* p) {
-  const __m512 sc = _mm512_set1_ps(scale);
-  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < nb; j += 16) {
-    const __mmask16 real = valid - j >= 16 ? 0xFFFF : valid > j ? static_cast<__mmask16>((1u << (valid - j)) - 1) : 0;
-    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), sc);
-    _mm512_storeu_ps(s + j, x);
-    vmax = _mm512_mask_max_ps(vmax, real, vmax, x);
-  }
-  const float new_max = std::max(mx, _mm512_reduce_max_ps(vmax));
-  const float alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(mx - new_max)));  // exp(-inf) clamps to ~1e-38: l, O are 0
-  const __m512 vm = _mm512_set1_ps(new_max);
+// One key block of one query row: s[0..nb) raw scores of which the first `valid` are keys, vmax their lane-wise
+// maximum. The block's max, scaled, joins the row's running max `mx`; P = bf16(exp(s * scale - max)) (zeros past
+// `valid`); the unrounded exps join the running sum `l` (torch's order: l = block sum + exp(old max - max) * l).
+// Returns exp(old max - max), the factor the row's output is rescaled by. (A positive scale keeps the max's place:
+// max(s) * scale is max(s * scale), bit for bit.)
+FOVEA_ATTN_TARGET float softmax_block(const float* s, const float* vmax, int64_t nb, int64_t valid, float scale,
+                                      float& mx, float& l, uint16_t* p) {
+  const float new_max = std::max(mx, _mm512_reduce_max_ps(_mm512_loadu_ps(vmax)) * scale);
+  const float alpha = mx == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(mx - new_max);
+  const __m512 vm = _mm512_set1_ps(new_max), sc = _mm512_set1_ps(scale);
   __m512 vsum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < nb; j += 16) {
-    const __mmask16 real = valid - j >= 16 ? 0xFFFF : valid > j ? static_cast<__mmask16>((1u << (valid - j)) - 1) : 0;
-    const __m512 e = _mm512_maskz_mov_ps(real, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm)));
+  int64_t j = 0;
+  for (; j + 16 <= valid; j += 16) {
+    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, vm));
     vsum = _mm512_add_ps(vsum, e);
     // VCVTNEPS2BF16 rounds to nearest even, as c10's conversion
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  for (; j < nb; j += 16) {
+    const __mmask16 real = valid > j ? static_cast<__mmask16>((1u << (valid - j)) - 1) : 0;
+    const __m512 e = _mm512_maskz_mov_ps(real, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sc, vm)));
+    vsum = _mm512_add_ps(vsum, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(e));
   }
   l = _mm512_reduce_add_ps(vsum) + alpha * l;
@@ -170,24 +184,53 @@ struct Problem {
 // Per thread: one (segment, head)'s keys and values as the tiles read them, and one query block's S, P, O.
 struct Scratch {
   std::vector<uint16_t> kp, vp, p;
-  std::vector<float> s, o, mx, l, alpha;
+  std::vector<float> s, vmax, o, mx, l, alpha;
 };
 
 // Keys [L, D] into panels of 16 keys, pair-major: kp[((t / 16) * D/2 + r) * 32 + (t % 16) * 2 + e] = k[t][2r + e];
 // values into key pairs: vp[((t / 2) * D' + d) * 2 + t % 2] = v[t][d]. Zeros past L (up to `padded`) and past D.
-void pack_keys_values(const Problem& pr, int64_t k0, int64_t L, int64_t padded, int64_t h, Scratch& buf) {
+// A head's rows lie a packed projection's row apart (kilobytes), so they are fetched kPackAhead rows ahead.
+constexpr int kPackAhead = 8;
+
+FOVEA_ATTN_TARGET void prefetch_row(const uint16_t* row, int64_t D) {
+  for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
+FOVEA_ATTN_TARGET void pack_keys_values(const Problem& pr, int64_t k0, int64_t L, int64_t padded, int64_t h,
+                                        Scratch& buf) {
   const int64_t pairs = pr.D / 2, dpad = (pr.D + 15) / 16 * 16;
-  buf.kp.assign(padded * pr.D, 0);
-  buf.vp.assign(padded * dpad, 0);
-  int32_t* kp = reinterpret_cast<int32_t*>(buf.kp.data());
-  for (int64_t t = 0; t < L; ++t) {
-    const uint16_t* kr = pr.k + (k0 + t) * pr.k_row + h * pr.k_head;
-    int32_t* panel = kp + (t / 16) * pairs * 16 + t % 16;
-    for (int64_t r = 0; r < pairs; ++r) panel[r * 16] = pair_at(kr + 2 * r);
-    const uint16_t* vr = pr.v + (k0 + t) * pr.v_row + h * pr.v_head;
-    uint16_t* dst = buf.vp.data() + (t / 2) * dpad * 2 + t % 2;
-    for (int64_t d = 0; d < pr.D; ++d) dst[2 * d] = vr[d];
+  auto key = [&](int64_t t) { return pr.k + (k0 + t) * pr.k_row + h * pr.k_head; };
+  auto value = [&](int64_t t) { return pr.v + (k0 + t) * pr.v_row + h * pr.v_head; };
+  for (int64_t t = 0; t < std::min<int64_t>(L, kPackAhead); ++t) {
+    prefetch_row(key(t), pr.D);
+    prefetch_row(value(t), pr.D);
   }
+  buf.kp.assign(padded * pr.D, 0);
+  buf.vp.resize(padded * dpad);
+  int32_t* kp = reinterpret_cast<int32_t*>(buf.kp.data());
+  for (int64_t t = 0; t < L; t += 2) {
+    for (int64_t u = t + kPackAhead; u < std::min(L, t + kPackAhead + 2); ++u) {
+      prefetch_row(key(u), pr.D);
+      prefetch_row(value(u), pr.D);
+    }
+    const bool pair = t + 1 < L;
+    for (int64_t e = 0; e < (pair ? 2 : 1); ++e) {
+      const uint16_t* kr = key(t + e);
+      int32_t* panel = kp + ((t + e) / 16) * pairs * 16 + (t + e) % 16;
+      for (int64_t r = 0; r < pairs; ++r) panel[r * 16] = pair_at(kr + 2 * r);
+    }
+    // two value rows interleaved: (v[t][d], v[t + 1][d]) as one 32-bit lane, 16 columns per store
+    const uint16_t *a = value(t), *b = pair ? value(t + 1) : nullptr;
+    uint16_t* dst = buf.vp.data() + (t / 2) * dpad * 2;
+    for (int64_t d = 0; d < dpad; d += 16) {
+      const __mmask16 cols = pr.D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (pr.D - d)) - 1);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, a + d));
+      const __m512i hi = b ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, b + d)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+  const int64_t filled = (L + 1) / 2 * dpad * 2;
+  std::fill(buf.vp.begin() + filled, buf.vp.begin() + padded * dpad, 0);
 }
 
 FOVEA_ATTN_TARGET void attend(const Problem& pr, int64_t segment, int64_t h, Scratch& buf) {
@@ -205,12 +248,14 @@ FOVEA_ATTN_TARGET void attend(const Problem& pr, int64_t segment, int64_t h, Scr
     const ScoresFn scores = pick_scores(R, std::make_integer_sequence<int, kBlockRows>{});
     for (int64_t kb = 0; kb < padded; kb += kKeyBlock) {
       const int64_t nb = std::min<int64_t>(kKeyBlock, padded - kb), valid = std::min(nb, L - kb);
+      std::fill(buf.vmax.begin(), buf.vmax.end(), -std::numeric_limits<float>::infinity());
       for (int64_t t = 0; t < nb; t += 32) {
-        scores(q, pr.q_row, buf.kp.data() + (kb + t) * pr.D, pairs, buf.s.data() + t, kKeyBlock);
+        scores(q, pr.q_row, buf.kp.data() + (kb + t) * pr.D, pairs, buf.s.data() + t, kKeyBlock,
+               static_cast<int>(std::min<int64_t>(32, valid - t)), buf.vmax.data());
       }
       for (int m = 0; m < R; ++m) {
-        buf.alpha[m] = softmax_block(buf.s.data() + m * kKeyBlock, nb, valid, pr.scale, buf.mx[m], buf.l[m],
-                                     buf.p.data() + m * kKeyBlock);
+        buf.alpha[m] = softmax_block(buf.s.data() + m * kKeyBlock, buf.vmax.data() + 16 * m, nb, valid, pr.scale,
+                                     buf.mx[m], buf.l[m], buf.p.data() + m * kKeyBlock);
       }
       for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
         const int c = static_cast<int>(std::min<int64_t>(4, chunks - c0)), tile = values_rows(c);
@@ -255,8 +300,8 @@ void check_qkv(const at::Tensor& t, const char* name) {
 
 bool encoder_attention_compiled() { return true; }
 
-at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                             const at::Tensor& cu_seqlens_k, double scale) {
+at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale) {
   check_qkv(q, "q");
   check_qkv(k, "k");
   check_qkv(v, "v");
@@ -289,8 +334,8 @@ at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at:
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch buf;
     buf.kp.reserve(padded * D);
-    buf.vp.reserve(padded * dpad);
     buf.s.resize(kBlockRows * kKeyBlock);
+    buf.vmax.resize(kBlockRows * 16);
     buf.p.resize(kBlockRows * kKeyBlock);
     buf.o.resize(kBlockRows * dpad);
     buf.mx.resize(kBlockRows);
