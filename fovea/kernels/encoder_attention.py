@@ -54,10 +54,13 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
               cu_seqlens_k: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [Nq, H, D], k, v [Nk, H, D] bfloat16; cu_seqlens_* [S + 1] int64 offsets (k's default: q's) -> [Nq, H, D]."""
+    """q [Nq, H, D], k, v [Nk, H, D] bfloat16; cu_seqlens_* [S + 1] int64 offsets (k's default: q's); scale > 0
+    -> [Nq, H, D]."""
     if not available():
         raise RuntimeError(f"fovea's AVX-512 BF16 encoder attention does not run here "
                            f"({RUNTIME.status().bf16_linear.describe()})")
+    if not scale > 0:  # the kernel takes each row's max before scaling, which only a positive scale keeps in place
+        raise ValueError(f"scale must be positive (it is head_dim ** -0.5 or similar); got {scale}")
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     return extension().encoder_attention(q, k, v, cu_seqlens_q, cu_k, scale)
 

@@ -30,7 +30,8 @@ def attend_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
     mask: bool "may attend", broadcastable to (B, H, Tq, Tk) (see `as_sdpa_mask`); None attends everywhere.
     """
-    if mask is None and dropout_p == 0.0 and q.shape[2] == k.shape[2] and attention_kernel.supports(q, k, v):
+    if (mask is None and dropout_p == 0.0 and scale > 0 and q.shape[2] == k.shape[2]
+            and attention_kernel.supports(q, k, v)):
         batch, rows, heads, head_dim = q.shape
         keys = k.shape[1]
         # (B, T, H, hs) views of a packed qkv flatten to (B * T, H, hs) views: nothing is copied

@@ -123,6 +123,8 @@ def test_bad_arguments_are_named():
         attention_kernel.attention(q, q[:4], q[:4], cu, _offsets([4, 0]), 1.0)
     with pytest.raises(RuntimeError, match="q's 2 heads of 64"):
         attention_kernel.attention(q, q.view(10, 4, 32), q.view(10, 4, 32), cu, None, 1.0)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        attention_kernel.attention(q, q, q, cu, None, -0.125)
     with pytest.raises(RuntimeError, match="head_dim must be even"):
         odd = torch.randn(10, 2, 7).bfloat16()
         attention_kernel.attention(odd, odd, odd, cu, None, 1.0)
