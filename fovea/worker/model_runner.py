@@ -289,7 +289,7 @@ class ModelRunner:
         num_tokens = out.total_num_scheduled_tokens
         input_ids: list[int] = []
         positions: list = []  # ints (1-D positions) or [3, n] tensors (M-RoPE)
-        is_mm = torch.zeros(num_tokens, dtype=torch.bool)
+        is_mm = None  # [num_tokens] bool once a placeholder row is scheduled (never in a decode step)
         query_lens, context_lens, block_tables = [], [], []
         mm_rows, logits_index, sampled, sampled_requests = [], [], [], []
         lora_rows: list[tuple[LoRARequest, int, int]] = []  # (adapter, first flat row, count) per request
@@ -311,6 +311,8 @@ class ModelRunner:
                     continue
                 rows, local_mask = _embed_rows(feature, self.encoder_cache[feature.mm_hash], lo - feature.offset,
                                                hi - feature.offset)
+                if is_mm is None:
+                    is_mm = torch.zeros(num_tokens, dtype=torch.bool)
                 is_mm[start + lo - c:start + hi - c] = local_mask
                 mm_rows.append(rows)
             if state.lora_request is not None:
@@ -340,8 +342,10 @@ class ModelRunner:
             states = [self.requests[req_id] for req_id in out.num_scheduled_tokens]
             encoder_decoder.attach_cross_metadata(meta, query_lens, [len(s.encoder_prompt_token_ids) for s in states],
                                                   [s.cross_block_ids for s in states], self.block_size)
-        positions = torch.cat(positions, dim=1) if positions and isinstance(positions[0], torch.Tensor) \
-            else torch.tensor(positions, dtype=torch.long)
+        if positions and isinstance(positions[0], torch.Tensor):
+            positions = torch.cat(positions, dim=1) if len(positions) > 1 else positions[0]
+        else:
+            positions = torch.tensor(positions, dtype=torch.long)
         embeds = received = None
         if self.is_first_stage:
             embeds = self.model.embed_input_ids(ids, mm_rows or None, is_mm if mm_rows else None)
@@ -357,7 +361,8 @@ class ModelRunner:
             self._prompt_logprobs(hidden, prompt_rows)
         if not sampled:
             return ModelRunnerOutput.empty()
-        if not is_pruned:
+        # every scheduled token sampled (a decode-only step): rows 0..N-1 in order, the hidden state itself
+        if not is_pruned and len(logits_index) != num_tokens:
             hidden = hidden[torch.tensor(logits_index)]
         if not self.is_sampler:
             # a vocabulary-parallel lm_head gathers over the TP group: take part
@@ -439,6 +444,9 @@ def _is_placeholder(features: list[MultiModalFeature], position: int) -> bool:
 
 def _mrope_positions(state: CachedRequestState, c: int, n: int) -> torch.Tensor:
     """M-RoPE positions [3, n] of tokens [c, c+n): the prompt's own, then p + delta on all three rows."""
+    if c >= state.mrope_positions.shape[1]:  # past the prompt (every decode step): two ops, not five
+        delta = state.mrope_position_delta
+        return torch.arange(c + delta, c + n + delta).repeat(3, 1)
     prompt = state.mrope_positions[:, c:c + n]
     if prompt.shape[1] == n:
         return prompt

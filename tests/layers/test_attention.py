@@ -77,3 +77,38 @@ def test_kernel_and_sdpa_paths_agree_on_a_large_decode_batch():
         with forward_context(meta):
             results.append(attn(q, k, v))
     assert (results[0] - results[1]).abs().max().item() < 1e-5
+
+
+def _assert_same_metadata(fast, general):
+    assert (fast.num_tokens, fast.block_size, fast.cross, fast.output_group) == \
+        (general.num_tokens, general.block_size, general.cross, general.output_group)
+    assert torch.equal(fast.slot_mapping, general.slot_mapping) and fast.slot_mapping.dtype == torch.long
+    assert len(fast.groups) == len(general.groups) == 1
+    a, b = fast.groups[0], general.groups[0]
+    for name in ("q_index", "block_table", "out_index", "token_index", "context_lens", "query_positions"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), name
+    assert (a.mask is None) == (b.mask is None)
+    if a.mask is not None:
+        assert a.mask.shape == b.mask.shape and torch.equal(a.mask, b.mask)
+    assert (a.is_decode, a.fresh_range) == (b.is_decode, b.fresh_range) == (True, None)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_only_metadata_is_the_general_one(seed):
+    # a decode-only step takes a short path (fovea.layers.attention._decode_metadata): every tensor the general
+    # builder makes for it, bit for bit, with contexts that end on a block boundary (no mask) or inside one
+    from fovea.layers import attention
+
+    gen = torch.Generator().manual_seed(seed)
+    bs = [1, 4, 16][seed % 3]
+    batch = [1, 1, 3, 7, 2, 24][seed]
+    context = torch.randint(1, 70, (batch,), generator=gen).tolist()
+    if seed == 1:
+        context = [2 * bs]  # every context a whole number of blocks: no mask
+    tables = [(1 + torch.randperm(200, generator=gen)[:-(-c // bs) + seed % 2]).tolist() for c in context]
+    fast = build_attention_metadata([1] * batch, context, tables, bs)
+    needed = [-(-c // bs) for c in context]
+    _assert_same_metadata(fast, attention._general_metadata([1] * batch, context, tables, needed, bs))
+    with pytest.raises(ValueError, match="bad request geometry"):
+        build_attention_metadata([1] * batch, context, [t[:n - 1] for t, n in zip(tables, needed)], bs)
