@@ -147,6 +147,12 @@ class PhaseRecorder:
     def _install(self) -> None:
         runner, model = self.runner, self.runner.model
         self._forward_phase = "LM prefill"
+        # the hooks below see module calls: a Llama-family LM's decode steps call its kernels without the modules
+        # (fovea.models.llama_decode), so the recorder turns that off while it is attached
+        for module in model.modules():
+            if getattr(module, "fused_decode", False):
+                module.fused_decode = False
+                self._undo.append(lambda module=module: setattr(module, "fused_decode", True))
         original_execute = runner.execute
 
         def execute(out):

@@ -40,6 +40,7 @@ from fovea.layers.rotary_attention import RotaryQKVAttention
 from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from fovea.models.interfaces import (SupportsLoRA, SupportsOutputRows, SupportsPP, SupportsQuant,
                                      SupportsTensorParallel)
+from fovea.models.llama_decode import DecodePlan, is_decode_only
 from fovea.models.utils import TokenEmbeddingsMixin
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class LlamaModel(nn.Module):
             config.num_hidden_layers, lambda _: LlamaDecoderLayer(config, qkv_bias, o_bias, mlp_bias))
         self.norm = last_stage_only(lambda: RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
         self.rotary = rotary
+        self.fused_decode = True  # False: decode steps call every module too (forward hooks see them)
+        self._decode_plan: DecodePlan | bool | None = None  # None until the first decode step; False: none fits
 
     def forward(self, inputs_embeds: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None) -> torch.Tensor | IntermediateTensors:
@@ -134,9 +137,18 @@ class LlamaModel(nn.Module):
         # for M-RoPE), each request's own
         x = inputs_embeds if ps.is_first_stage() else intermediate_tensors["hidden_states"]
         cos, sin = self.rotary(positions, x.dtype)
+        meta = get_attention_metadata()
+        plan = self._decode_plan
+        if self.fused_decode and plan is not False and is_decode_only(meta):
+            if plan is None:  # decided once, at the first decode step (the KV cache is bound by then)
+                layers = self.layers[self.start_layer:self.end_layer]
+                plan = self._decode_plan = x.dtype == torch.bfloat16 \
+                    and all(type(layer) is LlamaDecoderLayer for layer in layers) and DecodePlan.build(layers) or False
+            if plan and plan.takes(x):  # fovea.models.llama_decode: the layers' kernels, no modules between them
+                x, residual = plan.run(x, cos, sin, meta)
+                return self._finish(x, residual)
         residual = None
         layers = self.layers[self.start_layer:self.end_layer]
-        meta = get_attention_metadata()
         # a step that reads only some rows (its logits rows; `AttentionMetadata.output_group`): the last layer
         # skips the others past its q/k/v projection, and [S, hidden] comes out
         output_group = meta.output_group if isinstance(meta, AttentionMetadata) and ps.is_last_stage() \
@@ -145,9 +157,18 @@ class LlamaModel(nn.Module):
             x, residual = layer(x, residual, cos, sin)
         if output_group is not None:
             x, residual = layers[-1].forward_rows(x, residual, cos, sin, output_group.token_index)
+        return self._finish(x, residual)
+
+    def _finish(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | IntermediateTensors:
         if not ps.is_last_stage():
             return {"hidden_states": x if residual is None else x + residual}
         return self.norm(x) if residual is None else self.norm(x, residual)[0]
+
+    def extra_repr(self) -> str:
+        plan = self._decode_plan
+        return "decode=" + ("modules (fused_decode off)" if not self.fused_decode else
+                            "not decided (no decode step yet)" if plan is None else
+                            "one loop of kernel calls (fovea.models.llama_decode)" if plan else "modules")
 
 
 class LlamaForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP,
