@@ -24,7 +24,8 @@ from the end of one linear call to the start of the next by position in a layer 
 attention; o -> gate_up: residual add + norm; gate_up -> down: SiLU-and-mul; down -> next qkv: add + norm;
 down -> lm_head: the final norm; lm_head -> qkv: the rest of the step, sampler, scheduling, input building)
 and their sum per decode step against the step's time. (The recorder of `--profile` hooks every linear and
-attention module, and its hooks' own cost lands in "decode other"; this one does not.)
+attention module, so its decode runs the modules, not the decode plan of fovea/models/llama_decode.py, and its
+hooks' own cost lands in "decode other"; `--gaps` wraps the extension's `bf16_linear`, which both paths call.)
 
     flock /work/bigmem.lock python benchmarks/decode.py [--decode-tokens 64] [--repeats 3] [--methods fovea onednn]
     python benchmarks/decode.py --profile --gaps --methods fovea   # every process under 3 GB
@@ -166,7 +167,7 @@ def profile_gaps(path: Path, decode_tokens: int, threads: int) -> None:
     import statistics
 
     from fovea import LLM, SamplingParams
-    from fovea.kernels import bf16_linear
+    from fovea.kernels.ops import extension
 
     torch.set_num_threads(threads)
     llm = LLM(str(path), dtype="bfloat16", max_model_len=1024, max_num_seqs=4, kv_cache_memory_bytes=1 << 28)
@@ -179,7 +180,10 @@ def profile_gaps(path: Path, decode_tokens: int, threads: int) -> None:
     llm.generate([prompt], params, use_tqdm=False)  # warm-up
     llm.reset_prefix_cache()
     events: list[tuple[float, float, int, int]] = []  # (start, end, out_features, rows) of every call
-    linear = bf16_linear.linear
+    # the extension's own function: the modules' path (bf16_linear.linear) and the decode plan's
+    # (fovea/models/llama_decode.py) both call it
+    ext = extension()
+    linear = ext.bf16_linear
 
     def timed(x, packed, out_features, bias):
         start = time.perf_counter()
@@ -187,13 +191,13 @@ def profile_gaps(path: Path, decode_tokens: int, threads: int) -> None:
         events.append((start, time.perf_counter(), out_features, x.shape[0]))
         return y
 
-    bf16_linear.linear = timed
+    ext.bf16_linear = timed
     try:
         start = time.perf_counter()
         llm.generate([prompt], params, use_tqdm=False)
         wall = time.perf_counter() - start
     finally:
-        bf16_linear.linear = linear
+        ext.bf16_linear = linear
     gaps: dict[tuple[str, str], list[float]] = {}
     kernel_s = 0.0
     for (_, prev_end, prev_out, prev_rows), (begin, end, out, rows) in zip(events, events[1:]):
