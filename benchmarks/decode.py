@@ -6,14 +6,16 @@ Each linear path runs in its own process, one after the other (`--methods`): "fo
 this host; "onednn" turns fovea's own bfloat16 kernels off for linear layers only (as before they existed).
 Decode tok/s = (max_tokens - 1) / (time of a `max_tokens` request minus time of a 1-token request, same prompt,
 prefix cache reset), best of `--repeats` (`int8.py`'s measure). The bound is the bytes a decode step must read
-(every LM linear weight and the `lm_head`, bfloat16) over the read bandwidth of a plain `torch.sum` over 1 GB
-on 2 MiB pages, as the packed weights are, measured in the same run (36-38 GB/s on an idle AMD EPYC Zen 4 with 2
-threads, 2026-12-07; 34-35 on 4 KiB pages, also printed).
+(every LM linear weight and the `lm_head`, bfloat16) over the memory-read bandwidth measured the way the decode
+reads (`benchmarks/bandwidth.py`: a buffer of the weights' size on 2 MiB pages, each thread streaming its own
+contiguous run, with and without the kernels' prefetch; `torch.sum` beside them), `--read-repeats` times per
+reader before the decode runs and again after them, so drift shows: THE bound is the fastest read of any reader
+(bandwidth.py says why), the medians printed beside it.
 
 `--profile` adds where a step's time goes, same run: (1) each decode linear shape of the model (qkv, o, gate/up,
 down, lm_head) on fovea's bfloat16 and int8 kernels at 1 row, GB/s of weights read and its fraction of the
-`torch.sum` bound measured at the same thread count, on 1 and 2 threads (enough copies of each weight that every
-call reads from memory); (2) one single-stream decode of `--decode-tokens` in a child with
+faster `stream` read measured at the same thread count, interleaved with them, on 1 and 2 threads (enough copies of
+each weight that every call reads from memory); (2) one single-stream decode of `--decode-tokens` in a child with
 `benchmarks/roofline_phases.py`'s recorder attached: the share of the decode steps' time in the linears,
 attention, the rest of the forward (norms, rotary, embeddings, residual adds), `lm_head`, sampler and
 scheduling / Python.
@@ -42,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import bandwidth  # noqa: E402
 from benchmarks.common import CACHE, prompts  # noqa: E402
 from benchmarks.gemv import cpu_name  # noqa: E402
 from benchmarks.throughput_qwen import MAX_PIXELS, build_checkpoint  # noqa: E402
@@ -57,27 +60,6 @@ def decode_bytes(path: Path) -> int:
     return 2 * (layers * per_layer + vocab * h)
 
 
-def read_bandwidth(threads: int, repeats: int = 5, huge_pages: bool = True) -> float:
-    """Bytes/s a `torch.sum` over 1 GB reads. fovea's packed weights sit on 2 MiB pages (advised before first touch),
-    so the bound is measured on such pages (on an idle AMD EPYC, 2 threads, 2026-12-07 09:53 UTC: 36-38 GB/s on
-    2 MiB pages, 34-35 on 4 KiB pages; both are printed)."""
-    torch.set_num_threads(threads)
-    x = torch.empty(1 << 29, dtype=torch.bfloat16)  # 1 GB
-    if huge_pages:
-        from fovea import kernels
-        from fovea.kernels.ops import extension
-
-        kernels.set_mode("require")
-        extension().advise_huge_pages(x)
-    x.fill_(1)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return x.numel() * 2 / best
-
-
 def model_shapes(path: Path) -> dict[str, tuple[int, int]]:
     """(N, K) of each decode linear of the Qwen benchmark LM and of its lm_head."""
     text = json.loads((path / "config.json").read_text())["text_config"]
@@ -91,7 +73,6 @@ def profile_linears(shapes: dict[str, tuple[int, int]], repeats: int, min_bytes:
     """Per shape and kernel at 1 row: GB/s of weights read against `torch.sum` on the same thread count."""
     from fovea import kernels
     from fovea.kernels import bf16_linear, int8_linear
-    from fovea.kernels.ops import extension
 
     kernels.set_mode("require")
     g = torch.Generator().manual_seed(0)
@@ -110,19 +91,23 @@ def profile_linears(shapes: dict[str, tuple[int, int]], repeats: int, min_bytes:
             runs[f"int8 {name}"] = (
                 lambda x=x, p=packed, n=n, s=scale: [int8_linear.linear(x, w, n, s, None) for w in p],
                 n * k * len(packed))
-    buffer = torch.empty(1 << 28, dtype=torch.bfloat16)  # 512 MB on 2 MiB pages, as the packed weights are
-    extension().advise_huge_pages(buffer)
-    buffer.fill_(1)
+    buffer = bandwidth.huge_page_buffer(512 << 20)  # on 2 MiB pages, as the packed weights are
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        best = dict.fromkeys(list(runs) + ["sum"], float("inf"))
+        readers = ("stream", "stream-nopf")
+        best = dict.fromkeys(list(runs) + list(readers), float("inf"))
         for _ in range(repeats):  # interleaved: a busy neighbour slows every entry alike
             for name in best:
-                start = time.perf_counter()
-                buffer.sum() if name == "sum" else runs[name][0]()
-                best[name] = min(best[name], time.perf_counter() - start)
-        bound = buffer.numel() * 2 / best["sum"] / 1e9
-        print(f"  decode linears at 1 row, {threads} thread(s): torch.sum reads {bound:.1f} GB/s")
+                if name in readers:
+                    seconds = bandwidth.time_reader(name, buffer)
+                else:
+                    start = time.perf_counter()
+                    runs[name][0]()
+                    seconds = time.perf_counter() - start
+                best[name] = min(best[name], seconds)
+        bound = buffer.nbytes / min(best[r] for r in readers) / 1e9
+        print(f"  decode linears at 1 row, {threads} thread(s): a plain stream reads {bound:.1f} GB/s "
+              f"(the faster of `stream` {buffer.nbytes / best['stream'] / 1e9:.1f} and `stream-nopf`)")
         for name, (_, num_bytes) in runs.items():
             rate = num_bytes / best[name] / 1e9
             print(f"    {name:14s} {rate:6.1f} GB/s = {rate / bound:5.1%} of the bound", flush=True)
@@ -181,7 +166,7 @@ def profile_gaps(path: Path, decode_tokens: int, threads: int) -> None:
     llm.reset_prefix_cache()
     events: list[tuple[float, float, int, int]] = []  # (start, end, out_features, rows) of every call
     # the extension's own function: the modules' path (bf16_linear.linear) and the decode plan's
-    # (fovea/models/llama_decode.py) both call it
+    # (fovea.models.llama_decode) both call it
     ext = extension()
     linear = ext.bf16_linear
 
@@ -237,6 +222,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--read-repeats", type=int, default=7, help="reads per reader before and after the runs")
     parser.add_argument("--methods", nargs="+", default=["fovea", "onednn"], choices=["fovea", "onednn"])
     parser.add_argument("--profile", action="store_true", help="per-shape kernel GB/s and a step's phases")
     parser.add_argument("--gaps", action="store_true", help="the time between linear layers, by position")
@@ -253,26 +239,42 @@ def main() -> None:
     if args.child:
         run_one(args.child, path, args.decode_tokens, args.repeats, args.threads)
         return
+    from fovea import kernels
+
+    kernels.set_mode("require")
+    torch.set_num_threads(args.threads)
     num_bytes = decode_bytes(path)
-    bandwidth = read_bandwidth(args.threads)
-    small_pages = read_bandwidth(args.threads, huge_pages=False)
-    bound = bandwidth / num_bytes
+    buffer = bandwidth.huge_page_buffer(num_bytes)
+    bound = bandwidth.ReadBound(bandwidth.measure(buffer, "before", args.read_repeats))
     print(f"{cpu_name()}, {args.threads} threads; Qwen benchmark LM: {num_bytes / 1e9:.3f} GB read per decode step; "
-          f"torch.sum reads {bandwidth / 1e9:.1f} GB/s on 2 MiB pages (the weights' pages; "
-          f"{small_pages / 1e9:.1f} on 4 KiB pages): bound {bound:.1f} tok/s")
+          f"read bound on a buffer as large, {bandwidth.huge_page_bytes(buffer) / buffer.nbytes:.0%} of it on "
+          f"2 MiB pages, {args.read_repeats} reads per reader before and after the decode runs")
     results = {}
     for method in args.methods:
         out = subprocess.run([sys.executable, __file__, "--child", method, "--decode-tokens", str(args.decode_tokens),
                               "--repeats", str(args.repeats), "--threads", str(args.threads)],
                              capture_output=True, text=True, check=True)
         results[method] = json.loads(out.stdout.strip().splitlines()[-1])["tok_s"]
-        print(f"  {method:7s} single-stream decode {results[method]:6.1f} tok/s = {results[method] / bound:5.1%} "
-              f"of the bound ({num_bytes * results[method] / 1e9:.1f} GB/s)", flush=True)
+        print(f"  {method:7s} single-stream decode {results[method]:6.1f} tok/s "
+              f"({num_bytes * results[method] / 1e9:.1f} GB/s of weights)", flush=True)
+    bound.samples += bandwidth.measure(buffer, "after", args.read_repeats)
+    del buffer
+    print("  memory read, GB/s:")
+    print("\n".join(bound.describe(num_bytes)))
+    bandwidth_bytes = bound.bound_gbs * 1e9
+    bound_tok_s = bandwidth_bytes / num_bytes
+    median = bound.median(bound.bound_reader) * 1e9 / num_bytes
+    print(f"  bound: {bound.bound_gbs:.1f} GB/s / {num_bytes / 1e9:.3f} GB = {bound_tok_s:.1f} tok/s "
+          f"({bound.bound_reader} max; its median {median:.1f} tok/s)")
+    for method, tok_s in results.items():
+        print(f"  {method:7s} {tok_s:6.1f} tok/s = {tok_s / bound_tok_s:5.1%} of the bound "
+              f"({tok_s / median:5.1%} of the median read)", flush=True)
     if {"fovea", "onednn"} <= results.keys():
         print(f"  fovea / onednn: {results['fovea'] / results['onednn']:.2f}x")
     if args.profile:
         out = subprocess.run([sys.executable, __file__, "--child", "profile", "--decode-tokens",
-                              str(args.decode_tokens), "--threads", str(args.threads), "--bandwidth", str(bandwidth)],
+                              str(args.decode_tokens), "--threads", str(args.threads),
+                              "--bandwidth", str(bandwidth_bytes)],
                              capture_output=True, text=True, check=True)
         print(out.stdout, end="", flush=True)
         profile_linears(model_shapes(path), max(args.repeats, 5))

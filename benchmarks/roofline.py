@@ -2,7 +2,8 @@
 against them.
 
 Peaks, measured with torch on `--threads` threads: GEMM GFLOP/s per dtype (a square matmul, best of several) and
-memory read GB/s (a `sum` over a buffer far larger than the caches). Then one fovea run of each workload (the
+memory read GB/s (benchmarks/bandwidth.py's bound: the fastest of a streaming read and a `sum` over a buffer far
+larger than the caches, on 2 MiB pages). Then one fovea run of each workload (the
 requests of benchmarks/throughput.py for BLIP-2, benchmarks/throughput_qwen.py for Qwen2.5-VL and
 benchmarks/throughput_llava.py for LLaVA-1.5 and, on throughput_llava_next.py's model, LLaVA-NeXT, after a warm-up,
 prefix cache emptied) with a `PhaseRecorder` attached (benchmarks/roofline_phases.py: hooks from the outside,
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import bandwidth  # noqa: E402
 from benchmarks.common import CACHE  # noqa: E402
 from benchmarks.peers import machine_description  # noqa: E402
 from benchmarks.roofline_phases import PhaseRecorder, PhaseTotals  # noqa: E402
@@ -61,8 +63,10 @@ def measure_peaks(dtypes: list[str], size: int = 2048, read_mb: int = 512, repea
         a = torch.randn(size, size).to(getattr(torch, name))
         b = torch.randn(size, size).to(getattr(torch, name))
         gemm[name] = 2.0 * size ** 3 / best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
-    buffer = torch.ones(read_mb * (1 << 20) // 4)  # float32, far past the last-level cache
-    read = buffer.numel() * 4 / best_seconds(buffer.sum, repeats) / 1e9
+    # far past the last-level cache, on 2 MiB pages as the packed weights; the fastest read of any reader
+    # (benchmarks/bandwidth.py: the bound decode.py measures single-stream decode against)
+    buffer = bandwidth.huge_page_buffer(read_mb << 20)
+    read = bandwidth.ReadBound(bandwidth.measure(buffer, "peaks", repeats)).bound_gbs
     del buffer
     return Peaks(gemm_gflops=gemm, read_gbs=read)
 

@@ -60,4 +60,8 @@ at::Tensor int8_dynamic_linear(const at::Tensor& qx, const at::Tensor& x_scale, 
                                const at::Tensor& compensation, int64_t out_features, const at::Tensor& scale,
                                const std::optional<at::Tensor>& bias, at::ScalarType out_dtype);
 
+// memory_read.cpp: the bytes of t read as the weight-streaming kernels read their weights (the memory-read bound);
+// returns their sum, so a caller can check every byte was read once
+int64_t read_bytes(const at::Tensor& t, bool prefetch, int64_t chunk_bytes);
+
 }  // namespace fovea

@@ -1,0 +1,111 @@
+// A plain read of a tensor's bytes, streamed the way the weight-streaming kernels stream their packed weights:
+// what `benchmarks/bandwidth.py` measures the memory-read bound with (fovea/kernels/memory_read.py says why).
+//
+// Same split as bf16_linear.cpp at one row: items of `chunk_bytes`, each thread one contiguous run of them
+// front to back (RangeSplit), stealing from the back of the other's when done; with `prefetch`, the same
+// software prefetch: every 2 KB (one 32-k step of a panel) the 32 lines `kWeightPrefetchBytes` ahead into L2
+// (common.h); without, the hardware prefetcher alone (which on the AMD EPYC read a plain stream faster). Each
+// 64-byte line costs one AVX-512 load and a byte sum (VPSADBW, VPADDQ), far below what memory delivers, so the
+// loop measures the reads, and the sum it returns lets a test check that every byte was read once.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+#if defined(__x86_64__) && (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 7))
+#define FOVEA_READ_AVX512 1
+#include <immintrin.h>
+#define FOVEA_READ_TARGET __attribute__((target("avx512f,avx512bw")))
+#endif
+
+namespace fovea {
+namespace {
+
+constexpr int64_t kLine = 64;
+constexpr int64_t kBlockBytes = 2048;  // bf16_linear.cpp's prefetch granule: one 32-k step of one panel
+
+uint64_t sum_bytes_scalar(const uint8_t* p, int64_t n) {
+  uint64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += p[i];
+  return s;
+}
+
+#ifdef FOVEA_READ_AVX512
+// 8 independent sums over 512 bytes a round: with 4 over 256 the same read ran at ~60% of this rate (AMD EPYC)
+FOVEA_READ_TARGET uint64_t sum_bytes_avx512(const uint8_t* p, int64_t n, bool prefetch) {
+  const int64_t head = std::min<int64_t>(n, (kLine - reinterpret_cast<uintptr_t>(p) % kLine) % kLine);
+  uint64_t s = sum_bytes_scalar(p, head);
+  p += head, n -= head;
+  const __m512i zero = _mm512_setzero_si512();
+  __m512i acc[8];
+  for (auto& a : acc) a = zero;
+  int64_t i = 0;
+  for (; i + kBlockBytes <= n; i += kBlockBytes) {
+    const uint8_t* block = p + i;
+    if (prefetch) {
+      for (int64_t line = 0; line < kBlockBytes; line += kLine) {
+        _mm_prefetch(reinterpret_cast<const char*>(block + kWeightPrefetchBytes + line), _MM_HINT_T1);
+      }
+    }
+    for (int64_t round = 0; round < kBlockBytes; round += 8 * kLine) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m512i v = _mm512_load_si512(reinterpret_cast<const void*>(block + round + j * kLine));
+        acc[j] = _mm512_add_epi64(acc[j], _mm512_sad_epu8(v, zero));
+      }
+    }
+  }
+  for (; i + kLine <= n; i += kLine) {
+    acc[0] = _mm512_add_epi64(acc[0], _mm512_sad_epu8(_mm512_load_si512(reinterpret_cast<const void*>(p + i)), zero));
+  }
+  __m512i total = acc[0];
+  for (int j = 1; j < 8; ++j) total = _mm512_add_epi64(total, acc[j]);
+  return s + static_cast<uint64_t>(_mm512_reduce_add_epi64(total)) + sum_bytes_scalar(p + i, n - i);
+}
+#endif
+
+bool has_avx512bw() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+int64_t read_bytes(const at::Tensor& t, bool prefetch, int64_t chunk_bytes) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "read_bytes reads a contiguous CPU tensor");
+  TORCH_CHECK(chunk_bytes >= kBlockBytes && chunk_bytes % kBlockBytes == 0,
+              "chunk_bytes must be a positive multiple of 2048, got ", chunk_bytes);
+  const auto* p = static_cast<const uint8_t*>(t.data_ptr());
+  const int64_t n = static_cast<int64_t>(t.nbytes());
+  if (n == 0) return 0;
+  RangeSplit items((n + chunk_bytes - 1) / chunk_bytes, at::get_num_threads());
+  std::vector<uint64_t> sums(items.num_ranges, 0);
+  const bool vector = has_avx512bw();
+  at::parallel_for(0, items.num_ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t range = begin; range < end; ++range) {
+      uint64_t s = 0;
+      for (int64_t item; items.take(range, item);) {
+        const int64_t size = std::min(chunk_bytes, n - item * chunk_bytes);
+#ifdef FOVEA_READ_AVX512
+        if (vector) {
+          s += sum_bytes_avx512(p + item * chunk_bytes, size, prefetch);
+          continue;
+        }
+#endif
+        s += sum_bytes_scalar(p + item * chunk_bytes, size);
+      }
+      sums[range] = s;
+    }
+  });
+  uint64_t total = 0;
+  for (const uint64_t s : sums) total += s;
+  return static_cast<int64_t>(total);
+}
+
+}  // namespace fovea
