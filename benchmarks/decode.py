@@ -14,11 +14,11 @@ reader before the decode runs and again after them, so drift shows: THE bound is
 
 `--profile` adds where a step's time goes, same run: (1) each decode linear shape of the model (qkv, o, gate/up,
 down, lm_head) on fovea's bfloat16 and int8 kernels at 1 row, GB/s of weights read and its fraction of the
-faster `stream` read measured at the same thread count, interleaved with them, on 1 and 2 threads (enough copies of
-each weight that every call reads from memory); (2) one single-stream decode of `--decode-tokens` in a child with
-`benchmarks/roofline_phases.py`'s recorder attached: the share of the decode steps' time in the linears,
-attention, the rest of the forward (norms, rotary, embeddings, residual adds), `lm_head`, sampler and
-scheduling / Python.
+fastest read of bandwidth.py's readers at the same thread count, interleaved with them, on 1 and 2 threads
+(enough copies of each weight that every call reads from memory); (2) one single-stream decode of
+`--decode-tokens` in a child with `benchmarks/roofline_phases.py`'s recorder attached: the share of the decode
+steps' time in the linears, attention, the rest of the forward (norms, rotary, embeddings, residual adds),
+`lm_head`, sampler and scheduling / Python.
 
 `--gaps` adds, same run, where the time between the linear layers goes: one single-stream decode in a child with
 only fovea's bfloat16 linear kernel wrapped (two clock reads per call, nothing else), printing the median time
@@ -94,7 +94,7 @@ def profile_linears(shapes: dict[str, tuple[int, int]], repeats: int, min_bytes:
     buffer = bandwidth.huge_page_buffer(512 << 20)  # on 2 MiB pages, as the packed weights are
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        readers = ("stream", "stream-nopf")
+        readers = bandwidth.READERS
         best = dict.fromkeys(list(runs) + list(readers), float("inf"))
         for _ in range(repeats):  # interleaved: a busy neighbour slows every entry alike
             for name in best:
@@ -106,8 +106,8 @@ def profile_linears(shapes: dict[str, tuple[int, int]], repeats: int, min_bytes:
                     seconds = time.perf_counter() - start
                 best[name] = min(best[name], seconds)
         bound = buffer.nbytes / min(best[r] for r in readers) / 1e9
-        print(f"  decode linears at 1 row, {threads} thread(s): a plain stream reads {bound:.1f} GB/s "
-              f"(the faster of `stream` {buffer.nbytes / best['stream'] / 1e9:.1f} and `stream-nopf`)")
+        print(f"  decode linears at 1 row, {threads} thread(s): the bound {bound:.1f} GB/s (the fastest read: "
+              + ", ".join(f"{r} {buffer.nbytes / best[r] / 1e9:.1f}" for r in readers) + ")")
         for name, (_, num_bytes) in runs.items():
             rate = num_bytes / best[name] / 1e9
             print(f"    {name:14s} {rate:6.1f} GB/s = {rate / bound:5.1%} of the bound", flush=True)
