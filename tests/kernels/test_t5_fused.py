@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fovea import kernels
 from fovea.kernels import t5_fused
 from fovea.models.t5 import T5LayerNorm
 from tests.kernels import requires_compiler
@@ -46,17 +47,22 @@ def test_t5_layer_norm_refuses_a_weight_wider_than_its_input():
 
 
 def test_t5_layer_norm_module_uses_the_kernel_at_inference_and_torch_under_autograd():
-    norm = T5LayerNorm(32, eps=1e-6).to(torch.bfloat16)
+    norm = T5LayerNorm(32, eps=1e-6).to(torch.bfloat16).requires_grad_(False)  # as loaded for serving
     with torch.no_grad():
         norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
     x = torch.randn(4, 32) * 2  # float32 residual stream, bfloat16 weight: the kernel's case
+    # the module dispatches on `can_fuse`, which refuses a parameter that requires grad: a module built by hand
+    # keeps torch's formula unless it is frozen, as loading does (checked here, so this test runs the kernel's path)
+    assert kernels.can_fuse(x, norm.weight)
     with torch.inference_mode():
         fused = norm(x)
         assert torch.equal(fused, t5_fused.t5_layer_norm(x, norm.weight, 1e-6))
+    norm.requires_grad_(True)
     x.requires_grad_(True)
+    assert not kernels.can_fuse(x, norm.weight)
     plain = norm(x)  # autograd: the torch formula
     plain.float().sum().backward()
-    assert x.grad is not None
+    assert x.grad is not None and norm.weight.grad is not None
     _close_or_one_step(fused, plain.detach(), 0.05)
 
 
