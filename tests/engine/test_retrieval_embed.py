@@ -20,9 +20,8 @@ def make_image(seed: int) -> Image.Image:
 IMAGES = [make_image(i) for i in range(3)]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("retrieval")
+def build_stage1_export(folder):
+    """A tiny Blip2ForImageTextRetrieval saved as `fovea train stage1` exports one (tokenizer, image processor)."""
     config = tiny_config(image_size=32, patch_size=8)
     config.architectures = ["Blip2ForImageTextRetrieval"]
     model = Blip2ForImageTextRetrieval(config).eval()
@@ -31,6 +30,11 @@ def model_dir(tmp_path_factory):
     qformer_tokenizer().save_pretrained(folder)
     BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_stage1_export(tmp_path_factory.mktemp("retrieval"))
 
 
 @pytest.fixture(scope="module")

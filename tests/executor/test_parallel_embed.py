@@ -10,14 +10,12 @@ import psutil
 import pytest
 import torch
 from PIL import Image
-from transformers import Blip2ForImageTextRetrieval, BlipImageProcessorPil
 
 from fovea import LLM
 from tests.executor.test_multiproc import STRESS, assert_same, blip2_batch
 from tests.engine.test_retrieval_embed import IMAGES as RETRIEVAL_IMAGES
-from tests.engine.test_retrieval_embed import TEXTS
+from tests.engine.test_retrieval_embed import TEXTS, build_stage1_export
 from tests.oracle.blip2 import build_tiny_blip2
-from tests.training.tiny import qformer_tokenizer, randomize_, tiny_config
 
 POOLINGS = ("vision", "qformer", "projected")
 OPTIONS = dict(dtype="float32", num_threads=1, max_num_seqs=2)  # five images run as three batches
@@ -95,18 +93,6 @@ def test_an_embed_between_pipeline_steps_leaves_generation_unchanged(blip2_ckpt,
         assert_same(expected, [finished[str(i)] for i in range(len(prompts))])
     finally:
         llm.llm_engine.engine_core.shutdown()
-
-
-def build_stage1_export(folder):
-    """A tiny Blip2ForImageTextRetrieval as `fovea train stage1` exports one (tests/engine/test_retrieval_embed.py)."""
-    config = tiny_config(image_size=32, patch_size=8)
-    config.architectures = ["Blip2ForImageTextRetrieval"]
-    model = Blip2ForImageTextRetrieval(config).eval()
-    randomize_(model, seed=3)
-    model.save_pretrained(folder)
-    qformer_tokenizer().save_pretrained(folder)
-    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 def test_a_stage1_export_with_parallel_sizes_runs_in_this_process(tmp_path):

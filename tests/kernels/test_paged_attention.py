@@ -19,18 +19,9 @@ def test_decode_kernel_equals_float64_softmax_for_each_head_size(head_dim, dtype
     gen = torch.Generator().manual_seed(head_dim)
     heads, bs, batch = 8, 16, 5
     context = [1, 17, 40, 97, 300]
-    num_blocks = 1 + sum(-(-c // bs) for c in context)
-    order = (1 + torch.randperm(num_blocks - 1, generator=gen)).tolist()
-    tables, used = [], 0
-    for c in context:
-        tables.append(order[used:used + -(-c // bs)])
-        used += len(tables[-1])
-    max_blocks = max(len(t) for t in tables)
-    table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])
-    # large scores, so a poor exp or a missing max subtraction would show
-    k_cache, v_cache = (torch.randn(num_blocks * bs, kv_heads, head_dim, generator=gen).mul(4).to(dtype)
-                        for _ in range(2))
-    q = torch.randn(batch, heads, head_dim, generator=gen).mul(4).to(dtype)
+    # large scores (x4), so a poor exp or a missing max subtraction would show
+    q, k_cache, v_cache, table = scattered_cache(context, bs, heads, head_dim, gen, kv_heads=kv_heads, dtype=dtype)
+    tables, max_blocks = table.tolist(), table.shape[1]
     # wider than the longest context (as a step's bias is: whole blocks); the tail must not be read
     bias = torch.randn(batch, heads, max_blocks * bs + 3, generator=gen).mul(3) if with_bias else None
     got = kernels.paged_decode(q, k_cache, v_cache, table, torch.tensor(context), head_dim**-0.5, bs, bias)
@@ -53,8 +44,11 @@ def test_decode_kernel_refuses_a_bias_of_the_wrong_shape():
         kernels.paged_decode(q, cache, cache, table, lens, 1.0, 4, torch.zeros(2, 4, 3))
 
 
-def scattered_cache(context: list[int], bs: int, heads: int, head_dim: int, gen: torch.Generator):
-    """bfloat16 q [B, heads, head_dim] and caches over blocks in shuffled order; the block table [B, max_blocks]."""
+def scattered_cache(context: list[int], bs: int, heads: int, head_dim: int, gen: torch.Generator, *,
+                    kv_heads: int | None = None, dtype: torch.dtype = torch.bfloat16):
+    """q [B, heads, head_dim] and caches [slots, kv_heads (default: heads), head_dim] over blocks in shuffled order,
+    values x4; the block table [B, max_blocks] (unused entries 0)."""
+    kv_heads = kv_heads or heads
     num_blocks = 1 + sum(-(-c // bs) for c in context)
     order = (1 + torch.randperm(num_blocks - 1, generator=gen)).tolist()
     tables, used = [], 0
@@ -63,8 +57,9 @@ def scattered_cache(context: list[int], bs: int, heads: int, head_dim: int, gen:
         used += len(tables[-1])
     max_blocks = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])
-    k_cache, v_cache = (torch.randn(num_blocks * bs, heads, head_dim, generator=gen).mul(4).bfloat16() for _ in range(2))
-    q = torch.randn(len(context), heads, head_dim, generator=gen).mul(4).bfloat16()
+    k_cache, v_cache = (torch.randn(num_blocks * bs, kv_heads, head_dim, generator=gen).mul(4).to(dtype)
+                        for _ in range(2))
+    q = torch.randn(len(context), heads, head_dim, generator=gen).mul(4).to(dtype)
     return q, k_cache, v_cache, table
 
 
