@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import CACHE  # noqa: E402
+from benchmarks.roofline import best_seconds  # noqa: E402
 from fovea import LLM  # noqa: E402
 from fovea.kernels import encoder_attention as attention_kernel  # noqa: E402
 
@@ -38,16 +38,6 @@ def torch_sdpa():
         yield
     finally:
         attention_kernel.supports = supports
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def checkpoint(workload: str) -> tuple[Path, int]:
@@ -78,16 +68,16 @@ def run(workload: str, num_images: int, repeats: int) -> None:
         diff = ((fovea_out.float() - sdpa_out.float()).abs().max() / sdpa_out.float().abs().max()).item()
         times = {"fovea kernel": [], "torch SDPA": []}
         for _ in range(repeats):  # alternating, so both see the same machine
-            times["fovea kernel"].append(best_of(tower, 1))
+            times["fovea kernel"].append(best_seconds(tower, 1))
             with torch_sdpa():
-                times["torch SDPA"].append(best_of(tower, 1))
+                times["torch SDPA"].append(best_seconds(tower, 1))
         tokens, heads, head_dim = attention_shape(model)
         qkv = torch.randn(num_images * tokens, 3, heads, head_dim).bfloat16()
         q, k, v = qkv.unbind(1)
         segments = attention_kernel.uniform_segments(num_images, tokens)
         batched = [t.view(num_images, tokens, heads, head_dim).transpose(1, 2) for t in (q, k, v)]
-        kernel_s = best_of(lambda: attention_kernel.attention(q, k, v, segments, None, head_dim**-0.5), repeats)
-        sdpa_s = best_of(lambda: F.scaled_dot_product_attention(*batched, scale=head_dim**-0.5), repeats)
+        kernel_s = best_seconds(lambda: attention_kernel.attention(q, k, v, segments, None, head_dim**-0.5), repeats)
+        sdpa_s = best_seconds(lambda: F.scaled_dot_product_attention(*batched, scale=head_dim**-0.5), repeats)
     flops = 4.0 * num_images * heads * tokens * tokens * head_dim
     fovea_s, torch_s = min(times["fovea kernel"]), min(times["torch SDPA"])
     print(f"{workload}: {num_images} images per call, {torch.get_num_threads()} threads, best of {repeats}")
