@@ -167,15 +167,19 @@ def build_attention_metadata(
     return _general_metadata(query_lens, context_lens, block_tables, blocks_needed, block_size, output_requests)
 
 
+def _padded_tables(block_tables: list[list[int]], blocks_needed: list[int], max_blocks: int) -> torch.Tensor:
+    """One padded block table for the step, [requests, max_blocks] (padding points at block 0, the null block)."""
+    return torch.tensor([table[:n] + [0] * (max_blocks - n) for table, n in zip(block_tables, blocks_needed)],
+                        dtype=torch.long)
+
+
 def _general_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
                       blocks_needed: list[int], block_size: int,
                       output_requests: list[int] | None = None) -> AttentionMetadata:
     """`build_attention_metadata` of any step (checked geometry; `blocks_needed[i]` = ceil(context / block_size))."""
     num_reqs = len(query_lens)
     max_blocks = max(blocks_needed, default=0)
-    # one padded table for the step (padding points at block 0, the null block)
-    tables = torch.tensor([table[:n] + [0] * (max_blocks - n) for table, n in zip(block_tables, blocks_needed)],
-                          dtype=torch.long).view(num_reqs, max_blocks)
+    tables = _padded_tables(block_tables, blocks_needed, max_blocks).view(num_reqs, max_blocks)
     q_len = torch.tensor(query_lens, dtype=torch.long)
     ctx_len = torch.tensor(context_lens, dtype=torch.long)
     q_starts = torch.cumsum(q_len, 0) - q_len
@@ -208,8 +212,7 @@ def _decode_metadata(context_lens: list[int], block_tables: list[list[int]], blo
     num_reqs, max_blocks = len(context_lens), max(blocks_needed)
     last = [c - 1 for c in context_lens]
     slots = [table[p // block_size] * block_size + p % block_size for table, p in zip(block_tables, last)]
-    tables = torch.tensor([table[:n] + [0] * (max_blocks - n) for table, n in zip(block_tables, blocks_needed)],
-                          dtype=torch.long)
+    tables = _padded_tables(block_tables, blocks_needed, max_blocks)
     rows = torch.arange(num_reqs)
     limit = torch.tensor(last, dtype=torch.long).view(num_reqs, 1)  # [B, 1]: the last key each query sees
     mask = None
