@@ -1,4 +1,5 @@
-"""fovea's encoder attention kernel on AVX-512 BF16: bidirectional attention over variable-length segments.
+"""fovea's attention kernel on AVX-512 BF16: bidirectional (encoders) or causal (prefill) attention over
+variable-length segments.
 
 Why: a ViT's attention (BLIP-2's ViT over 257 tokens, CLIP ViT-L/14-336's over 577) is ~10% of its FLOPs but ran
 at ~15% of the GEMM rate in torch's SDPA on this class of machine (AMD Zen 4, 2 cores), so it took about as long
@@ -11,12 +12,22 @@ and P @ V into float32 accumulators, with no horizontal sum in the products and 
 (AMD Zen 4, 1 thread) 104-132 GFLOP/s where SDPA reached 54-59 at BLIP-2's and CLIP's shapes
 (`benchmarks/vision_tower.py` measures both).
 
-API (general on purpose: vision encoders with several images per batch, and windowed attention as Qwen2.5-VL's,
-can call it alike): `attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)` with q [Nq, H, D] and k, v [Nk, H, D]
-bfloat16 (any row and head strides, contiguous heads: views of a packed qkv projection go in as they are),
-segment i being rows cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q attending to rows cu_seqlens_k[i]:cu_seqlens_k[i + 1]
-of k and v, no causal order, no mask -> [Nq, H, D] contiguous (= [Nq, H * D] for the output projection).
-D any even size (64, 80, 128 ...); as many kv heads as q heads.
+A decoder's prefill attention (causal, grouped-query) ran at 25-35 GFLOP/s per core in torch's flash SDPA at the
+Qwen2.5-VL workload's prompt lengths (64-400 tokens, 14 q heads over 2 kv heads of 64), a quarter of the GEMMs'
+rate; the same tiles serve it: `causal=True` aligns the mask bottom-right (query row i of a segment of n_q rows
+over n_k keys sees keys j <= i + n_k - n_q, the rows being the last n_q positions: a prompt chunk after its cached
+context), skips each query block's key tiles past its last row's last key (so causal work is about half) and masks
+only the tiles on the diagonal.
+
+API (general on purpose: vision encoders with several images per batch, windowed attention as Qwen2.5-VL's, and
+every prefill of an engine step can call it alike): `attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)`
+with q [Nq, H, D] and k, v [Nk, Hkv, D] bfloat16 (any row and head strides, contiguous heads: views of a packed
+qkv projection go in as they are), segment i being rows cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q attending to rows
+cu_seqlens_k[i]:cu_seqlens_k[i + 1] of k and v -> [Nq, H, D] contiguous (= [Nq, H * D] for the output projection).
+D any even size (64, 80, 128 ...); Hkv divides H (grouped-query: kv head j serves q heads j * H/Hkv ..
+(j + 1) * H/Hkv - 1, as torch's `enable_gqa`), each kv head's keys and values packed once for all of its q heads.
+Work items are blocks of 12 query rows of one head, taken from a counter, so a segment's bits do not depend on
+the batch it is in or on the number of threads.
 
 Arithmetic, as torch's CPU flash attention does it for bfloat16: q . k products of bfloat16 pairs summed in
 float32 (VDPBF16PS), times `scale` in float32, per row an online softmax (running max and sum over key blocks, the
@@ -53,16 +64,16 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-              cu_seqlens_k: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q [Nq, H, D], k, v [Nk, H, D] bfloat16; cu_seqlens_* [S + 1] int64 offsets (k's default: q's); scale > 0
-    -> [Nq, H, D]."""
+              cu_seqlens_k: torch.Tensor | None, scale: float, causal: bool = False) -> torch.Tensor:
+    """q [Nq, H, D], k, v [Nk, Hkv, D] bfloat16 (Hkv divides H); cu_seqlens_* [S + 1] int64 offsets (k's default:
+    q's); scale > 0; causal: bottom-right (each segment at most as many queries as keys) -> [Nq, H, D]."""
     if not available():
         raise RuntimeError(f"fovea's AVX-512 BF16 encoder attention does not run here "
                            f"({RUNTIME.status().bf16_linear.describe()})")
     if not scale > 0:  # the kernel takes each row's max before scaling, which only a positive scale keeps in place
         raise ValueError(f"scale must be positive (it is head_dim ** -0.5 or similar); got {scale}")
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-    return extension().encoder_attention(q, k, v, cu_seqlens_q, cu_k, scale)
+    return extension().encoder_attention(q, k, v, cu_seqlens_q, cu_k, scale, causal)
 
 
 def uniform_segments(num_segments: int, length: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "slot_mapping"_a, "block_table"_a, "context_lens"_a, "num_heads"_a, "scale"_a, "block_size"_a);
   m.def("encoder_attention_compiled", &fovea::encoder_attention_compiled);
   m.def("encoder_attention", &fovea::encoder_attention, "q"_a, "k"_a, "v"_a, "cu_seqlens_q"_a, "cu_seqlens_k"_a,
-        "scale"_a);
+        "scale"_a, "causal"_a = false);
   m.def("amx_compiled", &fovea::amx_compiled);
   m.def("enable_amx", &fovea::enable_amx);
   m.def("amx_linear", &fovea::amx_linear, "x"_a, "packed"_a, "bias"_a);

@@ -1,12 +1,14 @@
-// Encoder (bidirectional) attention over variable-length segments on AVX-512 BF16: flash attention with
-// VDPBF16PS products, float32 scores and an online softmax over key blocks, the probabilities rounded to bfloat16
-// for P @ V (as torch's CPU flash kernel rounds them), the output rounded once. fovea/kernels/encoder_attention.py
-// says why and what it matches.
+// Attention over variable-length segments on AVX-512 BF16, bidirectional (encoders) or causal (a decoder's prefill,
+// aligned bottom-right), with as many kv heads as q heads or fewer (grouped-query): flash attention with VDPBF16PS
+// products, float32 scores and an online softmax over key blocks, the probabilities rounded to bfloat16 for P @ V
+// (as torch's CPU flash kernel rounds them), the output rounded once. fovea/kernels/encoder_attention.py says why
+// and what it matches.
 //
 // Compiled on every x86-64 host, like bf16_linear.cpp: Python runs it only where the CPU reports avx512_bf16.
 #include <ATen/Parallel.h>
 
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -34,11 +36,13 @@ inline int32_t pair_at(const uint16_t* p) {  // two bfloat16 as one 32-bit lane
 }
 
 // S[m][0..31] = q_m . k_t for 32 keys (two panels of 16): `kp` holds a panel's keys pair-major ([D/2][16 keys][2]),
-// so q's pair (2r, 2r + 1), broadcast, meets one 64-byte row of 16 keys; float32 sums in pair order. Each row's
-// lane-wise maximum over the first `valid` keys goes into vmax[m] (16 lanes), so the softmax needs no pass for it.
+// so q's pair (2r, 2r + 1), broadcast, meets one 64-byte row of 16 keys; float32 sums in pair order. Row m's
+// lane-wise maximum over its first min(valid, first + m) keys goes into vmax[m] (16 lanes), so the softmax needs no
+// pass for it (`first`: row 0's visible keys in this tile under a causal mask, one more per row; a large number
+// when nothing is masked).
 template <int kRows>
 FOVEA_ATTN_TARGET void scores_tile(const uint16_t* q, int64_t ldq, const uint16_t* kp, int64_t pairs, float* s,
-                                   int64_t lds, int valid, float* vmax) {
+                                   int64_t lds, int valid, int first, float* vmax) {
   __m512 acc[kRows][2];
   for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   const uint16_t* kp1 = kp + pairs * 32;
@@ -52,7 +56,7 @@ FOVEA_ATTN_TARGET void scores_tile(const uint16_t* q, int64_t ldq, const uint16_
       acc[m][1] = _mm512_dpbf16_ps(acc[m][1], x, b1);
     }
   }
-  if (valid >= 32) {
+  if (valid >= 32 && first >= 32) {
     for (int m = 0; m < kRows; ++m) {
       _mm512_storeu_ps(s + m * lds, acc[m][0]);
       _mm512_storeu_ps(s + m * lds + 16, acc[m][1]);
@@ -61,9 +65,10 @@ FOVEA_ATTN_TARGET void scores_tile(const uint16_t* q, int64_t ldq, const uint16_
     }
     return;
   }
-  const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
-  const __mmask16 m1 = valid > 16 ? static_cast<__mmask16>((1u << (valid - 16)) - 1) : 0;
   for (int m = 0; m < kRows; ++m) {
+    const int n = std::max(0, std::min(valid, first + m));  // this row's keys in the tile
+    const __mmask16 m0 = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+    const __mmask16 m1 = n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : 0;
     _mm512_storeu_ps(s + m * lds, acc[m][0]);
     _mm512_storeu_ps(s + m * lds + 16, acc[m][1]);
     __m512 v = _mm512_loadu_ps(vmax + 16 * m);
@@ -97,7 +102,7 @@ FOVEA_ATTN_TARGET void values_tile(const uint16_t* p, int64_t ldp, const uint16_
   }
 }
 
-using ScoresFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, int, float*);
+using ScoresFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, float*, int64_t, int, int, float*);
 using ValuesFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, const float*);
 
 template <int... kRows>
@@ -176,14 +181,21 @@ struct Problem {
   const uint16_t *q, *k, *v;
   int64_t q_row, q_head, k_row, k_head, v_row, v_head;  // strides in elements
   const int64_t *cu_q, *cu_k;
-  int64_t heads, D;
+  int64_t heads, kv_heads, D, dpad;  // dpad: D rounded up to 16 (the values' packed row)
   float scale;
+  bool causal;  // query row i of a segment of n_q rows over n_k keys sees keys j <= i + n_k - n_q
   uint16_t* out;  // [Nq, heads, D]
+  // every (segment, kv head)'s keys and values as the tiles read them: segment s's panels start at row
+  // key_base[s] * kv_heads + h * padded(s) of kp ([rows][D]) and vp ([rows][dpad]), padded(s) = its keys rounded to 32
+  uint16_t *kp, *vp;
+  const int64_t* key_base;
 };
 
-// Per thread: one (segment, head)'s keys and values as the tiles read them, and one query block's S, P, O.
+inline int64_t padded_keys(int64_t L) { return (L + 31) / 32 * 32; }
+
+// Per thread: one query block's S, P, O.
 struct Scratch {
-  std::vector<uint16_t> kp, vp, p;
+  std::vector<uint16_t> p;
   std::vector<float> s, vmax, o, mx, l, alpha;
 };
 
@@ -196,18 +208,19 @@ FOVEA_ATTN_TARGET void prefetch_row(const uint16_t* row, int64_t D) {
   for (int64_t b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
 }
 
-FOVEA_ATTN_TARGET void pack_keys_values(const Problem& pr, int64_t k0, int64_t L, int64_t padded, int64_t h,
-                                        Scratch& buf) {
-  const int64_t pairs = pr.D / 2, dpad = (pr.D + 15) / 16 * 16;
+FOVEA_ATTN_TARGET void pack_keys_values(const Problem& pr, int64_t segment, int64_t h) {
+  const int64_t k0 = pr.cu_k[segment], L = pr.cu_k[segment + 1] - k0, padded = padded_keys(L);
+  const int64_t pairs = pr.D / 2, dpad = pr.dpad, base = pr.key_base[segment] * pr.kv_heads + h * padded;
+  uint16_t* kpack = pr.kp + base * pr.D;
+  uint16_t* vpack = pr.vp + base * dpad;
   auto key = [&](int64_t t) { return pr.k + (k0 + t) * pr.k_row + h * pr.k_head; };
   auto value = [&](int64_t t) { return pr.v + (k0 + t) * pr.v_row + h * pr.v_head; };
   for (int64_t t = 0; t < std::min<int64_t>(L, kPackAhead); ++t) {
     prefetch_row(key(t), pr.D);
     prefetch_row(value(t), pr.D);
   }
-  buf.kp.assign(padded * pr.D, 0);
-  buf.vp.resize(padded * dpad);
-  int32_t* kp = reinterpret_cast<int32_t*>(buf.kp.data());
+  std::fill(kpack, kpack + padded * pr.D, 0);
+  int32_t* kp = reinterpret_cast<int32_t*>(kpack);
   for (int64_t t = 0; t < L; t += 2) {
     for (int64_t u = t + kPackAhead; u < std::min(L, t + kPackAhead + 2); ++u) {
       prefetch_row(key(u), pr.D);
@@ -221,7 +234,7 @@ FOVEA_ATTN_TARGET void pack_keys_values(const Problem& pr, int64_t k0, int64_t L
     }
     // two value rows interleaved: (v[t][d], v[t + 1][d]) as one 32-bit lane, 16 columns per store
     const uint16_t *a = value(t), *b = pair ? value(t + 1) : nullptr;
-    uint16_t* dst = buf.vp.data() + (t / 2) * dpad * 2;
+    uint16_t* dst = vpack + (t / 2) * dpad * 2;
     for (int64_t d = 0; d < dpad; d += 16) {
       const __mmask16 cols = pr.D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (pr.D - d)) - 1);
       const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cols, a + d));
@@ -230,51 +243,60 @@ FOVEA_ATTN_TARGET void pack_keys_values(const Problem& pr, int64_t k0, int64_t L
     }
   }
   const int64_t filled = (L + 1) / 2 * dpad * 2;
-  std::fill(buf.vp.begin() + filled, buf.vp.begin() + padded * dpad, 0);
+  std::fill(vpack + filled, vpack + padded * dpad, 0);
 }
 
-FOVEA_ATTN_TARGET void attend(const Problem& pr, int64_t segment, int64_t h, Scratch& buf) {
+// Rows b0 .. b0 + 11 of one segment's q head h (over its kv head's packed keys and values). Causal: the block reads
+// the keys up to its last row's last visible one; whole key tiles past it are skipped, the diagonal's are masked.
+FOVEA_ATTN_TARGET void attend(const Problem& pr, int64_t segment, int64_t h, int64_t b0, Scratch& buf) {
   const int64_t q0 = pr.cu_q[segment], rows = pr.cu_q[segment + 1] - q0;
-  const int64_t k0 = pr.cu_k[segment], L = pr.cu_k[segment + 1] - k0;
-  if (rows == 0) return;
-  const int64_t padded = (L + 31) / 32 * 32, pairs = pr.D / 2, dpad = (pr.D + 15) / 16 * 16, chunks = dpad / 16;
-  pack_keys_values(pr, k0, L, padded, h, buf);
-  for (int64_t b0 = 0; b0 < rows; b0 += kBlockRows) {
-    const int R = static_cast<int>(std::min<int64_t>(kBlockRows, rows - b0));
-    const uint16_t* q = pr.q + (q0 + b0) * pr.q_row + h * pr.q_head;
-    std::fill(buf.o.begin(), buf.o.begin() + R * dpad, 0.f);
-    std::fill(buf.mx.begin(), buf.mx.end(), -std::numeric_limits<float>::infinity());
-    std::fill(buf.l.begin(), buf.l.end(), 0.f);
-    const ScoresFn scores = pick_scores(R, std::make_integer_sequence<int, kBlockRows>{});
-    for (int64_t kb = 0; kb < padded; kb += kKeyBlock) {
-      const int64_t nb = std::min<int64_t>(kKeyBlock, padded - kb), valid = std::min(nb, L - kb);
-      std::fill(buf.vmax.begin(), buf.vmax.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t t = 0; t < nb; t += 32) {
-        scores(q, pr.q_row, buf.kp.data() + (kb + t) * pr.D, pairs, buf.s.data() + t, kKeyBlock,
-               static_cast<int>(std::min<int64_t>(32, valid - t)), buf.vmax.data());
-      }
-      for (int m = 0; m < R; ++m) {
-        buf.alpha[m] = softmax_block(buf.s.data() + m * kKeyBlock, buf.vmax.data() + 16 * m, nb, valid, pr.scale,
-                                     buf.mx[m], buf.l[m], buf.p.data() + m * kKeyBlock);
-      }
-      for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
-        const int c = static_cast<int>(std::min<int64_t>(4, chunks - c0)), tile = values_rows(c);
-        for (int m0 = 0; m0 < R; m0 += tile) {
-          const int r = std::min(tile, R - m0);
-          values_fn(r, c)(buf.p.data() + m0 * kKeyBlock, kKeyBlock, buf.vp.data() + (kb / 2) * dpad * 2 + c0 * 32,
-                          dpad * 2, nb / 2, buf.o.data() + m0 * dpad + c0 * 16, dpad, buf.alpha.data() + m0);
-        }
+  const int64_t L = pr.cu_k[segment + 1] - pr.cu_k[segment];
+  const int64_t pairs = pr.D / 2, dpad = pr.dpad, chunks = dpad / 16, kv = h / (pr.heads / pr.kv_heads);
+  const int64_t base = pr.key_base[segment] * pr.kv_heads + kv * padded_keys(L);
+  const uint16_t* kpack = pr.kp + base * pr.D;
+  const uint16_t* vpack = pr.vp + base * dpad;
+  const int R = static_cast<int>(std::min<int64_t>(kBlockRows, rows - b0));
+  const int64_t shift = L - rows;  // causal: row i sees keys j <= i + shift (bottom-right)
+  const int64_t end = pr.causal ? b0 + R + shift : L;  // keys the block reads
+  const int64_t padded = padded_keys(end);
+  const uint16_t* q = pr.q + (q0 + b0) * pr.q_row + h * pr.q_head;
+  std::fill(buf.o.begin(), buf.o.begin() + R * dpad, 0.f);
+  std::fill(buf.mx.begin(), buf.mx.end(), -std::numeric_limits<float>::infinity());
+  std::fill(buf.l.begin(), buf.l.end(), 0.f);
+  const ScoresFn scores = pick_scores(R, std::make_integer_sequence<int, kBlockRows>{});
+  for (int64_t kb = 0; kb < padded; kb += kKeyBlock) {
+    const int64_t nb = std::min<int64_t>(kKeyBlock, padded - kb), valid = std::min(nb, end - kb);
+    std::fill(buf.vmax.begin(), buf.vmax.end(), -std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < nb; t += 32) {
+      // row 0's visible keys from key kb + t on (row m sees m more); every key when nothing is masked
+      const int64_t first = pr.causal ? b0 + shift + 1 - (kb + t) : kKeyBlock;
+      scores(q, pr.q_row, kpack + (kb + t) * pr.D, pairs, buf.s.data() + t, kKeyBlock,
+             static_cast<int>(std::min<int64_t>(32, valid - t)),
+             static_cast<int>(std::max<int64_t>(-kBlockRows, std::min<int64_t>(first, kKeyBlock))), buf.vmax.data());
+    }
+    for (int m = 0; m < R; ++m) {
+      // causal: every row sees key 0 (shift >= 0), so its first block has a key and later ones may have none
+      const int64_t row_valid = pr.causal ? std::max<int64_t>(0, std::min(valid, b0 + m + shift + 1 - kb)) : valid;
+      buf.alpha[m] = softmax_block(buf.s.data() + m * kKeyBlock, buf.vmax.data() + 16 * m, nb, row_valid, pr.scale,
+                                   buf.mx[m], buf.l[m], buf.p.data() + m * kKeyBlock);
+    }
+    for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+      const int c = static_cast<int>(std::min<int64_t>(4, chunks - c0)), tile = values_rows(c);
+      for (int m0 = 0; m0 < R; m0 += tile) {
+        const int r = std::min(tile, R - m0);
+        values_fn(r, c)(buf.p.data() + m0 * kKeyBlock, kKeyBlock, vpack + (kb / 2) * dpad * 2 + c0 * 32, dpad * 2,
+                        nb / 2, buf.o.data() + m0 * dpad + c0 * 16, dpad, buf.alpha.data() + m0);
       }
     }
-    for (int m = 0; m < R; ++m) {  // O / l, rounded once (torch multiplies by the reciprocal too)
-      const float inv = 1.f / buf.l[m];
-      uint16_t* y = pr.out + ((q0 + b0 + m) * pr.heads + h) * pr.D;
-      const float* o = buf.o.data() + m * dpad;
-      for (int64_t d = 0; d < pr.D; d += 16) {
-        const __mmask16 mask = pr.D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (pr.D - d)) - 1);
-        const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(inv));
-        _mm256_mask_storeu_epi16(y + d, mask, (__m256i)_mm512_cvtneps_pbh(x));
-      }
+  }
+  for (int m = 0; m < R; ++m) {  // O / l, rounded once (torch multiplies by the reciprocal too)
+    const float inv = 1.f / buf.l[m];
+    uint16_t* y = pr.out + ((q0 + b0 + m) * pr.heads + h) * pr.D;
+    const float* o = buf.o.data() + m * dpad;
+    for (int64_t d = 0; d < pr.D; d += 16) {
+      const __mmask16 mask = pr.D - d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (pr.D - d)) - 1);
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(inv));
+      _mm256_mask_storeu_epi16(y + d, mask, (__m256i)_mm512_cvtneps_pbh(x));
     }
   }
 }
@@ -301,14 +323,16 @@ void check_qkv(const at::Tensor& t, const char* name) {
 bool encoder_attention_compiled() { return true; }
 
 at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale) {
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale,
+                             bool causal) {
   check_qkv(q, "q");
   check_qkv(k, "k");
   check_qkv(v, "v");
-  const int64_t rows = q.size(0), heads = q.size(1), D = q.size(2);
+  const int64_t rows = q.size(0), heads = q.size(1), D = q.size(2), kv_heads = k.size(1);
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have one shape; got ", k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.size(1) == heads && k.size(2) == D, "k and v must have q's ", heads, " heads of ", D,
-              "; got ", k.sizes());
+  TORCH_CHECK(k.size(2) == D && kv_heads > 0 && heads % kv_heads == 0, "k and v must have q's ", heads,
+              " heads of ", D, ", or a number of heads of ", D, " that divides ", heads, " (grouped-query); got ",
+              k.sizes());
   TORCH_CHECK(D > 0 && D % 2 == 0, "head_dim must be even (pairs of bfloat16 per product); got ", D);
   check_segments(cu_seqlens_q, rows, "cu_seqlens_q", "q");
   check_segments(cu_seqlens_k, k.size(0), "cu_seqlens_k", "k");
@@ -316,24 +340,42 @@ at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at:
               "segments; got ", cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
   const int64_t segments = cu_seqlens_q.size(0) - 1;
   const int64_t *cq = cu_seqlens_q.data_ptr<int64_t>(), *ck = cu_seqlens_k.data_ptr<int64_t>();
-  int64_t longest = 0;
+  std::vector<int64_t> key_base(segments + 1, 0);  // prefix sums of the segments' padded key counts
+  int64_t blocks = 0;  // query blocks of all segments
   for (int64_t i = 0; i < segments; ++i) {
-    TORCH_CHECK(cq[i + 1] == cq[i] || ck[i + 1] > ck[i], "segment ", i, " has ", cq[i + 1] - cq[i],
-                " queries and no keys");
-    longest = std::max(longest, ck[i + 1] - ck[i]);
+    const int64_t n_q = cq[i + 1] - cq[i], n_k = ck[i + 1] - ck[i];
+    TORCH_CHECK(n_q == 0 || n_k > 0, "segment ", i, " has ", n_q, " queries and no keys");
+    TORCH_CHECK(!causal || n_q <= n_k, "causal segment ", i, " has ", n_q, " queries for ", n_k,
+                " keys; the queries are the last of the keys' positions, so at most as many");
+    key_base[i + 1] = key_base[i] + padded_keys(n_k);
+    blocks += (n_q + kBlockRows - 1) / kBlockRows;
   }
   auto out = at::empty({rows, heads, D}, q.options());
   if (rows == 0) return out;
+  const int64_t dpad = (D + 15) / 16 * 16;
+  // uninitialised: packing writes every element, the zeros included
+  std::unique_ptr<uint16_t[]> kp(new uint16_t[key_base[segments] * kv_heads * D]);
+  std::unique_ptr<uint16_t[]> vp(new uint16_t[key_base[segments] * kv_heads * dpad]);
   auto u16 = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); };
   const Problem pr{u16(q), u16(k), u16(v), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                   v.stride(1), cq, ck, heads, D, static_cast<float>(scale),
-                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())};
-  const int64_t dpad = (D + 15) / 16 * 16, padded = (longest + 31) / 32 * 32;
-  // one work item: a (segment, head) pair, its keys and values packed once for all of its query blocks
-  WorkCounter items(segments * heads);
+                   v.stride(1), cq, ck, heads, kv_heads, D, dpad, static_cast<float>(scale), causal,
+                   reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), kp.get(), vp.get(), key_base.data()};
+  // First every (segment, kv head)'s keys and values are packed, once for all of its q heads; then each work item
+  // is one query block of one q head (small items, so a core slowed by its neighbour hands work over, and a causal
+  // segment's long last blocks spread), in the order that reads one kv head's panels at a time.
+  WorkCounter packs(segments * kv_heads);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t item; packs.take(item);) {
+      if (cq[item / kv_heads + 1] > cq[item / kv_heads]) pack_keys_values(pr, item / kv_heads, item % kv_heads);
+    }
+  });
+  std::vector<int64_t> first_block(segments + 1, 0);  // the segments' first items: blocks x heads
+  for (int64_t i = 0; i < segments; ++i) {
+    first_block[i + 1] = first_block[i] + (cq[i + 1] - cq[i] + kBlockRows - 1) / kBlockRows * heads;
+  }
+  WorkCounter items(first_block[segments]);
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch buf;
-    buf.kp.reserve(padded * D);
     buf.s.resize(kBlockRows * kKeyBlock);
     buf.vmax.resize(kBlockRows * 16);
     buf.p.resize(kBlockRows * kKeyBlock);
@@ -341,7 +383,13 @@ at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at:
     buf.mx.resize(kBlockRows);
     buf.l.resize(kBlockRows);
     buf.alpha.resize(kBlockRows);
-    for (int64_t item; items.take(item);) attend(pr, item / heads, item % heads, buf);
+    int64_t segment = 0;
+    for (int64_t item; items.take(item);) {
+      while (first_block[segment + 1] <= item) ++segment;  // items are taken in increasing order
+      const int64_t local = item - first_block[segment];
+      const int64_t num_blocks = (first_block[segment + 1] - first_block[segment]) / heads;
+      attend(pr, segment, local / num_blocks, local % num_blocks * kBlockRows, buf);
+    }
   });
   return out;
 }
@@ -350,7 +398,7 @@ at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at:
 
 bool encoder_attention_compiled() { return false; }
 at::Tensor encoder_attention(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, double) {
+                             const at::Tensor&, double, bool) {
   TORCH_CHECK(false, "fovea's AVX-512 BF16 encoder attention was not compiled (x86-64 with gcc >= 10 or clang >= 9)");
 }
 

@@ -31,10 +31,12 @@ at::Tensor rotary_paged_decode(const at::Tensor& qkv, const at::Tensor& cos, con
                                const at::Tensor& block_table, const at::Tensor& context_lens, int64_t num_heads,
                                double scale, int64_t block_size);
 
-// encoder_attention.cpp: bidirectional attention over variable-length segments (ViTs' encoders), AVX-512 BF16
+// encoder_attention.cpp: attention over variable-length segments on AVX-512 BF16, bidirectional (ViTs' encoders)
+// or causal bottom-right (a decoder's prefill), grouped-query when k and v have fewer heads
 bool encoder_attention_compiled();
 at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale);
+                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale,
+                             bool causal);
 
 // amx_linear.cpp: bfloat16 linear on Intel AMX tiles
 bool amx_compiled();
