@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fovea import kernels
+from fovea.layers import prefill_attention
 
 
 @dataclass(slots=True)
@@ -247,7 +248,8 @@ class Attention(nn.Module):
     Non-paged (a `DenseAttentionMetadata`, or no context): q, k, v [B, L, width] (or [L, width], one
     sequence) -> [B, L, num_heads*head_dim]; nothing is cached.
     Paged decode groups run fovea's C++ kernel (`fovea.kernels.paged_decode`) when `use_kernel` and the
-    kernels run here, else gather + SDPA.
+    kernels run here, else gather + SDPA. Prefill groups (whole prompts, and chunks after cached context) run
+    fovea's causal AVX-512 BF16 kernel in bfloat16 without a bias (`fovea.layers.prefill_attention`), else SDPA.
 
     `attn_bias` (T5's relative position bias): additive float scores that already hold the causal mask
     (-inf where a key may not be seen); paged, one [B, num_heads, max_q, max_blocks * block_size] tensor per
@@ -295,7 +297,15 @@ class Attention(nn.Module):
         out = q.new_empty(num_tokens, self.num_heads * self.head_dim)
         k_blocks = k_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
         v_blocks = v_cache.view(-1, bs, self.num_kv_heads, self.head_dim)
+        prefill_on_kernel = attn_bias is None and self.use_kernel and prefill_attention.runs_here(
+            q, k, v, k_cache, self.scale)
+        if prefill_on_kernel:
+            whole_step = self._prefill_on_kernel(q, k, v, groups, k_blocks, v_blocks, out)
+            if whole_step is not None:
+                return whole_step
         for i, g in enumerate(groups):
+            if prefill_on_kernel and not g.is_decode:
+                continue
             num_reqs = g.block_table.shape[0]
             bias = None if attn_bias is None else attn_bias[i]  # (B, nh, max_q, K): the causal mask is in it
             if g.is_decode and self.use_kernel and kernels.is_available():
@@ -323,6 +333,26 @@ class Attention(nn.Module):
                 continue
             out[g.token_index] = self._attend_blocks(q, g, k_blocks, v_blocks, g.mask)
         return out
+
+    def _prefill_on_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[AttentionGroup],
+                           k_blocks: torch.Tensor, v_blocks: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """Every prefill group of the step on fovea's causal kernel, written into `out` [N, nh * hs]; the kernel's
+        output itself when one run of whole prompts is the whole step (nothing to copy)."""
+        fresh = [g.fresh_range for g in groups if g.fresh_range is not None]
+        for lo, lengths in prefill_attention.fresh_runs(fresh):
+            rows = prefill_attention.attend_fresh(q, k, v, lo, lengths, self.num_kv_heads, self.scale)
+            if rows.shape[0] == out.shape[0]:
+                return rows
+            out[lo:lo + rows.shape[0]] = rows
+        chunks = [(int(g.token_index[0]), g.token_index.numel(), int(g.context_lens[0]), g.block_table[0])
+                  for g in groups if not g.is_decode and g.fresh_range is None]
+        if chunks:
+            rows = prefill_attention.attend_chunks(q, chunks, k_blocks, v_blocks, self.scale)
+            first = 0
+            for lo, n, _, _ in chunks:
+                out[lo:lo + n] = rows[first:first + n]
+                first += n
+        return None
 
     def forward_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The step's K/V of every row into the cache, and attention for the metadata's output rows only:
