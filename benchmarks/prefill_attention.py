@@ -8,12 +8,22 @@ one call with the causal mask, as `Attention._attend_blocks`). FLOPs are the use
 (query, key) pair and head: half of the square for a whole prompt), so GFLOP/s compare as the times do. Best of
 `--repeats`, wall time on `--threads` threads (default 1: the figures are per core).
 
+With `--engine qwen` or `--engine llava`: the offline workload of benchmarks/throughput_qwen.py or
+throughput_llava.py (`--num-requests` of its requests through `LLM.chat`, prefix cache emptied before each run;
+`--prefill-only`: one output token each) on one loaded engine, alternating the LM's prefill attention between
+fovea's kernel and torch's SDPA (switched from the outside, for the comparison only), so both see the same machine;
+prints each run, the best of each side and their ratio. `--threads` defaults to 2 there (the engines' default).
+
     python benchmarks/prefill_attention.py [--shapes qwen llava llama7b chunk] [--repeats 20] [--threads 1]
+    FOVEA_BENCH_CACHE=/work/bench-cache python benchmarks/prefill_attention.py --engine qwen [--num-requests 8]
+        [--repeats 3] [--prefill-only]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.roofline import best_seconds  # noqa: E402
 from fovea.kernels import encoder_attention as attention_kernel  # noqa: E402
+from fovea.layers import prefill_attention  # noqa: E402
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +111,74 @@ def run(name: str, repeats: int) -> None:
           f"(outputs differ by at most {diff:.3g})")
 
 
+@contextlib.contextmanager
+def torch_sdpa():
+    """The LM's prefill attention on torch's SDPA, as before the kernel (the layer asks `runs_here` every call)."""
+    runs_here = prefill_attention.runs_here
+    prefill_attention.runs_here = lambda *args: False
+    try:
+        yield
+    finally:
+        prefill_attention.runs_here = runs_here
+
+
+def run_engine(workload: str, num_requests: int, repeats: int, prefill_only: bool, threads: int) -> None:
+    from benchmarks.common import CACHE, image_chats
+    from benchmarks.peers import machine_description
+    from fovea import LLM, SamplingParams
+
+    if workload == "qwen":
+        from benchmarks import throughput_qwen as bench
+        path = bench.build_checkpoint(CACHE / f"qwen2_5_vl-lm0.5b-vit8-{bench.MAX_PIXELS}", bench.MAX_PIXELS)
+        reqs = bench.requests(num_requests)
+        chats, caps = bench.chats(reqs), reqs[2]
+    else:
+        from benchmarks import throughput_llava as bench
+        path = bench.build_checkpoint(CACHE / "llava1.5-clipL8-lm0.5b", 8)
+        texts, imgs, caps = bench.requests(num_requests)
+        chats = image_chats(texts, imgs)
+    caps = [1] * num_requests if prefill_only else caps
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=1024, max_num_seqs=num_requests,
+              kv_cache_memory_bytes=1 << 30, num_threads=threads)
+    params = [SamplingParams(temperature=0.0, max_tokens=c, ignore_eos=True) for c in caps]
+    llm.chat(chats[:2], params[:2], use_tqdm=False)  # warm-up
+    with torch_sdpa():
+        llm.chat(chats[:2], params[:2], use_tqdm=False)
+    print(f"machine: {machine_description()}, {threads} threads; {workload}: {num_requests} requests, "
+          f"{sum(caps)} output tokens")
+    best = {"fovea kernel": float("inf"), "torch SDPA": float("inf")}
+    for _ in range(repeats):
+        for side in best:
+            llm.reset_prefix_cache()
+            with torch_sdpa() if side == "torch SDPA" else contextlib.nullcontext():
+                start = time.perf_counter()
+                llm.chat(chats, params, use_tqdm=False)
+                seconds = time.perf_counter() - start
+            best[side] = min(best[side], seconds)
+            print(f"  {side}: {seconds:.2f} s ({sum(caps) / seconds:.1f} tok/s)")
+    print(f"best: fovea kernel {best['fovea kernel']:.2f} s, torch SDPA {best['torch SDPA']:.2f} s: "
+          f"{best['torch SDPA'] / best['fovea kernel']:.3f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES))
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core figures)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 20 for the kernel alone, 3 with --engine")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default 1 for the kernel alone: per-core figures; 2 with --engine)")
+    parser.add_argument("--engine", choices=("qwen", "llava"), default=None,
+                        help="time this offline workload end to end instead, kernel vs SDPA alternating")
+    parser.add_argument("--num-requests", type=int, default=8)
+    parser.add_argument("--prefill-only", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     if not attention_kernel.available():
         raise SystemExit("fovea's attention kernel does not run here (needs AVX-512 BF16)")
+    if args.engine:
+        run_engine(args.engine, args.num_requests, args.repeats or 3, args.prefill_only, args.threads or 2)
+        return
+    torch.set_num_threads(args.threads or 1)
     for name in args.shapes:
-        run(name, args.repeats)
+        run(name, args.repeats or 20)
 
 
 if __name__ == "__main__":
