@@ -56,10 +56,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_peak_bytes(work: Callable[[], T], baseline_bytes: int | None = None) -> tuple[T, int]:
-    """Run `work()`; return its result and how far the resident set rose above its level at the start (or above
-    `baseline_bytes`, a level read earlier: what earlier work still holds then counts as this work's)."""
-    before = current_rss_bytes() if baseline_bytes is None else baseline_bytes
+def measure_peak_bytes(work: Callable[[], T]) -> tuple[T, int]:
+    """Run `work()`; return its result and how far the resident set rose above its level at the start."""
+    before = current_rss_bytes()
     if _reset_peak_rss() and _peak_rss_bytes() is not None:
         result = work()
         return result, max(0, _peak_rss_bytes() - before)
@@ -82,50 +81,10 @@ def measure_peak_bytes(work: Callable[[], T], baseline_bytes: int | None = None)
     return result, max(0, peak - before)
 
 
-SCALED_PROFILE_MIN_TOKENS = 256
-"""Worst-case steps of fewer tokens are profiled whole; longer ones by `scaled_profile_tokens`."""
-
-
-def scaled_profile_tokens(num_tokens: int, block_size: int) -> tuple[int, int] | None:
-    """The two token counts (t, 2t) through the language model that stand in for a worst-case step of
-    `num_tokens` (t about num_tokens / 16, whole KV blocks), or None: profile the whole step (a short one, or one
-    where the two would cost as much).
-
-    Why: the whole step (BLIP-2 OPT-2.7b, 512 tokens) took as long as loading the weights. What a step allocates
-    above its fixed part grows linearly with its tokens: activations [tokens, width] per layer, the KV entries
-    written, and attention, which on a fresh prefill is torch's flash kernel (blocks of fixed size, never
-    [tokens, tokens]); the rows whose logits are taken are held fixed (`max_num_seqs`). So two points fix the line,
-    and the two shorter steps cost 3/16 of the whole one. A part that grew faster than linearly would be
-    underestimated: tests/worker/test_memory_profile.py compares the estimate with the whole step."""
-    large = -(-max(num_tokens // 8, 2 * block_size) // (2 * block_size)) * 2 * block_size
-    if num_tokens < SCALED_PROFILE_MIN_TOKENS or large + large // 2 >= num_tokens:  # no cheaper than the whole
-        return None
-    return large // 2, large
-
-
-SCALED_PROFILE_MARGIN = 1.25
-"""The extrapolated peak is raised by this factor: the resident set a step adds depends a little on what ran
-before it (a first step of 4096 tokens through a tiny BLIP-2, bfloat16, added 42.9 MB from a fresh process and
-39.4 MB after one like it), and the line's two points come from a process that already ran shorter steps. Measured
-on tiny models (tests/worker/test_memory_profile.py): the scaled estimate with this margin is 1.2-2x the whole
-step's reading; activations are a small part of the KV budget, so the KV cache gives up little to be safe."""
-
-
-def extrapolate_peak_bytes(encoder_peak: int, small: tuple[int, int], large: tuple[int, int], num_tokens: int) -> int:
-    """The peak of a worst-case step of `num_tokens` from its encoder part's peak and two (tokens, peak) points
-    of the language model part measured above the same level as the encoder's (so each includes the encoder's
-    outputs it holds): the line through the two points at `num_tokens` (never a falling line: a smaller second
-    reading is noise, the first one's bytes are still a floor) times `SCALED_PROFILE_MARGIN`, and never below
-    the encoder's own peak."""
-    (t1, m1), (t2, m2) = small, large
-    slope = max(0, m2 - m1) / (t2 - t1)
-    return max(encoder_peak, math.ceil((m2 + slope * (num_tokens - t2)) * SCALED_PROFILE_MARGIN))
-
-
 def trim_free_memory() -> None:
     """Hand the allocator's free pages back to the kernel (glibc's `malloc_trim`; nothing elsewhere), so that
-    the next measurement starts from what is really held: memory a step freed but malloc kept would otherwise be
-    reused by the next step, unseen, or counted twice."""
+    the measurement starts from what is really held: memory earlier work freed but malloc kept would otherwise be
+    reused by the measured step, unseen."""
     global _malloc_trim
     if _malloc_trim is None:
         try:

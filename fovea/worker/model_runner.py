@@ -37,8 +37,8 @@ from fovea.models.weights import load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker import encoder_decoder
-from fovea.worker.memory import (current_rss_bytes, extrapolate_peak_bytes, lazily_zeroed, measure_peak_bytes,
-                                 scaled_profile_tokens, trim_free_memory)
+from fovea.worker.memory import lazily_zeroed, measure_peak_bytes, trim_free_memory
+from fovea.worker.profile_view import PROFILE_VIEW_MARGIN, profile_view
 from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, gather_logprobs, seeded_generator
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -163,35 +163,32 @@ class ModelRunner:
 
     def profile_peak_bytes(self, num_tokens: int, encoder_items: list[MultiModalFeature]) -> int:
         """The memory a worst-case step (encoder over `encoder_items`, then the LM over `num_tokens`) takes at its
-        peak, above what the process held just before (fovea.worker.memory). A long step is not run whole: the
-        encoder runs, then the LM over two shorter steps, and the peak is extrapolated from them
-        (`memory.scaled_profile_tokens`; an encoder-decoder model and short steps run whole)."""
-        scaled = None if self.is_encoder_decoder else scaled_profile_tokens(num_tokens, self.block_size)
+        peak, above what the process held just before (fovea.worker.memory), KV entries aside (the KV cache is
+        budgeted on its own). The step runs through `profile_view`: each stack of like layers cut to its first and
+        last layer (of each kind), which reaches the same peak reading ~2/L of the weights; its reading is raised
+        by `PROFILE_VIEW_MARGIN`."""
         blocks = -(-num_tokens // self.block_size)
         num_cross = -(-self.max_num_encoder_tokens // self.block_size) if self.is_encoder_decoder else 0
         self.allocate_kv_cache(blocks + num_cross)
         try:
-            if scaled is None:
-                return measure_peak_bytes(lambda: self._profile_step(num_tokens, encoder_items))[1]
-            baseline = current_rss_bytes()
-            _, encoder_peak = measure_peak_bytes(lambda: self._profile_step(0, encoder_items))
-            self._profile_step(self.block_size, [], num_tokens)  # first-call allocations kept for good: held below
-            points = []
-            for t in scaled:  # shortest first: what one step leaves behind is counted again in the next (safe side)
+            with profile_view(self.model) as skipped:
+                left_out = {id(m) for layer in skipped for m in layer.modules()}
+                for layer in self.attention_layers:  # the pages the step writes KV into, resident before it starts
+                    if id(layer) not in left_out:
+                        for cache in layer.kv_cache:
+                            cache.fill_(0)
                 trim_free_memory()
-                held = current_rss_bytes() - baseline  # the encoder's outputs, what earlier steps keep for good
-                points.append((t, held + measure_peak_bytes(lambda: self._profile_step(t, [], num_tokens))[1]))
-            return extrapolate_peak_bytes(encoder_peak, points[0], points[1], num_tokens)
+                peak = measure_peak_bytes(lambda: self._profile_step(num_tokens, encoder_items))[1]
+            return math.ceil(peak * (PROFILE_VIEW_MARGIN if skipped else 1.0))
         finally:
             self.encoder_cache.clear()
             for layer in self.attention_layers:
                 layer.kv_cache = None
 
     @torch.inference_mode()
-    def _profile_step(self, num_tokens: int, encoder_items: list[MultiModalFeature],
-                      logits_of_tokens: int | None = None) -> None:
+    def _profile_step(self, num_tokens: int, encoder_items: list[MultiModalFeature]) -> None:
         """Encode `encoder_items`, then run `num_tokens` (0: none) through the LM and take the logits the
-        scheduler's largest step of `logits_of_tokens` (default `num_tokens`) would: one row per sequence."""
+        scheduler's largest step would: one row per sequence."""
         if encoder_items and self.is_first_stage:
             self._run_encoder(encoder_items)
         if num_tokens == 0:
@@ -210,9 +207,8 @@ class ModelRunner:
         with forward_context(meta):
             hidden = self.model(ids, torch.arange(num_tokens), inputs_embeds=embeds, **self._stage_kwargs(received))
         if self.is_last_stage:
-            rows = min(logits_of_tokens or num_tokens, self.config.max_num_seqs)
-            # as many rows as the whole step's, however short this one (the same fixed part at every length)
-            self.model.compute_logits(hidden[-rows:] if rows <= num_tokens else hidden[-1:].repeat(rows, 1))
+            rows = min(num_tokens, self.config.max_num_seqs)
+            self.model.compute_logits(hidden[-rows:])
 
     def add_lora(self, lora_request: LoRARequest) -> None:
         if self.lora_manager is None:
