@@ -3,9 +3,10 @@
     python benchmarks/load_profile.py MODEL_DIR [--threads 2] [--max-model-len 512] [--cprofile 25]
 
 Parts: the C++ kernels' build check (`kernels.configure`), building the model (`build_model`), each checkpoint
-tensor's way in by kind (a linear layer's repack in its hook, by method and by tower; copies through a weight
-loader, e.g. q/k/v into the stacked qkv or bfloat16 -> float32 for the Q-Former; copies out of the file of what a
-module keeps as it is), the memory profiling pass (its encoder part and language-model steps), the KV pool, and
+tensor's way in by kind (a linear layer's repack in its hook, by method and by tower; q/k/v packed one by one
+into their stacked layer's panels as they load; copies through a weight loader, e.g. bfloat16 -> float32 for the
+Q-Former; copies out of the file of what a module keeps as it is), the memory profiling pass (one worst-case step
+through `fovea.worker.profile_view`), the KV pool, and
 whatever else `LLM(...)` does (tokenizer, processor, chat template: the remainder). The page cache is warmed
 first (one read of the checkpoint), so the disk is not measured. `--cprofile N` also prints the N functions
 with the most cumulative time (cProfile slows Python-heavy parts a little; the part figures are taken without).
@@ -54,7 +55,7 @@ def tower(module_name: str) -> str:
 
 def instrument() -> None:
     from fovea import kernels
-    from fovea.layers import linear
+    from fovea.layers import linear, linear_methods
     from fovea.models import weights
     from fovea.worker import model_runner
 
@@ -80,6 +81,9 @@ def instrument() -> None:
         return result
 
     weights.prepare_loaded_layer = prepare_loaded_layer
+    panel = linear_methods.PanelLinearMethod
+    panel.pack_shard = timed(lambda self, layer, *rest: f"weights: repack, {tower(names.get(id(layer), '?'))}, "
+                             f"{self.name}, q/k/v (gate/up) packed as they load", panel.pack_shard)
     default_loader = weights.default_weight_loader
     weights.default_weight_loader = timed(
         lambda param, loaded, shard: f"weights: copy {loaded.dtype}->{param.dtype} (default loader)", default_loader)
@@ -93,8 +97,7 @@ def instrument() -> None:
     runner = model_runner.ModelRunner
     runner.profile_peak_bytes = timed("profiling pass (all)", runner.profile_peak_bytes)
     runner._profile_step = timed(
-        lambda self, num_tokens, items, *rest: (f"profiling pass: encoder ({len(items)} items)" if items and not
-                                                num_tokens else f"profiling pass: step of {num_tokens} tokens"),
+        lambda self, num_tokens, items: f"profiling pass: step of {len(items)} items, {num_tokens} tokens",
         runner._profile_step)
     runner.allocate_kv_cache = timed("KV pool allocation", runner.allocate_kv_cache)
 

@@ -22,7 +22,17 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+def empty_packed(out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """An unwritten [N'/32, K'/32, 2, 16, 16, 2] tensor for `pack_weight(..., out=)`, asked to live on 2 MiB pages
+    (see `pack_weight`) before anything is written into it."""
+    packed = torch.empty(padded(out_features) // BLOCK, padded(in_features) // BLOCK, 2, 16, 16, 2, dtype=dtype)
+    module = extension()
+    if module is not None:
+        module.advise_huge_pages(packed)
+    return packed
+
+
+def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """W [N, K] -> [N'/32, K'/32, 2, 16, 16, 2] with N', K' the sizes padded to multiples of 32 with zeros:
     element [p, s, h, r, n, e] is W[32p + 16h + n, 32s + 2r + e] (zero past N or K).
 
@@ -31,20 +41,25 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     stops the hardware prefetcher (a `torch.sum` over 1 GB on the AMD EPYC, 1 thread: ~23 GB/s on 4 KiB pages,
     ~31 on 2 MiB); writing it then faults in 2 MiB at a time, not 4 KiB.
 
+    `out`: write into these panels instead (e.g. a run of whole panels of a stacked weight's `empty_packed`
+    tensor: a projection packed straight into its part of the stacked q/k/v, which is the stacked weight's
+    packing wherever each projection but the last has a multiple of 32 rows).
+
     The copy is the extension's where it is built (`csrc/weight_pack.cpp`: whole k pairs, the panels split
     between the threads, read straight from `weight`, which at load is the checkpoint's mapped pages): torch's
     copy of the permuted view (`reference_pack`) moves one 2-byte element at a time, ~5x slower, and was most of
     loading's time (BLIP-2 OPT-2.7b). Both give the same bits."""
     n, k = weight.shape
     weight = weight.detach()
-    packed = torch.empty(padded(n) // BLOCK, padded(k) // BLOCK, 2, 16, 16, 2, dtype=weight.dtype,
-                         device=weight.device)
+    if out is None and weight.device.type != "cpu":
+        return reference_pack(weight)
+    packed = empty_packed(n, k, weight.dtype) if out is None else out
+    if tuple(packed.shape) != (padded(n) // BLOCK, padded(k) // BLOCK, 2, 16, 16, 2) or packed.dtype != weight.dtype:
+        raise ValueError(f"packed panels {list(packed.shape)} ({packed.dtype}) do not fit a {[n, k]} weight "
+                         f"({weight.dtype})")
     module = extension()
-    if module is None or weight.device.type != "cpu":
-        return reference_pack(weight, out=packed)
-    module.advise_huge_pages(packed)
-    if weight.element_size() != 2:  # float32 and others (tests): torch's copy
-        return reference_pack(weight, out=packed)
+    if module is None or weight.device.type != "cpu" or weight.element_size() != 2:
+        return reference_pack(weight, out=packed)  # float32 and others (tests), or no extension: torch's copy
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     module.pack_panels_(packed, weight)

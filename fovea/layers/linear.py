@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from fovea.layers.linear_methods import (DenseLinearMethod, LinearMethod, onednn_linear_available,  # noqa: F401
-                                         select_linear_method)
+from fovea.layers.linear_methods import (DenseLinearMethod, LinearMethod, PanelLinearMethod,  # noqa: F401
+                                         onednn_linear_available, select_linear_method)
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, "str | None"], None]
 
@@ -41,6 +41,23 @@ def no_weight_init() -> Iterator[None]:
         yield
     finally:
         _initialize_weights = previous
+
+
+_pack_shards_at_load = False
+
+
+@contextlib.contextmanager
+def packing_shards_at_load() -> Iterator[None]:
+    """Inside, a stacked layer (`PackedLinear`) whose method will be a panel-packed one packs each projection
+    straight into its part of the packed weight as the checkpoint's tensor arrives, instead of copying it into
+    the stacked dense weight to be packed once all are in. Only where every loaded layer is prepared for
+    inference right after (`fovea.models.weights.load_model`); training loads keep the dense weight."""
+    global _pack_shards_at_load
+    previous, _pack_shards_at_load = _pack_shards_at_load, True
+    try:
+        yield
+    finally:
+        _pack_shards_at_load = previous
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -120,8 +137,26 @@ class PackedLinear(LinearBase):
             return
         if shard_id not in self.shard_sizes:
             raise ValueError(f"no shard {shard_id!r} in a layer packing {list(self.shard_sizes)}")
+        if param is self._parameters.get("weight") and self._packs_shards():
+            expected = (self.shard_sizes[shard_id], self.in_features)
+            if tuple(loaded.shape) != expected:
+                raise ValueError(f"shape {tuple(loaded.shape)} vs expected {expected}")
+            self.method.pack_shard(self, loaded, self.shard_offsets[shard_id])
+            return
         dst = param.data.narrow(0, self.shard_offsets[shard_id], self.shard_sizes[shard_id])
         copy_checked(dst, loaded)
+
+    def _packs_shards(self) -> bool:
+        """Within `packing_shards_at_load`: the method this layer will run, chosen now from its (unwritten)
+        weight's dtype and shape as `select_linear_method` would choose it once loaded, packs shard by shard."""
+        if not _pack_shards_at_load or self.is_prepared:
+            return False
+        if type(self.method) is DenseLinearMethod:
+            method = select_linear_method(self)
+            if not (isinstance(method, PanelLinearMethod) and method.packs_shards(self)):
+                return False
+            self.method = method
+        return isinstance(self.method, PanelLinearMethod) and self.method.packs_shards(self)
 
     def split(self, stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return stacked.split(list(self.shard_sizes.values()), dim=-1)

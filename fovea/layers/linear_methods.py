@@ -128,7 +128,27 @@ class PanelLinearMethod(PackedLinearMethod):
 
     def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         layer.panel_bias = None if layer.bias is None else layer.bias.detach().float()
-        return self.pack_panels(weight)
+        packed = vars(layer).pop("packed_by_shard", None)
+        return self.pack_panels(weight) if packed is None else packed
+
+    def packs_shards(self, layer: nn.Module) -> bool:
+        """Whether `pack_shard` can take the stacked layer's projections one by one: each but the last starts a
+        run of whole panels (a multiple of 32 rows), so each packs into its own panels, zero-padded at the end only
+        where the stacked weight is."""
+        return all(size % panels.BLOCK == 0 for size in list(layer.shard_sizes.values())[:-1])
+
+    def pack_shard(self, layer: nn.Module, loaded: torch.Tensor, first_row: int) -> None:
+        """While loading a stacked layer (`fovea.layers.linear.PackedLinear`, q/k/v -> qkv_proj): pack one
+        projection [rows, K], as the checkpoint holds it, straight into its panels of the stacked packed weight,
+        rows `first_row`.. of the dense one. No stacked dense copy is ever written (BLIP-2 OPT-2.7b: 1.3 GB of
+        fresh memory, ~1.4 CPU-s, before the repack read it again); `pack` finds the panels filled."""
+        packed = vars(layer).get("packed_by_shard")
+        if packed is None:
+            packed = layer.packed_by_shard = panels.empty_packed(layer.out_features, layer.in_features,
+                                                                 layer.weight.dtype)
+        first = first_row // panels.BLOCK
+        rows = panels.padded(loaded.shape[0]) // panels.BLOCK
+        panels.pack_weight(loaded.to(packed.dtype), out=packed[first:first + rows])
 
     def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
         return panels.pack_weight(weight)

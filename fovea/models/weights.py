@@ -30,7 +30,8 @@ from torch import nn
 
 from fovea.distributed import parallel_state as ps
 from fovea.distributed.pipeline import is_missing_weight, missing_prefixes
-from fovea.layers.linear import copy_checked, no_weight_init, parameter_owners, prepare_loaded_layer
+from fovea.layers.linear import (copy_checked, no_weight_init, packing_shards_at_load, parameter_owners,
+                                 prepare_loaded_layer)
 from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.quantization import prepare_quantization
 from fovea.models.safetensors_mmap import SafetensorsFile
@@ -300,6 +301,6 @@ def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dty
         nonlocal num_packed
         num_packed += prepare_loaded_layer(module, owners)
 
-    with torch.no_grad():
+    with torch.no_grad(), packing_shards_at_load():
         load_weights(model, model_dir, on_module_loaded=prepare)
     return model, num_packed

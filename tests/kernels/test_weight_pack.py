@@ -85,3 +85,16 @@ def test_a_wrong_destination_or_weight_is_named():
         ext.pack_panels_(torch.empty(2, 3, 2, 16, 16, 2), w.float())
     with pytest.raises(RuntimeError, match=r"2-byte \[N, K\] matrix with contiguous rows"):
         ext.pack_panels_(torch.empty(3, 2, 2, 16, 16, 2, dtype=torch.bfloat16), w.t())
+
+
+def test_projections_packed_into_their_panels_are_the_stacked_weights_packing():
+    # q, k, v of 64, 32 and 40 rows (each but the last a whole number of panels) packed one by one into the runs
+    # of panels their rows take in the stacked weight: the stacked weight's packing, padding included
+    q, k, v = _random_bits(64, 70, seed=5), _random_bits(32, 70, seed=6), _random_bits(40, 70, seed=7)
+    packed = panels.empty_packed(136, 70, torch.bfloat16)
+    for first, w in ((0, q), (2, k), (3, v)):
+        assert panels.pack_weight(w, out=packed[first:first + panels.padded(w.shape[0]) // 32]).data_ptr() \
+            == packed[first].data_ptr()
+    assert torch.equal(_bits(packed), _bits(panels.reference_pack(torch.cat([q, k, v]))))
+    with pytest.raises(ValueError, match=r"packed panels \[1, 3, 2, 16, 16, 2\] .* do not fit a \[40, 70\] weight"):
+        panels.pack_weight(v, out=packed[:1])

@@ -1,14 +1,16 @@
 """fovea's linear layers and methods: which method a loaded layer runs (and `repr` says so), the packed
 methods compute what the dense one did, weights are released, tied weights kept, `state_dict` gives back the
 dense tensors, and a layer built for training starts where `nn.Linear` would."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
-from fovea.kernels import amx_linear
+from fovea.kernels import amx_linear, panels
 from fovea.layers import linear_methods
 from fovea.layers.linear import (Linear, PackedLinear, no_weight_init, onednn_linear_available,
-                                 prepare_linear_layer, prepare_linear_layers)
+                                 packing_shards_at_load, prepare_linear_layer, prepare_linear_layers)
 from fovea.layers.linear_methods import AMXLinearMethod
 
 needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="oneDNN not available in this torch build")
@@ -133,3 +135,39 @@ def test_training_keeps_autograd_and_dtype_casts():
     assert layer.weight.grad.shape == (4, 6)
     layer.to(torch.bfloat16)
     assert layer.params_dtype == torch.bfloat16 and layer(torch.randn(2, 6, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("sizes, by_shard", [({"q": 64, "k": 32, "v": 40}, True),
+                                             ({"q": 40, "k": 32, "v": 32}, False)])
+def test_projections_are_packed_as_they_load_where_each_starts_a_panel(sizes, by_shard):
+    """Within `packing_shards_at_load` a stacked layer whose method is panel-packed packs each projection straight
+    into its panels (the stacked dense weight is never written); where a projection would start mid-panel it is
+    copied into the stacked weight as before. Either way the same bits and the same outputs."""
+    if not isinstance(linear_methods.select_linear_method(Linear(64, 64, dtype=torch.bfloat16)),
+                      linear_methods.PanelLinearMethod):
+        pytest.skip("this CPU runs no panel-packed bfloat16 kernel (neither AVX-512 BF16 nor AMX)")
+    g = torch.Generator().manual_seed(0)
+    shards = {name: (torch.randn(rows, 70, generator=g).bfloat16(), torch.randn(rows, generator=g).bfloat16())
+              for name, rows in sizes.items()}
+    layers = []
+    for at_load in (True, False):
+        with no_weight_init():
+            layer = PackedLinear(70, sizes, bias=True, dtype=torch.bfloat16)
+        with packing_shards_at_load() if at_load else contextlib.nullcontext():
+            for name, (weight, bias) in shards.items():
+                layer.weight.weight_loader(layer.weight, weight, name)
+                layer.bias.weight_loader(layer.bias, bias, name)
+                assert ("packed_by_shard" in vars(layer)) == (at_load and by_shard)
+        prepare_linear_layer(layer)
+        assert "packed_by_shard" not in vars(layer) and "weight" not in dict(layer.named_parameters())
+        layers.append(layer)
+    stacked = torch.cat([w for w, _ in shards.values()])
+    for layer in layers:
+        assert torch.equal(layer.packed_weight.view(torch.int16), panels.reference_pack(stacked).view(torch.int16))
+        assert torch.equal(layer.state_dict()["weight"], stacked)
+    x = torch.randn(3, 70, generator=g).bfloat16()
+    assert torch.equal(layers[0](x), layers[1](x))
+    with no_weight_init(), packing_shards_at_load():
+        layer = PackedLinear(70, sizes, bias=False, dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match=r"shape \((64|40), 70\) vs expected \(32, 70\)"):
+            layer.weight.weight_loader(layer.weight, shards["q"][0], "k")
