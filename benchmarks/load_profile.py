@@ -8,7 +8,8 @@ into their stacked layer's panels as they load; copies through a weight loader, 
 Q-Former; copies out of the file of what a module keeps as it is), the memory profiling pass (one worst-case step
 through `fovea.worker.profile_view`), the KV pool, and
 whatever else `LLM(...)` does (tokenizer, processor, chat template: the remainder). The page cache is warmed
-first (one read of the checkpoint), so the disk is not measured. `--cprofile N` also prints the N functions
+first (one read of the checkpoint), so the disk is not measured. After the load, 1 GiB of fresh memory is filled
+on 2 MiB and on 4 KiB pages (`fresh_memory_floor`): what writing the checkpoint's bytes once costs at least. `--cprofile N` also prints the N functions
 with the most cumulative time (cProfile slows Python-heavy parts a little; the part figures are taken without).
 
 Real-size checkpoints take several GB: run them under the shared memory lock (`flock /work/bigmem.lock ...`).
@@ -102,6 +103,28 @@ def instrument() -> None:
     runner.allocate_kv_cache = timed("KV pool allocation", runner.allocate_kv_cache)
 
 
+def fresh_memory_floor(checkpoint_bytes: int, fill_bytes: int = 1 << 30) -> None:
+    """After the load: the cost of writing memory the process never touched, on 2 MiB pages (where the packed
+    weights live) and on 4 KiB pages, 1 GiB each with `fill_` on all threads: what writing the checkpoint's bytes
+    once costs at least here (on a VM whose host took free memory back, first writes fault to the host)."""
+    import torch
+
+    from fovea.kernels.ops import extension
+
+    held = []
+    for name, huge in (("2 MiB", True), ("4 KiB", False)):
+        t = torch.empty(fill_bytes // 2, dtype=torch.bfloat16)
+        if huge and extension() is not None:
+            extension().advise_huge_pages(t)
+        wall, cpu = time.perf_counter(), time.process_time()
+        t.fill_(1)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        held.append(t)  # kept, as the loaded weights are: freed memory would be reused by the next fill
+        print(f"fresh memory, {name} pages: {fill_bytes / 1e9 / wall:.2f} GB/s wall, {cpu / fill_bytes * 1e9:.2f} "
+              f"CPU-s per GB: writing the checkpoint's {checkpoint_bytes / 1e9:.2f} GB once costs >= "
+              f"{checkpoint_bytes / fill_bytes * wall:.1f} s wall at that rate")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path)
@@ -133,6 +156,7 @@ def main() -> None:
     print("| part | wall s | CPU s | calls |\n| --- | --- | --- | --- |")
     for part, (w, c, n) in sorted(TIMES.items()):
         print(f"| {part} | {w:.2f} | {c:.2f} | {n} |")
+    fresh_memory_floor(sum(path.stat().st_size for path in args.model_dir.glob("*.safetensors")))
     if profiler:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(args.cprofile)

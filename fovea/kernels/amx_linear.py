@@ -48,13 +48,14 @@ def supports(weight: torch.Tensor) -> bool:
             and available())
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> [N/32, K/32, 2, 16, 16, 2] (`panels.pack_weight`, unpadded): element [p, s, h, r, n, e] is
-    W[32p + 16h + n, 32s + 2r + e]. N and K must be multiples of 32: `linear` writes every packed column."""
+def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] -> [N/32, K/32, 2, 16, 16, 2] (`panels.pack_weight`, unpadded, into `out` if given): element
+    [p, s, h, r, n, e] is W[32p + 16h + n, 32s + 2r + e]. N and K must be multiples of 32: `linear` writes every
+    packed column."""
     if weight.dim() != 2 or weight.shape[0] % BLOCK or weight.shape[1] % BLOCK:
         raise ValueError(f"the AMX kernel packs a [N, K] weight with N and K multiples of {BLOCK}; "
                          f"got {list(weight.shape)}")
-    return panels.pack_weight(weight)
+    return panels.pack_weight(weight, out=out)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -22,12 +22,20 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
-def empty_packed(out_features: int, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+def empty_packed(out_features: int, in_features: int, dtype: torch.dtype, huge_pages: bool = True) -> torch.Tensor:
     """An unwritten [N'/32, K'/32, 2, 16, 16, 2] tensor for `pack_weight(..., out=)`, asked to live on 2 MiB pages
-    (see `pack_weight`) before anything is written into it."""
+    (see `pack_weight`) before anything is written into it, unless `huge_pages` is False.
+
+    Why not always: on a VM whose host takes free memory back (this project's machines: Firecracker with free
+    page reporting of blocks of 2 MiB and more), a 2 MiB page always comes from such a block and its first write
+    faults to the host (measured: ~2-2.5 CPU-s per GB written, against ~0.5 for 4 KiB pages taken from the
+    smaller free runs the host still backs). Decode streams the language model's weights, so those keep 2 MiB
+    pages; an encoder runs its weights over hundreds of rows at once (compute-bound: ViT-g's fc1/fc2 at 257 rows
+    ran as fast from 4 KiB pages), so its layers are loaded with huge_pages=False
+    (`fovea.models.weights.load_model`)."""
     packed = torch.empty(padded(out_features) // BLOCK, padded(in_features) // BLOCK, 2, 16, 16, 2, dtype=dtype)
     module = extension()
-    if module is not None:
+    if module is not None and huge_pages:
         module.advise_huge_pages(packed)
     return packed
 

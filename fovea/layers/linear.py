@@ -86,6 +86,9 @@ class LinearBase(nn.Module):
         self.params_dtype = dtype or torch.get_default_dtype()
         self.method = method or DenseLinearMethod()
         self.is_prepared = False  # see prepare_linear_layer
+        # a packed copy of the weights on 2 MiB pages (decode streams them); an encoder's layers are loaded without
+        # (`fovea.kernels.panels.empty_packed` says why; `fovea.models.weights.load_model` sets it)
+        self.huge_pages = True
         self.method.create_weights(self, in_features, out_features, bias, self.params_dtype, _initialize_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,10 @@ class PanelLinearMethod(PackedLinearMethod):
     def pack(self, weight: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         layer.panel_bias = None if layer.bias is None else layer.bias.detach().float()
         packed = vars(layer).pop("packed_by_shard", None)
-        return self.pack_panels(weight) if packed is None else packed
+        if packed is None:
+            out = panels.empty_packed(layer.out_features, layer.in_features, weight.dtype, layer.huge_pages)
+            packed = self.pack_panels(weight, out)
+        return packed
 
     def packs_shards(self, layer: nn.Module) -> bool:
         """Whether `pack_shard` can take the stacked layer's projections one by one: each but the last starts a
@@ -145,13 +148,13 @@ class PanelLinearMethod(PackedLinearMethod):
         packed = vars(layer).get("packed_by_shard")
         if packed is None:
             packed = layer.packed_by_shard = panels.empty_packed(layer.out_features, layer.in_features,
-                                                                 layer.weight.dtype)
+                                                                 layer.weight.dtype, layer.huge_pages)
         first = first_row // panels.BLOCK
         rows = panels.padded(loaded.shape[0]) // panels.BLOCK
         panels.pack_weight(loaded.to(packed.dtype), out=packed[first:first + rows])
 
-    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
-        return panels.pack_weight(weight)
+    def pack_panels(self, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return panels.pack_weight(weight, out=out)
 
     def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return panels.unpack_weight(packed, layer.out_features, layer.in_features)
@@ -162,8 +165,8 @@ class AMXLinearMethod(PanelLinearMethod):
 
     name = "amx"
 
-    def pack_panels(self, weight: torch.Tensor) -> torch.Tensor:
-        return amx_linear.pack_weight(weight)
+    def pack_panels(self, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return amx_linear.pack_weight(weight, out=out)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if AMX_HOST_DECODE_ROWS and x.numel() <= AMX_HOST_DECODE_ROWS * x.shape[-1] and bf16_linear.available():

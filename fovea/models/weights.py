@@ -30,8 +30,8 @@ from torch import nn
 
 from fovea.distributed import parallel_state as ps
 from fovea.distributed.pipeline import is_missing_weight, missing_prefixes
-from fovea.layers.linear import (copy_checked, no_weight_init, packing_shards_at_load, parameter_owners,
-                                 prepare_loaded_layer)
+from fovea.layers.linear import (LinearBase, copy_checked, no_weight_init, packing_shards_at_load,
+                                 parameter_owners, prepare_loaded_layer)
 from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.quantization import prepare_quantization
 from fovea.models.safetensors_mmap import SafetensorsFile
@@ -281,6 +281,22 @@ def _no_init_functions() -> Iterator[None]:
             setattr(nn.init, name, fn)
 
 
+def encoder_layers_on_small_pages(model: nn.Module) -> None:
+    """The linear layers outside a model's language model and `lm_head` (the vision tower, the Q-Former, the
+    projector: what `language_model_modules` / `lm_head_module` leave out) get their packed weights on ordinary
+    pages: decode never reads them, and their first write costs far less on this project's VMs
+    (`fovea.kernels.panels.empty_packed`). A model that does not say which modules are its language model keeps
+    every layer on 2 MiB pages."""
+    prefixes = getattr(model, "language_model_modules", None)
+    if prefixes is None:
+        return
+    lm_prefixes = tuple(prefix + "." for prefix in prefixes)
+    head = getattr(model, "lm_head_module", None)
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and not f"{name}.".startswith(lm_prefixes) and name != head:
+            module.huge_pages = False
+
+
 def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dtype: torch.dtype,
                quantization: str | None = None, quantize_lm_head: bool = False) -> tuple[nn.Module, int]:
     """`build_model`, then fill it from `model_dir` strictly (see `load_weights`), each linear layer's method
@@ -289,6 +305,7 @@ def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dty
     decided before loading (`fovea.models.quantization`). Returns the model and how many of its linear layers
     run a packed or int8 method."""
     model = build_model(model_cls, hf_config, dtype)
+    encoder_layers_on_small_pages(model)
     adapt = getattr(model, "adapt_to_checkpoint", None)
     if adapt is not None:  # e.g. T5: an lm_head of its own, or the token table's, as the file has it
         adapt(checkpoint_tensor_names(model_dir))
