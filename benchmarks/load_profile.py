@@ -104,13 +104,16 @@ def instrument() -> None:
 
 
 def fresh_memory_floor(checkpoint_bytes: int, fill_bytes: int = 1 << 30) -> None:
-    """After the load: the cost of writing memory the process never touched, on 2 MiB pages (where the packed
-    weights live) and on 4 KiB pages, 1 GiB each with `fill_` on all threads: what writing the checkpoint's bytes
-    once costs at least here (on a VM whose host took free memory back, first writes fault to the host)."""
+    """After the load (and 5 s idle): the cost of writing memory the process never touched, on 2 MiB pages (where
+    the language model's packed weights live) and on 4 KiB pages, 1 GiB each with `fill_` on all threads: what
+    writing the checkpoint's bytes once costs at least here (on a VM whose host takes free memory back, the first
+    write into it faults to the host; free page reporting hands blocks of 2 MiB and more back ~2 s after they are
+    freed, so memory freed just before is cheap and is not what a load gets)."""
     import torch
 
     from fovea.kernels.ops import extension
 
+    time.sleep(5)  # memory the load freed is reused at once, cheaply; after ~2 s idle the host has it back
     held = []
     for name, huge in (("2 MiB", True), ("4 KiB", False)):
         t = torch.empty(fill_bytes // 2, dtype=torch.bfloat16)
