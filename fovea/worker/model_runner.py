@@ -15,6 +15,7 @@ sends its hidden state on; a later stage receives it instead of embedding; the l
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -164,14 +165,17 @@ class ModelRunner:
     def profile_peak_bytes(self, num_tokens: int, encoder_items: list[MultiModalFeature]) -> int:
         """The memory a worst-case step (encoder over `encoder_items`, then the LM over `num_tokens`) takes at its
         peak, above what the process held just before (fovea.worker.memory), KV entries aside (the KV cache is
-        budgeted on its own). The step runs through `profile_view`: each stack of like layers cut to its first and
-        last layer (of each kind), which reaches the same peak reading ~2/L of the weights; its reading is raised
-        by `PROFILE_VIEW_MARGIN`."""
+        budgeted on its own). The step runs through `profile_view` (not an encoder-decoder model's): each stack of
+        like layers cut to its first and last layer (of each kind), which reaches the same peak reading ~2/L of the
+        weights; its reading is raised by `PROFILE_VIEW_MARGIN`."""
         blocks = -(-num_tokens // self.block_size)
         num_cross = -(-self.max_num_encoder_tokens // self.block_size) if self.is_encoder_decoder else 0
         self.allocate_kv_cache(blocks + num_cross)
         try:
-            with profile_view(self.model) as skipped:
+            # an encoder-decoder step reaches into every decoder layer outside its forward (T5 writes each one's
+            # cross K/V): it runs whole, as its steps are short
+            view = contextlib.nullcontext([]) if self.is_encoder_decoder else profile_view(self.model)
+            with view as skipped:
                 left_out = {id(m) for layer in skipped for m in layer.modules()}
                 for layer in self.attention_layers:  # the pages the step writes KV into, resident before it starts
                     if id(layer) not in left_out:
