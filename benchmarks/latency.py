@@ -6,8 +6,12 @@ One request at a time, nothing else running in the engine: the chat turn of the 
 TTFT is the wall time of a request for 1 token, preprocessing included; decode tokens/s is (N - 1) / (time of a
 request for N tokens - TTFT), both best of `--repeats`, every timed request on its own image (random pixels, same
 size) after one warm-up request, so neither the prefix nor any encoder cache helps. EOS is ignored. fovea's run
-also reports the TTFT's FLOP bound: the FLOPs of the vision tower, prefill and lm_head (counted as
-benchmarks/roofline.py counts them) over the GEMM peak measured in the same process.
+also prints its TTFT split by part (image preprocessing, input processing, vision tower, Q-Former / merger, LM
+prefill, lm_head, sampler, engine / Python: benchmarks/ttft_split.py) from the fastest of `--repeats` more
+1-token requests with the recorder attached, and the TTFT's FLOP bound: the FLOPs of those requests' vision tower,
+Q-Former / merger, prefill and lm_head (linear layers and attention products, counted from the shapes each call
+ran on) over the GEMM peak measured in the same process, and the TTFT as a multiple of it ("TTFT / bound"; BLIP-2's
+Q-Former runs float32 in every model dtype, so it also gets a bound with those FLOPs at the float32 peak).
 
     python benchmarks/latency.py --peers transformers vllm                    # Qwen benchmark model, bfloat16
     python benchmarks/latency.py --model blip2 --decode-tokens 64 --peers vllm
@@ -148,22 +152,35 @@ def measure(runner, decode_tokens: int, repeats: int) -> tuple[dict[str, float],
     return {"TTFT_s": ttft, "decode tok/s": decode, f"{decode_tokens}-token request_s": full}, prompt_tokens
 
 
-def ttft_flop_bound(runner: LLMRunner, dtype: str) -> dict[str, float]:
-    """The FLOP bound of a TTFT (issue 16's target: within 1.2x of it): the vision tower's, the prefill's and
-    lm_head's FLOPs of one more 1-token request, counted by the roofline's recorder, over this machine's GEMM peak
-    measured now (benchmarks/roofline.py)."""
+def ttft_split(runner: LLMRunner, dtype: str, repeats: int):
+    """The TTFT split by part (benchmarks/ttft_split.py) of the fastest of `repeats` recorded 1-token requests, each
+    on a fresh image, and its FLOP bound (issue 16's target: TTFT within 1.2x of it): the vision tower's,
+    Q-Former's / merger's, prefill's and lm_head's FLOPs over this machine's GEMM peaks measured now
+    (benchmarks/roofline.py), all at `dtype`'s peak and each at the peak of the dtype it ran in.
+    Returns (the split, the peaks, the figures for the report)."""
     from benchmarks.roofline import measure_peaks
-    from benchmarks.roofline_phases import PhaseRecorder
+    from benchmarks.ttft_split import TTFTRecorder  # fovea's modules: imported by fovea's run only
 
-    recorder = PhaseRecorder(runner.llm)
-    try:
-        runner(image(20_000), 1)
-    finally:
-        recorder.remove()
-    phases = recorder.totals.phases
-    flops = sum(phases[name].flops for name in ("vision tower", "LM prefill", "lm_head"))
-    peak = measure_peaks([dtype], read_mb=64).gemm_gflops[dtype]
-    return {"TTFT GFLOP": flops / 1e9, f"{dtype} GEMM peak GFLOP/s": peak, "TTFT FLOP bound s": flops / peak / 1e9}
+    best = None
+    for i in range(repeats):
+        recorder = TTFTRecorder(runner.llm)
+        try:
+            with Timer() as t:
+                runner(image(20_000 + i), 1)
+        finally:
+            recorder.remove()
+        recorder.split.finish(t.seconds)
+        if best is None or recorder.split.wall_s < best.wall_s:
+            best = recorder.split
+    dtypes = sorted({dtype, *best.flops_by_dtype()})
+    peaks = measure_peaks(dtypes, read_mb=64).gemm_gflops
+    detail = {"TTFT GFLOP": sum(best.flops_by_dtype().values()) / 1e9,
+              **{f"{d} GFLOP": f / 1e9 for d, f in sorted(best.flops_by_dtype().items())},
+              **{f"{d} GEMM peak GFLOP/s": peaks[d] for d in dtypes},
+              "TTFT FLOP bound s": best.bound_s(peaks, dtype)}
+    if len(dtypes) > 1:  # BLIP-2's float32 Q-Former: its FLOPs at the float32 peak, the rest at `dtype`'s
+        detail["TTFT FLOP bound, each dtype at its peak s"] = best.bound_s(peaks)
+    return best, peaks, detail
 
 
 def main() -> None:
@@ -188,7 +205,14 @@ def main() -> None:
         return
     runner = RUNNERS[engine](path, args.model, args.dtype)
     metrics, prompt_tokens = measure(runner, args.decode_tokens, args.repeats)
-    detail = ttft_flop_bound(runner, args.dtype) if engine == "fovea" else {}
+    detail = {}
+    if engine == "fovea":
+        split, peaks, detail = ttft_split(runner, args.dtype, args.repeats)
+        for name in ("TTFT FLOP bound s", "TTFT FLOP bound, each dtype at its peak s"):
+            if name in detail:
+                detail["TTFT / " + name.removeprefix("TTFT FLOP ").removesuffix(" s")] = metrics["TTFT_s"] / detail[name]
+        print(f"fovea's TTFT by part: the fastest of {args.repeats} recorded 1-token requests (hooks attached)\n"
+              f"{split.table(peaks)}", flush=True)
     requests = [PROMPT, args.decode_tokens, [image(i) for i in range(2 * args.repeats)]]
     result = EngineResult(engine=engine, version=engine_version(engine), requests_digest=digest(*requests),
                           metrics=metrics, prompt_tokens=prompt_tokens,
