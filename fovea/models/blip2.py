@@ -24,8 +24,8 @@ from fovea.layers.mlp import MLP
 from fovea.models.blip2_processing import Blip2DummyInputsBuilder, Blip2MultiModalProcessor, Blip2ProcessingInfo
 from fovea.models.blip2_qformer import Blip2QFormerModel
 from fovea.distributed import parallel_state as ps
-from fovea.models.interfaces import (SupportsLoRA, SupportsMultiModal, SupportsPP, SupportsQuant,
-                                     SupportsTensorParallel, check_tensor_parallel, supports_tensor_parallel)
+from fovea.models.interfaces import (SupportsLoRA, SupportsMultiModal, SupportsOutputRows, SupportsPP,
+                                     SupportsQuant, SupportsTensorParallel, check_tensor_parallel, supports_tensor_parallel)
 from fovea.models.opt import OPT_LORA_TARGET_MODULES, OPTForCausalLM
 from fovea.models.t5 import T5ForConditionalGeneration
 from fovea.multimodal.registry import MULTIMODAL_REGISTRY
@@ -135,7 +135,7 @@ class BlipVisionModel(nn.Module):
     Blip2MultiModalProcessor, info=Blip2ProcessingInfo, dummy_inputs=Blip2DummyInputsBuilder
 )
 class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant, SupportsLoRA,
-                                    SupportsTensorParallel, SupportsPP):
+                                    SupportsTensorParallel, SupportsPP, SupportsOutputRows):
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],  # OPT decoder
         "qkv.bias": ["q_bias", "v_bias"],  # vision encoder, checkpoints saved before the fused bias
@@ -149,6 +149,8 @@ class Blip2ForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsQuant
     keep_in_fp32_modules = ("query_tokens", "qformer")
     language_model_modules = ("language_model.model",)  # OPT's decoder; not vision_model, qformer, projection
     lm_head_module = "language_model.lm_head"
+    # SupportsOutputRows: the decoder-only LMs (OPT, InstructBLIP's Llama) honour the step's output rows in their
+    # own forward; a T5 LM is an encoder-decoder, whose steps the runner never prunes
     qformer_class: type[nn.Module] = Blip2QFormerModel  # InstructBLIP's reads the instruction too
     # text_config.model_type -> class; T5 (blip2-flan-t5-*) is an encoder-decoder: the image rows and the prompt
     # go to its encoder, the decoder generates from decoder_start_token_id (fovea.engine.encoder_decoder)

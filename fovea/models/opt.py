@@ -28,11 +28,12 @@ from fovea.distributed.pipeline import (
     tied_lm_head_name,
 )
 from fovea.layers.activations import get_activation
-from fovea.layers.attention import Attention, checkpoint_in_context
+from fovea.layers.attention import Attention, AttentionMetadata, checkpoint_in_context, get_attention_metadata
 from fovea.layers.linear import Linear
 from fovea.layers.parallel_linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from fovea.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
-from fovea.models.interfaces import SupportsLoRA, SupportsPP, SupportsQuant, SupportsTensorParallel
+from fovea.models.interfaces import (SupportsLoRA, SupportsOutputRows, SupportsPP, SupportsQuant,
+                                    SupportsTensorParallel)
 from fovea.models.utils import TokenEmbeddingsMixin
 
 OPT_LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # PEFT's names for OPT's projections
@@ -56,6 +57,11 @@ class OPTAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
         return self.out_proj(self.attn(q, k, v))
 
+    def forward_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # q/k/v of all N rows (K/V cached); attention and out_proj for the step's S output rows -> [S, hidden]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden_states))
+        return self.out_proj(self.attn.forward_rows(q, k, v))
+
 
 class OPTDecoderLayer(nn.Module):
     def __init__(self, config: OPTConfig):
@@ -75,6 +81,17 @@ class OPTDecoderLayer(nn.Module):
             x = x + self.self_attn(self.self_attn_layer_norm(x))
             return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
         x = self.self_attn_layer_norm(x + self.self_attn(x))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [S, hidden]
+        """`forward` for a last layer read at `rows` [S] only (the step's logits rows): every row goes through
+        the q/k/v projection (the cache needs its K/V), attention, out_proj, the norms and the MLP run on S rows.
+        Each works row by row, so those rows get what `forward` gives them (their attention as a decode's: the
+        paged kernel instead of causal SDPA, another summation order)."""
+        if self.do_layer_norm_before:
+            x = x[rows] + self.self_attn.forward_rows(self.self_attn_layer_norm(x))
+            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        x = self.self_attn_layer_norm(x[rows] + self.self_attn.forward_rows(x))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
@@ -107,8 +124,16 @@ class OPTDecoder(nn.Module):
         else:
             x = intermediate_tensors["hidden_states"]  # [N, hidden]
         is_checkpointed = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer in self.layers[self.start_layer:self.end_layer]:
+        layers = self.layers[self.start_layer:self.end_layer]
+        # a step that reads only some rows (its logits rows; `AttentionMetadata.output_group`): the last layer
+        # skips the others past its q/k/v projection, and [S, ...] comes out
+        meta = get_attention_metadata()
+        output_group = meta.output_group if isinstance(meta, AttentionMetadata) and ps.is_last_stage() \
+            and len(layers) else None
+        for layer in layers[:-1] if output_group is not None else layers:
             x = checkpoint_in_context(layer, x) if is_checkpointed else layer(x)
+        if output_group is not None:
+            x = layers[-1].forward_rows(x, output_group.token_index)
         if not ps.is_last_stage():
             return {"hidden_states": x}
         if self.final_layer_norm is not None:
@@ -124,7 +149,8 @@ class OPTModel(nn.Module):
         self.decoder = OPTDecoder(config)
 
 
-class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP):
+class OPTForCausalLM(TokenEmbeddingsMixin, nn.Module, SupportsQuant, SupportsLoRA, SupportsTensorParallel, SupportsPP,
+                     SupportsOutputRows):
     packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     language_model_modules = ("model",)
     lm_head_module = "lm_head"

@@ -115,8 +115,10 @@ class ModelRunner:
         self.is_first_stage, self.is_last_stage = parallel_state.is_first_stage(), parallel_state.is_last_stage()
         self.is_pipelined = parallel_state.pp_size() > 1
         # prefill steps read one row per request: such a model skips the rest in its last layer (not across a
-        # pipeline's stages, whose boundary carries every row)
-        self.prunes_output_rows = supports_output_rows(model_cls) and not self.is_pipelined
+        # pipeline's stages, whose boundary carries every row, nor in an encoder-decoder's decoder: BLIP-2 declares
+        # it for its decoder-only LMs, and its T5 LM does not honour it)
+        self.prunes_output_rows = supports_output_rows(model_cls) and not self.is_pipelined \
+            and not self.is_encoder_decoder
 
     # ---- KV cache -------------------------------------------------------------------------------------
 

@@ -6,16 +6,22 @@ with the C++ kernels and without them (gather + SDPA), chunked prefill (a cached
 included. Agreement with transformers is the e2e tests' (they run the pruned path)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from fovea import LLM, SamplingParams
 from fovea import kernels
 from fovea.layers.attention import build_attention_metadata
 from fovea.models.interfaces import supports_output_rows
+from fovea.models.blip2 import Blip2ForConditionalGeneration
 from fovea.models.llama import LlamaForCausalLM
+from fovea.models.opt import OPTForCausalLM
 from fovea.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from fovea.models.t5 import T5ForConditionalGeneration
+from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.llama import build_tiny_llama
+from tests.oracle.t5 import build_tiny_blip2_t5
 
 PROMPTS = ["Question: how many cats are there? Answer:", "Hello",
            "A photo of a cat sitting on a window sill, looking at the birds outside. The birds are"]
@@ -29,9 +35,9 @@ def rows_seen(llm: LLM, layer_index: int, module: str = "mlp") -> list[int]:
     return seen
 
 
-def run(llm: LLM, **params):
+def run(llm: LLM, prompts=PROMPTS, **params):
     sampling = SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True, **params)
-    return llm.generate(PROMPTS, sampling, use_tqdm=False)
+    return llm.generate(prompts, sampling, use_tqdm=False)
 
 
 def assert_same(outs, ref, atol=1e-5):
@@ -45,7 +51,35 @@ def assert_same(outs, ref, atol=1e-5):
 
 def test_declared_by_the_decoders_that_honour_it():
     assert supports_output_rows(LlamaForCausalLM) and supports_output_rows(Qwen2_5_VLForConditionalGeneration)
+    assert supports_output_rows(OPTForCausalLM) and supports_output_rows(Blip2ForConditionalGeneration)
     assert not supports_output_rows(T5ForConditionalGeneration)
+
+
+def test_not_pruned_in_an_encoder_decoder(tmp_path):
+    # BLIP-2 declares it for its decoder-only LMs; over Flan-T5 the runner leaves the decoder's rows alone
+    llm = LLM(str(build_tiny_blip2_t5(tmp_path)), dtype="float32", max_model_len=64)
+    assert not llm.llm_engine.engine_core.runner.prunes_output_rows
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_blip2_over_opt_pruned_rows_equal_every_row(tmp_path, pre_norm):
+    """OPT's last layer (pre-norm, and post-norm as OPT-350m) on the logits rows only, inside BLIP-2: the rows it
+    sees, and the same outputs as every row (the e2e tests check both against transformers)."""
+    model_dir = str(build_tiny_blip2(tmp_path, seed=5, do_layer_norm_before=pre_norm, init_gain=1.5))
+    llm = LLM(model_dir, dtype="float32", block_size=4, max_model_len=64, enable_prefix_caching=False)
+    decoder = llm.llm_engine.engine_core.runner.model.language_model.model.decoder
+    first, last = [], []
+    decoder.layers[0].fc1.register_forward_hook(lambda _m, args, _out: first.append(args[0].shape[0]))
+    decoder.layers[-1].fc1.register_forward_hook(lambda _m, args, _out: last.append(args[0].shape[0]))
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt": text, "multi_modal_data": {"image": Image.fromarray(
+        rng.integers(0, 256, (30 + 7 * i, 40, 3), dtype=np.uint8))}} for i, text in enumerate(PROMPTS)]
+    outs = run(llm, prompts=prompts)
+    num_prompt = sum(len(o.prompt_token_ids) for o in outs)
+    assert first[0] == num_prompt and last[0] == len(PROMPTS)  # the prefill: every row in, one per request out
+    llm.llm_engine.engine_core.runner.prunes_output_rows = False
+    assert_same(outs, run(llm, prompts=prompts))
+    assert last[4] == num_prompt  # the reference run computed every row
 
 
 def test_output_group_is_each_sampled_requests_last_token():
