@@ -17,7 +17,9 @@ partition the wall time of a request for one token (what a TTFT is):
 - engine / Python: the rest (LLM.generate's bookkeeping, scheduler, batch and metadata building, output
   processing, detokenizing).
 
-Each part's time is exclusive: a part nested in another (preprocessing inside input processing, the Q-Former
+Work a model does once and keeps (BLIP-2's Q-Former computes its first self-attention of the learned queries on
+the first image only) is in the first request's figures only; latency.py's warm-up request does it before any
+recorded one. Each part's time is exclusive: a part nested in another (preprocessing inside input processing, the Q-Former
 inside the encoder) is taken out of its parent. FLOPs count linear layers (2 x rows x in x out), attention products
 and lm_head, by the dtype they ran in (BLIP-2's Q-Former is float32 in every model dtype), so the bound can be
 taken at each dtype's own GEMM peak as well as at the model dtype's alone.
@@ -164,7 +166,10 @@ class TTFTRecorder:
 
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in ADAPTER_NAMES:
-                self._hook_part(module, "Q-Former / merger")
+                # the module and every module inside it: a model may call into its submodules directly (BLIP-2's
+                # serving Q-Former starts from its kept first self-attention, past the module's own forward)
+                for inner in module.modules():
+                    self._hook_part(inner, "Q-Former / merger")
             if isinstance(module, LinearBase):
                 self._hook_flops(module, lambda mod, x: linear_cost(x.numel() // mod.in_features, mod.in_features,
                                                                     mod.out_features, 1)[0])
@@ -199,14 +204,20 @@ class TTFTRecorder:
                                     module.head_dim, 1)[0]
 
     def _hook_part(self, module: torch.nn.Module, part: str) -> None:
-        starts: list[float] = []
+        """Calls of `module` count into `part`, unless they run inside it already."""
+        starts: list[float | None] = []
 
         def pre(mod, args):
+            if self._current() == part:
+                starts.append(None)
+                return
             self._enter(part)
             starts.append(time.perf_counter())
 
         def post(mod, args, out):
-            self._leave(time.perf_counter() - starts.pop())
+            start = starts.pop()
+            if start is not None:
+                self._leave(time.perf_counter() - start)
 
         handles = [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
         self._undo.extend(h.remove for h in handles)

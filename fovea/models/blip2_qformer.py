@@ -107,9 +107,13 @@ class QFormerLayer(nn.Module):
         self.output_query = QFormerResidualOutput(config, config.intermediate_size, has_dropout)
 
     def forward(self, x: torch.Tensor, num_query: int, mask: torch.Tensor | None,
-                image_embeds: torch.Tensor | None) -> torch.Tensor:
-        # x [B, L, D]: the first num_query rows are queries, the rest text
-        x = self.attention(x, mask=mask)
+                image_embeds: torch.Tensor | None, is_self_attended: bool = False) -> torch.Tensor:
+        # x [B, L, D]: the first num_query rows are queries, the rest text. is_self_attended: x is already this
+        # layer's self-attention output (queries only; see Blip2QFormerModel.forward_queries)
+        if is_self_attended and num_query != x.shape[1]:
+            raise ValueError("only a queries-only pass can start past a layer's self-attention")
+        if not is_self_attended:
+            x = self.attention(x, mask=mask)
         if num_query == x.shape[1]:  # queries only (serving): no slicing, no concatenation
             return self._query_feed_forward(x, image_embeds)
         if not num_query:
@@ -197,6 +201,20 @@ class Blip2QFormerModel(nn.Module):
             if layer_inputs is not None:
                 layer_inputs.append(x[:, :num_query])
             x = self._call(layer, x, num_query, mask, image_embeds)
+        return x
+
+    def first_self_attention(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries [B, Q, D] after the embedding norm and the first layer's self-attention. In a queries-only pass
+        (serving BLIP-2) that depends on the queries alone, i.e. on the learned `query_tokens` and not the image: a
+        caller may compute it once and hand it to `forward_queries` for every image."""
+        return self.encoder.layer[0].attention(self.dropout(self.layernorm(queries)))
+
+    def forward_queries(self, first_attention: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`forward(queries, image_embeds)` of a queries-only pass, from `first_self_attention(queries)`
+        [1 or B, Q, D] on; image_embeds [B, P, Dv] -> [B, Q, D]."""
+        x = first_attention.expand(image_embeds.shape[0], -1, -1)
+        for i, layer in enumerate(self.encoder.layer):  # each layer called as a module (hooks see every one)
+            x = self._call(layer, x, x.shape[1], None, image_embeds, i == 0)
         return x
 
     def decode(self, text_embeds: torch.Tensor, query_layer_inputs: list[torch.Tensor],

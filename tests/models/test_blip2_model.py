@@ -253,3 +253,30 @@ def test_model_interface(checkpoints):
     assert model.get_text_config().model_type == "opt"
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     assert len(layers) == 2 and {(m.num_kv_heads, m.head_dim) for m in layers} == {(4, 8)}
+
+
+def test_first_query_attention_is_kept_until_its_weights_change(checkpoints):
+    """The Q-Former's first self-attention of the learned queries runs once per model (it sees no image), and
+    again when a weight it depends on changes in place (new weights loaded into the same parameters)."""
+    model_dir = checkpoints["default"]
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model = resolve_model_class(config.architectures)(config).eval().requires_grad_(False)  # as the engine builds it
+    load_weights(model, model_dir)
+    pixels = torch.randn(2, 3, 30, 30)
+    calls = []
+    model.qformer.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        first = model.embed_multimodal(pixel_values=pixels)
+        second = model.embed_multimodal(pixel_values=pixels)
+        assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, second))
+        saved = model.query_tokens.clone()
+        model.query_tokens.mul_(-1.0)  # (a constant shift would not do: the embedding LayerNorm removes it)
+        changed = model.embed_multimodal(pixel_values=pixels)
+        assert len(calls) == 2 and (changed[0] - first[0]).abs().max() > 1e-3
+        model.query_tokens.copy_(saved)
+        again = model.embed_multimodal(pixel_values=pixels)
+        assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(again, first))
+    with torch.no_grad():  # training-style calls run the whole Q-Former
+        model.train()
+        model.embed_multimodal(pixel_values=pixels)
+        assert len(calls) == 4

@@ -65,3 +65,22 @@ def test_query_rows_of_a_joint_pass_ignore_masked_text():
     layer_inputs = []
     serving(queries, image, layer_inputs=layer_inputs)
     torch.testing.assert_close(serving.decode(text, layer_inputs, mask[:, 4:]), joint[:, 4:], rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_queries_from_their_first_self_attention_equal_the_whole_pass():
+    """Serving computes the first layer's self-attention of the learned queries once (it sees no image) and runs
+    the rest per image batch: the same rows as the whole pass, with one cross-attention layer and with two."""
+    for frequency in (1, 2):
+        config = _config(0.0)
+        config.cross_attention_frequency = frequency
+        torch.manual_seed(3)
+        model = Blip2QFormerModel(config).eval()
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        gen = torch.Generator().manual_seed(4)
+        queries, image = torch.randn(1, 4, 32, generator=gen), torch.randn(3, 5, 24, generator=gen)
+        whole = model(queries.expand(3, -1, -1), image)
+        torch.testing.assert_close(model.forward_queries(model.first_self_attention(queries), image), whole,
+                                   rtol=0, atol=1e-6)
+        assert (whole[0] - whole[1]).abs().max() > 1e-2  # the images matter: the rows are not the prefix's
