@@ -18,7 +18,9 @@ CHUNK_BYTES = 1 << 20
 """Bytes per work item: about the size of the bf16 kernel's panel group at one row (<= 16 panels of K = 896)."""
 
 
-def read_bytes(t: torch.Tensor, prefetch: bool = True, chunk_bytes: int = CHUNK_BYTES) -> int:
+def read_bytes(t: torch.Tensor, prefetch: bool = True, chunk_bytes: int = CHUNK_BYTES, streams: int = 1) -> int:
     """Read every byte of `t` (contiguous, CPU) on torch's threads; returns the sum of its bytes as unsigned
-    8-bit integers. `prefetch`: the kernels' software prefetch, else the hardware prefetcher alone."""
-    return _module().read_bytes(t, prefetch, chunk_bytes)
+    8-bit integers. `prefetch`: the kernels' software prefetch, else the hardware prefetcher alone. `streams`
+    (1 to 64): each work item is read as that many equal sub-ranges, a 2 KB piece from each in turn, so one core
+    walks several distant strips of memory at once (`benchmarks/read_patterns.py` measures which pays)."""
+    return _module().read_bytes(t, prefetch, chunk_bytes, streams)

@@ -27,7 +27,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &fovea::advise_huge_pages, "t"_a);
   m.def("bf16_linear", &fovea::bf16_linear, "x"_a, "packed"_a, "out_features"_a, "bias"_a);
   m.def("pack_panels_", &fovea::pack_panels_, "packed"_a, "weight"_a);
-  m.def("read_bytes", &fovea::read_bytes, "t"_a, "prefetch"_a, "chunk_bytes"_a);
+  m.def("read_bytes", &fovea::read_bytes, "t"_a, "prefetch"_a, "chunk_bytes"_a, "streams"_a);
   m.def("int8_linear_compiled", &fovea::int8_linear_compiled);
   m.def("int8_linear", &fovea::int8_linear, "x"_a, "packed"_a, "out_features"_a, "scale"_a, "bias"_a);
   m.def("int8_dynamic_linear", &fovea::int8_dynamic_linear, "qx"_a, "x_scale"_a, "packed"_a, "compensation"_a,

@@ -64,6 +64,6 @@ at::Tensor int8_dynamic_linear(const at::Tensor& qx, const at::Tensor& x_scale, 
 
 // memory_read.cpp: the bytes of t read as the weight-streaming kernels read their weights (the memory-read bound);
 // returns their sum, so a caller can check every byte was read once
-int64_t read_bytes(const at::Tensor& t, bool prefetch, int64_t chunk_bytes);
+int64_t read_bytes(const at::Tensor& t, bool prefetch, int64_t chunk_bytes, int64_t streams);
 
 }  // namespace fovea
