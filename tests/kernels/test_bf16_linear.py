@@ -80,15 +80,16 @@ def test_padding_never_reads_stray_bits():
 
 
 def test_each_row_is_computed_alone():
-    # any row block (1 to 12 rows, as 13+ rows are split) gives a row the same bits: batch-invariant decode
+    # any row block (1 to 12 rows, as 13+ rows are split) gives a row the same bits: batch-invariant decode. Blocks
+    # of 1-4 rows run the loop that loads in address order, 5-12 the wide one: the same sums in the same order
     x, w, b = _inputs(40, 300, 100, seed=1)
     packed = bf16_linear.pack_weight(w)
     alone = torch.cat([bf16_linear.linear(x[i:i + 1], packed, 100, b) for i in range(40)])
-    for rows in (2, 3, 5, 12, 13, 17, 40):
+    for rows in (2, 3, 4, 5, 8, 12, 13, 17, 40):
         assert torch.equal(bf16_linear.linear(x[:rows], packed, 100, b), alone[:rows]), rows
 
 
-@pytest.mark.parametrize("rows", [1, 9, 600])
+@pytest.mark.parametrize("rows", [1, 2, 4, 9, 600])
 def test_two_threads_compute_every_panel_once(rows):
     x, w, b = _inputs(rows, 96, 32 * 70 - 5, seed=2)
     packed = bf16_linear.pack_weight(w)
@@ -101,6 +102,24 @@ def test_two_threads_compute_every_panel_once(rows):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two) and _within_bound(two, x, w, b)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4])
+def test_decode_shapes_stream_many_panels(rows):
+    # decode-sized layers (Qwen2-0.5B's o and down projections, K = 896 and 4864: 28 and 152 steps per panel,
+    # 28-36 panels a thread) on 1 and 2 threads: every panel once, the same bits either way
+    for n, k in [(896, 896), (896, 4864)]:
+        x, w, b = _inputs(rows, k, n, seed=n + k + rows)
+        packed = bf16_linear.pack_weight(w)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = bf16_linear.linear(x, packed, n, None)
+            torch.set_num_threads(2)
+            two = bf16_linear.linear(x, packed, n, None)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two) and _within_bound(two, x, w, None), (n, k)
 
 
 def test_leading_dims_non_contiguous_input_and_no_rows():

@@ -38,8 +38,59 @@ constexpr int64_t kSerialPackBlocks = 4;  // up to 48 rows of x are packed by th
 // gets the same bits in any batch (decode is batch-invariant). Independent partial sums for few rows would break
 // their multiply-add chain (and that invariance); at 1 row the chain (2 VDPBF16PS per 128 bytes, ~6
 // cycles each) still consumes ~20 bytes a cycle, above what one core reads from memory, and measured no faster.
+//
+// Two loops share that arithmetic. 1 to 4 rows (decode), `multiply_panel_ordered`: the loads go in address
+// order, a step's half 0 (16 lines, columns 0-15) before its half 1, each load a volatile asm, which the compiler
+// keeps in program order (the arithmetic still moves freely around them). Left to the compiler, a step's loads
+// were issued as line 0, 16, 1, 17, ... (the two halves interleaved, the first ones rotated from the loop's end),
+// and the hardware prefetcher, which learns from the order loads are issued in, ran so little ahead that one row
+// read at ~45% of the same loop in order (AMD EPYC Zen 4, 1 thread; the 16 KB software prefetch brought it to
+// ~60%; in order with no software prefetch it reads about what `torch.sum` does: benchmarks/read_patterns.py,
+// benchmarks/gemv_ab.py). An empty asm with a memory clobber between groups of loads ordered them too, but made
+// gcc keep the sums in memory. 5 to 12 rows, `multiply_panel_wide`: as before.
+FOVEA_BF16_TARGET inline __m512bh ordered_load(const uint16_t* p) {
+  __m512i v;
+  asm volatile("vmovdqu64 %1, %0" : "=v"(v) : "m"(*reinterpret_cast<const __m512i*>(p)));
+  return (__m512bh)v;
+}
+
+// acc += the pair at `pair` (broadcast to 16 lanes) . b, VDPBF16PS with the broadcast folded into it: written
+// as the intrinsics, gcc kept the 16 x kRows broadcasts of a step in registers for the second half, and spilled
+FOVEA_BF16_TARGET inline void dot_pair(__m512& acc, __m512bh b, const int32_t* pair) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(b), "m"(*pair));
+}
+
+template <int kRows>
+FOVEA_BF16_TARGET void multiply_panel_ordered(const int32_t* a, const uint16_t* panel, int64_t steps, __m512* out) {
+  __m512 acc0[kRows], acc1[kRows];  // columns 0-15 and 16-31 of each row
+#pragma GCC unroll 12
+  for (int m = 0; m < kRows; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  for (int64_t step = 0; step < steps; ++step, panel += kStepElements, a += 16 * kRows) {
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      const __m512bh b = ordered_load(panel + r * 32);
+#pragma GCC unroll 12
+      for (int m = 0; m < kRows; ++m) dot_pair(acc0[m], b, a + r * kRows + m);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      const __m512bh b = ordered_load(panel + 512 + r * 32);
+#pragma GCC unroll 12
+      for (int m = 0; m < kRows; ++m) dot_pair(acc1[m], b, a + r * kRows + m);
+    }
+  }
+#pragma GCC unroll 12
+  for (int m = 0; m < kRows; ++m) {
+    out[2 * m] = acc0[m];
+    out[2 * m + 1] = acc1[m];
+  }
+}
+
+// 5 to 12 rows (prefill's tiles, larger decode batches): each line feeds 5-12 multiply-adds, so the arithmetic,
+// not the order of the loads, sets the pace (the ordered loop above measured 0.8-0.9x this one at 8 and 12 rows);
+// the two halves go line by line, one broadcast of x's pair for both.
 template <int kRows, bool kPrefetch>
-FOVEA_BF16_TARGET void multiply_panel(const int32_t* a, const uint16_t* panel, int64_t steps, __m512* out) {
+FOVEA_BF16_TARGET void multiply_panel_wide(const int32_t* a, const uint16_t* panel, int64_t steps, __m512* out) {
   __m512 acc[kRows][2];
   for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
   for (int64_t step = 0; step < steps; ++step, panel += kStepElements, a += 16 * kRows) {
@@ -65,7 +116,7 @@ FOVEA_BF16_TARGET void multiply_panel(const int32_t* a, const uint16_t* panel, i
   }
 }
 
-// rows [r0, r0 + rows) of x [M, K] as `multiply_panel` reads them: dst[j * rows + m] = pair j of row r0 + m, for
+// rows [r0, r0 + rows) of x [M, K] as the panel loops read them: dst[j * rows + m] = pair j of row r0 + m, for
 // j < pairs (K padded to whole steps; pairs past the real K are zero, so they meet the padding's zero weights
 // and never stray bits, a NaN)
 void pack_rows(const uint16_t* x, int64_t ldx, int64_t K, int64_t r0, int rows, int64_t pairs, int32_t* dst) {
@@ -88,15 +139,16 @@ using PanelFn = void (*)(const int32_t*, const uint16_t*, int64_t, __m512*);
 
 template <int kRows>
 PanelFn panel_fn(bool prefetch) {
-  return prefetch ? multiply_panel<kRows, true> : multiply_panel<kRows, false>;
+  return prefetch ? multiply_panel_wide<kRows, true> : multiply_panel_wide<kRows, false>;
 }
 
+// 1-4 rows: the loads in order, the hardware prefetcher alone (the software prefetch read slower with them)
 PanelFn select_panel_fn(int rows, bool prefetch) {
   switch (rows) {
-    case 1: return panel_fn<1>(prefetch);
-    case 2: return panel_fn<2>(prefetch);
-    case 3: return panel_fn<3>(prefetch);
-    case 4: return panel_fn<4>(prefetch);
+    case 1: return multiply_panel_ordered<1>;
+    case 2: return multiply_panel_ordered<2>;
+    case 3: return multiply_panel_ordered<3>;
+    case 4: return multiply_panel_ordered<4>;
     case 5: return panel_fn<5>(prefetch);
     case 6: return panel_fn<6>(prefetch);
     case 7: return panel_fn<7>(prefetch);
@@ -128,7 +180,7 @@ struct Job {
   uint16_t* y;           // [M, N]
   int64_t M, steps, N, panels, width;
   std::vector<int64_t> block_starts;  // row blocks of at most kMaxTileRows, as even as they come
-  bool prefetch;
+  bool prefetch;  // the wide rows' software prefetch
 };
 
 FOVEA_BF16_TARGET void run_items(const Job& job, RangeSplit& items, int64_t range) {

@@ -1,0 +1,87 @@
+"""The bfloat16 (and int8) linear kernels of two source trees in ONE process, interleaved: same-run ratios of a
+kernel change at decode row counts on a machine whose bandwidth moves from minute to minute (issue 16).
+
+Both trees' `fovea/kernels/csrc` are built as the one extension each would build (`fovea.kernels.build`, cached
+by their sources, so two trees give two modules side by side); the weights are packed once (the layout is the
+same) and every call alternates between them. Layers: `--layers` decoder layers of Qwen2-0.5B's shape and its
+`lm_head`, as `benchmarks/gemv.py` (0.39 GB for 4 layers: 12x the last-level cache).
+
+    python benchmarks/gemv_ab.py --baseline /work/main [--rows 1 2 4 8] [--threads 1 2] [--repeats 7]
+
+Prints, per thread count and row count, each tree's best and median GB/s of weights read and the ratio of the bests.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.gemv import HIDDEN, INTERMEDIATE, QKV, VOCAB, cpu_name  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", type=Path, required=True, help="the other source tree (its repository root)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--int8", action="store_true", help="the int8 kernel instead of the bfloat16 one")
+    args = parser.parse_args()
+    from fovea.kernels import build, int8_linear, panels
+
+    here = Path(__file__).resolve().parent.parent
+    trees = {"baseline": args.baseline.resolve(), "this tree": here}
+    modules = {name: build.build(build.BuildSpec(source_dir=root / "fovea" / "kernels" / "csrc"))
+               for name, root in trees.items()}
+    shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)] * args.layers
+    shapes.append((VOCAB, HIDDEN))
+    weights = [torch.randn(n, k, generator=torch.Generator().manual_seed(i)).bfloat16()
+               for i, (n, k) in enumerate(shapes)]
+    if args.int8:
+        # random int8 codes and per-channel scales: the kernel reads the same bytes whatever the values
+        packed = [int8_linear.pack_weight(torch.randint(-128, 128, (n, k), dtype=torch.int8)) for n, k in shapes]
+        scales = [torch.rand(n) / 64 for n, _ in shapes]
+        num_bytes = sum(p.nbytes for p in packed)
+
+        def call(module, i, x):
+            return module.int8_linear(x, packed[i], shapes[i][0], scales[i], None)
+    else:
+        packed = [panels.pack_weight(w) for w in weights]
+        num_bytes = sum(p.nbytes for p in packed)
+
+        def call(module, i, x):
+            return module.bf16_linear(x, packed[i], shapes[i][0], None)
+
+    print(f"{cpu_name()}, {'int8' if args.int8 else 'bfloat16'}: {len(shapes)} layers, {num_bytes / 1e9:.2f} GB "
+          f"of packed weights; baseline {trees['baseline']} vs this tree {here}")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for rows in args.rows:
+            xs = [torch.randn(rows, k).bfloat16() for _, k in shapes]
+            for i, x in enumerate(xs):  # the results agree (the same bits: the arithmetic is the same)
+                same = torch.equal(call(modules["baseline"], i, x), call(modules["this tree"], i, x))
+                if not same:
+                    print(f"    layer {i} {shapes[i]} at {rows} rows: the two trees' results differ")
+            rates: dict[str, list[float]] = {name: [] for name in modules}
+            for _ in range(args.repeats):
+                for name, module in modules.items():
+                    start = time.perf_counter()
+                    for i, x in enumerate(xs):
+                        call(module, i, x)
+                    rates[name].append(num_bytes / (time.perf_counter() - start) / 1e9)
+            base, new = rates["baseline"], rates["this tree"]
+            print(f"  {threads} thread(s), {rows:2d} row(s): baseline best {max(base):5.1f} median "
+                  f"{statistics.median(base):5.1f} | this tree best {max(new):5.1f} median {statistics.median(new):5.1f}"
+                  f" GB/s | best {max(new) / max(base):.2f}x, median {statistics.median(new) / statistics.median(base):.2f}x",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
