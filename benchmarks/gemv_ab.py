@@ -6,9 +6,11 @@ by their sources, so two trees give two modules side by side); the weights are p
 same) and every call alternates between them. Layers: `--layers` decoder layers of Qwen2-0.5B's shape and its
 `lm_head`, as `benchmarks/gemv.py` (0.39 GB for 4 layers: 12x the last-level cache).
 
-    python benchmarks/gemv_ab.py --baseline /work/main [--rows 1 2 4 8] [--threads 1 2] [--repeats 7]
+    python benchmarks/gemv_ab.py --baseline /work/main [--rows 1 2 4 8] [--threads 1 2] [--repeats 7] [--int8]
+    python benchmarks/gemv_ab.py --baseline /work/main --reader   # memory_read's stream, without prefetch
 
-Prints, per thread count and row count, each tree's best and median GB/s of weights read and the ratio of the bests.
+Prints, per thread count and row count, each tree's best and median GB/s of weights read and the ratio of the
+bests; with `--reader`, the same for `read_bytes(prefetch=False)` over a 1 GB buffer on 2 MiB pages.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--int8", action="store_true", help="the int8 kernel instead of the bfloat16 one")
+    parser.add_argument("--reader", action="store_true", help="memory_read's reader instead of a linear kernel")
     args = parser.parse_args()
     from fovea.kernels import build, int8_linear, panels
 
@@ -40,6 +43,9 @@ def main() -> None:
     trees = {"baseline": args.baseline.resolve(), "this tree": here}
     modules = {name: build.build(build.BuildSpec(source_dir=root / "fovea" / "kernels" / "csrc"))
                for name, root in trees.items()}
+    if args.reader:
+        compare_readers(modules, args)
+        return
     shapes = [(QKV, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)] * args.layers
     shapes.append((VOCAB, HIDDEN))
     weights = [torch.randn(n, k, generator=torch.Generator().manual_seed(i)).bfloat16()
@@ -76,11 +82,39 @@ def main() -> None:
                     for i, x in enumerate(xs):
                         call(module, i, x)
                     rates[name].append(num_bytes / (time.perf_counter() - start) / 1e9)
-            base, new = rates["baseline"], rates["this tree"]
-            print(f"  {threads} thread(s), {rows:2d} row(s): baseline best {max(base):5.1f} median "
-                  f"{statistics.median(base):5.1f} | this tree best {max(new):5.1f} median {statistics.median(new):5.1f}"
-                  f" GB/s | best {max(new) / max(base):.2f}x, median {statistics.median(new) / statistics.median(base):.2f}x",
-                  flush=True)
+            report(f"{threads} thread(s), {rows:2d} row(s)", rates)
+
+
+def report(what: str, rates: dict[str, list[float]]) -> None:
+    base, new = rates["baseline"], rates["this tree"]
+    print(f"  {what}: baseline best {max(base):5.1f} median {statistics.median(base):5.1f} | this tree best "
+          f"{max(new):5.1f} median {statistics.median(new):5.1f} GB/s | best {max(new) / max(base):.2f}x, median "
+          f"{statistics.median(new) / statistics.median(base):.2f}x", flush=True)
+
+
+def compare_readers(modules: dict, args) -> None:
+    from benchmarks import bandwidth
+
+    buffer = bandwidth.huge_page_buffer(1 << 30)
+    print(f"{cpu_name()}, read_bytes(prefetch=False) over {buffer.nbytes / 1e9:.2f} GB, "
+          f"{bandwidth.huge_page_bytes(buffer) / buffer.nbytes:.0%} on 2 MiB pages; also torch.sum as bfloat16")
+    # the baseline's reader may predate the `streams` argument
+    readers = {name: (lambda m=module, extra=(() if name == "baseline" else (1,)): m.read_bytes(buffer, False, 1 << 20,
+                                                                                              *extra))
+               for name, module in modules.items()}
+    readers["sum"] = lambda: buffer.view(torch.bfloat16).sum()
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        rates: dict[str, list[float]] = {name: [] for name in readers}
+        for fn in readers.values():
+            fn()
+        for _ in range(args.repeats):
+            for name, fn in readers.items():
+                start = time.perf_counter()
+                fn()
+                rates[name].append(buffer.nbytes / (time.perf_counter() - start) / 1e9)
+        report(f"{threads} thread(s), reader", rates)
+        print(f"    torch.sum best {max(rates['sum']):5.1f} median {statistics.median(rates['sum']):5.1f} GB/s")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Why: decode reads every weight once per token, so a step of a few rows is bound by how fast the weights stream
 from memory. oneDNN's packed linear reads them at ~30 GB/s at 1 row (27 at 8, 21 at 16) and torch's plain bf16
 GEMV at ~15, where the machine reads ~54 (a plain `sum`, AMD EPYC Zen 4, 2 threads); `benchmarks/gemv.py`
-measures all of them in one run. This kernel streams each weight panel as one contiguous run of memory,
-prefetched ahead, with every 64-byte load feeding one VDPBF16PS per row of x.
+measures all of them in one run. This kernel streams each weight panel as one contiguous run of memory, with
+every 64-byte load feeding one VDPBF16PS per row of x; at 1-4 rows (decode) the loads are issued in address order
+and the hardware prefetcher alone runs ahead of them (out of order, as the compiler had scheduled them, one row
+read at under half the rate: csrc/bf16_linear.cpp), at 5-12 rows a software prefetch 16 KB ahead.
 
 Layout: `fovea.kernels.panels`, shared with the AMX kernel so one packed copy serves both on a host that has
 AMX: W [N, K] is zero-padded to multiples of 32 and packed into [N/32, K/32, 2, 16, 16, 2] (`pack_weight`): each
@@ -12,7 +14,7 @@ AMX: W [N, K] is zero-padded to multiples of 32 and packed into [N/32, K/32, 2, 
 16 columns' weights for one pair of k (k = 2r, 2r + 1). The kernel broadcasts x's pair (x[m, 2r], x[m, 2r + 1])
 as one 32-bit lane against that row: 16 columns x 2 k multiply-added into 16 float32 sums, no horizontal sum.
 Rows go in blocks of at most 12 (2 x 12 accumulators of 16 columns; balanced: 13 rows are 7 + 6); each thread
-takes the next group of panels from a shared counter (`WorkCounter`, as the AMX kernel) and runs every row block
+takes the next group of panels from its own contiguous run (`RangeSplit`, csrc/common.h) and runs every row block
 over it, so the weights are read from memory once and from L2 for the later row blocks.
 
 Arithmetic: products of bfloat16 pairs summed in float32 (VDPBF16PS; its float32 additions may flush denormal

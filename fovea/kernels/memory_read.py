@@ -3,10 +3,12 @@ memory-read bound that single-stream decode is measured against (`benchmarks/ban
 
 Why not `torch.sum`: its loop converts and adds every element, and how fast it reads depends on the dtype, the
 buffer's pages and torch's own split of the work; a decode step reads packed weights on 2 MiB pages, each thread
-streaming one contiguous run (`RangeSplit` in csrc/common.h) with a software prefetch 16 KB ahead into L2
-(`kWeightPrefetchBytes`). `read_bytes` does exactly that and nothing else per 64-byte line than one AVX-512 load
-and a byte sum (csrc/memory_read.cpp; scalar on CPUs without AVX-512 BW), so it is the read rate the kernels could
-reach, not a reduction's. The byte sum it returns lets a test check that every byte was read exactly once.
+streaming one contiguous run (`RangeSplit` in csrc/common.h), its loads in address order. `read_bytes` does
+exactly that and nothing else per 64-byte line than one AVX-512 load and a byte sum (csrc/memory_read.cpp;
+scalar on CPUs without AVX-512 BW), so it is the read rate the kernels could reach, not a reduction's: without
+`prefetch` as the bfloat16 kernel reads at 1-4 rows (the hardware prefetcher alone), with it as the int8 kernel
+and the bfloat16 kernel's 5-12 row loop do (16 KB ahead into L2, `kWeightPrefetchBytes`). The byte sum it
+returns lets a test check that every byte was read exactly once.
 """
 from __future__ import annotations
 

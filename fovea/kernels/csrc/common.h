@@ -92,8 +92,10 @@ inline float exp_approx(float x) {
 }
 
 // Bytes of a weight stream fetched ahead of the loads into L2 by the kernels that stream weights from memory at
-// few rows (bf16_linear.cpp; memory_read.cpp reads at the bound the same way): measured on Zen 4, 1 thread, 1 row,
-// 12-16 KB read ~1.3x what 4 KB into L1 does, and ~2x what the hardware prefetcher alone does
+// few rows (int8_linear.cpp, bf16_linear.cpp's 5-12 row loop; memory_read.cpp's `prefetch`): measured on Zen 4,
+// 1 thread, 1 row, 12-16 KB read ~1.3x what 4 KB into L1 does, and ~2x what the hardware prefetcher alone does
+// in a loop whose loads the compiler had put out of address order. With the loads in order the hardware
+// prefetcher alone reads more (bf16_linear.cpp's 1-4 row loop, memory_read.cpp's head say how much).
 constexpr int kWeightPrefetchBytes = 16384;
 
 // Work items handed out one at a time from a shared counter, for a kernel run as
