@@ -193,6 +193,12 @@ struct Problem {
 
 inline int64_t padded_keys(int64_t L) { return (L + 31) / 32 * 32; }
 
+// One work item: (segment, kv head) `pack`'s keys and values packed (head < 0), or its q head `head`'s query rows
+// block .. block + 11
+struct Item {
+  int64_t pack, head, block;
+};
+
 // Per thread: one query block's S, P, O.
 struct Scratch {
   std::vector<uint16_t> p;
@@ -341,14 +347,12 @@ at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at:
   const int64_t segments = cu_seqlens_q.size(0) - 1;
   const int64_t *cq = cu_seqlens_q.data_ptr<int64_t>(), *ck = cu_seqlens_k.data_ptr<int64_t>();
   std::vector<int64_t> key_base(segments + 1, 0);  // prefix sums of the segments' padded key counts
-  int64_t blocks = 0;  // query blocks of all segments
   for (int64_t i = 0; i < segments; ++i) {
     const int64_t n_q = cq[i + 1] - cq[i], n_k = ck[i + 1] - ck[i];
     TORCH_CHECK(n_q == 0 || n_k > 0, "segment ", i, " has ", n_q, " queries and no keys");
     TORCH_CHECK(!causal || n_q <= n_k, "causal segment ", i, " has ", n_q, " queries for ", n_k,
                 " keys; the queries are the last of the keys' positions, so at most as many");
     key_base[i + 1] = key_base[i] + padded_keys(n_k);
-    blocks += (n_q + kBlockRows - 1) / kBlockRows;
   }
   auto out = at::empty({rows, heads, D}, q.options());
   if (rows == 0) return out;
@@ -360,20 +364,28 @@ at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at:
   const Problem pr{u16(q), u16(k), u16(v), q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                    v.stride(1), cq, ck, heads, kv_heads, D, dpad, static_cast<float>(scale), causal,
                    reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), kp.get(), vp.get(), key_base.data()};
-  // First every (segment, kv head)'s keys and values are packed, once for all of its q heads; then each work item
-  // is one query block of one q head (small items, so a core slowed by its neighbour hands work over, and a causal
-  // segment's long last blocks spread), in the order that reads one kv head's panels at a time.
-  WorkCounter packs(segments * kv_heads);
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t item; packs.take(item);) {
-      if (cq[item / kv_heads + 1] > cq[item / kv_heads]) pack_keys_values(pr, item / kv_heads, item % kv_heads);
-    }
-  });
-  std::vector<int64_t> first_block(segments + 1, 0);  // the segments' first items: blocks x heads
+  // Work items, from one counter: each (segment, kv head)'s packing, once for all of its q heads, and then one
+  // query block of one q head each (small items, so a core slowed by its neighbour hands work over, and a causal
+  // segment's long last blocks spread). A kv head's blocks follow one another, and the next kv head's packing is
+  // dealt just before them: it is done (rarely waited for) when they start, and still in cache.
+  std::vector<Item> work;
+  std::vector<int64_t> packs;  // (segment, kv head) indices with queries, in order
   for (int64_t i = 0; i < segments; ++i) {
-    first_block[i + 1] = first_block[i] + (cq[i + 1] - cq[i] + kBlockRows - 1) / kBlockRows * heads;
+    if (cq[i + 1] == cq[i]) continue;
+    for (int64_t g = 0; g < kv_heads; ++g) packs.push_back(i * kv_heads + g);
   }
-  WorkCounter items(first_block[segments]);
+  const int64_t group = heads / kv_heads;
+  for (size_t j = 0; j < packs.size(); ++j) {
+    if (j == 0) work.push_back({packs[0], -1, 0});
+    if (j + 1 < packs.size()) work.push_back({packs[j + 1], -1, 0});
+    const int64_t segment = packs[j] / kv_heads, kv = packs[j] % kv_heads;
+    for (int64_t h = kv * group; h < (kv + 1) * group; ++h) {
+      for (int64_t b0 = 0; b0 < cq[segment + 1] - cq[segment]; b0 += kBlockRows) work.push_back({packs[j], h, b0});
+    }
+  }
+  std::unique_ptr<std::atomic<bool>[]> packed(new std::atomic<bool>[segments * kv_heads]);
+  for (int64_t i = 0; i < segments * kv_heads; ++i) packed[i].store(false, std::memory_order_relaxed);
+  WorkCounter items(static_cast<int64_t>(work.size()));
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch buf;
     buf.s.resize(kBlockRows * kKeyBlock);
@@ -383,12 +395,16 @@ at::Tensor encoder_attention(const at::Tensor& q, const at::Tensor& k, const at:
     buf.mx.resize(kBlockRows);
     buf.l.resize(kBlockRows);
     buf.alpha.resize(kBlockRows);
-    int64_t segment = 0;
-    for (int64_t item; items.take(item);) {
-      while (first_block[segment + 1] <= item) ++segment;  // items are taken in increasing order
-      const int64_t local = item - first_block[segment];
-      const int64_t num_blocks = (first_block[segment + 1] - first_block[segment]) / heads;
-      attend(pr, segment, local / num_blocks, local % num_blocks * kBlockRows, buf);
+    for (int64_t i; items.take(i);) {
+      const Item& item = work[i];
+      if (item.head < 0) {
+        pack_keys_values(pr, item.pack / kv_heads, item.pack % kv_heads);
+        packed[item.pack].store(true, std::memory_order_release);
+        continue;
+      }
+      // its packing was dealt earlier, so another thread holds it (one thread alone has done it)
+      while (!packed[item.pack].load(std::memory_order_acquire)) _mm_pause();
+      attend(pr, item.pack / kv_heads, item.head, item.block, buf);
     }
   });
   return out;
