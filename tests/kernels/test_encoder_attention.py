@@ -9,19 +9,12 @@ import torch.nn.functional as F
 
 from fovea.kernels import encoder_attention as attention_kernel
 from fovea.layers.encoder_attention import encoder_attention
-from tests.kernels import requires_compiler
+from tests.kernels import BF16_STEP, requires_compiler, segment_offsets
 
 pytestmark = [
     requires_compiler,
     pytest.mark.skipif(not attention_kernel.available(), reason="no AVX-512 BF16 on this CPU"),
 ]
-
-BF16_STEP = 2**-8  # a bfloat16 step relative to the value
-
-
-def _offsets(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
-
 
 def _per_segment(fn, q, k, v, cu_q, cu_k):
     return torch.cat([fn(q[cu_q[i]:cu_q[i + 1]], k[cu_k[i]:cu_k[i + 1]], v[cu_k[i]:cu_k[i + 1]])
@@ -58,7 +51,7 @@ def test_kernel_is_as_close_to_float64_as_sdpa_and_near_sdpa(head_dim, heads, q_
     q = qkv[:, 0]  # a strided view, as a packed projection's
     kv = (torch.randn(sum(k_lengths), 2, heads, head_dim, generator=gen) * 2).bfloat16()
     k, v = kv.unbind(1)
-    cu_q, cu_k = _offsets(q_lengths), _offsets(k_lengths)
+    cu_q, cu_k = segment_offsets(q_lengths), segment_offsets(k_lengths)
     got = attention_kernel.attention(q, k, v, cu_q, cu_k, scale)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape and got.is_contiguous()
     exact = _per_segment(_float64(scale), q, k, v, cu_q, cu_k)
@@ -74,9 +67,9 @@ def test_segments_do_not_see_each_other_and_threads_do_not_matter():
     gen = torch.Generator().manual_seed(3)
     lengths = [257, 100, 257]
     q, k, v = (torch.randn(sum(lengths), 4, 64, generator=gen).bfloat16() for _ in range(3))
-    cu = _offsets(lengths)
+    cu = segment_offsets(lengths)
     together = attention_kernel.attention(q, k, v, cu, None, 0.125)
-    alone = attention_kernel.attention(q[257:357], k[257:357], v[257:357], _offsets([100]), None, 0.125)
+    alone = attention_kernel.attention(q[257:357], k[257:357], v[257:357], segment_offsets([100]), None, 0.125)
     assert torch.equal(together[257:357], alone)  # a segment's bits do not depend on its batch
     threads = torch.get_num_threads()
     try:
@@ -110,17 +103,17 @@ def test_encoder_attention_runs_the_kernel_for_unmasked_bfloat16_and_sdpa_otherw
 
 def test_bad_arguments_are_named():
     q = torch.randn(10, 2, 64).bfloat16()
-    cu = _offsets([4, 6])
+    cu = segment_offsets([4, 6])
     with pytest.raises(RuntimeError, match="q must be a bfloat16"):
         attention_kernel.attention(q.float(), q, q, cu, None, 1.0)
     with pytest.raises(RuntimeError, match="cu_seqlens_q must run from 0 to the 10 rows"):
-        attention_kernel.attention(q, q, q, _offsets([4, 5]), _offsets([4, 6]), 1.0)
+        attention_kernel.attention(q, q, q, segment_offsets([4, 5]), segment_offsets([4, 6]), 1.0)
     with pytest.raises(RuntimeError, match="must not decrease"):
         attention_kernel.attention(q, q, q, torch.tensor([0, 6, 4, 10]), None, 1.0)
     with pytest.raises(RuntimeError, match="int64"):
         attention_kernel.attention(q, q, q, cu.int(), None, 1.0)
     with pytest.raises(RuntimeError, match="segment 1 has 6 queries and no keys"):
-        attention_kernel.attention(q, q[:4], q[:4], cu, _offsets([4, 0]), 1.0)
+        attention_kernel.attention(q, q[:4], q[:4], cu, segment_offsets([4, 0]), 1.0)
     with pytest.raises(RuntimeError, match="q's 2 heads of 64"):
         attention_kernel.attention(q, q.view(10, 4, 32), q.view(10, 4, 32), cu, None, 1.0)
     with pytest.raises(ValueError, match="scale must be positive"):

@@ -8,19 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from fovea.kernels import encoder_attention as attention_kernel
-from tests.kernels import requires_compiler
+from tests.kernels import BF16_STEP, requires_compiler, segment_offsets
 
 pytestmark = [
     requires_compiler,
     pytest.mark.skipif(not attention_kernel.available(), reason="no AVX-512 BF16 on this CPU"),
 ]
-
-BF16_STEP = 2**-8  # a bfloat16 step relative to the value
-
-
-def _offsets(lengths):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
-
 
 def _visible(n_q, n_k):
     """[n_q, n_k] bool: query row i (position i + n_k - n_q) sees keys j <= i + n_k - n_q."""
@@ -70,7 +63,7 @@ def test_causal_kernel_is_as_close_to_float64_as_sdpa(head_dim, heads, kv_heads,
     k_lengths = k_lengths or q_lengths
     scale = head_dim**-0.5
     q, k, v = _segments(q_lengths, k_lengths, heads, kv_heads, head_dim, head_dim + heads + len(q_lengths))
-    cu_q, cu_k = _offsets(q_lengths), _offsets(k_lengths)
+    cu_q, cu_k = segment_offsets(q_lengths), segment_offsets(k_lengths)
     got = attention_kernel.attention(q, k, v, cu_q, cu_k, scale, causal=True)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape and got.is_contiguous()
     for i in range(len(q_lengths)):
@@ -93,7 +86,7 @@ def test_causal_mask_is_bottom_right_and_skipped_keys_are_never_read():
     n_q, n_k, heads, kv_heads, head_dim = 40, 300, 4, 2, 64
     q = torch.randn(n_q, heads, head_dim, generator=gen).bfloat16()
     k, v = (torch.randn(n_k, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2))
-    cu_q, cu_k = _offsets([n_q]), _offsets([n_k])
+    cu_q, cu_k = segment_offsets([n_q]), segment_offsets([n_k])
     base = attention_kernel.attention(q, k, v, cu_q, cu_k, 0.125, causal=True)
     row = 17
     last_seen = row + n_k - n_q
@@ -119,7 +112,7 @@ def test_grouped_heads_equal_repeated_kv_heads_bit_for_bit():
     heads, kv_heads, head_dim = 14, 2, 64
     q = torch.randn(90, heads, head_dim, generator=gen).bfloat16()
     k, v = (torch.randn(90, kv_heads, head_dim, generator=gen).bfloat16() for _ in range(2))
-    cu = _offsets([50, 40])
+    cu = segment_offsets([50, 40])
     grouped = attention_kernel.attention(q, k, v, cu, None, 0.125, causal=True)
     repeated = attention_kernel.attention(q, k.repeat_interleave(7, 1), v.repeat_interleave(7, 1), cu, None, 0.125,
                                           causal=True)
@@ -131,10 +124,10 @@ def test_segments_do_not_see_each_other_and_threads_do_not_matter():
     q_lengths, k_lengths = [257, 100, 13, 64], [257, 230, 13, 64]
     q = torch.randn(sum(q_lengths), 14, 64, generator=gen).bfloat16()
     k, v = (torch.randn(sum(k_lengths), 2, 64, generator=gen).bfloat16() for _ in range(2))
-    cu_q, cu_k = _offsets(q_lengths), _offsets(k_lengths)
+    cu_q, cu_k = segment_offsets(q_lengths), segment_offsets(k_lengths)
     together = attention_kernel.attention(q, k, v, cu_q, cu_k, 0.125, causal=True)
-    alone = attention_kernel.attention(q[257:357], k[257:487], v[257:487], _offsets([100]), _offsets([230]), 0.125,
-                                       causal=True)
+    alone = attention_kernel.attention(q[257:357], k[257:487], v[257:487], segment_offsets([100]),
+                                       segment_offsets([230]), 0.125, causal=True)
     assert torch.equal(together[257:357], alone)  # a segment's bits do not depend on its batch
     threads = torch.get_num_threads()
     try:
@@ -154,6 +147,6 @@ def test_bad_causal_and_grouped_arguments_are_named():
     q = torch.randn(10, 4, 64).bfloat16()
     kv = torch.randn(10, 3, 64).bfloat16()
     with pytest.raises(RuntimeError, match="that divides 4"):
-        attention_kernel.attention(q, kv, kv, _offsets([10]), None, 1.0, causal=True)
+        attention_kernel.attention(q, kv, kv, segment_offsets([10]), None, 1.0, causal=True)
     with pytest.raises(RuntimeError, match="causal segment 1 has 6 queries for 5 keys"):
-        attention_kernel.attention(q, q[:9], q[:9], _offsets([4, 6]), _offsets([4, 5]), 1.0, causal=True)
+        attention_kernel.attention(q, q[:9], q[:9], segment_offsets([4, 6]), segment_offsets([4, 5]), 1.0, causal=True)
