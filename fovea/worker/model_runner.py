@@ -174,9 +174,11 @@ class ModelRunner:
         num_cross = -(-self.max_num_encoder_tokens // self.block_size) if self.is_encoder_decoder else 0
         self.allocate_kv_cache(blocks + num_cross)
         try:
-            # an encoder-decoder step reaches into every decoder layer outside its forward (T5 writes each one's
-            # cross K/V): it runs whole, as its steps are short
-            view = contextlib.nullcontext([]) if self.is_encoder_decoder else profile_view(self.model)
+            # whole: an encoder-decoder step (it reaches into every decoder layer outside its forward: T5 writes
+            # each one's cross K/V; its steps are short), and a 1-token step (a decode step, which Llama decides its
+            # fused decode plan on, from its layers: never from the view's; it reads the weights once anyway)
+            whole = self.is_encoder_decoder or num_tokens == 1
+            view = contextlib.nullcontext([]) if whole else profile_view(self.model)
             with view as skipped:
                 left_out = {id(m) for layer in skipped for m in layer.modules()}
                 for layer in self.attention_layers:  # the pages the step writes KV into, resident before it starts

@@ -144,3 +144,15 @@ def test_the_view_estimate_bounds_the_whole_step(tmp_path, model, dtype, num_ski
     assert whole > 16 * MB  # the control: the step's activations are really measured
     print(f"whole step {whole / MB:.1f} MB, the view's estimate {estimate / MB:.1f} MB")
     assert whole <= estimate <= 3 * whole, (whole, estimate)
+
+
+def test_a_one_token_step_is_profiled_whole_so_llama_keeps_its_decode_plan(tmp_path):
+    # a 1-token worst-case step is a decode step: through the view, Llama would decide its fused decode plan on
+    # the view's layers (no plan, for good); run whole it decides on its own layers
+    from fovea import LLM
+
+    path = build_tiny_llama(tmp_path / "llama", hidden=64, num_layers=4)
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=64, enable_chunked_prefill=True, max_num_batched_tokens=1,
+              num_threads=1)
+    model = llm.llm_engine.engine_core.executor._runner.model
+    assert model.model._decode_plan is not False
