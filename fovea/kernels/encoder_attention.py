@@ -4,7 +4,7 @@ variable-length segments.
 Why: a ViT's attention (BLIP-2's ViT over 257 tokens, CLIP ViT-L/14-336's over 577) is ~10% of its FLOPs but ran
 at ~15% of the GEMM rate in torch's SDPA on this class of machine (AMD Zen 4, 2 cores), so it took about as long
 as all of a block's linear layers. This kernel (csrc/encoder_attention.cpp) is flash attention written for
-VDPBF16PS: per (segment, head) it packs the keys into panels of 16 keys (pair-major, as the bfloat16 linear
+VDPBF16PS: per (segment, kv head) it packs the keys into panels of 16 keys (pair-major, as the bfloat16 linear
 kernel's weight panels) and the values into key pairs (prefetched: a head's rows lie a packed qkv row apart, and
 unprefetched this packing was half of the kernel's time), then for each block of 12 query rows computes the
 scores 12 x 32 at a time in float32 (each row's maximum on the way), an online softmax over blocks of 256 keys,
