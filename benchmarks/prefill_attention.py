@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -111,15 +112,9 @@ def run(name: str, repeats: int) -> None:
           f"(outputs differ by at most {diff:.3g})")
 
 
-@contextlib.contextmanager
 def torch_sdpa():
     """The LM's prefill attention on torch's SDPA, as before the kernel (the layer asks `runs_here` every call)."""
-    runs_here = prefill_attention.runs_here
-    prefill_attention.runs_here = lambda *args: False
-    try:
-        yield
-    finally:
-        prefill_attention.runs_here = runs_here
+    return mock.patch.object(prefill_attention, "runs_here", lambda *args: False)
 
 
 def run_engine(workload: str, num_requests: int, repeats: int, prefill_only: bool, threads: int) -> None:

@@ -15,9 +15,9 @@ every attention is a near-uniform average; tests/kernels/test_encoder_attention.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +29,9 @@ from fovea import LLM  # noqa: E402
 from fovea.kernels import encoder_attention as attention_kernel  # noqa: E402
 
 
-@contextlib.contextmanager
 def torch_sdpa():
     """Encoder attention on torch's SDPA, as before the kernel (the layer asks `supports` before every call)."""
-    supports = attention_kernel.supports
-    attention_kernel.supports = lambda *tensors: False
-    try:
-        yield
-    finally:
-        attention_kernel.supports = supports
+    return mock.patch.object(attention_kernel, "supports", lambda *args: False)
 
 
 def checkpoint(workload: str) -> tuple[Path, int]:

@@ -154,12 +154,11 @@ class PackedLinear(LinearBase):
         weight's dtype and shape as `select_linear_method` would choose it once loaded, packs shard by shard."""
         if not _pack_shards_at_load or self.is_prepared:
             return False
-        if type(self.method) is DenseLinearMethod:
-            method = select_linear_method(self)
-            if not (isinstance(method, PanelLinearMethod) and method.packs_shards(self)):
-                return False
-            self.method = method
-        return isinstance(self.method, PanelLinearMethod) and self.method.packs_shards(self)
+        method = select_linear_method(self) if type(self.method) is DenseLinearMethod else self.method
+        if not (isinstance(method, PanelLinearMethod) and method.packs_shards(self)):
+            return False
+        self.method = method
+        return True
 
     def split(self, stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return stacked.split(list(self.shard_sizes.values()), dim=-1)
