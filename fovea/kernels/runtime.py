@@ -75,6 +75,8 @@ class KernelStatus:
                     and VNNI.
     bf16_linear:    bfloat16 linear layers on fovea's AVX-512 BF16 kernel (every row count where there is no AMX);
                     needs AVX-512 BF16.
+    rows_linear:    bfloat16 linear layers read straight from the checkpoint's row-major weights (views of the
+                    mapped file) on fovea's AVX-512 BF16 kernel; needs AVX-512 BF16.
     """
 
     mode: str
@@ -84,10 +86,12 @@ class KernelStatus:
     onednn_linear: PathStatus
     int8_linear: PathStatus
     bf16_linear: PathStatus
+    rows_linear: PathStatus
 
     def summary(self) -> str:
         """One line: `cpu kernels: fused=on paged_attention=on amx_linear=off (no AMX on this CPU) ...`."""
-        paths = ("fused", "paged_attention", "amx_linear", "onednn_linear", "int8_linear", "bf16_linear")
+        paths = ("fused", "paged_attention", "amx_linear", "onednn_linear", "int8_linear", "bf16_linear",
+                 "rows_linear")
         return "cpu kernels: " + " ".join(f"{name}={getattr(self, name).describe()}" for name in paths)
 
 
@@ -157,13 +161,14 @@ class KernelRuntime:
             extension = self.resolve()
             if self.mode == "off":
                 off = PathStatus(False, "cpu_kernels=off")
-                status = KernelStatus(self.mode, off, off, off, off, off, off)
+                status = KernelStatus(self.mode, off, off, off, off, off, off, off)
             else:
                 built = PathStatus(True) if extension is not None else PathStatus(False, self._failure())
                 amx = self._amx_status(extension) if extension is not None else built
                 int8 = _int8_status(extension) if extension is not None else built
                 bf16 = _bf16_status(extension) if extension is not None else built
-                status = KernelStatus(self.mode, built, built, amx, _onednn_status(), int8, bf16)
+                rows = _rows_status(extension) if extension is not None else built
+                status = KernelStatus(self.mode, built, built, amx, _onednn_status(), int8, bf16, rows)
             self._status = status
             self._log_once(logging.INFO, f"{status.summary()} (cpu_kernels={self.mode})")
             return status
@@ -195,6 +200,14 @@ def _bf16_status(extension) -> PathStatus:
     if not cpu_has_bf16_linear_isa():
         return PathStatus(False, NO_BF16_LINEAR)
     if not extension.bf16_linear_compiled():
+        return PathStatus(False, "not compiled: needs x86-64 and gcc >= 10 or clang >= 9")
+    return PathStatus(True)
+
+
+def _rows_status(extension) -> PathStatus:
+    if not cpu_has_bf16_linear_isa():
+        return PathStatus(False, NO_BF16_LINEAR)
+    if not extension.rows_linear_compiled():
         return PathStatus(False, "not compiled: needs x86-64 and gcc >= 10 or clang >= 9")
     return PathStatus(True)
 

@@ -167,7 +167,7 @@ def test_serve_generate_and_bench_print_the_active_cpu_kernel_paths(blip_dir, im
     assert started[0].cpu_kernels == "off"
     off = ("cpu kernels: fused=off (cpu_kernels=off) paged_attention=off (cpu_kernels=off) "
            "amx_linear=off (cpu_kernels=off) onednn_linear=off (cpu_kernels=off) int8_linear=off (cpu_kernels=off) "
-           "bf16_linear=off (cpu_kernels=off)")
+           "bf16_linear=off (cpu_kernels=off) rows_linear=off (cpu_kernels=off)")
     assert capsys.readouterr().err.splitlines() == [off]
 
     assert cli.main(["generate", "--model", blip_dir, "--image", images[0], "--prompt", "a photo of",

@@ -155,7 +155,8 @@ def test_off_builds_nothing_and_turns_every_path_off(tmp_path, caplog):
         runtime.status()
     assert status.summary() == ("cpu kernels: fused=off (cpu_kernels=off) paged_attention=off (cpu_kernels=off) "
                                 "amx_linear=off (cpu_kernels=off) onednn_linear=off (cpu_kernels=off) "
-                                "int8_linear=off (cpu_kernels=off) bf16_linear=off (cpu_kernels=off)")
+                                "int8_linear=off (cpu_kernels=off) bf16_linear=off (cpu_kernels=off) "
+                                "rows_linear=off (cpu_kernels=off)")
     assert [r.getMessage() for r in caplog.records] == [status.summary() + " (cpu_kernels=off)"]  # logged once
 
 

@@ -26,6 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear_compiled", &fovea::bf16_linear_compiled);
   m.def("advise_huge_pages", &fovea::advise_huge_pages, "t"_a);
   m.def("bf16_linear", &fovea::bf16_linear, "x"_a, "packed"_a, "out_features"_a, "bias"_a);
+  m.def("rows_linear_compiled", &fovea::rows_linear_compiled);
+  m.def("rows_linear", &fovea::rows_linear, "x"_a, "sources"_a, "out_features"_a, "bias"_a);
   m.def("pack_panels_", &fovea::pack_panels_, "packed"_a, "weight"_a);
   m.def("read_bytes", &fovea::read_bytes, "t"_a, "prefetch"_a, "chunk_bytes"_a, "streams"_a);
   m.def("int8_linear_compiled", &fovea::int8_linear_compiled);

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace fovea {
 
@@ -48,6 +49,12 @@ bool bf16_linear_compiled();
 // madvise(MADV_HUGEPAGE) on the 2 MiB pages inside t's memory, before anything touches them: whether Linux took it
 bool advise_huge_pages(const at::Tensor& t);
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                       const std::optional<at::Tensor>& bias);
+
+// rows_linear.cpp: bfloat16 linear on AVX-512 BF16 reading row-major W [n_i, K] pieces as they are (views of a mapped
+// checkpoint), stacked along N in the given order
+bool rows_linear_compiled();
+at::Tensor rows_linear(const at::Tensor& x, const std::vector<at::Tensor>& sources, int64_t out_features,
                        const std::optional<at::Tensor>& bias);
 
 // weight_pack.cpp: W [N, K] (2-byte elements, contiguous rows) into the bfloat16 kernels' panel layout

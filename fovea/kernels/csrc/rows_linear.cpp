@@ -1,0 +1,369 @@
+// bfloat16 linear on AVX-512 BF16 reading the weight as the checkpoint holds it: row-major W [N, K] (a read-only
+// view of the mapped file), several such sources stacked along N. fovea/kernels/rows_linear.py says why.
+//
+// The arithmetic, the same bits on every path, row count and thread count: for output (m, n), S = ceil(K / 32),
+//   acc (16 float32 lanes) = 0; acc = VDPBF16PS(acc, x[m, 32s:32s+32], W[n, 32s:32s+32]) for s = 0..S-1
+//   (elements past K loaded as zeros: masked loads, so nothing past a row's end, or the mapping's, is touched),
+//   y = tree(acc) + bias[n] in float32, rounded once to bfloat16 (nearest even).
+// tree pairs lanes (l, l+8), then (l, l+4), (l, l+2), (l, l+1): `reduce16` does it for 16 outputs at once with
+// shuffles, and both paths call it on the accumulators they stored, so decode and GEMM agree bit for bit (a row of
+// x gets the same bits whatever else is in the call: batch invariance).
+//
+// Compiled on every x86-64 host, like bf16_linear.cpp: the functions carry a target attribute, Python runs them
+// only where the CPU reports avx512_bf16.
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common.h"
+#include "ops.h"
+
+// gcc 10 and clang 9 are the first to know the AVX-512 BF16 intrinsics
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : (defined(__GNUC__) && __GNUC__ >= 10))
+#define FOVEA_AVX512_BF16 1
+#include <immintrin.h>
+#define FOVEA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
+namespace fovea {
+
+#ifdef FOVEA_AVX512_BF16
+namespace {
+
+constexpr int kMaxDecodeRows = 8;  // rows of x the decode path holds against one W row (one accumulator each)
+constexpr int kTileRows = 4;       // GEMM micro-tile: 4 rows of x x 6 rows of W, one zmm accumulator per output
+constexpr int kTileCols = 6;
+constexpr int64_t kBlockBytes = 256 << 10;  // a GEMM thread's block of W rows, kept in L2 (1 MiB on Zen 4)
+
+// One source's place: rows [0, rows) of W at w + n * ld, written to output columns [col0, col0 + rows).
+struct Source {
+  const uint16_t* w;
+  int64_t ld, rows, col0;
+};
+
+// A run of rows of one source: the unit a thread takes.
+struct Item {
+  int source;
+  int64_t row0, rows;
+};
+
+// The call's operands.
+struct Problem {
+  const uint16_t* x;
+  int64_t ldx, M, K, full;  // full: whole 32-wide steps; a tail step of K - 32 * full elements when tail != 0
+  __mmask32 tail;
+  const float* bias;  // [N] or nullptr
+  uint16_t* y;        // [M, N]
+  int64_t N;
+  std::vector<Source> sources;
+  std::vector<Item> items;
+};
+
+// A load the compiler keeps in program order (volatile asm): the W rows are read in address order, which is what
+// the hardware prefetcher follows (bf16_linear.cpp's `ordered_load` says what reordering cost there).
+FOVEA_BF16_TARGET inline __m512bh ordered_load(const uint16_t* p) {
+  __m512i v;
+  asm volatile("vmovdqu64 %1, %0" : "=v"(v) : "m"(*reinterpret_cast<const __m512i*>(p)));
+  return (__m512bh)v;
+}
+
+// The tail step's load: elements past K are zeros and never read (a masked load does not fault on them).
+FOVEA_BF16_TARGET inline __m512bh ordered_load_masked(const uint16_t* p, __mmask32 mask) {
+  __m512i v;
+  asm volatile("vmovdqu16 %1, %0%{%2%}%{z%}" : "=v"(v) : "m"(*reinterpret_cast<const __m512i*>(p)), "Yk"(mask));
+  return (__m512bh)v;
+}
+
+FOVEA_BF16_TARGET inline __m512bh load_x(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+FOVEA_BF16_TARGET inline __m512bh load_x_masked(const uint16_t* p, __mmask32 mask) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// The input order that makes `reduce16`'s result come out in natural order: its last stage leaves output a[q] in
+// lane 4 (q % 4) + q / 4, so lane j must hold a[4 (j % 4) + j / 4], the same transpose.
+constexpr int kReduceOrder[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+
+// Lane j of the result = tree(acc[j]) for the `count` (1..16) accumulators at acc (16 floats apart); the others 0.
+// Every add is one pair of the fixed tree: (l, l+8) across 256-bit halves, (l, l+4) across 128-bit quarters, then
+// (l, l+2) and (l, l+1) inside them. 15 adds and 30 shuffles for 16 outputs.
+FOVEA_BF16_TARGET inline __m512 reduce16(const float* acc, int count) {
+  __m512 a[16];
+#pragma GCC unroll 16
+  for (int q = 0; q < 16; ++q) {
+    const int j = kReduceOrder[q];
+    a[q] = j < count ? _mm512_loadu_ps(acc + 16 * j) : _mm512_setzero_ps();
+  }
+  __m512 b[8], c[4], d[2];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j) {  // [a.lo256 + a.hi256, a'.lo256 + a'.hi256]
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {  // quarters 0 + 1 of each half: 4 outputs of 4 lanes each
+    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xDD));
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j) {  // lanes (0, 2) and (1, 3) of each quarter
+    d[j] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * j], c[2 * j + 1], 0x44),
+                         _mm512_shuffle_ps(c[2 * j], c[2 * j + 1], 0xEE));
+  }
+  return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+}
+
+// y[0..count) = round(tree(acc[j]) + bias[j]): no bias, no add (so a -0 sum stays -0 on every path)
+FOVEA_BF16_TARGET inline void write_outputs(const float* acc, int count, const float* bias, uint16_t* y) {
+  __m512 sums = reduce16(acc, count);
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
+  if (bias) sums = _mm512_add_ps(sums, _mm512_maskz_loadu_ps(mask, bias));
+  _mm256_mask_storeu_epi16(y, mask, (__m256i)_mm512_cvtneps_pbh(sums));
+}
+
+// ---- decode: a few rows of x against each W row in turn, the W rows in address order ----------------------------
+
+// acc[m * 256 + r * 16 ...] = the 16-lane sums of x row m . W row r, for the `rows` (<= 16) W rows at w. Each W
+// row is read start to end before the next: one stream through memory per thread. At 1 row of x that is one
+// VDPBF16PS chain per output, ~6 cycles per 64 bytes (~40 GB/s per core at the EPYC's clock), more than a core
+// reads; the next row's chain is independent, so the core overlaps them.
+template <int kRows>
+FOVEA_BF16_TARGET void decode_rows(const Problem& p, const uint16_t* w, int64_t ldw, int rows, float* acc) {
+  for (int r = 0; r < rows; ++r, w += ldw) {
+    __m512 sum[kRows];
+#pragma GCC unroll 8
+    for (int m = 0; m < kRows; ++m) sum[m] = _mm512_setzero_ps();
+    const uint16_t* x = p.x;
+#pragma GCC unroll 4
+    for (int64_t s = 0; s < p.full; ++s) {
+      const __m512bh b = ordered_load(w + 32 * s);
+#pragma GCC unroll 8
+      for (int m = 0; m < kRows; ++m) sum[m] = _mm512_dpbf16_ps(sum[m], load_x(x + m * p.ldx + 32 * s), b);
+    }
+    if (p.tail) {
+      const __m512bh b = ordered_load_masked(w + 32 * p.full, p.tail);
+#pragma GCC unroll 8
+      for (int m = 0; m < kRows; ++m) {
+        sum[m] = _mm512_dpbf16_ps(sum[m], load_x_masked(x + m * p.ldx + 32 * p.full, p.tail), b);
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < kRows; ++m) _mm512_storeu_ps(acc + m * 256 + r * 16, sum[m]);
+  }
+}
+
+using DecodeFn = void (*)(const Problem&, const uint16_t*, int64_t, int, float*);
+
+DecodeFn decode_fn(int64_t rows) {
+  switch (rows) {
+    case 1: return decode_rows<1>;
+    case 2: return decode_rows<2>;
+    case 3: return decode_rows<3>;
+    case 4: return decode_rows<4>;
+    case 5: return decode_rows<5>;
+    case 6: return decode_rows<6>;
+    case 7: return decode_rows<7>;
+    default: return decode_rows<8>;
+  }
+}
+
+FOVEA_BF16_TARGET void run_decode_item(const Problem& p, const Item& item) {
+  alignas(64) float acc[kMaxDecodeRows * 256];
+  const Source& src = p.sources[item.source];
+  const DecodeFn fn = decode_fn(p.M);
+  for (int64_t r0 = item.row0; r0 < item.row0 + item.rows; r0 += 16) {
+    const int rows = static_cast<int>(std::min<int64_t>(16, item.row0 + item.rows - r0));
+    fn(p, src.w + r0 * src.ld, src.ld, rows, acc);
+    const int64_t col = src.col0 + r0;
+    for (int64_t m = 0; m < p.M; ++m) {
+      write_outputs(acc + m * 256, rows, p.bias ? p.bias + col : nullptr, p.y + m * p.N + col);
+    }
+  }
+}
+
+// ---- GEMM: kTileRows x kTileCols micro-tiles over a block of W rows held in L2 ------------------------------------
+
+// acc[i * ld + j * 16 ...] = the 16-lane sums of x row i . W row j for an MR x NR tile: per 32-wide step, MR loads
+// of x, NR of W, MR * NR VDPBF16PS (24 for 4 x 6: the core's one per cycle, 10 loads beside them).
+template <int MR, int NR>
+FOVEA_BF16_TARGET void tile(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t ldw, float* acc,
+                            int64_t ld) {
+  __m512 sum[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 6
+    for (int j = 0; j < NR; ++j) sum[i][j] = _mm512_setzero_ps();
+  }
+  const int64_t ldx = p.ldx;
+  for (int64_t s = 0; s < p.full; ++s) {
+    __m512bh a[MR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) a[i] = load_x(x + i * ldx + 32 * s);
+#pragma GCC unroll 6
+    for (int j = 0; j < NR; ++j) {
+      const __m512bh b = load_x(w + j * ldw + 32 * s);
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) sum[i][j] = _mm512_dpbf16_ps(sum[i][j], a[i], b);
+    }
+  }
+  if (p.tail) {
+    __m512bh a[MR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) a[i] = load_x_masked(x + i * ldx + 32 * p.full, p.tail);
+#pragma GCC unroll 6
+    for (int j = 0; j < NR; ++j) {
+      const __m512bh b = load_x_masked(w + j * ldw + 32 * p.full, p.tail);
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) sum[i][j] = _mm512_dpbf16_ps(sum[i][j], a[i], b);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 6
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(acc + i * ld + j * 16, sum[i][j]);
+  }
+}
+
+using TileFn = void (*)(const Problem&, const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
+
+template <int MR>
+TileFn tile_fn_cols(int nr) {
+  switch (nr) {
+    case 1: return tile<MR, 1>;
+    case 2: return tile<MR, 2>;
+    case 3: return tile<MR, 3>;
+    case 4: return tile<MR, 4>;
+    case 5: return tile<MR, 5>;
+    default: return tile<MR, 6>;
+  }
+}
+
+TileFn tile_fn(int mr, int nr) {
+  switch (mr) {
+    case 1: return tile_fn_cols<1>(nr);
+    case 2: return tile_fn_cols<2>(nr);
+    case 3: return tile_fn_cols<3>(nr);
+    default: return tile_fn_cols<4>(nr);
+  }
+}
+
+// One block of W rows (an item) against every row of x, 4 rows of x at a time; acc holds [4][block rows][16].
+FOVEA_BF16_TARGET void run_gemm_item(const Problem& p, const Item& item, std::vector<float>& acc) {
+  const Source& src = p.sources[item.source];
+  const int64_t ld = item.rows * 16;
+  acc.resize(static_cast<size_t>(kTileRows * ld));
+  const uint16_t* w = src.w + item.row0 * src.ld;
+  const int64_t col0 = src.col0 + item.row0;
+  for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows) {
+    const int mr = static_cast<int>(std::min<int64_t>(kTileRows, p.M - m0));
+    const uint16_t* x = p.x + m0 * p.ldx;
+    for (int64_t j0 = 0; j0 < item.rows; j0 += kTileCols) {
+      const int nr = static_cast<int>(std::min<int64_t>(kTileCols, item.rows - j0));
+      tile_fn(mr, nr)(p, x, w + j0 * src.ld, src.ld, acc.data() + j0 * 16, ld);
+    }
+    for (int i = 0; i < mr; ++i) {
+      for (int64_t j0 = 0; j0 < item.rows; j0 += 16) {
+        const int count = static_cast<int>(std::min<int64_t>(16, item.rows - j0));
+        write_outputs(acc.data() + i * ld + j0 * 16, count, p.bias ? p.bias + col0 + j0 : nullptr,
+                      p.y + (m0 + i) * p.N + col0 + j0);
+      }
+    }
+  }
+}
+
+// Each source cut into items of `item_rows` rows (the last shorter), in the sources' order.
+std::vector<Item> make_items(const std::vector<Source>& sources, int64_t item_rows) {
+  std::vector<Item> items;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    for (int64_t r = 0; r < sources[i].rows; r += item_rows) {
+      items.push_back({static_cast<int>(i), r, std::min(item_rows, sources[i].rows - r)});
+    }
+  }
+  return items;
+}
+
+}  // namespace
+
+bool rows_linear_compiled() { return true; }
+
+at::Tensor rows_linear(const at::Tensor& x, const std::vector<at::Tensor>& sources, int64_t out_features,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && x.stride(1) == 1,
+              "x must be a CPU bfloat16 [M, K] tensor with contiguous rows (stride(1) == 1); got ", x.scalar_type(),
+              " ", x.sizes(), " strides ", x.strides());
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK(K >= 1, "x has no columns (K = 0); the kernel needs K >= 1");
+  TORCH_CHECK(!sources.empty(), "sources is empty: give the weight's row-major [n_i, K] pieces, at least one");
+  Problem p;
+  int64_t col = 0;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const at::Tensor& s = sources[i];
+    TORCH_CHECK(s.dim() == 2 && s.scalar_type() == at::kBFloat16 && s.device().is_cpu(),
+                "sources[", i, "] must be a CPU bfloat16 [n, K] tensor; got ", s.scalar_type(), " ", s.sizes());
+    TORCH_CHECK(s.size(1) == K, "sources[", i, "] has ", s.size(1), " columns; x has K = ", K);
+    TORCH_CHECK(s.stride(1) == 1 && (s.size(0) <= 1 || s.stride(0) >= K), "sources[", i,
+                "] must have contiguous rows (stride(1) == 1) at least K apart (stride(0) >= K); got strides ",
+                s.strides());
+    p.sources.push_back({reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>()),
+                         s.size(0) <= 1 ? K : s.stride(0), s.size(0), col});
+    col += s.size(0);
+  }
+  TORCH_CHECK(col == N, "the sources have ", col, " rows in all; out_features is ", N);
+  p.bias = nullptr;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->stride(0) == 1 &&
+                bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
+                "bias must be a contiguous CPU float32 [", N, "] tensor or None; got ", bias->scalar_type(), " ",
+                bias->sizes());
+    p.bias = bias->data_ptr<float>();
+  }
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  p.x = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  p.ldx = M == 1 ? K : x.stride(0);
+  p.M = M;
+  p.K = K;
+  p.full = K / 32;
+  p.tail = static_cast<__mmask32>((1ull << (K % 32)) - 1);
+  p.y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  p.N = N;
+  const int64_t threads = at::get_num_threads();
+  const bool decode = M <= kMaxDecodeRows;
+  int64_t item_rows;
+  if (decode) {
+    // runs of whole 16-row groups, ~128 KB of W each, at least 4 per thread where N allows (a fast thread takes
+    // over a slow one's)
+    item_rows = std::max<int64_t>(16, ((128 << 10) / (2 * K)) & ~int64_t{15});
+    item_rows = std::min(item_rows, std::max<int64_t>(16, (N / (4 * threads)) & ~int64_t{15}));
+  } else {
+    // blocks of whole tiles that stay in L2 while every row of x passes them, at least 2 per thread where N allows
+    item_rows = std::max<int64_t>(kTileCols, kBlockBytes / (2 * K) / kTileCols * kTileCols);
+    item_rows = std::min(item_rows, std::max<int64_t>(kTileCols, N / (2 * threads) / kTileCols * kTileCols));
+  }
+  p.items = make_items(p.sources, item_rows);
+  RangeSplit items(static_cast<int64_t>(p.items.size()), threads);
+  at::parallel_for(0, items.num_ranges, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc;
+    for (int64_t range = begin; range < end; ++range) {
+      for (int64_t i; items.take(range, i);) {
+        if (decode) {
+          run_decode_item(p, p.items[i]);
+        } else {
+          run_gemm_item(p, p.items[i], acc);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+#else  // no AVX-512 BF16 code from this compiler or on this architecture: Python sees rows_linear_compiled() false
+
+bool rows_linear_compiled() { return false; }
+at::Tensor rows_linear(const at::Tensor&, const std::vector<at::Tensor>&, int64_t, const std::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "fovea's row-major AVX-512 BF16 linear kernel was not compiled (x86-64 with gcc >= 10 or "
+                     "clang >= 9)");
+}
+
+#endif
+
+}  // namespace fovea
