@@ -17,7 +17,8 @@ loader keeps), written once to `--dir`; else they are anonymous memory. `--threa
     python benchmarks/rows_linear.py --threads 1 2 --file-backed
     python benchmarks/rows_linear.py --models qwen --rows 1 --gemm-rows          # decode only, Qwen only
 
-Timings on a shared machine mean little alone: read the ratio (same process, alternating, best of several).
+Timings on a shared machine mean little alone: read the ratio (same process, alternating, best of several). By
+default the rates are per CPU second (`--clock cpu`), which leaves out the time other tenants held the core.
 """
 from __future__ import annotations
 
@@ -64,14 +65,20 @@ class Weights:
     """`copies` random W [N, K] of one shape, as the panel kernel's packed copies and as the row kernel's sources
     (anonymous memory, or views of one read-only file mapping)."""
 
-    def __init__(self, shape: Shape, copies: int, file_dir: Path | None):
-        from fovea.kernels import panels
+    def __init__(self, shape: Shape, copies: int, file_dir: Path | None, huge_pages: bool):
+        from fovea.kernels import extension, panels
 
         g = torch.Generator().manual_seed(shape.n + shape.k)
         dense = [torch.randn(shape.n, shape.k, generator=g).div(shape.k ** 0.5).bfloat16() for _ in range(copies)]
         self.packed = [panels.pack_weight(w) for w in dense]
         self._mapping = None
-        if file_dir is None:
+        if file_dir is None and huge_pages:
+            rows = []
+            for w in dense:
+                copy = torch.empty_like(w)
+                extension().advise_huge_pages(copy)  # before the first touch, as the packed copies are
+                rows.append(copy.copy_(w))
+        elif file_dir is None:
             rows = dense
         else:
             fd, path = tempfile.mkstemp(dir=file_dir, suffix=".bin")
@@ -89,17 +96,24 @@ class Weights:
         self.sources = [list(w.split(list(shape.sizes))) for w in rows]
 
 
-def time_passes(calls: dict[str, callable], repeats: int) -> dict[str, list[float]]:
-    """Seconds per pass of each callable, passes alternating between them."""
+def time_passes(calls: dict[str, callable], repeats: int, clock) -> dict[str, list[float]]:
+    """Seconds per pass of each callable by `clock`, passes alternating between them."""
     for fn in calls.values():
         fn()  # warm: code, page tables
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
+
+
+def process_cpu_per_thread(threads: int):
+    """CPU seconds of the process divided by the thread count: on a shared machine, the time the threads were
+    running (a thread waiting for its turn on a core counts in wall time, not here; a thread spinning at the
+    parallel region's end counts here)."""
+    return lambda: time.process_time() / threads
 
 
 def main() -> None:
@@ -112,8 +126,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--decode-bytes", type=float, default=128e6)
     parser.add_argument("--file-backed", action="store_true", help="the row kernel reads a read-only file mapping")
+    parser.add_argument("--huge-pages", action="store_true",
+                        help="anonymous W advised onto 2 MiB pages, as the panel kernel's packed copies are")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the file is written")
     parser.add_argument("--shapes", nargs="*", default=None, help="only shapes whose name contains one of these")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="cpu (default): the calling thread's CPU time at 1 thread, the process's per thread "
+                             "at more; wall: elapsed time (meaningful on a quiet machine only)")
     args = parser.parse_args()
 
     from fovea import kernels
@@ -122,15 +141,16 @@ def main() -> None:
     kernels.set_mode("require")
     assert rows_linear.available() and bf16_linear.available(), kernels.status().summary()
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{cpu_name()}, {now}, load average {os.getloadavg()[0]:.1f}; row kernel's W in "
-          f"{'a read-only file mapping (4 KiB page cache)' if args.file_backed else 'anonymous memory'}; "
+    print(f"{cpu_name()}, {now}, load average {os.getloadavg()[0]:.1f}, {args.clock} time; row kernel's W in "
+          f"{'a read-only file mapping (4 KiB page cache)' if args.file_backed else 'anonymous memory'}"
+          f"{' advised onto 2 MiB pages' if args.huge_pages and not args.file_backed else ''}; "
           f"ratios are rows / panel, best of {args.repeats} alternating", flush=True)
     shapes = [s for m in args.models for s in MODELS[m]
               if args.shapes is None or any(part in s.name for part in args.shapes)]
     for shape in shapes:
         nbytes = shape.n * shape.k * 2
         copies = max(1, math.ceil(args.decode_bytes / nbytes)) if args.rows else 1
-        weights = Weights(shape, copies, args.dir if args.file_backed else None)
+        weights = Weights(shape, copies, args.dir if args.file_backed else None, args.huge_pages)
         n = shape.n
 
         def panel_pass(xs, count):
@@ -143,10 +163,12 @@ def main() -> None:
 
         for threads in args.threads:
             torch.set_num_threads(threads)
+            clock = time.perf_counter if args.clock == "wall" else (
+                time.thread_time if threads == 1 else process_cpu_per_thread(threads))
             for m in args.rows:
                 x = torch.randn(m, shape.k).bfloat16()
                 times = time_passes({"panel": lambda: panel_pass(x, copies), "rows": lambda: rows_pass(x, copies)},
-                                    args.repeats)
+                                    args.repeats, clock)
                 rate = {k: [copies * nbytes / t / 1e9 for t in v] for k, v in times.items()}
                 print(f"  {shape.name:14s} {n:6d}x{shape.k:<5d} {threads}t decode {m:4d} rows: panel best "
                       f"{max(rate['panel']):5.1f} med {statistics.median(rate['panel']):5.1f} | rows best "
@@ -157,7 +179,7 @@ def main() -> None:
             for m in args.gemm_rows:
                 x = torch.randn(m, shape.k).bfloat16()
                 times = time_passes({"panel": lambda: panel_pass(x, 1), "rows": lambda: rows_pass(x, 1)},
-                                    args.repeats)
+                                    args.repeats, clock)
                 flops = 2 * m * n * shape.k
                 rate = {k: [flops / t / 1e9 for t in v] for k, v in times.items()}
                 print(f"  {shape.name:14s} {n:6d}x{shape.k:<5d} {threads}t gemm   {m:4d} rows: panel best "

@@ -14,11 +14,12 @@ float32, and the result rounded once to bfloat16 (nearest even). So a row of x g
 rows share the call (decode rows beside prefill chunks). The panel kernel sums in another order: the two agree to
 rounding, not bit for bit.
 
-Two paths. Up to 8 rows (decode): each thread takes a contiguous run of W rows and reads them one after another
-in address order, every 64-byte load feeding one VDPBF16PS per row of x (reading several rows interleaved, as a
-kernel that transposes W on the fly would, streams at half the rate or less). More rows (prefill, vision
+Two paths. Up to 8 rows (decode): each thread takes contiguous runs of W rows, cuts each run into 4 streams (2
+from 5 rows of x) and reads them side by side, each row after row in address order, every 64-byte load feeding
+one VDPBF16PS per row of x (reading adjacent rows interleaved, as a kernel that transposes W on the fly would,
+streams at half the rate or less; one stream leaves one dependent chain per output). More rows (prefill, vision
 towers): 4 x 6 register tiles (rows of x x rows of W, one accumulator per output) over blocks of W rows that stay
-in L2 while every row of x passes them.
+in L2 while every row of x passes them, the next block prefetched in address order meanwhile.
 
 `available()` is True where the CPU reports avx512_bf16, the extension built, and `cpu_kernels` is not "off"
 (`fovea.kernels.status().rows_linear` says which and why).

@@ -31,6 +31,7 @@ namespace fovea {
 namespace {
 
 constexpr int kMaxDecodeRows = 8;  // rows of x the decode path holds against one W row (one accumulator each)
+constexpr int kPrefetchRows = 3;   // from this many rows of x the decode path prefetches its streams into L2
 constexpr int kTileRows = 4;       // GEMM micro-tile: 4 rows of x x 6 rows of W, one zmm accumulator per output
 constexpr int kTileCols = 6;
 constexpr int64_t kBlockBytes = 256 << 10;  // a GEMM thread's block of W rows, kept in L2 (1 MiB on Zen 4)
@@ -122,60 +123,120 @@ FOVEA_BF16_TARGET inline void write_outputs(const float* acc, int count, const f
 
 // ---- decode: a few rows of x against each W row in turn, the W rows in address order ----------------------------
 
-// acc[m * 256 + r * 16 ...] = the 16-lane sums of x row m . W row r, for the `rows` (<= 16) W rows at w. Each W
-// row is read start to end before the next: one stream through memory per thread. At 1 row of x that is one
-// VDPBF16PS chain per output, ~6 cycles per 64 bytes (~40 GB/s per core at the EPYC's clock), more than a core
-// reads; the next row's chain is independent, so the core overlaps them.
-template <int kRows>
-FOVEA_BF16_TARGET void decode_rows(const Problem& p, const uint16_t* w, int64_t ldw, int rows, float* acc) {
-  for (int r = 0; r < rows; ++r, w += ldw) {
-    __m512 sum[kRows];
-#pragma GCC unroll 8
-    for (int m = 0; m < kRows; ++m) sum[m] = _mm512_setzero_ps();
-    const uint16_t* x = p.x;
+// The sums of the rows of x against `rows` W rows of each of kStreams streams (stream j's row r at w[j] + r * ldw):
+// acc[(j * kMaxDecodeRows + m) * 256 + r * 16 ...]. The streams are contiguous runs of a thread's W rows, each
+// read row after row in address order (volatile-asm loads: gcc keeps them in program order), their lines
+// alternating: each x load feeds kStreams VDPBF16PS and each row of x has kStreams independent chains.
+//
+// Why streams (measured on the EPYC, 1 thread, rates per CPU second on a busy machine, 2026-12-07 17:03-17:37 UTC):
+// one stream, one row after another, leaves one VDPBF16PS chain per output at 1 row of x (~6 cycles per 64 bytes);
+// at K = 10240 (OPT's fc2: 320 dependent steps a row) the out-of-order window no longer overlaps two rows, and it
+// read 0.46-0.52x what the panel kernel does; 2 streams 0.53-0.65x, 4 streams 0.90x. Reading rows n and n + 1
+// interleaved line by line (adjacent rows, not two runs) read 12-22 GB/s where two runs read 26-35 (C loop): the
+// prefetcher loses the rows. x's rows are read once per W line per stream, so more streams also cut x's traffic,
+// which matters once x outgrows L1 (8 rows x K 10240 = 160 KB). From 3 rows of x a software prefetch 16 KB ahead
+// of each stream into L2 (the loop issues fewer loads per cycle than the hardware prefetcher needs to run ahead:
+// at 8 rows 0.45-0.65x the panel kernel without it, 0.45-0.96x with it); at 1-2 rows it read less.
+template <int kRows, int kStreams>
+FOVEA_BF16_TARGET void decode_rows(const Problem& p, const uint16_t* const* w, int64_t ldw, int rows, float* acc) {
+  const uint16_t* x = p.x;
+  const int64_t ldx = p.ldx;
+  for (int r = 0; r < rows; ++r) {
+    const uint16_t* row[kStreams];
 #pragma GCC unroll 4
-    for (int64_t s = 0; s < p.full; ++s) {
-      const __m512bh b = ordered_load(w + 32 * s);
+    for (int j = 0; j < kStreams; ++j) row[j] = w[j] + r * ldw;
+    __m512 sum[kStreams][kRows];
+#pragma GCC unroll 4
+    for (int j = 0; j < kStreams; ++j) {
 #pragma GCC unroll 8
-      for (int m = 0; m < kRows; ++m) sum[m] = _mm512_dpbf16_ps(sum[m], load_x(x + m * p.ldx + 32 * s), b);
+      for (int m = 0; m < kRows; ++m) sum[j][m] = _mm512_setzero_ps();
     }
-    if (p.tail) {
-      const __m512bh b = ordered_load_masked(w + 32 * p.full, p.tail);
+#pragma GCC unroll 2
+    for (int64_t s = 0; s < p.full; ++s) {
+      __m512bh b[kStreams];
+#pragma GCC unroll 4
+      for (int j = 0; j < kStreams; ++j) {
+        if (kRows >= kPrefetchRows) {
+          _mm_prefetch(reinterpret_cast<const char*>(row[j] + 32 * s) + kWeightPrefetchBytes, _MM_HINT_T1);
+        }
+        b[j] = ordered_load(row[j] + 32 * s);
+      }
 #pragma GCC unroll 8
       for (int m = 0; m < kRows; ++m) {
-        sum[m] = _mm512_dpbf16_ps(sum[m], load_x_masked(x + m * p.ldx + 32 * p.full, p.tail), b);
+        const __m512bh xv = load_x(x + m * ldx + 32 * s);
+#pragma GCC unroll 4
+        for (int j = 0; j < kStreams; ++j) sum[j][m] = _mm512_dpbf16_ps(sum[j][m], xv, b[j]);
       }
     }
+    if (p.tail) {
+      __m512bh b[kStreams];
+#pragma GCC unroll 4
+      for (int j = 0; j < kStreams; ++j) b[j] = ordered_load_masked(row[j] + 32 * p.full, p.tail);
 #pragma GCC unroll 8
-    for (int m = 0; m < kRows; ++m) _mm512_storeu_ps(acc + m * 256 + r * 16, sum[m]);
+      for (int m = 0; m < kRows; ++m) {
+        const __m512bh xv = load_x_masked(x + m * ldx + 32 * p.full, p.tail);
+#pragma GCC unroll 4
+        for (int j = 0; j < kStreams; ++j) sum[j][m] = _mm512_dpbf16_ps(sum[j][m], xv, b[j]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < kStreams; ++j) {
+#pragma GCC unroll 8
+      for (int m = 0; m < kRows; ++m) _mm512_storeu_ps(acc + (j * kMaxDecodeRows + m) * 256 + r * 16, sum[j][m]);
+    }
   }
 }
 
-using DecodeFn = void (*)(const Problem&, const uint16_t*, int64_t, int, float*);
+using DecodeFn = void (*)(const Problem&, const uint16_t* const*, int64_t, int, float*);
 
+template <int kStreams>
 DecodeFn decode_fn(int64_t rows) {
   switch (rows) {
-    case 1: return decode_rows<1>;
-    case 2: return decode_rows<2>;
-    case 3: return decode_rows<3>;
-    case 4: return decode_rows<4>;
-    case 5: return decode_rows<5>;
-    case 6: return decode_rows<6>;
-    case 7: return decode_rows<7>;
-    default: return decode_rows<8>;
+    case 1: return decode_rows<1, kStreams>;
+    case 2: return decode_rows<2, kStreams>;
+    case 3: return decode_rows<3, kStreams>;
+    case 4: return decode_rows<4, kStreams>;
+    case 5: return decode_rows<5, kStreams>;
+    case 6: return decode_rows<6, kStreams>;
+    case 7: return decode_rows<7, kStreams>;
+    default: return decode_rows<8, kStreams>;
   }
 }
 
+// streams per row count: 4 up to 4 rows of x, 2 above (at most 16 accumulators)
+int decode_streams(int64_t rows) { return rows <= 4 ? 4 : 2; }
+
+// An item's rows as `streams` contiguous parts read side by side, 16 rows of each at a time, each group of outputs
+// reduced and written as soon as it is summed; rows of the parts' uneven ends one part at a time.
 FOVEA_BF16_TARGET void run_decode_item(const Problem& p, const Item& item) {
-  alignas(64) float acc[kMaxDecodeRows * 256];
+  alignas(64) float acc[4 * kMaxDecodeRows * 256];
   const Source& src = p.sources[item.source];
-  const DecodeFn fn = decode_fn(p.M);
-  for (int64_t r0 = item.row0; r0 < item.row0 + item.rows; r0 += 16) {
-    const int rows = static_cast<int>(std::min<int64_t>(16, item.row0 + item.rows - r0));
-    fn(p, src.w + r0 * src.ld, src.ld, rows, acc);
-    const int64_t col = src.col0 + r0;
+  const int streams = decode_streams(p.M);
+  const DecodeFn fn = streams == 4 ? decode_fn<4>(p.M) : streams == 2 ? decode_fn<2>(p.M) : decode_fn<1>(p.M);
+  const DecodeFn one = decode_fn<1>(p.M);
+  const int64_t h = (item.rows + streams - 1) / streams;
+  auto write = [&](const float* a, int64_t row, int count) {
+    const int64_t col = src.col0 + row;
     for (int64_t m = 0; m < p.M; ++m) {
-      write_outputs(acc + m * 256, rows, p.bias ? p.bias + col : nullptr, p.y + m * p.N + col);
+      write_outputs(a + m * 256, count, p.bias ? p.bias + col : nullptr, p.y + m * p.N + col);
+    }
+  };
+  for (int64_t r0 = 0; r0 < h; r0 += 16) {
+    int count[4];
+    const uint16_t* w[4];
+    for (int j = 0; j < streams; ++j) {
+      const int64_t start = item.row0 + j * h + r0, end = item.row0 + std::min(item.rows, (j + 1) * h);
+      count[j] = static_cast<int>(std::clamp<int64_t>(end - start, 0, 16));
+      w[j] = src.w + start * src.ld;
+    }
+    const int common = count[streams - 1];  // the last part is the shortest
+    if (common > 0) fn(p, w, src.ld, common, acc);
+    for (int j = 0; j < streams; ++j) {
+      for (int r = common; r < count[j]; ++r) {
+        const uint16_t* single = w[j] + r * src.ld;
+        one(p, &single, src.ld, 1, acc + j * kMaxDecodeRows * 256 + r * 16);
+      }
+      if (count[j] > 0) write(acc + j * kMaxDecodeRows * 256, item.row0 + j * h + r0, count[j]);
     }
   }
 }
@@ -253,10 +314,21 @@ FOVEA_BF16_TARGET void run_gemm_item(const Problem& p, const Item& item, std::ve
   acc.resize(static_cast<size_t>(kTileRows * ld));
   const uint16_t* w = src.w + item.row0 * src.ld;
   const int64_t col0 = src.col0 + item.row0;
+  // the source's next block (this thread's next item, as a rule) fetched into L2 in address order, a share of it
+  // before every tile of this one
+  const int64_t next_rows = std::min(item.rows, src.rows - item.row0 - item.rows);
+  const char* next = reinterpret_cast<const char*>(w + item.rows * src.ld);
+  const int64_t next_lines = next_rows > 0 ? ((next_rows - 1) * src.ld + p.K) * 2 / 64 + 1 : 0;
+  const int64_t num_tiles = (p.M + kTileRows - 1) / kTileRows * ((item.rows + kTileCols - 1) / kTileCols);
+  const int64_t lines_per_tile = (next_lines + num_tiles - 1) / num_tiles;
+  int64_t line = 0;
   for (int64_t m0 = 0; m0 < p.M; m0 += kTileRows) {
     const int mr = static_cast<int>(std::min<int64_t>(kTileRows, p.M - m0));
     const uint16_t* x = p.x + m0 * p.ldx;
     for (int64_t j0 = 0; j0 < item.rows; j0 += kTileCols) {
+      for (const int64_t end = std::min(next_lines, line + lines_per_tile); line < end; ++line) {
+        _mm_prefetch(next + 64 * line, _MM_HINT_T1);
+      }
       const int nr = static_cast<int>(std::min<int64_t>(kTileCols, item.rows - j0));
       tile_fn(mr, nr)(p, x, w + j0 * src.ld, src.ld, acc.data() + j0 * 16, ld);
     }
@@ -332,8 +404,8 @@ at::Tensor rows_linear(const at::Tensor& x, const std::vector<at::Tensor>& sourc
   if (decode) {
     // runs of whole 16-row groups, ~128 KB of W each, at least 4 per thread where N allows (a fast thread takes
     // over a slow one's)
-    item_rows = std::max<int64_t>(16, ((128 << 10) / (2 * K)) & ~int64_t{15});
-    item_rows = std::min(item_rows, std::max<int64_t>(16, (N / (4 * threads)) & ~int64_t{15}));
+    item_rows = std::max<int64_t>(64, ((256 << 10) / (2 * K)) & ~int64_t{63});
+    item_rows = std::min(item_rows, std::max<int64_t>(64, (N / (4 * threads)) & ~int64_t{63}));
   } else {
     // blocks of whole tiles that stay in L2 while every row of x passes them, at least 2 per thread where N allows
     item_rows = std::max<int64_t>(kTileCols, kBlockBytes / (2 * K) / kTileCols * kTileCols);
