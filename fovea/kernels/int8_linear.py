@@ -11,7 +11,9 @@ well fell back to dequantizing the whole weight every step. Here the weight is o
 read at close to the bandwidth; each 64-byte step is widened to bfloat16 in registers (`csrc/int8_linear.cpp`)
 by two byte-table look-ups (`vpermt2b`) and multiplied into up to 6 rows of x with `vdpbf16ps`; more rows (prefill, large decode batches) keep the
 widened panel in a per-thread buffer (L2) and run the other row blocks from it: a cache-tile GEMM that never
-writes the dequantized weight to memory. The threads take panels from a shared counter (`WorkCounter`).
+writes the dequantized weight to memory. Each thread streams its own contiguous run of panels and takes panels
+from the back of the other's when done (`RangeSplit`). How the decode loops read (1 row: loads in address order
+and a sparse software prefetch; 2-6 rows: a prefetch per line) and what decided it: the head of the .cpp file.
 
 Layout (`pack_weight`, done once at load; the only copy kept): q [N, K] -> [ceil(N/32), ceil(K/2), 64] uint8
 codes. Step s of panel p holds the 64 weights q[32p + n, 2s + e] (n < 32, e < 2; zero where past N or K), each as
@@ -59,14 +61,21 @@ def _step_order() -> torch.Tensor:
 STEP_ORDER = _step_order()
 
 
-def pack_weight(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] int8 -> [ceil(N/32), ceil(K/2), 64] uint8 codes (the module docstring's layout)."""
+def pack_weight(q: torch.Tensor, huge_pages: bool = True) -> torch.Tensor:
+    """q [N, K] int8 -> [ceil(N/32), ceil(K/2), 64] uint8 codes (the module docstring's layout), asked to live on
+    2 MiB pages before it is written unless `huge_pages` is False, as the bfloat16 kernel's panels are
+    (`fovea.kernels.panels.empty_packed` says when not): decode streams them, and on 4 KiB pages the hardware
+    prefetcher stops at every page."""
     n, k = q.shape
     padded = F.pad(q.detach(), (0, k % 2, 0, -n % PANEL))
     steps = padded.view(-1, PANEL, (k + 1) // 2, 2).permute(0, 2, 1, 3).reshape(-1, (k + 1) // 2, 2 * PANEL)
     wide = steps[..., STEP_ORDER].to(torch.int16)
     codes = torch.where(wide == -128, 0x80, torch.where(wide < 0, 0x80 - wide, wide))  # -1 -> 0x81, -127 -> 0xFF
-    return codes.to(torch.uint8)
+    packed = torch.empty(codes.shape, dtype=torch.uint8)
+    module = extension()
+    if module is not None and huge_pages:
+        module.advise_huge_pages(packed)
+    return packed.copy_(codes)
 
 
 def unpack_weight(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -116,5 +125,10 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, scale: torc
            bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] bfloat16 -> [..., N] bfloat16; `packed` from `pack_weight`, `scale` and `bias` [N] (any float
     dtype; used as float32)."""
+    module = _module()
+    # the models' flat batch [N, K] goes straight in: the reshape and view around the call cost ~5 us of a decode
+    # step's ~40 us layer (1 row, 1 thread, AMD EPYC), as fovea/kernels/bf16_linear.py found for its kernel
+    if x.dim() == 2:
+        return module.int8_linear(x, packed, out_features, scale, bias)
     flat = x.reshape(-1, x.shape[-1])
-    return _module().int8_linear(flat, packed, out_features, scale, bias).view(*x.shape[:-1], out_features)
+    return module.int8_linear(flat, packed, out_features, scale, bias).view(*x.shape[:-1], out_features)

@@ -96,6 +96,20 @@ def test_each_row_is_computed_alone():
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("k", [64, 66, 68, 70, 69])
+def test_a_row_gets_the_same_bits_from_every_loop(k):
+    # 1 row streams each panel in address order, 4 k pairs a round and a tail of 0-3 (these K give each tail);
+    # 2-6 rows stream with the software prefetch; more widen each panel once and run the row blocks from it.
+    # Every row of every batch size: the bits of that row alone, within the float64 bound
+    x, q, scale, bias = _inputs(14, k, 45, seed=k)
+    packed = int8_linear.pack_weight(q)
+    alone = torch.cat([int8_linear.linear(x[i:i + 1], packed, 45, scale, bias) for i in range(14)])
+    exact = (x.double() @ q.double().T) * scale.double() + bias.double()
+    assert ((alone.double() - exact).abs() <= _bound(x, q, scale, bias, exact)).all()
+    for rows in range(2, 15):
+        assert torch.equal(int8_linear.linear(x[:rows], packed, 45, scale, bias), alone[:rows]), rows
+
+
 @pytest.mark.parametrize("rows", [1, 40])
 def test_two_threads_compute_every_panel_once(rows):
     x, q, scale, bias = _inputs(rows, 96, 32 * 37 + 5, seed=2)
@@ -119,6 +133,57 @@ def test_odd_k_never_reads_past_the_row():
     got = int8_linear.linear(wide[:, :9], int8_linear.pack_weight(q), 16, scale, None)
     assert torch.isfinite(got).all()
     assert torch.equal(got, int8_linear.linear(x, int8_linear.pack_weight(q), 16, scale, None))
+
+
+_HUGE_PAGES_CHILD = r"""
+import json
+import torch
+from fovea.kernels import int8_linear
+from fovea.layers.linear import Linear, prepare_linear_layer
+from fovea.layers.quantization.int8 import Int8LinearMethod
+
+
+def advised_huge(t):
+    # whether the 2 MiB-aligned middle of t lies in a mapping advised onto huge pages (smaps' `hg` flag)
+    address = (t.data_ptr() + (1 << 21) - 1) & ~((1 << 21) - 1)
+    assert address + (1 << 21) <= t.data_ptr() + t.nbytes
+    inside = False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and all(c in "0123456789abcdef-" for c in first):
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return "hg" in line.split()
+    raise AssertionError("no mapping holds the tensor")
+
+
+q = torch.randint(-128, 128, (2048, 4096), dtype=torch.int8)  # 8 MiB of codes
+# the ordinary pages first and every tensor kept: freed memory of an advised range may be handed out again
+kept = {"small": int8_linear.pack_weight(q, huge_pages=False)}
+for name, huge in (("encoder layer", False), ("layer", True)):
+    layer = Linear(4096, 2048, bias=False, dtype=torch.bfloat16)
+    layer.huge_pages = huge  # False: an encoder's layer (fovea.models.weights.encoder_layers_on_small_pages)
+    layer.method = Int8LinearMethod()
+    prepare_linear_layer(layer)
+    kept[name] = layer.int8_packed
+kept["packed"] = int8_linear.pack_weight(q)
+print(json.dumps({name: advised_huge(t) for name, t in kept.items()}))
+"""
+
+
+def test_packed_weights_are_asked_onto_huge_pages():
+    """Decode streams the packed codes; on 4 KiB pages the hardware prefetcher stops at every page. Layers that
+    decode never reads (`huge_pages` False) keep ordinary pages. In a fresh process: in a long one, the allocator
+    may hand out memory from a range an earlier allocation had advised."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _HUGE_PAGES_CHILD], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"packed": True, "small": False, "layer": True, "encoder layer": False}
 
 
 def test_leading_dims_non_contiguous_input_and_no_rows():

@@ -11,6 +11,22 @@
 // in a per-thread buffer (L2) and run the next row blocks from it, so the weight is widened once per call and
 // never written back to memory in full.
 //
+// How decode (1-6 rows, each panel streamed once from memory) reads the weight, per row count (AMD EPYC Zen 4,
+// 1 thread timed by its CPU time, busy machine, 2026-12-07 16:56-17:26 UTC; a 1 GB stream of K = 896 panels on
+// 2 MiB pages against an in-order byte sum over the same buffer, 5 interleaved runs, and benchmarks/gemv_ab.py):
+// - 1 row (`Source::kOrderedStream`): the loads in address order (volatile asm, as bf16_linear.cpp's 1-4 row loop)
+//   and one software prefetch per 256 bytes, 8 KB ahead: 95-116% of the sum's rate, where the loop before (the
+//   compiler's load order and a prefetch per 64-byte line, 16 KB ahead) read 78-94%, in-order loads with no
+//   software prefetch 88-100% (and ~0.6x the old loop in one gemv_ab run: the hardware prefetcher alone is not
+//   robust to what the other processes do), in-order loads with a prefetch per line 75-93%. Widening and one row
+//   consume ~40 GB/s with the weight in L2, well above memory.
+// - 2 rows: bound by the core, not by the order of the loads: 10 zmm ops per 64-byte step (4 `vdpbf16ps` and 6
+//   to widen), ~27 GB/s of int8 in L2, and 70-93% of the sum's rate from memory whatever the order or prefetch
+//   (the loop below, `Source::kStream`, at the top of that range; in gemv_ab in-order loads were 0.86-0.88x it).
+// - 3-6 rows: the software prefetch per line is what keeps the stream going: at 4 rows (~22 GB/s in L2) it read
+//   67-85% of the sum's rate, in-order loads without it 44-59%, with one per 256 bytes no better: with fewer
+//   bytes consumed per cycle the hardware prefetcher alone falls behind.
+//
 // Compiled on every x86-64 host: the functions carry a target attribute (as amx_linear.cpp does) and Python
 // runs them only where the CPU reports avx512_bf16, avx512bw, avx512vbmi and avx512_vnni.
 #include <ATen/Parallel.h>
@@ -36,6 +52,9 @@ constexpr int kRows = 6;           // rows of x per register block: 6 x 2 x 2 su
 constexpr int64_t kPanel = 32;     // output columns per panel (two zmm of 16 float32)
 // bytes of the weight stream fetched ahead into L2 (decode reads it from DRAM), as the bfloat16 kernel does
 constexpr int kPrefetchAhead = 16384;
+// 1 row: one prefetch per 256 bytes of the in-order stream, this far ahead into L2 (8 KB read 3-6% more on average
+// than 16 or 32 KB in the same 5 runs; the head of the file)
+constexpr int kOrderedPrefetchAhead = 8192;
 
 // The bfloat16 bytes of a magnitude m in 0..127: low byte = exponent's last bit and 7 mantissa bits, high byte =
 // (sign and) exponent's first 7 bits. bf16(m) = 2^e (1 + f / 128), e = floor(log2 m): bits (127 + e) << 7 | f.
@@ -71,8 +90,7 @@ FOVEA_INT8_TARGET inline Tables load_tables() {
 // low and high bytes (vpunpck{l,h}bw) yields the columns in order. Five shuffles and a logic op where widening
 // through int32 and float32 (vpmovsxbd, vcvtdq2ps, vcvtne2ps2bf16: ten) ran ~7x slower in L2 on Zen 4, slower
 // than memory delivers int8 at one row.
-FOVEA_INT8_TARGET inline void widen(const int8_t* q, const Tables& t, __m512bh& lo, __m512bh& hi) {
-  const __m512i codes = _mm512_loadu_si512(q);
+FOVEA_INT8_TARGET inline void widen(__m512i codes, const Tables& t, __m512bh& lo, __m512bh& hi) {
   const __mmask64 nonzero = _mm512_test_epi8_mask(codes, codes);
   const __m512i low = _mm512_permutex2var_epi8(t.low0, codes, t.low1);  // the index's bit 7 is ignored
   __m512i high = _mm512_maskz_permutex2var_epi8(nonzero, t.high0, codes, t.high1);
@@ -88,25 +106,29 @@ FOVEA_INT8_TARGET inline __m512bh pair(const uint16_t* x, int64_t offset) {
   return reinterpret_cast<__m512bh>(_mm512_set1_epi32(bits));
 }
 
-// Rows [0, R) of x (row stride ldx, K = 2 * pairs) against one panel. kSource: 0 widen from q, 1 widen from q
-// and keep the widened panel in buf, 2 read buf. Two sets of sums, even and odd k pairs, added at the end: a
-// `vdpbf16ps` waits for the one before it on the same sum, and a single row has only two sums in flight.
-// The same order for every R, so a row's result never depends on the rows around it.
-template <int R, int kSource>
-FOVEA_INT8_TARGET inline void accumulate(const int8_t* q, const Tables& t, __m512bh* buf, const uint16_t* x,
-                                         int64_t ldx, int64_t s, __m512 (&acc)[R][2]) {
-  __m512bh lo, hi;
-  if (kSource == 2) {
-    lo = buf[2 * s];
-    hi = buf[2 * s + 1];
-  } else {
-    _mm_prefetch(reinterpret_cast<const char*>(q + 64 * s) + kPrefetchAhead, _MM_HINT_T1);
-    widen(q + 64 * s, t, lo, hi);
-    if (kSource == 1) {
-      buf[2 * s] = lo;
-      buf[2 * s + 1] = hi;
-    }
-  }
+// One 64-byte step of codes, as a volatile asm: the compiler keeps volatile asms in program order, so the steps
+// are loaded in address order (what the hardware prefetcher learns from: bf16_linear.cpp's `ordered_load`).
+// The address goes in as a register, not as a memory operand: with a memory operand gcc took the asm for a
+// reader of the sums too and stored every sum to the stack after each step (2R x 2 stores; at 4 rows the loop
+// ran at half its rate with the weight in L2). The weight is never written while a kernel runs.
+FOVEA_INT8_TARGET inline __m512i ordered_load(const int8_t* p) {
+  __m512i v;
+  asm volatile("vmovdqu64 (%1), %0" : "=v"(v) : "r"(p));
+  return v;
+}
+
+// How `panel_block` gets each step's widened weights
+enum class Source {
+  kOrderedStream,   // widened from q, the loads in address order, a sparse software prefetch (1 row)
+  kStream,          // widened from q, each line fetched kPrefetchAhead ahead into L2 by software (2-6 rows)
+  kStreamAndKeep,   // as kStream, and the widened panel kept in buf for the row blocks after it
+  kKept,            // read from buf
+};
+
+// Rows [0, R) of x (row stride ldx, K = 2 * pairs) times one widened step s (lo: columns 0-15, hi: 16-31)
+template <int R>
+FOVEA_INT8_TARGET inline void multiply_step(__m512bh lo, __m512bh hi, const uint16_t* x, int64_t ldx, int64_t s,
+                                            __m512 (&acc)[R][2]) {
   for (int r = 0; r < R; ++r) {
     const __m512bh b = pair(x, r * ldx + 2 * s);
     acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, b);
@@ -114,13 +136,45 @@ FOVEA_INT8_TARGET inline void accumulate(const int8_t* q, const Tables& t, __m51
   }
 }
 
-template <int R, int kSource>
+template <int R, Source kSource>
+FOVEA_INT8_TARGET inline void accumulate(const int8_t* q, const Tables& t, __m512bh* buf, const uint16_t* x,
+                                         int64_t ldx, int64_t s, __m512 (&acc)[R][2]) {
+  __m512bh lo, hi;
+  if constexpr (kSource == Source::kKept) {
+    lo = buf[2 * s];
+    hi = buf[2 * s + 1];
+  } else if constexpr (kSource == Source::kOrderedStream) {
+    widen(ordered_load(q + 64 * s), t, lo, hi);
+  } else {
+    _mm_prefetch(reinterpret_cast<const char*>(q + 64 * s) + kPrefetchAhead, _MM_HINT_T1);
+    widen(_mm512_loadu_si512(q + 64 * s), t, lo, hi);
+    if constexpr (kSource == Source::kStreamAndKeep) {
+      buf[2 * s] = lo;
+      buf[2 * s + 1] = hi;
+    }
+  }
+  multiply_step<R>(lo, hi, x, ldx, s, acc);
+}
+
+// Rows [0, R) of x against one panel, y = R(sum * scale + bias). Two sets of sums, even and odd k pairs, added at
+// the end: a `vdpbf16ps` waits for the one before it on the same sum, and a single row has only two sums in
+// flight. The same order for every R and every Source, so a row's result never depends on the rows around it.
+template <int R, Source kSource>
 FOVEA_INT8_TARGET void panel_block(const int8_t* q, __m512bh* buf, const uint16_t* x, int64_t ldx, int64_t pairs,
                                    const float* scale, const float* bias, int64_t cols, uint16_t* y, int64_t ldy) {
   const Tables t = load_tables();
   __m512 acc[R][2], odd[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = odd[r][0] = odd[r][1] = _mm512_setzero_ps();
   int64_t s = 0;
+  if constexpr (kSource == Source::kOrderedStream) {
+    for (; s + 3 < pairs; s += 4) {  // 256 bytes a round, loads in order, one prefetch
+      _mm_prefetch(reinterpret_cast<const char*>(q + 64 * s) + kOrderedPrefetchAhead, _MM_HINT_T1);
+      accumulate<R, kSource>(q, t, buf, x, ldx, s, acc);
+      accumulate<R, kSource>(q, t, buf, x, ldx, s + 1, odd);
+      accumulate<R, kSource>(q, t, buf, x, ldx, s + 2, acc);
+      accumulate<R, kSource>(q, t, buf, x, ldx, s + 3, odd);
+    }
+  }
   for (; s + 1 < pairs; s += 2) {
     accumulate<R, kSource>(q, t, buf, x, ldx, s, acc);
     accumulate<R, kSource>(q, t, buf, x, ldx, s + 1, odd);
@@ -145,7 +199,7 @@ FOVEA_INT8_TARGET void panel_block(const int8_t* q, __m512bh* buf, const uint16_
   }
 }
 
-template <int kSource>
+template <Source kSource>
 FOVEA_INT8_TARGET void panel_rows(int rows, const int8_t* q, __m512bh* buf, const uint16_t* x, int64_t ldx,
                                   int64_t pairs, const float* scale, const float* bias, int64_t cols, uint16_t* y,
                                   int64_t ldy) {
@@ -161,6 +215,16 @@ FOVEA_INT8_TARGET void panel_rows(int rows, const int8_t* q, __m512bh* buf, cons
     FOVEA_INT8_CASE(6)
   }
 #undef FOVEA_INT8_CASE
+}
+
+// The decode path (M <= kRows: each panel streamed once from memory; the head of the file says why two loops)
+FOVEA_INT8_TARGET void stream_panel(int rows, const int8_t* q, const uint16_t* x, int64_t ldx, int64_t pairs,
+                                    const float* scale, const float* bias, int64_t cols, uint16_t* y, int64_t ldy) {
+  if (rows == 1) {
+    panel_block<1, Source::kOrderedStream>(q, nullptr, x, ldx, pairs, scale, bias, cols, y, ldy);
+  } else {
+    panel_rows<Source::kStream>(rows, q, nullptr, x, ldx, pairs, scale, bias, cols, y, ldy);
+  }
 }
 
 // This thread's buffer for one widened panel (2 vectors per k pair, K * 64 bytes), kept between calls: a fresh
@@ -193,11 +257,11 @@ FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t
           uint16_t* yr = y + m0 * N + n0;
           const uint16_t* xr = x + m0 * K;
           if (M <= kRows) {
-            panel_rows<0>(rows, q, nullptr, xr, K, pairs, scale + n0, bp, cols, yr, N);
+            stream_panel(rows, q, xr, K, pairs, scale + n0, bp, cols, yr, N);
           } else if (m0 == 0) {
-            panel_rows<1>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
+            panel_rows<Source::kStreamAndKeep>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
           } else {
-            panel_rows<2>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
+            panel_rows<Source::kKept>(rows, q, buf, xr, K, pairs, scale + n0, bp, cols, yr, N);
           }
         }
       }
