@@ -89,13 +89,17 @@ def unpack_weight(packed: torch.Tensor, out_features: int, in_features: int) -> 
     return q[:out_features, :in_features].to(torch.int8).contiguous()
 
 
-def pack_weight_w8a8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_weight_w8a8(q: torch.Tensor, huge_pages: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, K] int8 -> (packed [ceil(N/32), ceil(K/4), 32, 4], element [p, s, n, e] = q[32p + n, 4s + e], 0 past
-    the end; compensation [N] int32 = 128 * sum_k q[n, k])."""
+    the end; compensation [N] int32 = 128 * sum_k q[n, k]). `huge_pages`: as `pack_weight`."""
     n, k = q.shape
     padded = F.pad(q.detach(), (0, -k % 4, 0, -n % PANEL))
-    packed = padded.view(-1, PANEL, (k + 3) // 4, 4).permute(0, 2, 1, 3).contiguous()
-    return packed, (q.to(torch.int32).sum(dim=1) * 128).to(torch.int32)
+    quads = padded.view(-1, PANEL, (k + 3) // 4, 4).permute(0, 2, 1, 3)
+    packed = torch.empty(quads.shape, dtype=torch.int8)
+    module = extension()
+    if module is not None and huge_pages:
+        module.advise_huge_pages(packed)
+    return packed.copy_(quads), (q.to(torch.int32).sum(dim=1) * 128).to(torch.int32)
 
 
 def unpack_weight_w8a8(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:

@@ -167,7 +167,9 @@ for name, huge in (("encoder layer", False), ("layer", True)):
     layer.method = Int8LinearMethod()
     prepare_linear_layer(layer)
     kept[name] = layer.int8_packed
+kept["w8a8 small"] = int8_linear.pack_weight_w8a8(q, huge_pages=False)[0]
 kept["packed"] = int8_linear.pack_weight(q)
+kept["w8a8"] = int8_linear.pack_weight_w8a8(q)[0]
 print(json.dumps({name: advised_huge(t) for name, t in kept.items()}))
 """
 
@@ -183,7 +185,8 @@ def test_packed_weights_are_asked_onto_huge_pages():
     result = subprocess.run([sys.executable, "-c", _HUGE_PAGES_CHILD], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen == {"packed": True, "small": False, "layer": True, "encoder layer": False}
+    assert seen == {"packed": True, "small": False, "layer": True, "encoder layer": False, "w8a8": True,
+                    "w8a8 small": False}
 
 
 def test_leading_dims_non_contiguous_input_and_no_rows():
@@ -271,6 +274,27 @@ def test_w8a8_equals_int_mm_and_the_same_float_ops_bit_for_bit(rows, k, n, dtype
         got = int8_linear.dynamic_linear(qx, x_scale, packed, compensation, n, scale, b, dtype)
         assert got.dtype == dtype and got.shape == (rows, n)
         assert torch.equal(got, int8_dynamic_linear(x, q, scale, b))
+
+
+@pytest.mark.parametrize("k", [64, 68, 72, 76, 75])
+def test_w8a8_rows_alone_and_in_a_batch_over_every_tail(k):
+    # each panel streamed in address order, 4 k quads a round and a tail of 0-3 (these K give each tail): every
+    # row alone and in batches of 2-8 the same bits, equal to torch's _int_mm and the same float ops
+    from fovea.layers.quantization.int8 import int8_dynamic_linear, quantize_activation_per_token
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(8, k, generator=g).bfloat16()
+    q = torch.randint(-128, 128, (45, k), generator=g, dtype=torch.int8)
+    scale, bias = (torch.rand(45, generator=g) * 0.02 + 1e-3).bfloat16(), torch.randn(45, generator=g).bfloat16()
+    packed, compensation = int8_linear.pack_weight_w8a8(q)
+    qx, x_scale = quantize_activation_per_token(x)
+    alone = torch.cat([int8_linear.dynamic_linear(qx[i:i + 1], x_scale[i:i + 1], packed, compensation, 45, scale,
+                                                  bias, torch.bfloat16) for i in range(8)])
+    assert torch.equal(alone, int8_dynamic_linear(x, q, scale, bias))
+    for rows in range(2, 9):
+        got = int8_linear.dynamic_linear(qx[:rows], x_scale[:rows], packed, compensation, 45, scale, bias,
+                                         torch.bfloat16)
+        assert torch.equal(got, alone[:rows]), rows
 
 
 def test_w8a8_bad_inputs_are_named():

@@ -271,16 +271,12 @@ FOVEA_INT8_TARGET void run(const uint16_t* x, int64_t M, int64_t K, const int8_t
 
 // ---- W8A8: int8 activations (quantized per row by the caller) x int8 weights, exact int32 sums (VNNI) ----------
 
-constexpr int kQuadPrefetchAhead = 1024;  // bytes of the W8A8 weight stream fetched ahead into L1
-
 // `vpdpbusd` multiplies unsigned by signed bytes, four per 32-bit lane: x is given as u = qx + 128 (qx ^ 0x80) and
 // 128 * sum_k q[n, k] (`compensation`, made at packing) is taken off: sum u * q - 128 * sum q = sum qx * q, exact.
 // Packed layout [P, K / 4, 32, 4]: a step is 128 bytes, columns 0-15 then 16-31, four k each.
 template <int R>
-FOVEA_INT8_TARGET inline void accumulate_quads(const int8_t* q, const uint8_t* u, int64_t ldu, int64_t s,
-                                               __m512i (&acc)[R][2]) {
-  const __m512i lo = _mm512_loadu_si512(q + 128 * s);
-  const __m512i hi = _mm512_loadu_si512(q + 128 * s + 64);
+FOVEA_INT8_TARGET inline void multiply_quads(__m512i lo, __m512i hi, const uint8_t* u, int64_t ldu, int64_t s,
+                                             __m512i (&acc)[R][2]) {
   for (int r = 0; r < R; ++r) {
     int32_t bits;
     std::memcpy(&bits, u + r * ldu + 4 * s, sizeof(bits));
@@ -291,7 +287,13 @@ FOVEA_INT8_TARGET inline void accumulate_quads(const int8_t* q, const uint8_t* u
 }
 
 // y = R(R(float(sum) * x_scale[m]) * scale[n]) (+ bias, rounded again): the roundings of
-// `(acc.float() * x_scale.float() * scale.float()).to(dtype) + bias` (fovea.layers.quantization.int8)
+// `(acc.float() * x_scale.float() * scale.float()).to(dtype) + bias` (fovea.layers.quantization.int8).
+// The steps are loaded in address order with one prefetch per 256 bytes, 8 KB ahead into L2, as the W8A16 1-row
+// loop: 2R `vpdpbusd` per 128 bytes leave the core idle enough that the order of the loads sets the pace at
+// every row count. Against the loop before (the compiler's order, 1 KB ahead into L1 every 256 bytes), 1 thread
+// timed by its CPU time, benchmarks/gemv_ab.py --w8a8, busy AMD EPYC, 2026-12-07 17:44-17:51 UTC: 1.9-2.3x at
+// 1, 2, 6, 8 and 13 rows, 1.5-1.9x at 4 (from ~11 to ~24 GB/s at 1 row). Two sets of sums (even and odd steps)
+// as the W8A16 loop has; the integer sums are exact, so no order changes a bit.
 template <int R, typename Out>
 FOVEA_INT8_TARGET void quad_block(const int8_t* q, const uint8_t* u, int64_t ldu, int64_t quads,
                                   const int32_t* compensation, const float* x_scale, const float* scale,
@@ -299,13 +301,21 @@ FOVEA_INT8_TARGET void quad_block(const int8_t* q, const uint8_t* u, int64_t ldu
   __m512i acc[R][2], odd[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = odd[r][0] = odd[r][1] = _mm512_setzero_si512();
   int64_t s = 0;
-  for (; s + 1 < quads; s += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(q + 128 * s) + kQuadPrefetchAhead, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(q + 128 * s) + kQuadPrefetchAhead + 64, _MM_HINT_T0);
-    accumulate_quads<R>(q, u, ldu, s, acc);
-    accumulate_quads<R>(q, u, ldu, s + 1, odd);
+  for (; s + 3 < quads; s += 4) {  // 512 bytes a round
+    const char* step = reinterpret_cast<const char*>(q + 128 * s);
+    _mm_prefetch(step + kOrderedPrefetchAhead, _MM_HINT_T1);
+    _mm_prefetch(step + kOrderedPrefetchAhead + 256, _MM_HINT_T1);
+    for (int j = 0; j < 4; ++j) {  // (a call's arguments may be evaluated in any order: gcc took hi first)
+      const __m512i lo = ordered_load(q + 128 * (s + j));
+      const __m512i hi = ordered_load(q + 128 * (s + j) + 64);
+      multiply_quads<R>(lo, hi, u, ldu, s + j, j % 2 ? odd : acc);
+    }
   }
-  if (s < quads) accumulate_quads<R>(q, u, ldu, s, acc);
+  for (; s < quads; ++s) {
+    const __m512i lo = ordered_load(q + 128 * s);
+    const __m512i hi = ordered_load(q + 128 * s + 64);
+    multiply_quads<R>(lo, hi, u, ldu, s, s % 2 ? odd : acc);
+  }
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
   const __m512i c0 = _mm512_maskz_loadu_epi32(m0, compensation);
@@ -345,26 +355,29 @@ FOVEA_INT8_TARGET void run_quads(const uint8_t* u, int64_t M, int64_t K4, const 
                                  const int32_t* compensation, const float* x_scale, const float* scale,
                                  const float* bias, Out* y) {
   const int64_t quads = K4 / 4;
-  WorkCounter panels((N + kPanel - 1) / kPanel);
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t p; panels.take(p);) {
-      const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
-      const float* bp = bias ? bias + n0 : nullptr;
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {  // later row blocks read the panel (K / 4 x 128 B) from L2
+  RangeSplit panels((N + kPanel - 1) / kPanel, at::get_num_threads());  // each thread streams its own run
+  at::parallel_for(0, panels.num_ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t range = begin; range < end; ++range) {
+      for (int64_t p; panels.take(range, p);) {
+        const int64_t n0 = p * kPanel, cols = std::min(kPanel, N - n0);
+        const float* bp = bias ? bias + n0 : nullptr;
+        const int8_t* q = packed + p * quads * 128;
+        for (int64_t m0 = 0; m0 < M; m0 += kRows) {  // later row blocks read the panel (K / 4 x 128 B) from L2
 #define FOVEA_QUAD_CASE(R)                                                                                  \
   case R:                                                                                                   \
-    quad_block<R, Out>(packed + p * quads * 128, u + m0 * K4, K4, quads, compensation + n0, x_scale + m0, \
-                       scale + n0, bp, cols, y + m0 * N + n0, N);                                           \
+    quad_block<R, Out>(q, u + m0 * K4, K4, quads, compensation + n0, x_scale + m0, scale + n0, bp, cols,    \
+                       y + m0 * N + n0, N);                                                                 \
     break;
-        switch (std::min<int64_t>(kRows, M - m0)) {
-          FOVEA_QUAD_CASE(1)
-          FOVEA_QUAD_CASE(2)
-          FOVEA_QUAD_CASE(3)
-          FOVEA_QUAD_CASE(4)
-          FOVEA_QUAD_CASE(5)
-          FOVEA_QUAD_CASE(6)
-        }
+          switch (std::min<int64_t>(kRows, M - m0)) {
+            FOVEA_QUAD_CASE(1)
+            FOVEA_QUAD_CASE(2)
+            FOVEA_QUAD_CASE(3)
+            FOVEA_QUAD_CASE(4)
+            FOVEA_QUAD_CASE(5)
+            FOVEA_QUAD_CASE(6)
+          }
 #undef FOVEA_QUAD_CASE
+        }
       }
     }
   });

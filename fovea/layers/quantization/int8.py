@@ -112,7 +112,7 @@ def store_int8_weight(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, is
     if is_weight_only and runs_kernel and layer.params_dtype == torch.bfloat16:
         layer.int8_packed = int8_kernel.pack_weight(q, huge_pages=layer.huge_pages)
     elif not is_weight_only and runs_kernel and layer.params_dtype in (torch.float32, torch.bfloat16):
-        layer.int8_packed, layer.int8_compensation = int8_kernel.pack_weight_w8a8(q)
+        layer.int8_packed, layer.int8_compensation = int8_kernel.pack_weight_w8a8(q, huge_pages=layer.huge_pages)
     else:
         layer.int8_weight = q.contiguous()
     layer.int8_scale = scale
