@@ -7,8 +7,8 @@
 Column- and row-parallel shards (tensor parallelism, a later issue) will be further subclasses of `LinearBase`
 with their own weight loaders.
 
-Which method runs (`fovea.layers.linear_methods`: dense torch, oneDNN-packed, AMX-packed) is chosen when the
-layer's weights are loaded (`prepare_linear_layer`), and `repr` names it. `state_dict()` returns the checkpoint's
+Which method runs (`fovea.layers.linear_methods`: dense torch, oneDNN-packed, AMX- or AVX-512-packed, or the
+checkpoint's own row-major pages) is chosen when the layer's weights are loaded (`prepare_linear_layer`), and `repr` names it. `state_dict()` returns the checkpoint's
 dense tensors whatever the method holds.
 
 A parameter may carry `weight_loader(param, loaded, shard_id)` and `packed_shards` (the shard ids that together
@@ -49,8 +49,9 @@ _pack_shards_at_load = False
 @contextlib.contextmanager
 def packing_shards_at_load() -> Iterator[None]:
     """Inside, a stacked layer (`PackedLinear`) whose method will be a panel-packed one packs each projection
-    straight into its part of the packed weight as the checkpoint's tensor arrives, instead of copying it into
-    the stacked dense weight to be packed once all are in. Only where every loaded layer is prepared for
+    straight into its part of the packed weight as the checkpoint's tensor arrives, and one whose method runs
+    from the file's pages (`BF16RowsLinearMethod`) keeps each projection as it arrives, instead of copying it
+    into the stacked dense weight to be packed once all are in. Only where every loaded layer is prepared for
     inference right after (`fovea.models.weights.load_model`); training loads keep the dense weight."""
     global _pack_shards_at_load
     previous, _pack_shards_at_load = _pack_shards_at_load, True
@@ -89,6 +90,9 @@ class LinearBase(nn.Module):
         # a packed copy of the weights on 2 MiB pages (decode streams them); an encoder's layers are loaded without
         # (`fovea.kernels.panels.empty_packed` says why; `fovea.models.weights.load_model` sets it)
         self.huge_pages = True
+        # part of the language model or its lm_head (`fovea.linear_methods.IN_PLACE_LAYERS` reads it); False for an
+        # encoder's layers (set with huge_pages by `fovea.models.weights.encoder_layers_on_small_pages`)
+        self.is_language_model = True
         self.method.create_weights(self, in_features, out_features, bias, self.params_dtype, _initialize_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,25 +144,31 @@ class PackedLinear(LinearBase):
             return
         if shard_id not in self.shard_sizes:
             raise ValueError(f"no shard {shard_id!r} in a layer packing {list(self.shard_sizes)}")
-        if param is self._parameters.get("weight") and self._packs_shards():
+        method = self._shard_method() if param is self._parameters.get("weight") else None
+        if method is not None:
             expected = (self.shard_sizes[shard_id], self.in_features)
             if tuple(loaded.shape) != expected:
                 raise ValueError(f"shape {tuple(loaded.shape)} vs expected {expected}")
-            self.method.pack_shard(self, loaded, self.shard_offsets[shard_id])
+            if method.keeps_file_pages:  # the checkpoint's tensor itself (the file's pages), or one converted copy
+                vars(self).setdefault("weight_shards", {})[shard_id] = (
+                    loaded.detach() if loaded.dtype == param.dtype else loaded.to(param.dtype))
+            else:
+                method.pack_shard(self, loaded, self.shard_offsets[shard_id])
             return
         dst = param.data.narrow(0, self.shard_offsets[shard_id], self.shard_sizes[shard_id])
         copy_checked(dst, loaded)
 
-    def _packs_shards(self) -> bool:
+    def _shard_method(self) -> LinearMethod | None:
         """Within `packing_shards_at_load`: the method this layer will run, chosen now from its (unwritten)
-        weight's dtype and shape as `select_linear_method` would choose it once loaded, packs shard by shard."""
+        weight's dtype and shape as `select_linear_method` would choose it once loaded, if it takes the
+        projections one by one (packs each into its panels, or keeps each as it is); else None."""
         if not _pack_shards_at_load or self.is_prepared:
-            return False
+            return None
         method = select_linear_method(self) if type(self.method) is DenseLinearMethod else self.method
-        if not (isinstance(method, PanelLinearMethod) and method.packs_shards(self)):
-            return False
+        if not (method.keeps_file_pages or (isinstance(method, PanelLinearMethod) and method.packs_shards(self))):
+            return None
         self.method = method
-        return True
+        return method
 
     def split(self, stacked: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return stacked.split(list(self.shard_sizes.values()), dim=-1)

@@ -5,9 +5,10 @@ A layer (`fovea.layers.linear`) owns its parameters and hands the math to `layer
 - `create_weights(layer, ...)` registers the parameters the checkpoint fills (dense: `weight` [N, K], `bias` [N]);
 - `process_weights_after_loading(layer)` turns them into what `apply` reads (a packed layout, say) once every
   one is filled, releasing what is no longer needed. While loading, `layer.weight` may be the checkpoint file's
-  own read-only pages (`fovea.models.weights.load_weights` lends them): read it, never write into it; whatever
-  the layer still holds in the file afterwards (the weight kept as it is, a view of it) is copied out by the
-  loader, so a method need not copy;
+  own pages (`fovea.models.weights.load_weights` lends them): read it, never write into it; whatever the layer
+  still holds in the file afterwards (the weight kept as it is, a view of it) is copied out by the loader, so a
+  method need not copy, unless the method `keeps_file_pages` (`BF16RowsLinearMethod`: the layer runs from the
+  file's pages, which stay mapped, copy-on-write, as long as the layer holds them);
 - `apply(layer, x)` runs the layer; `checkpoint_tensors(layer)` gives back the checkpoint's dense tensors (what
   `state_dict()` returns, so a packed model still saves as the file it was loaded from).
 
@@ -17,21 +18,26 @@ reads other parameters through the same four calls, so model files never change.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fovea import kernels
-from fovea.kernels import amx_linear, bf16_linear, panels
+from fovea.kernels import amx_linear, bf16_linear, panels, rows_linear
 from fovea.kernels.runtime import cpu_has_amx
+from fovea.models.safetensors_mmap import lies_in_a_file
 
 
 class LinearMethod:
     """Base: creates the dense weights of a checkpoint, `weight` [out, in] and an optional `bias` [out]."""
 
     name = "?"
+    keeps_file_pages = False
+    """Whether the loader leaves in the checkpoint's mapping the tensors this method keeps (no copy, no release)."""
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool,
                        dtype: torch.dtype | None, initialize: bool) -> None:
@@ -194,6 +200,87 @@ class BF16LinearMethod(PanelLinearMethod):
         return bf16_linear.linear(x, layer.packed_weight, layer.out_features, layer.panel_bias)
 
 
+class BF16RowsLinearMethod(LinearMethod):
+    """fovea's AVX-512 BF16 kernel on the checkpoint's own row-major weight (`fovea.kernels.rows_linear`): no
+    packed copy, so loading writes no fresh memory for the layer. Why: on this project's VMs the first write of
+    each GB of fresh memory costs 2-2.5 CPU-s (2 MiB pages; `fovea.kernels.panels.empty_packed`), which was most
+    of loading BLIP-2 OPT-2.7b (fovea 12.1 s vs transformers 2.7 s, quiet), while transformers writes nothing:
+    its weights are views of the mapped file. The file's 4 KiB page-cache pages read as fast as anonymous 2 MiB
+    pages (measured by `rows`), so decode need not pay for a copy either.
+
+    The layer keeps `weight` [N, K] as the loader filled it: at load a view of the mapped file
+    (`fovea.models.safetensors_mmap`: copy-on-write, so a write into it copies one page, never faults), else
+    memory of its own (a weight converted from another dtype, a tensor-parallel slice copied by its loader). A
+    stacked layer (`PackedLinear`) keeps each projection as it arrived (`weight_shards`, in any file and file
+    order) and runs them as the kernel's `sources` in output order: the stacked weight is never written, and
+    `state_dict()` concatenates them on demand. The bias runs in float32 (`rows_bias`), as the panel kernels'.
+    `repr` says where the weight lives: `avx512-bf16-rows(file)` or `(memory)`."""
+
+    name = "avx512-bf16-rows"
+    keeps_file_pages = True
+
+    def process_weights_after_loading(self, layer: nn.Module, keep_weight: bool = False) -> None:
+        shards = vars(layer).pop("weight_shards", None)
+        if shards is not None:  # a stacked layer filled shard by shard: its stacked weight was never written
+            layer.rows_sources = tuple(shards[name] for name in layer.shard_sizes)
+            del layer.weight
+        else:  # the parameter's own tensor (not a copy): a write into the weight is what the layer runs
+            layer.rows_sources = (layer.weight.detach(),)
+        layer.rows_bias = None if layer.bias is None else layer.bias.detach().float()
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return rows_linear.linear(x, layer.rows_sources, layer.out_features, layer.rows_bias)
+
+    def checkpoint_tensors(self, layer: nn.Module) -> dict[str, torch.Tensor]:
+        tensors = super().checkpoint_tensors(layer)
+        if "weight" not in tensors:
+            tensors = {"weight": torch.cat(layer.rows_sources), **tensors}
+        return tensors
+
+    def describe(self, layer: nn.Module) -> str:
+        sources = vars(layer).get("rows_sources", ())
+        where = "file" if any(lies_in_a_file(source) for source in sources) else "memory"
+        return f"{self.name}({where})"
+
+
+IN_PLACE_POLICIES = ("language_model", "all", "none")
+IN_PLACE_LAYERS = "language_model"
+"""Which CPU bfloat16 layers run from the checkpoint's pages (`BF16RowsLinearMethod`) on a host without AMX:
+"language_model": the language model's and `lm_head`'s (what a model's `language_model_modules` /
+`lm_head_module` name, every layer of a model that names none; `LinearBase.is_language_model`), which decode
+streams every token and which are most of the bytes; the encoders' layers (vision tower, Q-Former, projector)
+keep the panel kernel, which runs their many-row steps from 4 KiB pages as fast. "all": every layer. "none":
+every layer packs its panels (`BF16LinearMethod`, the method before in-place weights). Read when a layer's
+method is chosen (at load); `in_place_layers(...)` switches it for a block (tests, benchmarks). The lead sets
+the default from the kernel's figures (README, "Engine start")."""
+
+
+@contextlib.contextmanager
+def in_place_layers(policy: str) -> Iterator[None]:
+    """`IN_PLACE_LAYERS = policy` inside (layers loaded inside keep the method chosen there)."""
+    global IN_PLACE_LAYERS
+    if policy not in IN_PLACE_POLICIES:
+        raise ValueError(f"in-place layer policy {policy!r}; allowed: {', '.join(map(repr, IN_PLACE_POLICIES))}")
+    previous, IN_PLACE_LAYERS = IN_PLACE_LAYERS, policy
+    try:
+        yield
+    finally:
+        IN_PLACE_LAYERS = previous
+
+
+def runs_in_place(layer: nn.Module) -> bool:
+    """Whether `IN_PLACE_LAYERS` names this layer."""
+    if IN_PLACE_LAYERS not in IN_PLACE_POLICIES:
+        raise ValueError(f"IN_PLACE_LAYERS = {IN_PLACE_LAYERS!r}; allowed: {', '.join(map(repr, IN_PLACE_POLICIES))}")
+    return IN_PLACE_LAYERS == "all" or (IN_PLACE_LAYERS == "language_model"
+                                        and getattr(layer, "is_language_model", True))
+
+
+def rows_linear_supports(weight: torch.Tensor) -> bool:
+    """fovea's row-major AVX-512 BF16 kernel runs here and takes `weight` (CPU bfloat16, rows contiguous)."""
+    return rows_linear.supports(weight)
+
+
 def onednn_linear_available() -> bool:
     """oneDNN's packed linear runs here: torch has oneDNN and `cpu_kernels` is not "off"
     (`fovea.kernels.status().onednn_linear` says which)."""
@@ -212,8 +299,10 @@ def bf16_linear_supports(weight: torch.Tensor) -> bool:
 
 def select_linear_method(layer: nn.Module) -> LinearMethod:
     """The method a loaded layer runs, from its weight's dtype, shape and device and the kernels usable here:
-    AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear_supports`), else AVX-512 BF16 for CPU
-    bfloat16 on a host without AMX (where `bf16_linear_supports`), else oneDNN for CPU float32/bfloat16, else
+    AMX for CPU bfloat16 with K, N multiples of 32 (where `amx_linear_supports`), else, on a host without AMX,
+    for CPU bfloat16: the row-major kernel on the checkpoint's pages for the layers `IN_PLACE_LAYERS` names
+    (where `rows_linear_supports`), else AVX-512 BF16 on packed panels (where `bf16_linear_supports`), else
+    oneDNN for CPU float32/bfloat16, else
     dense (float16, a bias of another dtype, `cpu_kernels="off"`, other devices). An AMX host keeps oneDNN for
     bfloat16 layers of other shapes: oneDNN runs AMX there, whose GEMM peak is ~3x AVX-512's, and prefill would
     lose more than decode gains (not measured: no AMX host was available)."""
@@ -225,6 +314,9 @@ def select_linear_method(layer: nn.Module) -> LinearMethod:
         return layer.method
     if amx_linear_supports(weight):
         return AMXLinearMethod()
+    if (weight.dtype == torch.bfloat16 and not cpu_has_amx() and runs_in_place(layer)
+            and rows_linear_supports(weight)):
+        return BF16RowsLinearMethod()
     if bf16_linear_supports(weight) and not cpu_has_amx():
         return BF16LinearMethod()
     return OneDNNLinearMethod()

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fovea.layers.linear_methods import (AMXLinearMethod, BF16LinearMethod, DenseLinearMethod, LinearMethod,
-                                         OneDNNLinearMethod)
+from fovea.layers.linear_methods import (AMXLinearMethod, BF16LinearMethod, BF16RowsLinearMethod, DenseLinearMethod,
+                                         LinearMethod, OneDNNLinearMethod)
 from fovea.lora.adapter import LoRALayerWeights
 
 # the methods an adapter may wrap: their apply returns a fresh dense [N, out] tensor in the activation dtype
-LORA_BASE_METHODS = (DenseLinearMethod, OneDNNLinearMethod, AMXLinearMethod, BF16LinearMethod)
+LORA_BASE_METHODS = (DenseLinearMethod, OneDNNLinearMethod, AMXLinearMethod, BF16LinearMethod, BF16RowsLinearMethod)
 
 
 @dataclass(slots=True)
@@ -56,13 +56,14 @@ def get_lora_mapping() -> LoRAMapping | None:
 
 
 class LoRALinearMethod(LinearMethod):
-    """Wraps the method a loaded layer runs (dense, oneDNN, AMX or AVX-512 BF16) and adds the step's adapters to
-    its output."""
+    """Wraps the method a loaded layer runs (dense, oneDNN, AMX or AVX-512 BF16, packed or in place) and adds the
+    step's adapters to its output."""
 
     def __init__(self, base: LinearMethod, num_slots: int, max_rank: int):
         if not isinstance(base, LORA_BASE_METHODS):
-            raise ValueError(f"LoRA adapters run over dense, oneDNN, AMX or AVX-512 BF16 linear layers; this "
-                             f"layer runs {base.name!r} (LoRA with quantized weights is not supported yet)")
+            raise ValueError(f"LoRA adapters run over dense, oneDNN, AMX or AVX-512 BF16 (packed or in place) "
+                             f"linear layers; this layer runs {base.name!r} (LoRA with quantized weights is not "
+                             f"supported yet)")
         self.base = base
         self.num_slots, self.max_rank = num_slots, max_rank
         self.name = f"lora({base.name})"

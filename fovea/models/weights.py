@@ -34,7 +34,7 @@ from fovea.layers.linear import (LinearBase, copy_checked, no_weight_init, packi
                                  parameter_owners, prepare_loaded_layer)
 from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.quantization import prepare_quantization
-from fovea.models.safetensors_mmap import SafetensorsFile
+from fovea.models.safetensors_mmap import SafetensorsFile, lies_in_a_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -115,8 +115,16 @@ def load_weights(model: nn.Module, model_dir: str | Path,
     parameter that a checkpoint tensor fills whole, in its own dtype (the default loader, no shard), is lent
     the file's pages instead of a copy: the hook reads them (a repack makes its own copy: one pass over the
     weight, not a copy and then a repack), and whatever its module still holds in the file afterwards is
-    copied into memory of its own before the pages are handed back. The hook must not write into a lent
-    weight (the mapping is read-only); it replaces it instead.
+    copied into memory of its own before the pages are handed back, unless the module is a linear layer whose
+    method `keeps_file_pages` (`BF16RowsLinearMethod`): then its tensors stay views of the file (for every
+    module holding them: a tied `lm_head` and the token embedding read one tensor), and the mapping lives as
+    long as they do. The same holds for the projections a stacked layer keeps through its weight loader. The
+    hook must not write into a lent weight; it replaces it instead.
+
+    A file that could only be mapped read-only (`SafetensorsFile.is_copy_on_write` False: strict overcommit)
+    keeps nothing: whatever a module holds in it is copied out, so no write can ever meet a read-only page.
+    A module whose parameters span two files gets its tensors of the first copied out at that file's end
+    (its method is not chosen yet).
     """
     params = dict(model.named_parameters())  # tied parameters appear once, under their first name
     unfilled_of: dict[int, list[nn.Module]] = {}  # id(param) -> modules holding it
@@ -162,7 +170,11 @@ def load_weights(model: nn.Module, model_dir: str | Path,
                         loader(param, tensor, target.shard)
                     except ValueError as e:
                         raise ValueError(f"tensor {name!r} in {path.name} -> {target.param!r}: {e}") from None
-                    f.release(name)
+                    # a stacked layer running in place keeps the projection's pages (`PackedLinear._load_shard`)
+                    if not _keeps_pages(holders, f):
+                        for module in holders:
+                            _copy_out(module, f)
+                        f.release(name)
                 del tensor
                 done.add(target.shard)
                 if _is_filled(param, done):
@@ -210,16 +222,61 @@ def _give_back_if_done(item: _Lent, f: SafetensorsFile, num_unfilled: dict[nn.Mo
 
 def _give_back(item: _Lent, f: SafetensorsFile) -> None:
     """Copy out of the file whatever the holders still keep in it (a dense weight, a tensor a method kept as
-    is), then drop the tensor's pages from the mapping."""
+    is), then drop the tensor's pages from the mapping; unless a holder runs from the file's pages."""
+    if _keeps_pages(item.holders, f):
+        return
     for module in item.holders:
-        for key, value in list(vars(module).items()):
-            if key in ("_parameters", "_buffers"):
-                for name, tensor in value.items():
-                    if tensor is not None and f.holds(tensor):
-                        tensor.data = tensor.data.clone()  # the same Parameter: a tied one stays tied
-            elif isinstance(value, torch.Tensor) and f.holds(value):
-                setattr(module, key, value.clone())
+        _copy_out(module, f)
     f.release(item.name)
+
+
+def _keeps_pages(holders: list[nn.Module], f: SafetensorsFile) -> bool:
+    """A holder is a linear layer whose method runs from the file's pages, and the file is copy-on-write."""
+    return f.is_copy_on_write and any(
+        isinstance(module, LinearBase) and module.method.keeps_file_pages for module in holders)
+
+
+def _copy_out(module: nn.Module, f: SafetensorsFile) -> None:
+    """Every tensor `module` holds in `f` (parameters, buffers, attributes, a dict or tuple of them) replaced by
+    a copy of its own."""
+    for key, value in list(vars(module).items()):
+        if key in ("_parameters", "_buffers"):
+            for name, tensor in value.items():
+                if tensor is not None and f.holds(tensor):
+                    tensor.data = tensor.data.clone()  # the same Parameter: a tied one stays tied
+        elif isinstance(value, torch.Tensor) and f.holds(value):
+            setattr(module, key, value.clone())
+        elif isinstance(value, dict) and any(isinstance(t, torch.Tensor) and f.holds(t) for t in value.values()):
+            value.update({k: t.clone() for k, t in value.items() if isinstance(t, torch.Tensor) and f.holds(t)})
+        elif isinstance(value, tuple) and any(isinstance(t, torch.Tensor) and f.holds(t) for t in value):
+            setattr(module, key, tuple(t.clone() if isinstance(t, torch.Tensor) and f.holds(t) else t
+                                       for t in value))
+
+
+def file_backed_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors of `model` that are views of a checkpoint's mapping (the weights that run in place, a tied
+    embedding with them), each region once (a tied weight is held by two modules), largest first."""
+    regions: dict[tuple[int, int], torch.Tensor] = {}
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key in ("_parameters", "_buffers"):
+                candidates = [t for t in value.values() if t is not None]
+            elif isinstance(value, torch.Tensor):
+                candidates = [value]
+            elif isinstance(value, (tuple, dict)):
+                candidates = [t for t in (value.values() if isinstance(value, dict) else value)
+                              if isinstance(t, torch.Tensor)]
+            else:
+                continue
+            for tensor in candidates:
+                if lies_in_a_file(tensor):
+                    regions.setdefault((tensor.data_ptr(), tensor.nbytes), tensor.detach())
+    return sorted(regions.values(), key=lambda t: -t.nbytes)
+
+
+def file_backed_bytes(model: nn.Module) -> int:
+    """Bytes of `model`'s weights that live in the checkpoint's page cache (`file_backed_tensors`)."""
+    return sum(t.nbytes for t in file_backed_tensors(model))
 
 
 def _is_filled(param: nn.Parameter, done: set[str | None]) -> bool:
@@ -285,8 +342,10 @@ def encoder_layers_on_small_pages(model: nn.Module) -> None:
     """The linear layers outside a model's language model and `lm_head` (the vision tower, the Q-Former, the
     projector: what `language_model_modules` / `lm_head_module` leave out) get their packed weights on ordinary
     pages: decode never reads them, and their first write costs far less on this project's VMs
-    (`fovea.kernels.panels.empty_packed`). A model that does not say which modules are its language model keeps
-    every layer on 2 MiB pages."""
+    (`fovea.kernels.panels.empty_packed`). They are also marked `is_language_model = False`, which
+    `fovea.layers.linear_methods.IN_PLACE_LAYERS = "language_model"` reads. A model that does not say which
+    modules are its language model keeps every layer on 2 MiB pages, and counts every one as its language
+    model's."""
     prefixes = getattr(model, "language_model_modules", None)
     if prefixes is None:
         return
@@ -295,6 +354,7 @@ def encoder_layers_on_small_pages(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, LinearBase) and not f"{name}.".startswith(lm_prefixes) and name != head:
             module.huge_pages = False
+            module.is_language_model = False
 
 
 def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dtype: torch.dtype,

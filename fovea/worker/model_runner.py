@@ -34,11 +34,11 @@ from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_output_rows
-from fovea.models.weights import load_model
+from fovea.models.weights import file_backed_tensors, load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker import encoder_decoder
-from fovea.worker.memory import lazily_zeroed, measure_peak_bytes, trim_free_memory
+from fovea.worker.memory import lazily_zeroed, make_resident, measure_peak_bytes, trim_free_memory
 from fovea.worker.profile_view import PROFILE_VIEW_MARGIN, profile_view
 from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, gather_logprobs, seeded_generator
 
@@ -94,6 +94,11 @@ class ModelRunner:
         self.cpu_kernels = kernels.configure(config.cpu_kernels)
         self.model, self.num_prepacked_linears = load_model(
             model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
+        # weights that run from the checkpoint's page cache (fovea.layers.linear_methods.BF16RowsLinearMethod):
+        # mapped in now, and kept out of the KV cache's budget (determine_num_kv_blocks)
+        in_place = file_backed_tensors(self.model)
+        make_resident(in_place)
+        self.file_backed_weight_bytes = sum(t.nbytes for t in in_place)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.lora_manager = LoRAManager(
             self.model, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank,
@@ -144,8 +149,14 @@ class ModelRunner:
             self.max_num_encoder_tokens = max_model_len
             peak = self.profile_peak_bytes(min(max_num_batched_tokens, max_model_len), profile_features)
             # the ranks of a multi-process engine share this host's memory equally
-            share = config.memory_utilization / parallel_state.layout().world_size
-            budget = int(available_memory_bytes() * share) - peak
+            world_size = parallel_state.layout().world_size
+            share = config.memory_utilization / world_size
+            # MemAvailable counts the page cache, so the file pages the in-place weights run from look available:
+            # a KV cache sized into them would make the kernel evict the weights, and decode read them from disk.
+            # Taken out first, as weights of the process's own memory are; every rank holds about as much (the
+            # engine takes the smallest count, so the rank holding the most decides)
+            available = available_memory_bytes() - world_size * self.file_backed_weight_bytes
+            budget = int(max(0, available) * share) - peak
             # never more than every running sequence at full length could use
             num_blocks = min(max(0, budget) // per_block, config.max_num_seqs * blocks_per_seq)
         if num_blocks < blocks_per_seq:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fovea.kernels import amx_linear, panels
+from fovea.kernels import amx_linear, panels, rows_linear
 from fovea.layers import linear_methods
 from fovea.layers.linear import (Linear, PackedLinear, no_weight_init, onednn_linear_available,
                                  packing_shards_at_load, prepare_linear_layer, prepare_linear_layers)
@@ -31,20 +31,25 @@ class _Tiny(nn.Module):
 
 
 @needs_onednn
+@pytest.mark.parametrize("in_place", ["none", "all"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
-def test_packed_layers_compute_what_the_dense_ones_did(dtype, tol):
+def test_packed_layers_compute_what_the_dense_ones_did(dtype, tol, in_place):
     torch.manual_seed(0)
     model = _Tiny(dtype).eval()
     ids = torch.randint(0, 50, (7,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.inference_mode():
+    with torch.inference_mode(), linear_methods.in_place_layers(in_place):
         expected = model(ids).float()
         assert prepare_linear_layers(model) == 3
         got = model(ids).float()
         strided = model.qkv(torch.randn(5, 48, dtype=dtype)[:, ::2])  # non-contiguous input
     assert (got - expected).abs().max() <= tol * expected.abs().max()
     assert strided.shape == (5, 40)
-    assert "weight" not in dict(model.qkv.named_parameters())  # dense copy released
+    # the packed methods release the dense copy; the in-place one runs it (not loaded shard by shard here)
+    in_place_runs = isinstance(model.qkv.method, linear_methods.BF16RowsLinearMethod)
+    assert in_place_runs == (in_place == "all" and dtype == torch.bfloat16 and rows_linear.available()
+                             and not amx_linear.available())
+    assert ("weight" in dict(model.qkv.named_parameters())) == in_place_runs
     assert model.embed.weight.shape == (50, 24) and model.head.weight is model.embed.weight  # tied weight kept
     assert model.qkv.split(model.qkv(torch.zeros(2, 24, dtype=dtype)))[1].shape == (2, 8)
     after = model.state_dict()
@@ -92,6 +97,7 @@ def test_bfloat16_row_counts_around_the_padded_range(rows, monkeypatch):
     # with the bias, each row equal to that row computed alone. (oneDNN runs bfloat16 where neither of fovea's
     # bfloat16 kernels does: turned off here so this host tests it too.)
     monkeypatch.setattr(linear_methods, "bf16_linear_supports", lambda weight: False)
+    monkeypatch.setattr(linear_methods, "rows_linear_supports", lambda weight: False)
     torch.manual_seed(0)
     layer = Linear(64, 48, bias=True, dtype=torch.bfloat16)
     if amx_linear.available():  # keep this on oneDNN: take a shape the AMX kernel does not

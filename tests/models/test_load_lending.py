@@ -67,13 +67,13 @@ def test_a_method_that_keeps_the_weight_as_it_is_gets_a_copy(ckpt):
     """A linear method may keep the checkpoint's tensor itself (a plain-layout kernel): loading must still copy
     it out of the mapping, wherever on the module the method put it."""
     model = model_of(ckpt)
-    kept: dict[str, torch.Tensor] = {}
+    kept: list[nn.Module] = []  # not the tensors: a view kept here would keep the mapping
 
     def keep_as_is(module: nn.Module) -> None:
         if isinstance(module, LinearBase):
             module.plain_weight = module.weight.detach()  # a view of the file's pages, if lent
             del module.weight
-            kept[str(id(module))] = module.plain_weight
+            kept.append(module)
 
     load_weights(model, ckpt, on_module_loaded=keep_as_is)
     assert kept
@@ -126,7 +126,7 @@ _HUGE_PAGES_CHILD = r"""
 import json, sys
 import torch, transformers
 from fovea.layers.linear import LinearBase
-from fovea.layers.linear_methods import PanelLinearMethod
+from fovea.layers.linear_methods import PanelLinearMethod, in_place_layers
 from fovea.models.registry import resolve_model_class
 from fovea.models.weights import load_model
 
@@ -147,7 +147,8 @@ def advised_huge(t):
 
 ckpt = sys.argv[1]
 config = transformers.AutoConfig.from_pretrained(ckpt)
-model, _ = load_model(resolve_model_class(config.architectures), config, ckpt, torch.bfloat16)
+with in_place_layers("none"):  # every layer packs its panels (the float32 file is converted anyway)
+    model, _ = load_model(resolve_model_class(config.architectures), config, ckpt, torch.bfloat16)
 layers = {name: m for name, m in model.named_modules() if isinstance(m, LinearBase)}
 packed = {name: m.packed_weight for name, m in layers.items() if isinstance(m.method, PanelLinearMethod)}
 names = ["vision_model.encoder.layers.0.mlp.fc1", "language_model.model.decoder.layers.0.fc1",

@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from fovea.kernels import amx_linear, bf16_linear
+from fovea.kernels import amx_linear, bf16_linear, rows_linear
 from fovea.kernels.runtime import cpu_has_amx
 from fovea.layers import linear_methods
 from fovea.layers.linear import LinearBase, PackedLinear, onednn_linear_available
@@ -16,9 +16,12 @@ from fovea.models.weights import load_model, map_checkpoint_name
 from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2
 
-# method -> the selection's inputs turned off to make it the one chosen (where the CPU and torch allow it at all)
-METHODS = {"dense": ["onednn_linear_available"], "onednn": ["amx_linear_supports", "bf16_linear_supports"],
-           "avx512-bf16": ["amx_linear_supports"], "amx": []}
+# method -> the selection's inputs turned off to make it the one chosen (where the CPU and torch allow it at all);
+# the in-place one runs every bfloat16 layer (IN_PLACE_LAYERS = "all")
+METHODS = {"dense": ["onednn_linear_available"],
+           "onednn": ["amx_linear_supports", "bf16_linear_supports", "rows_linear_supports"],
+           "avx512-bf16": ["amx_linear_supports", "rows_linear_supports"],
+           "avx512-bf16-rows": ["amx_linear_supports"], "amx": []}
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +46,19 @@ def test_state_dict_gives_back_the_checkpoint(checkpoints, family, dtype, method
         pytest.skip("the AMX kernel runs bfloat16 on CPUs with AMX-BF16; this one has none")
     if method == "avx512-bf16" and (dtype != torch.bfloat16 or not bf16_linear.available() or cpu_has_amx()):
         pytest.skip("the AVX-512 BF16 kernel runs bfloat16 on CPUs with AVX-512 BF16 and without AMX")
+    if method == "avx512-bf16-rows" and (dtype != torch.bfloat16 or not rows_linear.available() or cpu_has_amx()):
+        pytest.skip("the in-place AVX-512 BF16 kernel runs bfloat16 on CPUs with AVX-512 BF16 and without AMX")
     for name in METHODS[method]:
         monkeypatch.setattr(linear_methods, name, lambda *args: False)
+    monkeypatch.setattr(linear_methods, "IN_PLACE_LAYERS", "all")
     model, num_packed = _load(checkpoints[family], dtype)
     methods = {m.method.name for m in model.modules() if isinstance(m, LinearBase)}
-    if method in ("amx", "avx512-bf16"):  # layers of other shapes, and BLIP-2's float32 Q-Former, run oneDNN
+    if method in ("amx", "avx512-bf16", "avx512-bf16-rows"):  # other shapes, BLIP-2's float32 Q-Former: oneDNN
         assert method in methods and methods <= {method, "onednn"}
     else:
         assert methods == {method}
     assert (num_packed > 0) == (method != "dense")
-    if method != "dense":  # the dense weights went: only the packed form is held
+    if method != "dense":  # the stacked dense weights went: only the packed form (or the projections) is held
         assert not any(n.endswith("qkv_proj.weight") for n, _ in model.named_parameters())
 
     state = model.state_dict()
