@@ -1,7 +1,10 @@
 """Loading holds one copy of the weights: in a fresh process, the resident memory that `load_model` adds
 (at its peak) stays within 1.15x the checkpoint's bytes for a bfloat16 checkpoint of a few hundred MB; a whole
 engine start (`LLM(...)`: load, the memory profiling pass, the KV pool sized from half the available memory)
-within 1.15x plus `ENGINE_EXTRA_BYTES`.
+within 1.15x plus `ENGINE_EXTRA_BYTES`. Where the language model runs from the file's pages
+(`fovea.layers.linear_methods.IN_PLACE_LAYERS`), loading copies next to nothing: the process's anonymous memory
+(RssAnon) and its whole resident set at their peak grow by under `MAX_IN_PLACE_GROWTH` of the file, and the
+weights are views of the file.
 
 Two copies (the memory-mapped file kept resident while the packed weights are built from it, or every weight
 initialised before being overwritten and packed) would be 2x; the checkpoint here is large enough that the
@@ -19,10 +22,13 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
+from fovea.kernels import rows_linear
+from fovea.kernels.runtime import cpu_has_amx
 from fovea.layers.linear import onednn_linear_available
 from tests.oracle.tokenizer import build_tokenizer
 
 MAX_GROWTH = 1.15
+MAX_IN_PLACE_GROWTH = 0.25
 ENGINE_EXTRA_BYTES = 96 << 20
 """What an engine start adds beyond the weights: the profiling pass's activations (256 tokens through a 1024-wide
 model, ~20 MB), the tokenizer, the KV blocks the profiling pass writes. Not the KV pool: its pages are resident
@@ -37,9 +43,13 @@ from fovea.models.weights import load_model
 
 torch.set_num_threads(2)
 model_dir = sys.argv[1]
+import fovea.layers.linear_methods
 if sys.argv[2] == "dense":  # no packed method: the layers keep the weights as loaded
-    import fovea.layers.linear_methods
     fovea.layers.linear_methods.onednn_linear_available = lambda: False
+if sys.argv[2] == "packed":  # every layer packs its panels (or oneDNN's layout)
+    fovea.layers.linear_methods.IN_PLACE_LAYERS = "none"
+if sys.argv[2] == "in_place":  # the language model runs from the file's pages
+    fovea.layers.linear_methods.IN_PLACE_LAYERS = "language_model"
 config = transformers.AutoConfig.from_pretrained(model_dir)
 model_cls = resolve_model_class(config.architectures)
 with torch.inference_mode():  # load the kernels' libraries first: their code is not the model's memory
@@ -55,6 +65,8 @@ def status_bytes(field):  # VmRSS now, VmHWM its peak
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 before = status_bytes("VmRSS")
+anon_before = status_bytes("RssAnon")
+file_backed = 0
 if sys.argv[2] == "engine":
     from fovea import LLM
     llm = LLM(model_dir, dtype="bfloat16", max_model_len=256, num_threads=2)
@@ -63,7 +75,10 @@ if sys.argv[2] == "engine":
     assert len(out[0].outputs[0].token_ids) > 0
 else:
     model, num_packed = load_model(model_cls, config, model_dir, torch.bfloat16)
+    from fovea.models.weights import file_backed_bytes
+    file_backed = file_backed_bytes(model)
 print(json.dumps({"before": before, "peak": status_bytes("VmHWM"), "after": status_bytes("VmRSS"),
+                  "anon_growth": status_bytes("RssAnon") - anon_before, "file_backed": file_backed,
                   "num_packed": num_packed}))
 """
 
@@ -87,16 +102,20 @@ def checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+def run_child(checkpoint: Path, mode: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), mode],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("mode", ["packed", "dense", "engine"])
 def test_loading_adds_at_most_the_checkpoint_size(checkpoint, mode):
     packed = mode != "dense"
     if packed and not onednn_linear_available():
         pytest.skip("oneDNN is not in this torch build")
-    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), mode],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = run_child(checkpoint, mode)
     file_bytes = (checkpoint / "model.safetensors").stat().st_size
     growth = figures["peak"] - figures["before"]
     assert (figures["num_packed"] > 0) == packed
@@ -104,4 +123,15 @@ def test_loading_adds_at_most_the_checkpoint_size(checkpoint, mode):
     assert growth <= allowed, (
         f"loading a {file_bytes / 1e6:.0f} MB checkpoint added {growth / 1e6:.0f} MB at its peak "
         f"({growth / file_bytes:.2f}x; allowed {allowed / 1e6:.0f} MB)")
-    assert figures["after"] - figures["before"] >= 0.9 * file_bytes  # the weights are really there
+    # the weights are really there: resident, or (in place, engine) mapped in from the page cache
+    assert figures["after"] - figures["before"] >= 0.9 * file_bytes
+
+
+def test_loading_in_place_copies_next_to_nothing(checkpoint):
+    if not (rows_linear.available() and not cpu_has_amx()):
+        pytest.skip("the in-place kernel runs on CPUs with AVX-512 BF16 and without AMX")
+    figures = run_child(checkpoint, "in_place")
+    file_bytes = (checkpoint / "model.safetensors").stat().st_size
+    assert figures["file_backed"] >= 0.9 * file_bytes  # every linear layer; the token embedding is copied
+    assert figures["anon_growth"] < MAX_IN_PLACE_GROWTH * file_bytes, figures
+    assert figures["peak"] - figures["before"] < MAX_IN_PLACE_GROWTH * file_bytes, figures
