@@ -9,7 +9,11 @@ The checkpoint is a random bfloat16 OPT (tied embeddings, like BLIP-2's language
 `save_pretrained` into `CACHE`: `--layers 32` gives OPT-2.7b's shape (2.65 B parameters, 5.3 GB); the default
 8 layers, 1.5 GB. `--model-dir` loads an existing checkpoint instead.
 
-    python benchmarks/load.py [--layers 8] [--model-dir DIR] [--repeats 2]
+`--in-place none language_model all` loads fovea once per `fovea.layers.linear_methods.IN_PLACE_LAYERS` value (which
+layers run from the checkpoint's pages instead of packed panels); each figure also gives the CPU seconds of the load
+call and the anonymous memory it added (RssAnon: what was copied, the file's pages aside).
+
+    python benchmarks/load.py [--layers 8] [--model-dir DIR] [--repeats 2] [--in-place none language_model all]
 """
 from __future__ import annotations
 
@@ -35,12 +39,12 @@ def status_bytes(field):
 def measure(load):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM from here
-    before = status_bytes("VmRSS")
-    start = time.perf_counter()
+    before, anon = status_bytes("VmRSS"), status_bytes("RssAnon")
+    start, cpu = time.perf_counter(), time.process_time()
     model = load()
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_bytes": status_bytes("VmHWM") - before,
-                      "after_bytes": status_bytes("VmRSS") - before}))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": status_bytes("VmHWM") - before,
+                      "after_bytes": status_bytes("VmRSS") - before, "anon_bytes": status_bytes("RssAnon") - anon}))
 """
 
 _FOVEA = _PRELUDE + r"""
@@ -49,6 +53,9 @@ from fovea.layers.linear import Linear, prepare_linear_layer
 from fovea.models.registry import resolve_model_class
 from fovea.models.weights import load_model
 config = transformers.AutoConfig.from_pretrained(sys.argv[1])
+if len(sys.argv) > 2:
+    from fovea.layers import linear_methods
+    linear_methods.IN_PLACE_LAYERS = sys.argv[2]
 warm = Linear(64, 64, dtype=torch.bfloat16)  # the kernels' libraries load here, not in the timed call
 prepare_linear_layer(warm)
 measure(lambda: load_model(resolve_model_class(config.architectures), config, sys.argv[1], torch.bfloat16))
@@ -75,9 +82,10 @@ def build_checkpoint(layers: int) -> Path:
     return out
 
 
-def run(script: str, model_dir: Path) -> dict:
+def run(script: str, model_dir: Path, *extra: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    result = subprocess.run([sys.executable, "-c", script, str(model_dir)], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script, str(model_dir), *extra], env=env, capture_output=True,
+                            text=True)
     if result.returncode:
         raise RuntimeError(result.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -88,6 +96,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--in-place", nargs="+", choices=["language_model", "all", "none"],
+                        help="load fovea once per IN_PLACE_LAYERS value (default: the module's)")
     args = parser.parse_args()
     model_dir = args.model_dir or build_checkpoint(args.layers)
     files = sorted(model_dir.glob("*.safetensors"))
@@ -97,13 +107,18 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
     print(f"{model_dir}: {file_bytes / 1e9:.2f} GB")
-    for name, script in (("fovea", _FOVEA), ("transformers", _TRANSFORMERS)):
-        runs = [run(script, model_dir) for _ in range(args.repeats)]
-        best = min(runs, key=lambda r: r["seconds"])
-        times = ", ".join(f"{r['seconds']:.2f}" for r in runs)
-        print(f"{name:>12}: {best['seconds']:.2f} s (runs: {times}), "
+    sides = [(f"fovea[{policy}]", _FOVEA, (policy,)) for policy in args.in_place or []] or [("fovea", _FOVEA, ())]
+    sides.append(("transformers", _TRANSFORMERS, ()))
+    runs: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
+    for _ in range(args.repeats):  # alternating sides: a busy machine's load changes between runs
+        for name, script, extra in sides:
+            runs[name].append(run(script, model_dir, *extra))
+    for name, _, _ in sides:
+        best = min(runs[name], key=lambda r: r["seconds"])
+        times = ", ".join(f"{r['seconds']:.2f}" for r in runs[name])
+        print(f"{name:>22}: {best['seconds']:.2f} s, {best['cpu_seconds']:.2f} CPU-s (runs: {times}), "
               f"peak +{best['peak_bytes'] / 1e9:.2f} GB = {best['peak_bytes'] / file_bytes:.2f}x the file, "
-              f"after +{best['after_bytes'] / 1e9:.2f} GB")
+              f"after +{best['after_bytes'] / 1e9:.2f} GB, anonymous +{best['anon_bytes'] / 1e9:.2f} GB")
 
 
 if __name__ == "__main__":

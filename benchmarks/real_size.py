@@ -19,6 +19,9 @@ hold the machine's shared memory lock, and only one runs at a time:
 or FOVEA_PEERS_PYTHON, default `.venv-peers/bin/python` from `make bench-peers`; vLLM told its thread binding and
 KV space by `peers.vllm_environment`); where that environment does not exist the column says it was not run.
 The vLLM child uses the same code as fovea's (`LLM(...)`, `llm_engine.add_request` / `step`: vLLM's API).
+
+`--in-place none language_model all` runs fovea once per `fovea.layers.linear_methods.IN_PLACE_LAYERS` value (which
+layers run from the checkpoint's pages instead of packed panels), each a column `fovea[policy]`.
 """
 from __future__ import annotations
 
@@ -49,8 +52,11 @@ def run_engine(python: str, engine: str, model_dir: Path, args) -> dict:
         from benchmarks.peers import vllm_environment
 
         env.update(vllm_environment(args.threads))
+    engine, _, policy = engine.partition("[")  # fovea[language_model]
     cmd = [python, str(CHILD), engine, str(model_dir), "--threads", str(args.threads),
            "--decode-tokens", str(args.decode_tokens), "--batch-decode-tokens", str(args.batch_decode_tokens)]
+    if policy:
+        cmd += ["--in-place", policy.rstrip("]")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
@@ -87,6 +93,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48, help="max_tokens of the one-request decode")
     parser.add_argument("--batch-decode-tokens", type=int, default=32, help="max_tokens of each of the 8")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--in-place", nargs="+", choices=["language_model", "all", "none"],
+                        help="run fovea once per IN_PLACE_LAYERS value")
     args = parser.parse_args()
 
     model_dir = checkpoint(args.model)
@@ -96,6 +104,9 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
     engines = list(dict.fromkeys(args.engines + args.peers))
+    if args.in_place and "fovea" in engines:
+        at = engines.index("fovea")
+        engines[at:at + 1] = [f"fovea[{policy}]" for policy in args.in_place]
     results: dict[str, dict] = {}
     for engine in engines:
         if engine == "vllm":

@@ -54,6 +54,9 @@ def run_llm_api(engine: str, model_dir: str, is_multimodal: bool, args) -> tuple
         from fovea.worker import model_runner
 
         extra = {"num_threads": args.threads}
+        if args.in_place is not None:  # which layers run from the checkpoint's pages (the rest pack panels)
+            from fovea.layers import linear_methods
+            linear_methods.IN_PLACE_LAYERS = args.in_place
         load_model = model_runner.load_model
 
         def timed_load_model(*a, **k):  # the weights alone, apart from the engine's profiling pass
@@ -144,6 +147,8 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--batch-decode-tokens", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=512)
+    parser.add_argument("--in-place", choices=["language_model", "all", "none"],
+                        help="fovea's IN_PLACE_LAYERS (default: the module's)")
     args = parser.parse_args()
     import torch
 

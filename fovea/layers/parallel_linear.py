@@ -14,7 +14,11 @@ checkpoint's weight and runs its own linear method on it.
 
 A rank's weight loader narrows the checkpoint tensor (a view of the memory-mapped file) to its slice and copies
 only that: rows for a column split (contiguous pages), columns for a row split. The linear method (dense,
-oneDNN-packed, AVX-512 BF16, AMX, int8) is chosen and packs after loading, on the slice, as for any layer.
+oneDNN-packed, AVX-512 BF16, AMX, int8) is chosen and packs after loading, on the slice, as for any layer. A stacked
+layer running in place (`fovea.layers.linear_methods.BF16RowsLinearMethod`) keeps each projection's row slice as a
+view of the file (`PackedLinear._load_shard`); the plain column- and row-parallel layers copy their slice and run
+it from that copy (keeping a column range in place would need no more than the kernel's row stride, but each rank
+would then map every page of the tensor: not done).
 
 At TP=1 (a process that never called `init_parallel`) each class is the plain layer: no loader is set where the
 plain one has none (the loader may lend the file's pages), and `tp_all_reduce` returns its input untouched.

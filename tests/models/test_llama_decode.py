@@ -7,12 +7,21 @@ import torch
 
 from fovea import LLM, SamplingParams
 from fovea.kernels.runtime import cpu_has_bf16_linear_isa
+from fovea.layers.linear_methods import in_place_layers
 from tests.kernels import requires_compiler
 from tests.oracle.llama import build_tiny_llama
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2
 
 pytestmark = [requires_compiler,
               pytest.mark.skipif(not cpu_has_bf16_linear_isa(), reason="this CPU has no AVX-512 BF16")]
+
+
+@pytest.fixture(autouse=True)
+def panel_packed_layers():
+    """The plan runs panel-packed layers (`BF16LinearMethod`); layers running from the file's pages decode through
+    the modules (`fovea.layers.linear_methods.IN_PLACE_LAYERS`)."""
+    with in_place_layers("none"):
+        yield
 
 PROMPTS = ["the cat sat on the mat", "a", "one two three four five six seven eight nine ten"]
 
