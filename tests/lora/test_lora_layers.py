@@ -68,3 +68,39 @@ def test_a_method_it_cannot_wrap_is_a_clear_error():
 
     with pytest.raises(ValueError, match="runs 'w8a16'.*LoRA with quantized weights is not supported"):
         LoRALinearMethod(W8A16(), 1, 4)
+
+
+def test_adapters_run_over_a_layer_running_from_the_checkpoints_pages():
+    """bfloat16 q/k/v loaded shard by shard onto the in-place method (`BF16RowsLinearMethod`: each projection kept
+    as it arrived, no stacked weight): the adapter adds to its shard's rows exactly as over any base method."""
+    from fovea.kernels import rows_linear
+    from fovea.kernels.runtime import cpu_has_amx
+    from fovea.layers.linear import no_weight_init, packing_shards_at_load
+    from fovea.layers.linear_methods import BF16RowsLinearMethod, in_place_layers
+
+    if not rows_linear.available() or cpu_has_amx():
+        pytest.skip("the in-place kernel runs on CPUs with AVX-512 BF16 and without AMX")
+    torch.manual_seed(2)
+    sizes = {"q_proj": 48, "k_proj": 16, "v_proj": 16}
+    shards = {name: torch.randn(rows, 40).bfloat16() for name, rows in sizes.items()}
+    with no_weight_init(), in_place_layers("all"):
+        layer = PackedLinear(40, sizes, bias=False, dtype=torch.bfloat16)
+        with packing_shards_at_load():
+            for name in ("v_proj", "q_proj", "k_proj"):  # any order
+                layer.weight.weight_loader(layer.weight, shards[name], name)
+        prepare_linear_layer(layer)
+    assert isinstance(layer.method, BF16RowsLinearMethod) and "weight" not in dict(layer.named_parameters())
+    method = LoRALinearMethod(layer.method, 1, 4)
+    method.create_lora_weights(layer, torch.bfloat16)
+    layer.method = method
+    aq, bq = torch.randn(3, 40).bfloat16(), torch.randn(48, 3).bfloat16()
+    method.set_slot(layer, 0, {"q_proj": LoRALayerWeights(aq, bq)})
+    x = torch.randn(5, 40).bfloat16()
+    with torch.no_grad(), lora_context(LoRAMapping([(0, slice(0, 5))])):
+        y = layer(x).float()
+    base = x.float() @ torch.cat(list(shards.values())).float().T
+    expected = base.clone()
+    expected[:, :48] += (x.float() @ aq.float().T) @ bq.float().T
+    assert "method=lora(avx512-bf16-rows)" in repr(layer)
+    assert (y - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert (y[:, 48:] - base[:, 48:]).abs().max() <= 0.01 * base.abs().max()  # k, v: the base alone
