@@ -8,8 +8,8 @@ Column- and row-parallel shards (tensor parallelism, a later issue) will be furt
 with their own weight loaders.
 
 Which method runs (`fovea.layers.linear_methods`: dense torch, oneDNN-packed, AMX- or AVX-512-packed, or the
-checkpoint's own row-major pages) is chosen when the layer's weights are loaded (`prepare_linear_layer`), and `repr` names it. `state_dict()` returns the checkpoint's
-dense tensors whatever the method holds.
+checkpoint's own row-major pages) is chosen when the layer's weights are loaded (`prepare_linear_layer`), and
+`repr` names it. `state_dict()` returns the checkpoint's dense tensors whatever the method holds.
 
 A parameter may carry `weight_loader(param, loaded, shard_id)` and `packed_shards` (the shard ids that together
 fill it); `fovea.models.weights.load_weights` calls the loader for every checkpoint tensor mapped to the
