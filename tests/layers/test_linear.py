@@ -145,10 +145,11 @@ def test_training_keeps_autograd_and_dtype_casts():
 
 @pytest.mark.parametrize("sizes, by_shard", [({"q": 64, "k": 32, "v": 40}, True),
                                              ({"q": 40, "k": 32, "v": 32}, False)])
-def test_projections_are_packed_as_they_load_where_each_starts_a_panel(sizes, by_shard):
+def test_projections_are_packed_as_they_load_where_each_starts_a_panel(sizes, by_shard, monkeypatch):
     """Within `packing_shards_at_load` a stacked layer whose method is panel-packed packs each projection straight
     into its panels (the stacked dense weight is never written); where a projection would start mid-panel it is
     copied into the stacked weight as before. Either way the same bits and the same outputs."""
+    monkeypatch.setattr(linear_methods, "IN_PLACE_LAYERS", "none")  # panels, not the file's rows
     if not isinstance(linear_methods.select_linear_method(Linear(64, 64, dtype=torch.bfloat16)),
                       linear_methods.PanelLinearMethod):
         pytest.skip("this CPU runs no panel-packed bfloat16 kernel (neither AVX-512 BF16 nor AMX)")
