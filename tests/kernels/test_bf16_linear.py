@@ -9,6 +9,7 @@ from torch import nn
 from fovea import kernels
 from fovea.kernels import bf16_linear
 from fovea.kernels.runtime import cpu_has_amx, cpu_has_bf16_linear_isa
+from fovea.layers import linear_methods
 from fovea.layers.linear import Linear, PackedLinear, prepare_linear_layer, prepare_linear_layers
 from tests.kernels import requires_compiler
 
@@ -150,7 +151,8 @@ def test_bad_inputs_are_named():
 
 
 @pytest.mark.skipif(cpu_has_amx(), reason="an AMX host runs its AMX kernel (or oneDNN) for these layers")
-def test_loaded_bfloat16_layers_run_the_kernel_and_save_as_loaded():
+def test_loaded_bfloat16_layers_run_the_kernel_and_save_as_loaded(monkeypatch):
+    monkeypatch.setattr(linear_methods, "IN_PLACE_LAYERS", "none")  # the packed panels, not the file's rows
     torch.manual_seed(0)
     model = nn.Sequential(Linear(64, 96, dtype=torch.bfloat16), Linear(96, 40, dtype=torch.bfloat16),
                           PackedLinear(40, {"gate_proj": 24, "up_proj": 24}, bias=False, dtype=torch.bfloat16),
