@@ -247,7 +247,7 @@ FOVEA_BF16_TARGET void run_decode_item(const Problem& p, const Item& item) {
 // of x, NR of W, MR * NR VDPBF16PS (24 for 4 x 6: the core's one per cycle, 10 loads beside them).
 template <int MR, int NR>
 FOVEA_BF16_TARGET void tile(const Problem& p, const uint16_t* x, const uint16_t* w, int64_t ldw, float* acc,
-                            int64_t ld) {
+                            int64_t ld, const char* pf, int64_t pf_lines) {
   __m512 sum[MR][NR];
 #pragma GCC unroll 4
   for (int i = 0; i < MR; ++i) {
@@ -255,7 +255,14 @@ FOVEA_BF16_TARGET void tile(const Problem& p, const uint16_t* x, const uint16_t*
     for (int j = 0; j < NR; ++j) sum[i][j] = _mm512_setzero_ps();
   }
   const int64_t ldx = p.ldx;
+  // pf_lines of the next block spread over the steps, in address order (a burst before the tile overflowed the
+  // prefetch queue)
+  const int64_t per_step = p.full > 0 ? (pf_lines + p.full - 1) / p.full : 0;
+  int64_t done = 0;
   for (int64_t s = 0; s < p.full; ++s) {
+    for (const int64_t end = std::min(pf_lines, done + per_step); done < end; ++done) {
+      _mm_prefetch(pf + 64 * done, _MM_HINT_T1);
+    }
     __m512bh a[MR];
 #pragma GCC unroll 4
     for (int i = 0; i < MR; ++i) a[i] = load_x(x + i * ldx + 32 * s);
@@ -282,9 +289,11 @@ FOVEA_BF16_TARGET void tile(const Problem& p, const uint16_t* x, const uint16_t*
 #pragma GCC unroll 6
     for (int j = 0; j < NR; ++j) _mm512_storeu_ps(acc + i * ld + j * 16, sum[i][j]);
   }
+  for (; done < pf_lines; ++done) _mm_prefetch(pf + 64 * done, _MM_HINT_T1);
 }
 
-using TileFn = void (*)(const Problem&, const uint16_t*, const uint16_t*, int64_t, float*, int64_t);
+using TileFn = void (*)(const Problem&, const uint16_t*, const uint16_t*, int64_t, float*, int64_t, const char*,
+                        int64_t);
 
 template <int MR>
 TileFn tile_fn_cols(int nr) {
@@ -326,11 +335,10 @@ FOVEA_BF16_TARGET void run_gemm_item(const Problem& p, const Item& item, std::ve
     const int mr = static_cast<int>(std::min<int64_t>(kTileRows, p.M - m0));
     const uint16_t* x = p.x + m0 * p.ldx;
     for (int64_t j0 = 0; j0 < item.rows; j0 += kTileCols) {
-      for (const int64_t end = std::min(next_lines, line + lines_per_tile); line < end; ++line) {
-        _mm_prefetch(next + 64 * line, _MM_HINT_T1);
-      }
+      const int64_t count = std::max<int64_t>(0, std::min(next_lines, line + lines_per_tile) - line);
       const int nr = static_cast<int>(std::min<int64_t>(kTileCols, item.rows - j0));
-      tile_fn(mr, nr)(p, x, w + j0 * src.ld, src.ld, acc.data() + j0 * 16, ld);
+      tile_fn(mr, nr)(p, x, w + j0 * src.ld, src.ld, acc.data() + j0 * 16, ld, next + 64 * line, count);
+      line += count;
     }
     for (int i = 0; i < mr; ++i) {
       for (int64_t j0 = 0; j0 < item.rows; j0 += 16) {
