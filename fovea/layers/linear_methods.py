@@ -244,15 +244,20 @@ class BF16RowsLinearMethod(LinearMethod):
 
 
 IN_PLACE_POLICIES = ("language_model", "all", "none")
-IN_PLACE_LAYERS = "language_model"
+IN_PLACE_LAYERS = "none"
 """Which CPU bfloat16 layers run from the checkpoint's pages (`BF16RowsLinearMethod`) on a host without AMX:
 "language_model": the language model's and `lm_head`'s (what a model's `language_model_modules` /
 `lm_head_module` name, every layer of a model that names none; `LinearBase.is_language_model`), which decode
 streams every token and which are most of the bytes; the encoders' layers (vision tower, Q-Former, projector)
 keep the panel kernel, which runs their many-row steps from 4 KiB pages as fast. "all": every layer. "none":
 every layer packs its panels (`BF16LinearMethod`, the method before in-place weights). Read when a layer's
-method is chosen (at load); `in_place_layers(...)` switches it for a block (tests, benchmarks). The lead sets
-the default from the kernel's figures (README, "Engine start")."""
+method is chosen (at load); `in_place_layers(...)` switches it for a block (tests, benchmarks).
+
+Default "none" (session 14): in-place layers start ~4x faster (BLIP-2 OPT-2.7b, busy: 5.0 CPU-s with "all" vs 22.6
+packed, transformers 3.1), but the row-major kernel does not yet run as fast as the panel kernel where the time is
+spent after loading: 8 rows of decode at OPT-2.7b's shapes 0.38-0.50x, prefill GEMMs 0.6-1.0x (`benchmarks/
+rows_linear.py`, README "The row-major kernel"). Until it does (decode rows past x's L1 footprint need K-chunks,
+2048-row GEMMs K-blocking), serving keeps panels and a fast start is this switch."""
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ cache written, bit for bit).
 
 When: `LlamaModel.forward` takes it for a decode-only step (one query token per request, the C++ decode kernels
 in the metadata's single group) when every layer it runs has fovea's AVX-512 BF16 linear method on all four
-projections (`BF16LinearMethod`: no LoRA, no int8, no AMX, no tensor parallelism), SiLU, bfloat16 norms and a
+projections (`BF16LinearMethod` on packed panels or `BF16RowsLinearMethod` on the checkpoint's own pages, in
+any mix: no LoRA, no int8, no AMX, no tensor parallelism), SiLU, bfloat16 norms and a
 bound KV cache; anything else runs the modules. Which one a model runs is decided once, at its first decode step
 after loading, and shown in `repr(model.model)` (`decode=...`). `LlamaModel.fused_decode = False` turns it off
 (forward hooks on the modules, which it does not call, see every call again: benchmarks/roofline_phases.py).
@@ -24,16 +25,21 @@ import torch
 from fovea import kernels
 from fovea.kernels import bf16_linear
 from fovea.layers.attention import AttentionMetadata
-from fovea.layers.linear_methods import BF16LinearMethod
+from fovea.layers.linear_methods import BF16LinearMethod, BF16RowsLinearMethod
 from fovea.layers.norms import RMSNorm
 from fovea.layers.rotary_attention import RotaryQKVAttention
 
 
-def _linear(module) -> tuple | None:
-    """(packed weight, out_features, float32 bias or None) of a linear layer on fovea's AVX-512 BF16 method."""
-    if type(module.method) is not BF16LinearMethod or getattr(module, "tp_size", 1) != 1:
+def _linear(module, ext) -> tuple | None:
+    """(kernel, weight, out_features, float32 bias or None) of a linear layer on one of fovea's AVX-512 BF16
+    methods: the extension's call and the arguments the method's `apply` passes it, so the same bits."""
+    if getattr(module, "tp_size", 1) != 1:
         return None
-    return module.packed_weight, module.out_features, module.panel_bias
+    if type(module.method) is BF16LinearMethod:
+        return ext.bf16_linear, module.packed_weight, module.out_features, module.panel_bias
+    if type(module.method) is BF16RowsLinearMethod:
+        return ext.rows_linear, list(module.rows_sources), module.out_features, module.rows_bias
+    return None
 
 
 def _is_plain_norm(norm) -> bool:
@@ -53,22 +59,20 @@ class DecodePlan:
     def build(cls, layers) -> DecodePlan | None:
         """The plan of these decoder layers, or None when one of them needs its modules (the docstring above)."""
         ext = kernels.extension()
-        if ext is None or not bf16_linear.available():
+        if ext is None or not bf16_linear.available():  # rows_linear runs where bf16_linear does (same ISA)
             return None
         entries = []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            linears = [_linear(m, ext) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             core = attn.attn
             if any(entry is None for entry in linears) or not mlp.is_silu or type(core) is not RotaryQKVAttention \
                     or not core.use_kernel or core.kv_cache is None or core.kv_cache[0].dtype != torch.bfloat16 \
                     or not (_is_plain_norm(layer.input_layernorm) and _is_plain_norm(layer.post_attention_layernorm)) \
                     or layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
                 return None
-            (qkv, qkv_n, qkv_b), (o, o_n, o_b), (gate_up, gate_up_n, gate_up_b), (down, down_n, down_b) = linears
             entries.append((layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                            layer.input_layernorm.eps, qkv, qkv_n, qkv_b, o, o_n, o_b, gate_up, gate_up_n,
-                            gate_up_b, down, down_n, down_b, core, core.num_heads, core.scale))
+                            layer.input_layernorm.eps, *linears, core, core.num_heads, core.scale))
         return cls(entries, ext)
 
     @staticmethod
@@ -81,23 +85,24 @@ class DecodePlan:
         """x [B, hidden] bfloat16 (rows contiguous) through every layer: (the last MLP output, the residual
         stream), as the modules' loop returns them. cos, sin [B, head_dim]; `meta` a decode-only step's."""
         ext = self.ext
-        rms_norm, add_rms_norm_, linear = ext.rms_norm, ext.add_rms_norm_, ext.bf16_linear
+        rms_norm, add_rms_norm_ = ext.rms_norm, ext.add_rms_norm_
         attend, silu_mul = ext.rotary_paged_decode, ext.silu_mul
         group = meta.groups[0]
         slots, table, context, block_size = meta.slot_mapping, group.block_table, group.context_lens, meta.block_size
         residual = None
-        for (norm1, norm2, eps, qkv, qkv_n, qkv_b, o, o_n, o_b, gate_up, gate_up_n, gate_up_b, down, down_n, down_b,
-             core, num_heads, scale) in self.layers:
+        for norm1, norm2, eps, (qkv_fn, qkv, qkv_n, qkv_b), (o_fn, o, o_n, o_b), \
+                (gate_up_fn, gate_up, gate_up_n, gate_up_b), (down_fn, down, down_n, down_b), \
+                core, num_heads, scale in self.layers:
             if residual is None:  # the first layer: its input is the residual stream
                 h, residual = rms_norm(x, norm1, eps), x
             else:  # x += residual in place (x is the previous MLP's fresh output): the stream
                 h, residual = add_rms_norm_(x, residual, norm1, eps), x
             k_cache, v_cache = core.kv_cache
-            a = attend(linear(h, qkv, qkv_n, qkv_b), cos, sin, k_cache, v_cache, slots, table, context, num_heads,
+            a = attend(qkv_fn(h, qkv, qkv_n, qkv_b), cos, sin, k_cache, v_cache, slots, table, context, num_heads,
                        scale, block_size)
-            x = linear(a, o, o_n, o_b)
+            x = o_fn(a, o, o_n, o_b)
             h, residual = add_rms_norm_(x, residual, norm2, eps), x
-            x = linear(silu_mul(linear(h, gate_up, gate_up_n, gate_up_b)), down, down_n, down_b)
+            x = down_fn(silu_mul(gate_up_fn(h, gate_up, gate_up_n, gate_up_b)), down, down_n, down_b)
         return x, residual
 
 

@@ -16,12 +16,13 @@ pytestmark = [requires_compiler,
               pytest.mark.skipif(not cpu_has_bf16_linear_isa(), reason="this CPU has no AVX-512 BF16")]
 
 
-@pytest.fixture(autouse=True)
-def panel_packed_layers():
-    """The plan runs panel-packed layers (`BF16LinearMethod`); layers running from the file's pages decode through
-    the modules (`fovea.layers.linear_methods.IN_PLACE_LAYERS`)."""
-    with in_place_layers("none"):
-        yield
+@pytest.fixture(autouse=True, params=["none", "language_model"], ids=["panels", "in place"])
+def linear_layout(request):
+    """Every test on both of fovea's AVX-512 BF16 methods: packed panels (`BF16LinearMethod`) and the checkpoint's
+    own pages (`BF16RowsLinearMethod`): the plan runs either, with the bits of the modules on the same method."""
+    with in_place_layers(request.param):
+        yield request.param
+
 
 PROMPTS = ["the cat sat on the mat", "a", "one two three four five six seven eight nine ten"]
 
@@ -49,11 +50,13 @@ def _generate(path, fused: bool, prompts: list[str]):
 
 @pytest.mark.parametrize("model", ["qwen2", "llama"])
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one request", "three together"])
-def test_the_plan_gives_the_modules_bits(request, model, prompts):
+def test_the_plan_gives_the_modules_bits(request, model, prompts, linear_layout):
     path = request.getfixturevalue(model)
     fused, fused_caches, fused_repr = _generate(path, True, prompts)
     modules, module_caches, modules_repr = _generate(path, False, prompts)
     assert "decode=one loop of kernel calls" in fused_repr and "fused_decode off" in modules_repr
+    in_place = "method=avx512-bf16-rows(" in fused_repr  # (memory): the tiny checkpoints are float32 files
+    assert in_place == (linear_layout == "language_model") and ("method=avx512-bf16," in fused_repr) != in_place
     assert fused == modules  # token ids and every logprob, exactly
     for (k1, v1), (k2, v2) in zip(fused_caches, module_caches, strict=True):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)

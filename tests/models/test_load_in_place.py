@@ -263,7 +263,8 @@ def test_the_kv_budget_leaves_the_in_place_weights_resident(checkpoints, monkeyp
     from fovea import LLM
     from fovea.worker import model_runner
 
-    llm = LLM(str(checkpoints["qwen2"]), dtype="bfloat16", max_model_len=64, num_kv_blocks=8)
+    with in_place_layers("language_model"):
+        llm = LLM(str(checkpoints["qwen2"]), dtype="bfloat16", max_model_len=64, num_kv_blocks=8)
     runner = llm.llm_engine.runner
     in_file = runner.file_backed_weight_bytes
     assert in_file == file_backed_bytes(runner.model) > 0

@@ -151,11 +151,8 @@ def test_a_one_token_step_is_profiled_whole_so_llama_keeps_its_decode_plan(tmp_p
     # the view's layers (no plan, for good); run whole it decides on its own layers
     from fovea import LLM
 
-    from fovea.layers.linear_methods import in_place_layers
-
     path = build_tiny_llama(tmp_path / "llama", hidden=64, num_layers=4)
-    with in_place_layers("none"):  # the plan runs panel-packed layers only
-        llm = LLM(str(path), dtype="bfloat16", max_model_len=64, enable_chunked_prefill=True,
-                  max_num_batched_tokens=1, num_threads=1)
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=64, enable_chunked_prefill=True, max_num_batched_tokens=1,
+              num_threads=1)
     model = llm.llm_engine.engine_core.executor._runner.model
     assert model.model._decode_plan is not False
