@@ -141,22 +141,7 @@ import torch
 from fovea.kernels import int8_linear
 from fovea.layers.linear import Linear, prepare_linear_layer
 from fovea.layers.quantization.int8 import Int8LinearMethod
-
-
-def advised_huge(t):
-    # whether the 2 MiB-aligned middle of t lies in a mapping advised onto huge pages (smaps' `hg` flag)
-    address = (t.data_ptr() + (1 << 21) - 1) & ~((1 << 21) - 1)
-    assert address + (1 << 21) <= t.data_ptr() + t.nbytes
-    inside = False
-    for line in open("/proc/self/smaps"):
-        first = line.split()[0]
-        if "-" in first and all(c in "0123456789abcdef-" for c in first):
-            lo, hi = (int(x, 16) for x in first.split("-"))
-            inside = lo <= address < hi
-        elif inside and line.startswith("VmFlags:"):
-            return "hg" in line.split()
-    raise AssertionError("no mapping holds the tensor")
-
+from tests.memory_maps import advised_huge
 
 q = torch.randint(-128, 128, (2048, 4096), dtype=torch.int8)  # 8 MiB of codes
 # the ordinary pages first and every tensor kept: freed memory of an advised range may be handed out again

@@ -129,21 +129,7 @@ from fovea.layers.linear import LinearBase
 from fovea.layers.linear_methods import PanelLinearMethod, in_place_layers
 from fovea.models.registry import resolve_model_class
 from fovea.models.weights import load_model
-
-
-def advised_huge(t):
-    # whether the 2 MiB-aligned middle of t lies in a mapping advised onto huge pages (smaps' `hg` flag)
-    address = (t.data_ptr() + (1 << 21) - 1) & ~((1 << 21) - 1)
-    inside = False
-    for line in open("/proc/self/smaps"):
-        first = line.split()[0]
-        if "-" in first and all(c in "0123456789abcdef-" for c in first):
-            lo, hi = (int(x, 16) for x in first.split("-"))
-            inside = lo <= address < hi
-        elif inside and line.startswith("VmFlags:"):
-            return "hg" in line.split()
-    raise AssertionError("no mapping holds the tensor")
-
+from tests.memory_maps import advised_huge
 
 ckpt = sys.argv[1]
 config = transformers.AutoConfig.from_pretrained(ckpt)
