@@ -166,8 +166,8 @@ class KernelRuntime:
                 built = PathStatus(True) if extension is not None else PathStatus(False, self._failure())
                 amx = self._amx_status(extension) if extension is not None else built
                 int8 = _int8_status(extension) if extension is not None else built
-                bf16 = _bf16_status(extension) if extension is not None else built
-                rows = _rows_status(extension) if extension is not None else built
+                bf16 = _bf16_status(extension.bf16_linear_compiled()) if extension is not None else built
+                rows = _bf16_status(extension.rows_linear_compiled()) if extension is not None else built
                 status = KernelStatus(self.mode, built, built, amx, _onednn_status(), int8, bf16, rows)
             self._status = status
             self._log_once(logging.INFO, f"{status.summary()} (cpu_kernels={self.mode})")
@@ -196,18 +196,11 @@ class KernelRuntime:
             logger.log(level, "%s", message)
 
 
-def _bf16_status(extension) -> PathStatus:
+def _bf16_status(compiled: bool) -> PathStatus:
+    """An AVX-512 BF16 kernel's path (`bf16_linear`, `rows_linear`): the CPU's ISA, then whether it was compiled."""
     if not cpu_has_bf16_linear_isa():
         return PathStatus(False, NO_BF16_LINEAR)
-    if not extension.bf16_linear_compiled():
-        return PathStatus(False, "not compiled: needs x86-64 and gcc >= 10 or clang >= 9")
-    return PathStatus(True)
-
-
-def _rows_status(extension) -> PathStatus:
-    if not cpu_has_bf16_linear_isa():
-        return PathStatus(False, NO_BF16_LINEAR)
-    if not extension.rows_linear_compiled():
+    if not compiled:
         return PathStatus(False, "not compiled: needs x86-64 and gcc >= 10 or clang >= 9")
     return PathStatus(True)
 

@@ -11,7 +11,7 @@ from fovea.kernels import bf16_linear
 from fovea.kernels.runtime import cpu_has_amx, cpu_has_bf16_linear_isa
 from fovea.layers import linear_methods
 from fovea.layers.linear import Linear, PackedLinear, prepare_linear_layer, prepare_linear_layers
-from tests.kernels import requires_compiler
+from tests.kernels import linear_inputs as _inputs, requires_compiler
 
 pytestmark = [requires_compiler, pytest.mark.skipif(not cpu_has_bf16_linear_isa(), reason="this CPU has no AVX-512 BF16")]
 
@@ -19,14 +19,6 @@ pytestmark = [requires_compiler, pytest.mark.skipif(not cpu_has_bf16_linear_isa(
 @pytest.fixture(autouse=True)
 def _kernel_runs():
     assert bf16_linear.available(), kernels.status().summary()  # a build failure is not skipped
-
-
-def _inputs(rows, k, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    w = torch.randn(n, k, generator=g).div(k ** 0.5).bfloat16()
-    b = torch.randn(n, generator=g)
-    return x, w, b
 
 
 def _within_bound(got, x, w, bias):

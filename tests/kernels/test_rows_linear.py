@@ -14,7 +14,7 @@ import torch
 from fovea import kernels
 from fovea.kernels import bf16_linear, rows_linear
 from fovea.kernels.runtime import cpu_has_bf16_linear_isa
-from tests.kernels import requires_compiler
+from tests.kernels import linear_inputs as _inputs, requires_compiler
 
 pytestmark = [requires_compiler, pytest.mark.skipif(not cpu_has_bf16_linear_isa(), reason="this CPU has no AVX-512 BF16")]
 
@@ -24,14 +24,6 @@ DECODE_ROWS = 8  # csrc/rows_linear.cpp kMaxDecodeRows: more rows of x run the G
 @pytest.fixture(autouse=True)
 def _kernel_runs():
     assert rows_linear.available(), kernels.status().summary()  # a build failure is not skipped
-
-
-def _inputs(rows, k, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g).bfloat16()
-    w = torch.randn(n, k, generator=g).div(k ** 0.5).bfloat16()
-    b = torch.randn(n, generator=g)
-    return x, w, b
 
 
 def _threads(n):

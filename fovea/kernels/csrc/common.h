@@ -10,6 +10,15 @@
 #include <cstring>
 #include <memory>
 
+// The AVX-512 BF16 kernels (bf16_linear.cpp, rows_linear.cpp): code for FOVEA_BF16_TARGET functions exists where this
+// is defined; Python runs them only where the CPU reports avx512_bf16. gcc 10 and clang 9 are the first to know
+// the AVX-512 BF16 intrinsics.
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : (defined(__GNUC__) && __GNUC__ >= 10))
+#define FOVEA_AVX512_BF16 1
+#include <immintrin.h>
+#define FOVEA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
 namespace fovea {
 
 // Element i of p as a float; bfloat16 by shifting its bits, which the compiler vectorises (c10's conversion it

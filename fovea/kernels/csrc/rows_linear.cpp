@@ -18,13 +18,6 @@
 #include "common.h"
 #include "ops.h"
 
-// gcc 10 and clang 9 are the first to know the AVX-512 BF16 intrinsics
-#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : (defined(__GNUC__) && __GNUC__ >= 10))
-#define FOVEA_AVX512_BF16 1
-#include <immintrin.h>
-#define FOVEA_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#endif
-
 namespace fovea {
 
 #ifdef FOVEA_AVX512_BF16
