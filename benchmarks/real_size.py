@@ -20,7 +20,7 @@ or FOVEA_PEERS_PYTHON, default `.venv-peers/bin/python` from `make bench-peers`;
 KV space by `peers.vllm_environment`); where that environment does not exist the column says it was not run.
 The vLLM child uses the same code as fovea's (`LLM(...)`, `llm_engine.add_request` / `step`: vLLM's API).
 
-`--in-place none language_model all` runs fovea once per `fovea.layers.linear_methods.IN_PLACE_LAYERS` value (which
+`--in-place none language_model all` runs fovea once per `EngineConfig.in_place_weights` value (which
 layers run from the checkpoint's pages instead of packed panels), each a column `fovea[policy]`.
 """
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--batch-decode-tokens", type=int, default=32, help="max_tokens of each of the 8")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--in-place", nargs="+", choices=["language_model", "all", "none"],
-                        help="run fovea once per IN_PLACE_LAYERS value")
+                        help="run fovea once per EngineConfig.in_place_weights value")
     args = parser.parse_args()
 
     model_dir = checkpoint(args.model)

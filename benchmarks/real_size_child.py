@@ -55,8 +55,7 @@ def run_llm_api(engine: str, model_dir: str, is_multimodal: bool, args) -> tuple
 
         extra = {"num_threads": args.threads}
         if args.in_place is not None:  # which layers run from the checkpoint's pages (the rest pack panels)
-            from fovea.layers import linear_methods
-            linear_methods.IN_PLACE_LAYERS = args.in_place
+            extra["in_place_weights"] = args.in_place
         load_model = model_runner.load_model
 
         def timed_load_model(*a, **k):  # the weights alone, apart from the engine's profiling pass

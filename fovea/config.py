@@ -13,6 +13,7 @@ from typing import Any
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _EXECUTOR_BACKENDS = ("uni", "mp")
 _CPU_KERNEL_MODES = ("auto", "off", "require")
+_IN_PLACE_POLICIES = ("none", "language_model", "all")  # fovea.layers.linear_methods.IN_PLACE_POLICIES
 _QUANTIZATION_METHODS = ("int8", "compressed-tensors")  # fovea.models.quantization.QUANTIZATION_METHODS  # fovea.kernels.MODES, spelled out so this module imports no torch
 
 
@@ -84,6 +85,13 @@ class EngineConfig:
     """fovea's CPU kernels (C++ fused ops and paged attention, AMX and oneDNN-packed linears): "auto" uses them
     where they build and the CPU allows, "off" runs torch's own ops only, "require" makes a failed C++ build an
     error that shows the compiler's message. Applies to the whole process; the active paths are logged."""
+    in_place_weights: str = "none"
+    """Which CPU bfloat16 linear layers run straight from the checkpoint's memory-mapped pages instead of a
+    packed copy (hosts without AMX): "none" packs every layer (loading writes a copy of the weights, which is most of
+    the load time), "language_model" runs the language model's and lm_head's from the file, "all" every layer
+    (no copy: loads as fast as transformers and holds the weights once, in the page cache; README "Weights that
+    run from the checkpoint's pages" has the speed of each). Applies to every worker process; an AMX host packs
+    for its AMX kernel whatever this says."""
     quantization: str | None = None
     """None: the checkpoint as it is (int8 if its config.json has a compressed-tensors quantization_config).
     "int8": the language model's linear layers quantized at load to int8 per output channel (weight-only); the
@@ -113,6 +121,9 @@ class EngineConfig:
         if self.cpu_kernels not in _CPU_KERNEL_MODES:
             raise ValueError(f"cpu_kernels={self.cpu_kernels!r} is not supported; choose one of "
                              f"{', '.join(_CPU_KERNEL_MODES)}")
+        if self.in_place_weights not in _IN_PLACE_POLICIES:
+            raise ValueError(f"in_place_weights={self.in_place_weights!r} is not supported; choose one of "
+                             f"{', '.join(_IN_PLACE_POLICIES)}")
         if self.quantization is not None and self.quantization not in _QUANTIZATION_METHODS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; choose one of "
                              f"{', '.join(_QUANTIZATION_METHODS)} or leave it unset (None)")

@@ -251,7 +251,9 @@ IN_PLACE_LAYERS = "none"
 streams every token and which are most of the bytes; the encoders' layers (vision tower, Q-Former, projector)
 keep the panel kernel, which runs their many-row steps from 4 KiB pages as fast. "all": every layer. "none":
 every layer packs its panels (`BF16LinearMethod`, the method before in-place weights). Read when a layer's
-method is chosen (at load); `in_place_layers(...)` switches it for a block (tests, benchmarks).
+method is chosen (at load); `in_place_layers(...)` switches it for a block: the engine's load runs inside
+`in_place_layers(EngineConfig.in_place_weights)` (in every worker process), so this module value is the policy of
+a bare `load_model` call (tests, training).
 
 Default "none" (session 14): in-place layers start ~4x faster (BLIP-2 OPT-2.7b, busy: 5.0 CPU-s with "all" vs 22.6
 packed, transformers 3.1), but the row-major kernel does not yet run as fast as the panel kernel where the time is

@@ -30,6 +30,7 @@ from fovea.engine.request import MultiModalFeature
 from fovea.engine.scheduler_output import SchedulerOutput
 from fovea.engine.structured_output import CONSTRAINT_ERROR_PREFIX
 from fovea.layers.attention import Attention, build_attention_metadata, forward_context
+from fovea.layers.linear_methods import in_place_layers
 from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
@@ -92,8 +93,9 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         # process-wide: which CPU paths the layers below take (builds the C++ kernels unless "off"; logged once)
         self.cpu_kernels = kernels.configure(config.cpu_kernels)
-        self.model, self.num_prepacked_linears = load_model(
-            model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
+        with in_place_layers(config.in_place_weights):  # read as each layer's method is chosen
+            self.model, self.num_prepacked_linears = load_model(
+                model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
         # weights that run from the checkpoint's page cache (fovea.layers.linear_methods.BF16RowsLinearMethod):
         # mapped in now, and kept out of the KV cache's budget (determine_num_kv_blocks)
         in_place = file_backed_tensors(self.model)

@@ -7,7 +7,6 @@ import torch
 
 from fovea import LLM, SamplingParams
 from fovea.kernels.runtime import cpu_has_bf16_linear_isa
-from fovea.layers.linear_methods import in_place_layers
 from tests.kernels import requires_compiler
 from tests.oracle.llama import build_tiny_llama
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2
@@ -16,12 +15,12 @@ pytestmark = [requires_compiler,
               pytest.mark.skipif(not cpu_has_bf16_linear_isa(), reason="this CPU has no AVX-512 BF16")]
 
 
-@pytest.fixture(autouse=True, params=["none", "language_model"], ids=["panels", "in place"])
+@pytest.fixture(params=["none", "language_model"], ids=["panels", "in place"])
 def linear_layout(request):
-    """Every test on both of fovea's AVX-512 BF16 methods: packed panels (`BF16LinearMethod`) and the checkpoint's
-    own pages (`BF16RowsLinearMethod`): the plan runs either, with the bits of the modules on the same method."""
-    with in_place_layers(request.param):
-        yield request.param
+    """Every test on both of fovea's AVX-512 BF16 methods (`EngineConfig.in_place_weights`): packed panels
+    (`BF16LinearMethod`) and the checkpoint's own pages (`BF16RowsLinearMethod`): the plan runs either, with the
+    bits of the modules on the same method."""
+    return request.param
 
 
 PROMPTS = ["the cat sat on the mat", "a", "one two three four five six seven eight nine ten"]
@@ -37,8 +36,9 @@ def llama(tmp_path_factory):
     return build_tiny_llama(tmp_path_factory.mktemp("llama"), attention_bias=True, mlp_bias=True)
 
 
-def _generate(path, fused: bool, prompts: list[str]):
-    llm = LLM(str(path), dtype="bfloat16", max_model_len=128, block_size=4, kv_cache_memory_bytes=1 << 22)
+def _generate(path, fused: bool, prompts: list[str], in_place_weights: str):
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=128, block_size=4, kv_cache_memory_bytes=1 << 22,
+              in_place_weights=in_place_weights)
     runner = llm.llm_engine.runner
     lm = runner.model.model  # the LlamaModel
     lm.fused_decode = fused
@@ -52,8 +52,8 @@ def _generate(path, fused: bool, prompts: list[str]):
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one request", "three together"])
 def test_the_plan_gives_the_modules_bits(request, model, prompts, linear_layout):
     path = request.getfixturevalue(model)
-    fused, fused_caches, fused_repr = _generate(path, True, prompts)
-    modules, module_caches, modules_repr = _generate(path, False, prompts)
+    fused, fused_caches, fused_repr = _generate(path, True, prompts, linear_layout)
+    modules, module_caches, modules_repr = _generate(path, False, prompts, linear_layout)
     assert "decode=one loop of kernel calls" in fused_repr and "fused_decode off" in modules_repr
     in_place = "method=avx512-bf16-rows(" in fused_repr  # (memory): the tiny checkpoints are float32 files
     assert in_place == (linear_layout == "language_model") and ("method=avx512-bf16," in fused_repr) != in_place
@@ -62,7 +62,8 @@ def test_the_plan_gives_the_modules_bits(request, model, prompts, linear_layout)
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
-def test_float32_models_keep_the_modules(qwen2):
-    llm = LLM(str(qwen2), dtype="float32", max_model_len=64, block_size=4, kv_cache_memory_bytes=1 << 22)
+def test_float32_models_keep_the_modules(qwen2, linear_layout):
+    llm = LLM(str(qwen2), dtype="float32", max_model_len=64, block_size=4, kv_cache_memory_bytes=1 << 22,
+              in_place_weights=linear_layout)
     llm.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
     assert repr(llm.llm_engine.runner.model.model).count("decode=modules") == 1

@@ -263,8 +263,8 @@ def test_the_kv_budget_leaves_the_in_place_weights_resident(checkpoints, monkeyp
     from fovea import LLM
     from fovea.worker import model_runner
 
-    with in_place_layers("language_model"):
-        llm = LLM(str(checkpoints["qwen2"]), dtype="bfloat16", max_model_len=64, num_kv_blocks=8)
+    llm = LLM(str(checkpoints["qwen2"]), dtype="bfloat16", max_model_len=64, num_kv_blocks=8,
+              in_place_weights="language_model")
     runner = llm.llm_engine.runner
     in_file = runner.file_backed_weight_bytes
     assert in_file == file_backed_bytes(runner.model) > 0
@@ -285,3 +285,41 @@ def test_the_policy_is_read_where_a_layer_is_chosen(monkeypatch):
     layer = linear_methods.nn.Linear(4, 4)  # any module: the policy is checked before the layer is looked at
     with pytest.raises(ValueError, match="IN_PLACE_LAYERS = 'everything'; allowed"):
         linear_methods.runs_in_place(layer)
+
+
+def mapped_in(pid: int, path: Path) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return any(str(path) in line for line in f)
+
+
+@pytest.mark.parametrize("backend", ["uni", "mp"])
+def test_the_engine_option_chooses_the_layers_in_every_worker(checkpoints, backend):
+    """`EngineConfig.in_place_weights` reaches the process that loads the model: in a spawned worker ("mp") the
+    file stays mapped exactly when the option keeps layers in it (a packed load closes and unmaps it); both serve."""
+    from fovea import LLM, SamplingParams
+
+    model_dir = checkpoints["qwen2"]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    mapped = {}
+    for policy in ("none", "all"):
+        llm = LLM(str(model_dir), dtype="bfloat16", max_model_len=64, num_kv_blocks=16, in_place_weights=policy,
+                  distributed_executor_backend=backend)
+        executor = llm.llm_engine.engine_core.executor
+        if backend == "mp":
+            mapped[policy] = mapped_in(executor.workers[0].process.pid, model_dir / "model.safetensors")
+        else:
+            layer = executor.runner.model.model.layers[0].mlp.down_proj
+            mapped[policy] = isinstance(layer.method, BF16RowsLinearMethod)
+        assert len(llm.generate(["one two three"], params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+        executor.shutdown()
+        del llm, executor
+        gc.collect()
+    assert mapped == {"none": False, "all": True}
+
+
+def test_the_engine_option_names_what_is_allowed(checkpoints):
+    from fovea import LLM
+
+    with pytest.raises(ValueError, match="in_place_weights='encoder' is not supported; choose one of none, "
+                                         "language_model, all"):
+        LLM(str(checkpoints["qwen2"]), in_place_weights="encoder")
