@@ -19,6 +19,8 @@ from tests.kernels import linear_inputs as _inputs, requires_compiler
 pytestmark = [requires_compiler, pytest.mark.skipif(not cpu_has_bf16_linear_isa(), reason="this CPU has no AVX-512 BF16")]
 
 DECODE_ROWS = 8  # csrc/rows_linear.cpp kMaxDecodeRows: more rows of x run the GEMM path (4 x 6 tiles)
+BLOCKED_X_BYTES = 16 << 10  # kBlockedXBytes: decode with rows x K x 2 above this runs the blocked path
+CHUNK_BYTES = 16 << 10  # kChunkBytes: the blocked path's K chunks hold <= this many bytes of x (64 a row a step)
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +140,36 @@ def test_each_row_is_computed_alone():
     assert torch.equal(rows_linear.linear(x[37:300], [w], 203, b), alone[37:])  # rows not at the buffer's start
 
 
+def _blocked_ks(rows):
+    """K values around the blocked decode's switches at this many rows: the last K of the stream path, the first
+    of the blocked one (two chunks, the second one step shorter or a tail), two whole chunks exactly, and three
+    chunks with a tail step of one element."""
+    first = BLOCKED_X_BYTES // (2 * rows) + 1
+    chunk = CHUNK_BYTES // (64 * rows) * 32  # elements of K per chunk
+    return [first - 1, first, 2 * chunk, 2 * chunk + 1]
+
+
+@pytest.mark.parametrize("rows", range(2, DECODE_ROWS + 1))
+def test_the_blocked_decode_bit_for_bit_at_its_switches(rows):
+    # the fixed arithmetic across K chunks (accumulators stored and reloaded between them), tiles of
+    # csrc blocked_cols(rows) W rows and single-row tiles at two sources' ends, 1 and 2 threads
+    for k in _blocked_ks(rows):
+        x, w, b = _cancelling_inputs(rows, k, 37, seed=rows + k)
+        want = _emulate(x, w, b)
+        for threads in (1, 2):
+            with _threads(threads):
+                assert torch.equal(rows_linear.linear(x, [w[:20], w[20:]], 37, b), want), (k, threads)
+
+
+def test_each_row_is_computed_alone_across_the_blocked_switch():
+    # K = 2500: 1-3 rows run the streams (x <= 16 KB), 4-8 the blocked path (2-4 K chunks), 9+ the GEMM
+    x, w, b = _inputs(12, 2500, 203, seed=12)
+    alone = torch.cat([rows_linear.linear(x[i:i + 1], [w], 203, b) for i in range(12)])
+    for rows in range(2, 13):
+        assert torch.equal(rows_linear.linear(x[:rows], [w], 203, b), alone[:rows]), rows
+    assert torch.equal(rows_linear.linear(x[3:11], [w], 203, b), alone[3:11])  # x's rows not at its start
+
+
 def test_sources_stack_along_n_whatever_their_strides():
     k = 77
     x, w, b = _inputs(12, k, 7 + 13 + 29, seed=3)
@@ -194,10 +226,11 @@ PROT_NONE, MAP_FIXED, MAP_ANONYMOUS = 0, 0x10, 0x20
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="maps the file with Linux's mmap flags")
-def test_reads_a_read_only_file_mapping_and_nothing_past_its_end(tmp_path):
+@pytest.mark.parametrize("k", [37, 1061])  # 1061: 8 rows run the blocked decode (x > 16 KB)
+def test_reads_a_read_only_file_mapping_and_nothing_past_its_end(tmp_path, k):
     # W ends exactly where the read-only file mapping ends, and the page after it is mapped inaccessible: a load
     # past the last row's K (a tail step read whole) would fault, a write anywhere would too
-    rows, k, page = 40, 37, mmap.PAGESIZE  # K % 32 = 5: the last row's tail step ends 54 bytes before the guard
+    rows, page = 40, mmap.PAGESIZE  # K % 32 = 5: the last row's tail step ends 54 bytes before the guard
     x, w, b = _inputs(11, k, rows, seed=6)
     num_bytes = -(-rows * k * 2 // page) * page
     raw = torch.zeros(num_bytes // 2, dtype=torch.bfloat16)
@@ -219,7 +252,7 @@ def test_reads_a_read_only_file_mapping_and_nothing_past_its_end(tmp_path):
             mapped = torch.frombuffer(memoryview(buffer).toreadonly(), dtype=torch.bfloat16)
         view = mapped[-rows * k:].view(rows, k)
         assert torch.equal(view, w)
-        for m in (1, 3, 8, 11):
+        for m in (1, 3, 8, 9, 11):
             assert torch.equal(rows_linear.linear(x[:m], [view[:17], view[17:]], rows, b),
                                rows_linear.linear(x[:m], [w], rows, b)), m
     finally:

@@ -13,6 +13,7 @@
 // only where the CPU reports avx512_bf16.
 #include <ATen/Parallel.h>
 
+#include <new>
 #include <vector>
 
 #include "common.h"
@@ -28,6 +29,11 @@ constexpr int kPrefetchRows = 3;   // from this many rows of x the decode path p
 constexpr int kTileRows = 4;       // GEMM micro-tile: 4 rows of x x 6 rows of W, one zmm accumulator per output
 constexpr int kTileCols = 6;
 constexpr int64_t kBlockBytes = 256 << 10;  // a GEMM thread's block of W rows, kept in L2 (1 MiB on Zen 4)
+
+// 64-byte aligned storage for the blocked decode's x (its tiles use aligned loads)
+struct AlignedDelete {
+  void operator()(uint16_t* q) const { ::operator delete[](q, std::align_val_t{64}); }
+};
 
 // One source's place: rows [0, rows) of W at w + n * ld, written to output columns [col0, col0 + rows).
 struct Source {
@@ -46,6 +52,7 @@ struct Problem {
   const uint16_t* x;
   int64_t ldx, M, K, full;  // full: whole 32-wide steps; a tail step of K - 32 * full elements when tail != 0
   __mmask32 tail;
+  const uint16_t* xb;  // the blocked decode's x: [steps][M][32], zeros past K
   const float* bias;  // [N] or nullptr
   uint16_t* y;        // [M, N]
   int64_t N;
@@ -234,6 +241,157 @@ FOVEA_BF16_TARGET void run_decode_item(const Problem& p, const Item& item) {
   }
 }
 
+// ---- blocked decode: x past L1, K in chunks whose x stays there ----------------------------------------------------
+
+// Where the decode above loses: from 8 rows of x the 2-stream loop loads 4 lines of x per W line, and once x outgrows
+// L1 (8 rows x K 2560 = 40 KB) they come from L2: 0.40-0.47x the panel kernel on OPT-2.7b's shapes, 0.54x on
+// Qwen2-0.5B's down projection (1 thread, busy, per CPU second, 2026-12-07 20:24 UTC). This path keeps x in L1 by
+// cutting K into chunks of <= kChunkBytes of x: a tile (every row of x x NR W rows, one accumulator each) runs one
+// chunk, stores its accumulators, and the next chunk reloads them (a float32 register stored and reloaded keeps its
+// bits: the steps still go s = 0..S-1 per output). The W rows of a tile are then read a chunk at a time, not in
+// address order, so the thread's W comes in blocks of ~kDecodeBlockBytes (an item) that sit in L2: while one block
+// is computed, the next one is prefetched into L2 in address order, NR lines a step (the rate the tiles consume W),
+// and each tile prefetches its own rows kL1PrefetchBytes ahead into L1. Measured (same process, alternating, 1
+// thread, busy, 20:24 UTC): 8 rows 0.65-0.82x the panel kernel on OPT's shapes (the 2-stream loop 0.39-0.47x),
+// 0.93x on Qwen's down (0.54x); with x in L1 anyway (Qwen's K = 896, OPT at <= 3 rows) the streams above read
+// more (Qwen k/v 1.03-1.20x against 0.76-0.82x), hence the switch on x's bytes (kBlockedXBytes).
+constexpr int64_t kBlockedXBytes = 16 << 10;      // decode rows x K x 2 above this: the blocked path
+constexpr int64_t kChunkBytes = 16 << 10;         // x's bytes per K chunk (L1 is 32 KB; 20-28 KB measured no better)
+constexpr int64_t kDecodeBlockBytes = 256 << 10;  // W per item (128 KB: 0.66-0.78x at 8 rows on OPT, 256 KB 0.71-0.82x)
+constexpr int kL1PrefetchBytes = 1024;            // a tile's W rows ahead into L1 (none: 4 rows 0.74x, 1 KB 0.96-1.05x)
+
+// W rows per tile for MR rows of x: MR x NR accumulators + NR W lines + 1 x line within the 32 zmm registers
+constexpr int blocked_cols(int mr) {
+  return mr >= 7 ? 3 : mr == 6 ? 4 : mr == 5 ? 5 : mr == 4 ? 6 : mr == 3 ? 7 : mr == 2 ? 10 : 14;
+}
+
+// acc[m * lda + j * 16 ...] = the 16-lane sums of x row m . W row j after steps [0, s1), continued from the stored
+// ones over steps [s0, s1) (s0 == 0: from zero; s1 > p.full: the tail step last). xb: x laid out [step][MR][32],
+// zeros past K (one stream of aligned loads; the zeros are what the masked loads give). `pf`: the next block's
+// address-order prefetch cursor, NR lines a step, held at `pf_last`. W's loads are volatile asm (`ordered_load`):
+// left to itself gcc reloaded each W line for every row of x (24 loads a step instead of 6 at 4 rows) to free
+// registers, which left the loop load-bound (4 rows, W in L2: 26 GB/s, one load a line: 33).
+template <int MR, int NR>
+FOVEA_BF16_TARGET void blocked_tile(const Problem& p, const uint16_t* xb, const uint16_t* w, int64_t ldw, int64_t s0,
+                                    int64_t s1, float* acc, int64_t lda, const char*& pf, const char* pf_last) {
+  __m512 sum[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) sum[m][j] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + m * lda + j * 16);
+  }
+  const char* ahead = pf;
+  const int64_t full_end = std::min(s1, p.full);
+  const uint16_t* xs = xb + s0 * MR * 32;
+  const uint16_t* ws = w + 32 * s0;
+  for (int64_t s = s0; s < full_end; ++s, xs += MR * 32, ws += 32) {
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) {
+      _mm_prefetch(ahead, _MM_HINT_T1);
+      ahead = ahead < pf_last ? ahead + 64 : ahead;
+      _mm_prefetch(reinterpret_cast<const char*>(ws + j * ldw) + kL1PrefetchBytes, _MM_HINT_T0);
+    }
+    __m512bh b[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) b[j] = ordered_load(ws + j * ldw);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_load_si512(xs + m * 32);
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) sum[m][j] = _mm512_dpbf16_ps(sum[m][j], xv, b[j]);
+    }
+  }
+  if (s1 > p.full) {
+    __m512bh b[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) b[j] = ordered_load_masked(w + j * ldw + 32 * p.full, p.tail);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_load_si512(xb + (p.full * MR + m) * 32);
+#pragma GCC unroll 16
+      for (int j = 0; j < NR; ++j) sum[m][j] = _mm512_dpbf16_ps(sum[m][j], xv, b[j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) _mm512_storeu_ps(acc + m * lda + j * 16, sum[m][j]);
+  }
+  pf = ahead;
+}
+
+using BlockedFn = void (*)(const Problem&, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*,
+                           int64_t, const char*&, const char*);
+
+template <int MR>
+BlockedFn blocked_fn_rows(bool whole) {
+  return whole ? blocked_tile<MR, blocked_cols(MR)> : blocked_tile<MR, 1>;
+}
+
+// whole: the tile of blocked_cols(M) W rows; else one W row (a source's last rows)
+BlockedFn blocked_fn(int64_t rows, bool whole) {
+  switch (rows) {
+    case 1: return blocked_fn_rows<1>(whole);
+    case 2: return blocked_fn_rows<2>(whole);
+    case 3: return blocked_fn_rows<3>(whole);
+    case 4: return blocked_fn_rows<4>(whole);
+    case 5: return blocked_fn_rows<5>(whole);
+    case 6: return blocked_fn_rows<6>(whole);
+    case 7: return blocked_fn_rows<7>(whole);
+    default: return blocked_fn_rows<8>(whole);
+  }
+}
+
+// K's steps in chunks of <= kChunkBytes of x, as even as they come: chunk steps
+int64_t blocked_chunk_steps(int64_t M, int64_t steps) {
+  const int64_t most = std::max<int64_t>(1, kChunkBytes / (64 * M));
+  const int64_t count = (steps + most - 1) / most;
+  return (steps + count - 1) / count;
+}
+
+// An item (a block of W rows, a multiple of the tile's rows but at a source's end) against every row of x: chunk by
+// chunk, tile by tile; then each row's outputs reduced and written. acc holds [M][block rows][16].
+FOVEA_BF16_TARGET void run_blocked_item(const Problem& p, const Item& item, std::vector<float>& acc) {
+  const Source& src = p.sources[item.source];
+  const int64_t rows = item.rows, lda = rows * 16;
+  acc.resize(static_cast<size_t>(p.M * lda));
+  const uint16_t* w = src.w + item.row0 * src.ld;
+  const int64_t col0 = src.col0 + item.row0;
+  const int nr = blocked_cols(static_cast<int>(p.M));
+  const BlockedFn whole = blocked_fn(p.M, true), single = blocked_fn(p.M, false);
+  const int64_t steps = p.full + (p.tail ? 1 : 0), chunk = blocked_chunk_steps(p.M, steps);
+  // the source's next block (this thread's next item, as a rule), fetched into L2 in address order meanwhile
+  const int64_t next_rows = std::min(rows, src.rows - item.row0 - rows);
+  const char* pf = reinterpret_cast<const char*>(w + rows * src.ld);
+  const char* pf_last = next_rows > 0 ? pf + ((next_rows - 1) * src.ld + p.K - 1) * 2 / 64 * 64 : pf;
+  for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
+    const int64_t s1 = std::min(steps, s0 + chunk);
+    int64_t j = 0;
+    for (; j + nr <= rows; j += nr) whole(p, p.xb, w + j * src.ld, src.ld, s0, s1, acc.data() + j * 16, lda, pf, pf_last);
+    for (; j < rows; ++j) single(p, p.xb, w + j * src.ld, src.ld, s0, s1, acc.data() + j * 16, lda, pf, pf_last);
+  }
+  for (int64_t m = 0; m < p.M; ++m) {
+    for (int64_t j0 = 0; j0 < rows; j0 += 16) {
+      const int count = static_cast<int>(std::min<int64_t>(16, rows - j0));
+      write_outputs(acc.data() + m * lda + j0 * 16, count, p.bias ? p.bias + col0 + j0 : nullptr,
+                    p.y + m * p.N + col0 + j0);
+    }
+  }
+}
+
+// x as the blocked tiles read it: [step][M][32], zeros past K
+void lay_out_x(const Problem& p, uint16_t* xb) {
+  const int64_t steps = p.full + (p.tail ? 1 : 0);
+  for (int64_t s = 0; s < steps; ++s) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      uint16_t* dst = xb + (s * p.M + m) * 32;
+      const int64_t count = std::min<int64_t>(32, p.K - 32 * s);
+      std::memcpy(dst, p.x + m * p.ldx + 32 * s, count * 2);
+      std::memset(dst + count, 0, (32 - count) * 2);
+    }
+  }
+}
+
 // ---- GEMM: kTileRows x kTileCols micro-tiles over a block of W rows held in L2 ------------------------------------
 
 // acc[i * ld + j * 16 ...] = the 16-lane sums of x row i . W row j for an MR x NR tile: per 32-wide step, MR loads
@@ -401,8 +559,14 @@ at::Tensor rows_linear(const at::Tensor& x, const std::vector<at::Tensor>& sourc
   p.N = N;
   const int64_t threads = at::get_num_threads();
   const bool decode = M <= kMaxDecodeRows;
+  const bool blocked = decode && M * K * 2 > kBlockedXBytes;
   int64_t item_rows;
-  if (decode) {
+  if (blocked) {
+    // blocks of whole tiles, ~kDecodeBlockBytes of W, at least 4 per thread where N allows
+    const int64_t nr = blocked_cols(static_cast<int>(M));
+    item_rows = std::max<int64_t>(nr, kDecodeBlockBytes / (2 * K) / nr * nr);
+    item_rows = std::min(item_rows, std::max<int64_t>(nr, N / (4 * threads) / nr * nr));
+  } else if (decode) {
     // runs of whole 16-row groups, ~128 KB of W each, at least 4 per thread where N allows (a fast thread takes
     // over a slow one's)
     item_rows = std::max<int64_t>(64, ((256 << 10) / (2 * K)) & ~int64_t{63});
@@ -413,12 +577,20 @@ at::Tensor rows_linear(const at::Tensor& x, const std::vector<at::Tensor>& sourc
     item_rows = std::min(item_rows, std::max<int64_t>(kTileCols, N / (2 * threads) / kTileCols * kTileCols));
   }
   p.items = make_items(p.sources, item_rows);
+  std::unique_ptr<uint16_t[], AlignedDelete> xb;  // blocked: x laid out once for every thread
+  if (blocked) {
+    xb.reset(new (std::align_val_t{64}) uint16_t[(p.full + 1) * M * 32]);
+    lay_out_x(p, xb.get());
+  }
+  p.xb = xb.get();
   RangeSplit items(static_cast<int64_t>(p.items.size()), threads);
   at::parallel_for(0, items.num_ranges, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc;
     for (int64_t range = begin; range < end; ++range) {
       for (int64_t i; items.take(range, i);) {
-        if (decode) {
+        if (blocked) {
+          run_blocked_item(p, p.items[i], acc);
+        } else if (decode) {
           run_decode_item(p, p.items[i]);
         } else {
           run_gemm_item(p, p.items[i], acc);
