@@ -14,8 +14,13 @@ on the last rows only) unless `--gemm-lm-head`.
 `--file-backed`: the row kernel's W are read-only views of a file mapping (page cache, 4 KiB pages: what the
 loader keeps), written once to `--dir`; else they are anonymous memory. `--threads 1 2`: each in turn.
 
+`--baseline FILE`: another version of csrc/rows_linear.cpp (`git show main:fovea/kernels/csrc/rows_linear.cpp >
+/tmp/base.cpp`), built as its own small extension (this tree's headers) and timed beside the others, alternating:
+before / after in one process, each also as a ratio to the panel kernel.
+
     python benchmarks/rows_linear.py --threads 1 2 --file-backed
     python benchmarks/rows_linear.py --models qwen --rows 1 --gemm-rows          # decode only, Qwen only
+    python benchmarks/rows_linear.py --threads 1 --gemm-rows --file-backed --baseline /tmp/base.cpp
 
 Timings on a shared machine mean little alone: read the ratio (same process, alternating, best of several). By
 default the rates are per CPU second (`--clock cpu`), which leaves out the time other tenants held the core.
@@ -96,6 +101,24 @@ class Weights:
         self.sources = [list(w.split(list(shape.sizes))) for w in rows]
 
 
+def build_baseline(source: Path):
+    """`source` (a rows_linear.cpp) as an extension of its own exposing `rows_linear`, with fovea's flags."""
+    import hashlib
+    from torch.utils.cpp_extension import load
+
+    from fovea.kernels import build
+
+    csrc = Path(build.__file__).resolve().parent / "csrc"
+    key = hashlib.sha1(source.read_bytes() + (csrc / "common.h").read_bytes()).hexdigest()[:12]
+    directory = Path(tempfile.gettempdir()) / f"fovea_rows_baseline_{key}"
+    directory.mkdir(exist_ok=True)
+    bindings = directory / "bindings.cpp"
+    bindings.write_text('#include <torch/extension.h>\n#include "ops.h"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) '
+                        '{ m.def("rows_linear", &fovea::rows_linear); }\n')
+    return load(f"fovea_rows_baseline_{key}", [str(source), str(bindings)], build_directory=str(directory),
+                extra_cflags=[*build.CFLAGS, f"-I{csrc}"], extra_ldflags=["-fopenmp"])
+
+
 def time_passes(calls: dict[str, callable], repeats: int, clock) -> dict[str, list[float]]:
     """Seconds per pass of each callable by `clock`, passes alternating between them."""
     for fn in calls.values():
@@ -128,6 +151,8 @@ def main() -> None:
     parser.add_argument("--file-backed", action="store_true", help="the row kernel reads a read-only file mapping")
     parser.add_argument("--huge-pages", action="store_true",
                         help="anonymous W advised onto 2 MiB pages, as the panel kernel's packed copies are")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another rows_linear.cpp, timed beside (before / after in one process)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the file is written")
     parser.add_argument("--shapes", nargs="*", default=None, help="only shapes whose name contains one of these")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
@@ -140,6 +165,7 @@ def main() -> None:
 
     kernels.set_mode("require")
     assert rows_linear.available() and bf16_linear.available(), kernels.status().summary()
+    baseline = build_baseline(args.baseline) if args.baseline else None
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"{cpu_name()}, {now}, load average {os.getloadavg()[0]:.1f}, {args.clock} time; row kernel's W in "
           f"{'a read-only file mapping (4 KiB page cache)' if args.file_backed else 'anonymous memory'}"
@@ -161,30 +187,42 @@ def main() -> None:
             for i in range(count):
                 rows_linear.linear(xs, weights.sources[i], n, None)
 
+        def base_pass(xs, count):
+            for i in range(count):
+                baseline.rows_linear(xs, weights.sources[i], n, None)
+
+        def kernels_timed(xs, count):
+            calls = {"panel": lambda: panel_pass(xs, count), "rows": lambda: rows_pass(xs, count)}
+            return calls | ({"base": lambda: base_pass(xs, count)} if baseline else {})
+
+        def base_column(rate, unit_width):
+            if not baseline:
+                return ""
+            return (f" | base best {max(rate['base']):{unit_width}.1f} {max(rate['base']) / max(rate['panel']):.2f}x, "
+                    f"rows / base {max(rate['rows']) / max(rate['base']):.2f}x")
+
         for threads in args.threads:
             torch.set_num_threads(threads)
             clock = time.perf_counter if args.clock == "wall" else (
                 time.thread_time if threads == 1 else process_cpu_per_thread(threads))
             for m in args.rows:
                 x = torch.randn(m, shape.k).bfloat16()
-                times = time_passes({"panel": lambda: panel_pass(x, copies), "rows": lambda: rows_pass(x, copies)},
-                                    args.repeats, clock)
+                times = time_passes(kernels_timed(x, copies), args.repeats, clock)
                 rate = {k: [copies * nbytes / t / 1e9 for t in v] for k, v in times.items()}
                 print(f"  {shape.name:14s} {n:6d}x{shape.k:<5d} {threads}t decode {m:4d} rows: panel best "
                       f"{max(rate['panel']):5.1f} med {statistics.median(rate['panel']):5.1f} | rows best "
                       f"{max(rate['rows']):5.1f} med {statistics.median(rate['rows']):5.1f} GB/s | "
-                      f"{max(rate['rows']) / max(rate['panel']):.2f}x", flush=True)
+                      f"{max(rate['rows']) / max(rate['panel']):.2f}x{base_column(rate, 5)}", flush=True)
             if "lm_head" in shape.name and not args.gemm_lm_head:
                 continue
             for m in args.gemm_rows:
                 x = torch.randn(m, shape.k).bfloat16()
-                times = time_passes({"panel": lambda: panel_pass(x, 1), "rows": lambda: rows_pass(x, 1)},
-                                    args.repeats, clock)
+                times = time_passes(kernels_timed(x, 1), args.repeats, clock)
                 flops = 2 * m * n * shape.k
                 rate = {k: [flops / t / 1e9 for t in v] for k, v in times.items()}
                 print(f"  {shape.name:14s} {n:6d}x{shape.k:<5d} {threads}t gemm   {m:4d} rows: panel best "
                       f"{max(rate['panel']):6.1f} | rows best {max(rate['rows']):6.1f} GFLOP/s | "
-                      f"{max(rate['rows']) / max(rate['panel']):.2f}x", flush=True)
+                      f"{max(rate['rows']) / max(rate['panel']):.2f}x{base_column(rate, 6)}", flush=True)
         del weights
 
 
