@@ -13,7 +13,7 @@ from typing import Any
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _EXECUTOR_BACKENDS = ("uni", "mp")
 _CPU_KERNEL_MODES = ("auto", "off", "require")
-_IN_PLACE_POLICIES = ("none", "language_model", "all")  # fovea.layers.linear_methods.IN_PLACE_POLICIES
+_IN_PLACE_POLICIES = ("auto", "none", "language_model", "all")  # + fovea.layers.linear_methods.IN_PLACE_POLICIES
 _QUANTIZATION_METHODS = ("int8", "compressed-tensors")  # fovea.models.quantization.QUANTIZATION_METHODS  # fovea.kernels.MODES, spelled out so this module imports no torch
 
 
@@ -85,13 +85,15 @@ class EngineConfig:
     """fovea's CPU kernels (C++ fused ops and paged attention, AMX and oneDNN-packed linears): "auto" uses them
     where they build and the CPU allows, "off" runs torch's own ops only, "require" makes a failed C++ build an
     error that shows the compiler's message. Applies to the whole process; the active paths are logged."""
-    in_place_weights: str = "none"
+    in_place_weights: str = "auto"
     """Which CPU bfloat16 linear layers run straight from the checkpoint's memory-mapped pages instead of a
     packed copy (hosts without AMX): "none" packs every layer (loading writes a copy of the weights, which is most of
     the load time), "language_model" runs the language model's and lm_head's from the file, "all" every layer
-    (no copy: loads as fast as transformers and holds the weights once, in the page cache; README "Weights that
-    run from the checkpoint's pages" has the speed of each). Applies to every worker process; an AMX host packs
-    for its AMX kernel whatever this says."""
+    (no copy: loads as fast as transformers and holds the weights once, in the page cache). "auto":
+    `fovea.layers.linear_methods.AUTO_IN_PLACE_LAYERS` where the checkpoint holds its weights in `dtype`, else
+    "none" (converted weights are copies anyway, which run fastest packed). README "Weights that run from the
+    checkpoint's pages" has the speed of each. Applies to every worker process; an AMX host packs for its AMX
+    kernel whatever this says."""
     quantization: str | None = None
     """None: the checkpoint as it is (int8 if its config.json has a compressed-tensors quantization_config).
     "int8": the language model's linear layers quantized at load to int8 per output channel (weight-only); the

@@ -262,6 +262,11 @@ rows_linear.py`, README "The row-major kernel"). Until it does (decode rows past
 2048-row GEMMs K-blocking), serving keeps panels and a fast start is this switch."""
 
 
+AUTO_IN_PLACE_LAYERS = "language_model"
+"""The policy `EngineConfig.in_place_weights = "auto"` (the default) runs where the checkpoint holds its weights in
+the dtype they run in (`fovea.models.weights.in_place_policy`; elsewhere "none")."""
+
+
 @contextlib.contextmanager
 def in_place_layers(policy: str) -> Iterator[None]:
     """`IN_PLACE_LAYERS = policy` inside (layers loaded inside keep the method chosen there)."""

@@ -112,6 +112,13 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self._entries)
 
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][0]
+
+    def nbytes(self, name: str) -> int:
+        dtype, _, _, numel = self._entries[name]
+        return numel * dtype.itemsize
+
     def get(self, name: str) -> torch.Tensor:
         dtype, shape, offset, numel = self._entries[name]
         if numel == 0:

@@ -16,6 +16,7 @@ sends its hidden state on; a later stage receives it instead of embedding; the l
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -35,13 +36,15 @@ from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_output_rows
-from fovea.models.weights import file_backed_tensors, load_model
+from fovea.models.weights import file_backed_tensors, in_place_policy, load_model
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker import encoder_decoder
 from fovea.worker.memory import lazily_zeroed, make_resident, measure_peak_bytes, trim_free_memory
 from fovea.worker.profile_view import PROFILE_VIEW_MARGIN, profile_view
 from fovea.worker.sampler import Sampler, SamplingMetadata, SamplingRow, gather_logprobs, seeded_generator
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,7 +96,10 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         # process-wide: which CPU paths the layers below take (builds the C++ kernels unless "off"; logged once)
         self.cpu_kernels = kernels.configure(config.cpu_kernels)
-        with in_place_layers(config.in_place_weights):  # read as each layer's method is chosen
+        policy, why = in_place_policy(config.in_place_weights, config.model, self.dtype)
+        logger.info("in-place weights: %r (%s)", policy, why)
+        self.in_place_weights = policy
+        with in_place_layers(policy):  # read as each layer's method is chosen
             self.model, self.num_prepacked_linears = load_model(
                 model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
         # weights that run from the checkpoint's page cache (fovea.layers.linear_methods.BF16RowsLinearMethod):

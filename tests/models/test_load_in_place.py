@@ -22,10 +22,10 @@ from fovea.kernels import rows_linear
 from fovea.kernels.runtime import cpu_has_amx
 from fovea.layers import linear_methods
 from fovea.layers.linear import LinearBase, PackedLinear
-from fovea.layers.linear_methods import BF16RowsLinearMethod, in_place_layers
+from fovea.layers.linear_methods import AUTO_IN_PLACE_LAYERS, BF16RowsLinearMethod, in_place_layers
 from fovea.models import safetensors_mmap
 from fovea.models.registry import resolve_model_class
-from fovea.models.weights import file_backed_bytes, load_model, map_checkpoint_name
+from fovea.models.weights import checkpoint_float_dtype, file_backed_bytes, load_model, map_checkpoint_name
 from tests.oracle.blip2 import build_tiny_blip2
 from tests.oracle.qwen2_5_vl import build_tiny_qwen2
 
@@ -58,6 +58,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     blip2 = build_tiny_blip2(root / "blip2_f32", seed=0, vision_hidden=64, text_hidden=64)
     qwen2 = build_tiny_qwen2(root / "qwen2_f32", tie_word_embeddings=True)
     return {"blip2": bfloat16_copy(blip2, root / "blip2"),  # OPT: lm_head tied to the token embedding
+            "blip2_f32": blip2,
             "qwen2": bfloat16_copy(qwen2, root / "qwen2"),  # tied too
             # q_proj and up_proj in the second file: qkv_proj gets k, v before q; gate_up gets gate first
             "qwen2_two_files": bfloat16_copy(qwen2, root / "qwen2_two", second_file=("q_proj", "up_proj"))}
@@ -320,6 +321,33 @@ def test_the_engine_option_chooses_the_layers_in_every_worker(checkpoints, backe
 def test_the_engine_option_names_what_is_allowed(checkpoints):
     from fovea import LLM
 
-    with pytest.raises(ValueError, match="in_place_weights='encoder' is not supported; choose one of none, "
+    with pytest.raises(ValueError, match="in_place_weights=.encoder. is not supported; choose one of auto, none, "
                                          "language_model, all"):
         LLM(str(checkpoints["qwen2"]), in_place_weights="encoder")
+
+
+@pytest.mark.parametrize("name,dtype,expected", [("blip2", "bfloat16", AUTO_IN_PLACE_LAYERS),
+                                                 ("blip2_f32", "bfloat16", "none"), ("blip2", "float32", "none")])
+def test_auto_runs_in_place_where_the_file_holds_the_served_dtype(checkpoints, name, dtype, expected):
+    """The default: a float32 file served in bfloat16 is converted anyway, and its copies pack."""
+    from fovea import LLM
+
+    llm = LLM(str(checkpoints[name]), dtype=dtype, max_model_len=64, num_kv_blocks=8)
+    runner = llm.llm_engine.runner
+    assert runner.in_place_weights == expected
+    rows = {layer.is_language_model for layer in linear_layers(runner.model).values()
+            if isinstance(layer.method, BF16RowsLinearMethod)}
+    assert rows == {"none": set(), "language_model": {True}, "all": {True, False}}[expected]
+    assert (runner.file_backed_weight_bytes > 0) == (expected != "none")
+
+
+def test_the_checkpoint_dtype_is_where_most_floating_point_bytes_are(tmp_path):
+    cases = {"bf16": ({"a": (100, torch.bfloat16), "b": (40, torch.float32), "ids": (1000, torch.int64)},
+                      torch.bfloat16),  # 200 bytes vs 160 (integers do not count)
+             "f32": ({"a": (100, torch.bfloat16), "b": (60, torch.float32)}, torch.float32),  # 200 vs 240
+             "ints": ({"ids": (10, torch.int64)}, None)}
+    for name, (tensors, expected) in cases.items():
+        (tmp_path / name).mkdir()
+        save_file({k: torch.zeros(n, dtype=dtype) for k, (n, dtype) in tensors.items()},
+                  str(tmp_path / name / "model.safetensors"))
+        assert checkpoint_float_dtype(tmp_path / name) == expected, name
