@@ -170,6 +170,22 @@ def test_each_row_is_computed_alone_across_the_blocked_switch():
     assert torch.equal(rows_linear.linear(x[3:11], [w], 203, b), alone[3:11])  # x's rows not at its start
 
 
+BIG_X_BYTES = 8 << 20  # csrc kBigXBytes: a GEMM whose x is bigger takes 1.5 MB blocks of W instead of 256 KB
+
+
+def test_each_row_is_computed_alone_across_the_big_x_switch():
+    # K = 4096: 1024 rows of x are 8 MB (256 KB blocks of W: 30 rows), 1025 rows past it (1.5 MB blocks, capped at
+    # 2 per thread: 48 rows at 2 threads, 96 at 1; N = 203 ends in a partial block and a partial tile either way)
+    k = 4096
+    rows = BIG_X_BYTES // (2 * k)
+    x, w, b = _inputs(rows + 1, k, 203, seed=13)
+    alone = torch.cat([rows_linear.linear(x[i:i + 1], [w], 203, b) for i in range(rows + 1)])
+    for m in (rows, rows + 1):
+        assert torch.equal(rows_linear.linear(x[:m], [w], 203, b), alone[:m]), m
+    with _threads(1):
+        assert torch.equal(rows_linear.linear(x, [w], 203, b), alone)
+
+
 def test_sources_stack_along_n_whatever_their_strides():
     k = 77
     x, w, b = _inputs(12, k, 7 + 13 + 29, seed=3)

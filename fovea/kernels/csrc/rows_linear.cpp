@@ -29,6 +29,13 @@ constexpr int kPrefetchRows = 3;   // from this many rows of x the decode path p
 constexpr int kTileRows = 4;       // GEMM micro-tile: 4 rows of x x 6 rows of W, one zmm accumulator per output
 constexpr int kTileCols = 6;
 constexpr int64_t kBlockBytes = 256 << 10;  // a GEMM thread's block of W rows, kept in L2 (1 MiB on Zen 4)
+// x past this many bytes (M x K x 2) is no longer held by L2 / L3 between blocks: every block of W re-reads it from
+// memory, so the GEMM takes kBigBlockBytes of W per block (x read a sixth as often; W then comes from L3). Measured
+// (1 thread, busy, same process alternating, 2026-12-07 20:58 UTC), rows / panel at 2048 rows, 256 KB -> 1.5 MB
+// blocks: OPT q/k/v/o 0.81 -> 0.98, OPT fc2 (x 40 MB) 0.63 -> 0.94, Qwen down 0.87 -> 1.27; at 512 rows OPT fc2
+// (x 10 MB) 0.66 -> 0.92; with x small the big blocks lose (16 rows 0.90 -> 0.76-0.83, 128 rows 0.95 -> 0.90).
+constexpr int64_t kBigXBytes = 8 << 20;
+constexpr int64_t kBigBlockBytes = 1536 << 10;
 
 // 64-byte aligned storage for the blocked decode's x (its tiles use aligned loads)
 struct AlignedDelete {
@@ -573,7 +580,8 @@ at::Tensor rows_linear(const at::Tensor& x, const std::vector<at::Tensor>& sourc
     item_rows = std::min(item_rows, std::max<int64_t>(64, (N / (4 * threads)) & ~int64_t{63}));
   } else {
     // blocks of whole tiles that stay in L2 while every row of x passes them, at least 2 per thread where N allows
-    item_rows = std::max<int64_t>(kTileCols, kBlockBytes / (2 * K) / kTileCols * kTileCols);
+    const int64_t block_bytes = M * K * 2 > kBigXBytes ? kBigBlockBytes : kBlockBytes;
+    item_rows = std::max<int64_t>(kTileCols, block_bytes / (2 * K) / kTileCols * kTileCols);
     item_rows = std::min(item_rows, std::max<int64_t>(kTileCols, N / (2 * threads) / kTileCols * kTileCols));
   }
   p.items = make_items(p.sources, item_rows);
