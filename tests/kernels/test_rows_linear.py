@@ -19,7 +19,8 @@ from tests.kernels import linear_inputs as _inputs, requires_compiler
 pytestmark = [requires_compiler, pytest.mark.skipif(not cpu_has_bf16_linear_isa(), reason="this CPU has no AVX-512 BF16")]
 
 DECODE_ROWS = 8  # csrc/rows_linear.cpp kMaxDecodeRows: more rows of x run the GEMM path (4 x 6 tiles)
-BLOCKED_X_BYTES = 16 << 10  # kBlockedXBytes: decode with rows x K x 2 above this runs the blocked path
+BLOCKED_X_BYTES = 16 << 10  # kBlockedXBytes: decode with rows x K x 2 above this runs the blocked path ...
+BLOCKED_MIN_ROWS = 5  # kBlockedMinRows: ... from this many rows
 CHUNK_BYTES = 16 << 10  # kChunkBytes: the blocked path's K chunks hold <= this many bytes of x (64 a row a step)
 
 
@@ -149,7 +150,7 @@ def _blocked_ks(rows):
     return [first - 1, first, 2 * chunk, 2 * chunk + 1]
 
 
-@pytest.mark.parametrize("rows", range(2, DECODE_ROWS + 1))
+@pytest.mark.parametrize("rows", range(BLOCKED_MIN_ROWS - 1, DECODE_ROWS + 1))  # 4: the streams at those K
 def test_the_blocked_decode_bit_for_bit_at_its_switches(rows):
     # the fixed arithmetic across K chunks (accumulators stored and reloaded between them), tiles of
     # csrc blocked_cols(rows) W rows and single-row tiles at two sources' ends, 1 and 2 threads
@@ -162,7 +163,7 @@ def test_the_blocked_decode_bit_for_bit_at_its_switches(rows):
 
 
 def test_each_row_is_computed_alone_across_the_blocked_switch():
-    # K = 2500: 1-3 rows run the streams (x <= 16 KB), 4-8 the blocked path (2-4 K chunks), 9+ the GEMM
+    # K = 2500: 1-4 rows run the streams, 5-8 the blocked path (x > 16 KB: 2-3 K chunks), 9+ the GEMM
     x, w, b = _inputs(12, 2500, 203, seed=12)
     alone = torch.cat([rows_linear.linear(x[i:i + 1], [w], 203, b) for i in range(12)])
     for rows in range(2, 13):

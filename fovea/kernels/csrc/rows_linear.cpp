@@ -262,15 +262,16 @@ FOVEA_BF16_TARGET void run_decode_item(const Problem& p, const Item& item) {
 // thread, busy, 20:24 UTC): 8 rows 0.65-0.82x the panel kernel on OPT's shapes (the 2-stream loop 0.39-0.47x),
 // 0.93x on Qwen's down (0.54x); with x in L1 anyway (Qwen's K = 896, OPT at <= 3 rows) the streams above read
 // more (Qwen k/v 1.03-1.20x against 0.76-0.82x), hence the switch on x's bytes (kBlockedXBytes).
-constexpr int64_t kBlockedXBytes = 16 << 10;      // decode rows x K x 2 above this: the blocked path
+constexpr int64_t kBlockedXBytes = 16 << 10;      // decode rows x K x 2 above this: the blocked path ...
+constexpr int64_t kBlockedMinRows = 5;            // ... from this many rows (2 threads, quiet, 21:25 UTC: at 4 rows
+                                                  // the streams read 0.81-1.05x the panel kernel on OPT's shapes,
+                                                  // blocked 0.79-1.02x; at 8 rows blocked 0.87-1.08x, streams 0.55-0.73x)
 constexpr int64_t kChunkBytes = 16 << 10;         // x's bytes per K chunk (L1 is 32 KB; 20-28 KB measured no better)
 constexpr int64_t kDecodeBlockBytes = 256 << 10;  // W per item (128 KB: 0.66-0.78x at 8 rows on OPT, 256 KB 0.71-0.82x)
 constexpr int kL1PrefetchBytes = 1024;            // a tile's W rows ahead into L1 (none: 4 rows 0.74x, 1 KB 0.96-1.05x)
 
 // W rows per tile for MR rows of x: MR x NR accumulators + NR W lines + 1 x line within the 32 zmm registers
-constexpr int blocked_cols(int mr) {
-  return mr >= 7 ? 3 : mr == 6 ? 4 : mr == 5 ? 5 : mr == 4 ? 6 : mr == 3 ? 7 : mr == 2 ? 10 : 14;
-}
+constexpr int blocked_cols(int mr) { return mr >= 7 ? 3 : mr == 6 ? 4 : 5; }
 
 // acc[m * lda + j * 16 ...] = the 16-lane sums of x row m . W row j after steps [0, s1), continued from the stored
 // ones over steps [s0, s1) (s0 == 0: from zero; s1 > p.full: the tail step last). xb: x laid out [step][MR][32],
@@ -337,11 +338,7 @@ BlockedFn blocked_fn_rows(bool whole) {
 
 // whole: the tile of blocked_cols(M) W rows; else one W row (a source's last rows)
 BlockedFn blocked_fn(int64_t rows, bool whole) {
-  switch (rows) {
-    case 1: return blocked_fn_rows<1>(whole);
-    case 2: return blocked_fn_rows<2>(whole);
-    case 3: return blocked_fn_rows<3>(whole);
-    case 4: return blocked_fn_rows<4>(whole);
+  switch (rows) {  // kBlockedMinRows..kMaxDecodeRows
     case 5: return blocked_fn_rows<5>(whole);
     case 6: return blocked_fn_rows<6>(whole);
     case 7: return blocked_fn_rows<7>(whole);
@@ -566,7 +563,7 @@ at::Tensor rows_linear(const at::Tensor& x, const std::vector<at::Tensor>& sourc
   p.N = N;
   const int64_t threads = at::get_num_threads();
   const bool decode = M <= kMaxDecodeRows;
-  const bool blocked = decode && M * K * 2 > kBlockedXBytes;
+  const bool blocked = decode && M >= kBlockedMinRows && M * K * 2 > kBlockedXBytes;
   int64_t item_rows;
   if (blocked) {
     // blocks of whole tiles, ~kDecodeBlockBytes of W, at least 4 per thread where N allows
