@@ -262,9 +262,14 @@ rows_linear.py`, README "The row-major kernel"). Until it does (decode rows past
 2048-row GEMMs K-blocking), serving keeps panels and a fast start is this switch."""
 
 
-AUTO_IN_PLACE_LAYERS = "language_model"
+AUTO_IN_PLACE_LAYERS = "none"
 """The policy `EngineConfig.in_place_weights = "auto"` (the default) runs where the checkpoint holds its weights in
-the dtype they run in (`fovea.models.weights.in_place_policy`; elsewhere "none")."""
+the dtype they run in (`fovea.models.weights.in_place_policy`; elsewhere always "none": converted weights are copies
+anyway). "none" since session 15's measurement (BLIP-2 OPT-2.7b, bfloat16, AMD EPYC, 2 threads, quiet, packed and
+in-place engines in one process, steps alternating, `benchmarks/in_place_ab.py --policies none language_model`,
+21:46-21:52 UTC): the in-place language model starts ~5x faster but decodes at 0.69x (1 request) and 0.87x (8
+requests) of the packed one, TTFT 1.06x faster. "language_model" becomes the choice once decode runs at the packed
+speed from the file's pages."""
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from fovea.distributed import parallel_state as ps
 from fovea.distributed.pipeline import is_missing_weight, missing_prefixes
 from fovea.layers.linear import (LinearBase, copy_checked, no_weight_init, packing_shards_at_load,
                                  parameter_owners, prepare_loaded_layer)
-from fovea.layers.linear_methods import AUTO_IN_PLACE_LAYERS
+from fovea.layers import linear_methods
 from fovea.models.interfaces import check_tensor_parallel
 from fovea.models.quantization import prepare_quantization
 from fovea.models.safetensors_mmap import SafetensorsFile, lies_in_a_file
@@ -97,15 +97,16 @@ def checkpoint_float_dtype(model_dir: str | Path) -> torch.dtype | None:
 
 def in_place_policy(requested: str, model_dir: str | Path, dtype: torch.dtype) -> tuple[str, str]:
     """The `fovea.layers.linear_methods.IN_PLACE_LAYERS` policy a load with `EngineConfig.in_place_weights =
-    requested` runs, and why. "auto": `AUTO_IN_PLACE_LAYERS` where the checkpoint holds its weights in `dtype`
-    (the layers then run from the file's own bytes, and loading writes none of them), "none" where it holds them
-    in another dtype (a float32 file served in bfloat16): every weight is converted into memory of its own
+    requested` runs, and why. "auto": `linear_methods.AUTO_IN_PLACE_LAYERS` where the checkpoint holds its weights
+    in `dtype` (the layers then run from the file's own bytes, and loading writes none of them), "none" where it holds
+    them in another dtype (a float32 file served in bfloat16): every weight is converted into memory of its own
     anyway, and a copy runs fastest packed. Any other value is taken as it is."""
     if requested != "auto":
         return requested, "asked for"
     stored = checkpoint_float_dtype(model_dir)
     if stored == dtype:
-        return AUTO_IN_PLACE_LAYERS, f"auto: the checkpoint holds its weights in {str(dtype).removeprefix('torch.')}"
+        served = str(dtype).removeprefix("torch.")
+        return linear_methods.AUTO_IN_PLACE_LAYERS, f"auto: the checkpoint holds its weights in {served}"
     where = str(stored).removeprefix("torch.") if stored is not None else "no floating-point dtype"
     return "none", (f"auto: the checkpoint holds its weights in {where}, served in "
                     f"{str(dtype).removeprefix('torch.')}: converted copies, packed")

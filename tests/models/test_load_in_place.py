@@ -326,12 +326,17 @@ def test_the_engine_option_names_what_is_allowed(checkpoints):
         LLM(str(checkpoints["qwen2"]), in_place_weights="encoder")
 
 
-@pytest.mark.parametrize("name,dtype,expected", [("blip2", "bfloat16", AUTO_IN_PLACE_LAYERS),
-                                                 ("blip2_f32", "bfloat16", "none"), ("blip2", "float32", "none")])
-def test_auto_runs_in_place_where_the_file_holds_the_served_dtype(checkpoints, name, dtype, expected):
-    """The default: a float32 file served in bfloat16 is converted anyway, and its copies pack."""
+@pytest.mark.parametrize("auto", ["language_model", "all", AUTO_IN_PLACE_LAYERS])
+@pytest.mark.parametrize("name,dtype,in_file", [("blip2", "bfloat16", True), ("blip2_f32", "bfloat16", False),
+                                                ("blip2", "float32", False)])
+def test_auto_runs_in_place_where_the_file_holds_the_served_dtype(checkpoints, name, dtype, in_file, auto,
+                                                                  monkeypatch):
+    """The default, whatever policy `AUTO_IN_PLACE_LAYERS` names: a float32 file served in bfloat16 is converted
+    anyway, and its copies pack."""
     from fovea import LLM
 
+    monkeypatch.setattr(linear_methods, "AUTO_IN_PLACE_LAYERS", auto)
+    expected = auto if in_file else "none"
     llm = LLM(str(checkpoints[name]), dtype=dtype, max_model_len=64, num_kv_blocks=8)
     runner = llm.llm_engine.runner
     assert runner.in_place_weights == expected
