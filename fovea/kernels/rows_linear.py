@@ -59,7 +59,6 @@ def linear(x: torch.Tensor, sources: Sequence[torch.Tensor], out_features: int,
                            f"({RUNTIME.status().rows_linear.describe()})")
     if isinstance(sources, torch.Tensor):
         raise TypeError("sources must be a sequence of [n_i, K] tensors, not one tensor: pass [weight]")
-    sources = list(sources)
     # the models' flat batch [N, K] goes straight in (as bf16_linear: no reshape or view op around the call)
     if x.dim() == 2 and x.stride(1) == 1:
         return extension().rows_linear(x, sources, out_features, bias)

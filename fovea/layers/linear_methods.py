@@ -253,13 +253,7 @@ keep the panel kernel, which runs their many-row steps from 4 KiB pages as fast.
 every layer packs its panels (`BF16LinearMethod`, the method before in-place weights). Read when a layer's
 method is chosen (at load); `in_place_layers(...)` switches it for a block: the engine's load runs inside
 `in_place_layers(EngineConfig.in_place_weights)` (in every worker process), so this module value is the policy of
-a bare `load_model` call (tests, training).
-
-Default "none" (session 14): in-place layers start ~4x faster (BLIP-2 OPT-2.7b, busy: 5.0 CPU-s with "all" vs 22.6
-packed, transformers 3.1), but the row-major kernel does not yet run as fast as the panel kernel where the time is
-spent after loading: 8 rows of decode at OPT-2.7b's shapes 0.38-0.50x, prefill GEMMs 0.6-1.0x (`benchmarks/
-rows_linear.py`, README "The row-major kernel"). Until it does (decode rows past x's L1 footprint need K-chunks,
-2048-row GEMMs K-blocking), serving keeps panels and a fast start is this switch."""
+a bare `load_model` call (tests, training); "none", as `AUTO_IN_PLACE_LAYERS` (which says why)."""
 
 
 AUTO_IN_PLACE_LAYERS = "none"
@@ -276,8 +270,7 @@ speed from the file's pages."""
 def in_place_layers(policy: str) -> Iterator[None]:
     """`IN_PLACE_LAYERS = policy` inside (layers loaded inside keep the method chosen there)."""
     global IN_PLACE_LAYERS
-    if policy not in IN_PLACE_POLICIES:
-        raise ValueError(f"in-place layer policy {policy!r}; allowed: {', '.join(map(repr, IN_PLACE_POLICIES))}")
+    _check_policy(policy, f"in-place layer policy {policy!r}")
     previous, IN_PLACE_LAYERS = IN_PLACE_LAYERS, policy
     try:
         yield
@@ -285,10 +278,14 @@ def in_place_layers(policy: str) -> Iterator[None]:
         IN_PLACE_LAYERS = previous
 
 
+def _check_policy(policy: str, what: str) -> None:
+    if policy not in IN_PLACE_POLICIES:
+        raise ValueError(f"{what}; allowed: {', '.join(map(repr, IN_PLACE_POLICIES))}")
+
+
 def runs_in_place(layer: nn.Module) -> bool:
     """Whether `IN_PLACE_LAYERS` names this layer."""
-    if IN_PLACE_LAYERS not in IN_PLACE_POLICIES:
-        raise ValueError(f"IN_PLACE_LAYERS = {IN_PLACE_LAYERS!r}; allowed: {', '.join(map(repr, IN_PLACE_POLICIES))}")
+    _check_policy(IN_PLACE_LAYERS, f"IN_PLACE_LAYERS = {IN_PLACE_LAYERS!r}")
     return IN_PLACE_LAYERS == "all" or (IN_PLACE_LAYERS == "language_model"
                                         and getattr(layer, "is_language_model", True))
 

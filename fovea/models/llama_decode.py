@@ -38,7 +38,7 @@ def _linear(module, ext) -> tuple | None:
     if type(module.method) is BF16LinearMethod:
         return ext.bf16_linear, module.packed_weight, module.out_features, module.panel_bias
     if type(module.method) is BF16RowsLinearMethod:
-        return ext.rows_linear, list(module.rows_sources), module.out_features, module.rows_bias
+        return ext.rows_linear, module.rows_sources, module.out_features, module.rows_bias
     return None
 
 

@@ -201,10 +201,7 @@ def load_weights(model: nn.Module, model_dir: str | Path,
                     except ValueError as e:
                         raise ValueError(f"tensor {name!r} in {path.name} -> {target.param!r}: {e}") from None
                     # a stacked layer running in place keeps the projection's pages (`PackedLinear._load_shard`)
-                    if not _keeps_pages(holders, f):
-                        for module in holders:
-                            _copy_out(module, f)
-                        f.release(name)
+                    _give_back(_Lent(name, holders), f)
                 del tensor
                 done.add(target.shard)
                 if _is_filled(param, done):
@@ -267,40 +264,44 @@ def _keeps_pages(holders: list[nn.Module], f: SafetensorsFile) -> bool:
 
 
 def _copy_out(module: nn.Module, f: SafetensorsFile) -> None:
-    """Every tensor `module` holds in `f` (parameters, buffers, attributes, a dict or tuple of them) replaced by
-    a copy of its own."""
+    """Every tensor `module` holds in `f` replaced by a copy of its own."""
+    _replace_held_tensors(module, lambda t: t.detach().clone() if f.holds(t) else t)
+
+
+def _replace_held_tensors(module: nn.Module, replace: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Every tensor `module` holds itself (parameters, buffers, tensor attributes, the tensors of a dict or tuple
+    attribute) passed through `replace`; where it returns another tensor, `module` holds that one instead (a
+    parameter stays the same object, its data replaced: a tied one stays tied)."""
     for key, value in list(vars(module).items()):
         if key in ("_parameters", "_buffers"):
-            for name, tensor in value.items():
-                if tensor is not None and f.holds(tensor):
-                    tensor.data = tensor.data.clone()  # the same Parameter: a tied one stays tied
-        elif isinstance(value, torch.Tensor) and f.holds(value):
-            setattr(module, key, value.clone())
-        elif isinstance(value, dict) and any(isinstance(t, torch.Tensor) and f.holds(t) for t in value.values()):
-            value.update({k: t.clone() for k, t in value.items() if isinstance(t, torch.Tensor) and f.holds(t)})
-        elif isinstance(value, tuple) and any(isinstance(t, torch.Tensor) and f.holds(t) for t in value):
-            setattr(module, key, tuple(t.clone() if isinstance(t, torch.Tensor) and f.holds(t) else t
-                                       for t in value))
+            for tensor in value.values():
+                if tensor is not None and (new := replace(tensor)) is not tensor:
+                    tensor.data = new
+        elif isinstance(value, torch.Tensor):
+            if (new := replace(value)) is not value:
+                setattr(module, key, new)
+        elif isinstance(value, dict):
+            for k, t in list(value.items()):
+                if isinstance(t, torch.Tensor) and (new := replace(t)) is not t:
+                    value[k] = new
+        elif isinstance(value, tuple):
+            items = tuple(replace(t) if isinstance(t, torch.Tensor) else t for t in value)
+            if any(a is not b for a, b in zip(items, value)):
+                setattr(module, key, items)
 
 
 def file_backed_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The tensors of `model` that are views of a checkpoint's mapping (the weights that run in place, a tied
     embedding with them), each region once (a tied weight is held by two modules), largest first."""
     regions: dict[tuple[int, int], torch.Tensor] = {}
+
+    def note(tensor: torch.Tensor) -> torch.Tensor:
+        if lies_in_a_file(tensor):
+            regions.setdefault((tensor.data_ptr(), tensor.nbytes), tensor.detach())
+        return tensor
+
     for module in model.modules():
-        for key, value in vars(module).items():
-            if key in ("_parameters", "_buffers"):
-                candidates = [t for t in value.values() if t is not None]
-            elif isinstance(value, torch.Tensor):
-                candidates = [value]
-            elif isinstance(value, (tuple, dict)):
-                candidates = [t for t in (value.values() if isinstance(value, dict) else value)
-                              if isinstance(t, torch.Tensor)]
-            else:
-                continue
-            for tensor in candidates:
-                if lies_in_a_file(tensor):
-                    regions.setdefault((tensor.data_ptr(), tensor.nbytes), tensor.detach())
+        _replace_held_tensors(module, note)
     return sorted(regions.values(), key=lambda t: -t.nbytes)
 
 
