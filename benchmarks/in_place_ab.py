@@ -1,7 +1,12 @@
-"""Packed panels vs in-place weights (`EngineConfig.in_place_weights`) on one model, in ONE process, alternating.
+"""Packed panels vs in-place weights (`EngineConfig.in_place_weights`), or the packed weights on 2 MiB vs 4 KiB
+pages (`EngineConfig.huge_pages`), on one model, in ONE process, alternating.
 
     FOVEA_BENCH_CACHE=/work/bench-cache flock /work/bigmem.lock python benchmarks/in_place_ab.py \
-        [--model blip2-opt-2.7b | DIR] [--policies none all] [--rounds 5] [--threads 2]
+        [--model blip2-opt-2.7b | DIR] [--policies none all] [--huge-pages auto auto] [--rounds 5] [--threads 2]
+
+`--policies none none --huge-pages language_model none` compares the page sizes. Which engine loads first matters
+on a VM (the second one's memory comes from what the host had taken back and backs anew): swap the two and take
+both runs.
 
 Why one process: this machine's memory bandwidth drifts by up to 1.7x over minutes (54-63 GB/s read quiet, 36
 when other VMs on the host are busy), so two engines timed one after another (`real_size.py --in-place`) can differ
@@ -30,7 +35,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="blip2-opt-2.7b",
                         help="a checkpoint directory, or blip2-opt-2.7b (written once into FOVEA_BENCH_CACHE)")
-    parser.add_argument("--policies", nargs=2, default=["none", "all"], metavar=("A", "B"))
+    parser.add_argument("--policies", nargs=2, default=["none", "all"], metavar=("A", "B"),
+                        help="in_place_weights of engine A and B")
+    parser.add_argument("--huge-pages", nargs=2, default=["auto", "auto"], metavar=("A", "B"),
+                        help="huge_pages of engine A and B")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per engine per round")
     parser.add_argument("--threads", type=int, default=2)
@@ -45,12 +53,17 @@ def main() -> None:
         model_dir = str(blip2_opt_2_7b())
     print(machine_description())
     engines = {}
-    for policy in args.policies:
+    names = [f"{policy}/{pages}" for policy, pages in zip(args.policies, args.huge_pages)]
+    if names[0] == names[1]:
+        parser.error("engines A and B are the same; give --policies or --huge-pages that differ")
+    for name, policy, pages in zip(names, args.policies, args.huge_pages):
         start = time.perf_counter()
         llm = LLM(model_dir, dtype="bfloat16", max_model_len=args.max_model_len, max_num_seqs=8,
-                  num_threads=args.threads, kv_cache_memory_bytes=1 << 30, in_place_weights=policy)
-        engines[policy] = llm.llm_engine
-        print(f"loaded {policy!r} in {time.perf_counter() - start:.1f} s (side by side: not a load figure)")
+                  num_threads=args.threads, kv_cache_memory_bytes=1 << 30, in_place_weights=policy,
+                  huge_pages=pages)
+        engines[name] = llm.llm_engine
+        print(f"loaded {name!r} in {time.perf_counter() - start:.1f} s (side by side: not a load figure): "
+              f"in place {llm.llm_engine.runner.in_place_weights!r}, huge pages {llm.llm_engine.runner.huge_pages!r}")
 
     counter = iter(range(1 << 30))
     seeds = iter(range(100, 1 << 30))
@@ -89,11 +102,11 @@ def main() -> None:
         decode_steps(engine, 8)
     figures = {name: {p: [] for p in engines} for name in ("ttft_s", "step_1_s", "step_8_s")}
     for _ in range(args.rounds):
-        for policy, engine in engines.items():
-            figures["ttft_s"][policy].append(ttft(engine))
-            figures["step_1_s"][policy] += decode_steps(engine, 1)
-            figures["step_8_s"][policy] += decode_steps(engine, 8)
-    a, b = args.policies
+        for name, engine in engines.items():
+            figures["ttft_s"][name].append(ttft(engine))
+            figures["step_1_s"][name] += decode_steps(engine, 1)
+            figures["step_8_s"][name] += decode_steps(engine, 8)
+    a, b = names
     for name, per in figures.items():
         ma, mb = statistics.median(per[a]), statistics.median(per[b])
         print(f"{name:9} {a}: {ma * 1e3:8.1f} ms  {b}: {mb * 1e3:8.1f} ms  {a}/{b} = {ma / mb:.2f} "

@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--in-place", nargs="+", choices=["language_model", "all", "none"],
+    parser.add_argument("--in-place", nargs="+", choices=["language_model", "encoders", "all", "none"],
                         help="load fovea once per IN_PLACE_LAYERS value (default: the module's)")
     args = parser.parse_args()
     model_dir = args.model_dir or build_checkpoint(args.layers)

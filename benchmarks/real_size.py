@@ -21,7 +21,9 @@ KV space by `peers.vllm_environment`); where that environment does not exist the
 The vLLM child uses the same code as fovea's (`LLM(...)`, `llm_engine.add_request` / `step`: vLLM's API).
 
 `--in-place none language_model all` runs fovea once per `EngineConfig.in_place_weights` value (which
-layers run from the checkpoint's pages instead of packed panels), each a column `fovea[policy]`.
+layers run from the checkpoint's pages instead of packed panels), each a column `fovea[policy]`; `--huge-pages
+language_model none` once per `EngineConfig.huge_pages` value (a column `fovea[pages=value]`; with --in-place,
+once per pair).
 """
 from __future__ import annotations
 
@@ -52,11 +54,11 @@ def run_engine(python: str, engine: str, model_dir: Path, args) -> dict:
         from benchmarks.peers import vllm_environment
 
         env.update(vllm_environment(args.threads))
-    engine, _, policy = engine.partition("[")  # fovea[language_model]
+    engine, _, options = engine.partition("[")  # fovea[language_model pages=none]
     cmd = [python, str(CHILD), engine, str(model_dir), "--threads", str(args.threads),
            "--decode-tokens", str(args.decode_tokens), "--batch-decode-tokens", str(args.batch_decode_tokens)]
-    if policy:
-        cmd += ["--in-place", policy.rstrip("]")]
+    for option in options.rstrip("]").split():
+        cmd += ["--huge-pages", option.removeprefix("pages=")] if option.startswith("pages=") else ["--in-place", option]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
@@ -93,8 +95,10 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48, help="max_tokens of the one-request decode")
     parser.add_argument("--batch-decode-tokens", type=int, default=32, help="max_tokens of each of the 8")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--in-place", nargs="+", choices=["language_model", "all", "none"],
+    parser.add_argument("--in-place", nargs="+", choices=["language_model", "encoders", "all", "none"],
                         help="run fovea once per EngineConfig.in_place_weights value")
+    parser.add_argument("--huge-pages", nargs="+", choices=["auto", "language_model", "none"],
+                        help="run fovea once per EngineConfig.huge_pages value")
     args = parser.parse_args()
 
     model_dir = checkpoint(args.model)
@@ -104,9 +108,10 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
     engines = list(dict.fromkeys(args.engines + args.peers))
-    if args.in_place and "fovea" in engines:
+    if (args.in_place or args.huge_pages) and "fovea" in engines:
         at = engines.index("fovea")
-        engines[at:at + 1] = [f"fovea[{policy}]" for policy in args.in_place]
+        engines[at:at + 1] = [f"fovea[{' '.join(filter(None, (policy, pages and f'pages={pages}')))}]"
+                              for policy in args.in_place or [None] for pages in args.huge_pages or [None]]
     results: dict[str, dict] = {}
     for engine in engines:
         if engine == "vllm":

@@ -56,6 +56,8 @@ def run_llm_api(engine: str, model_dir: str, is_multimodal: bool, args) -> tuple
         extra = {"num_threads": args.threads}
         if args.in_place is not None:  # which layers run from the checkpoint's pages (the rest pack panels)
             extra["in_place_weights"] = args.in_place
+        if args.huge_pages is not None:  # which packed weights go on 2 MiB pages
+            extra["huge_pages"] = args.huge_pages
         load_model = model_runner.load_model
 
         def timed_load_model(*a, **k):  # the weights alone, apart from the engine's profiling pass
@@ -146,8 +148,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--batch-decode-tokens", type=int, default=32)
     parser.add_argument("--max-model-len", type=int, default=512)
-    parser.add_argument("--in-place", choices=["language_model", "all", "none"],
+    parser.add_argument("--in-place", choices=["language_model", "encoders", "all", "none"],
                         help="fovea's IN_PLACE_LAYERS (default: the module's)")
+    parser.add_argument("--huge-pages", choices=["auto", "language_model", "none"])
     args = parser.parse_args()
     import torch
 

@@ -13,7 +13,8 @@ from typing import Any
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _EXECUTOR_BACKENDS = ("uni", "mp")
 _CPU_KERNEL_MODES = ("auto", "off", "require")
-_IN_PLACE_POLICIES = ("auto", "none", "language_model", "all")  # + fovea.layers.linear_methods.IN_PLACE_POLICIES
+_IN_PLACE_POLICIES = ("auto", "none", "language_model", "encoders", "all")  # + fovea.layers.linear_methods.IN_PLACE_POLICIES
+_HUGE_PAGE_POLICIES = ("auto", "language_model", "none")  # fovea.models.weights.HUGE_PAGE_POLICIES
 _QUANTIZATION_METHODS = ("int8", "compressed-tensors")  # fovea.models.quantization.QUANTIZATION_METHODS  # fovea.kernels.MODES, spelled out so this module imports no torch
 
 
@@ -88,12 +89,20 @@ class EngineConfig:
     in_place_weights: str = "auto"
     """Which CPU bfloat16 linear layers run straight from the checkpoint's memory-mapped pages instead of a
     packed copy (hosts without AMX): "none" packs every layer (loading writes a copy of the weights, which is most of
-    the load time), "language_model" runs the language model's and lm_head's from the file, "all" every layer
+    the load time), "language_model" runs the language model's and lm_head's from the file, "encoders" the vision
+    tower's, Q-Former's and projector's (the language model packed), "all" every layer
     (no copy: loads as fast as transformers and holds the weights once, in the page cache). "auto":
     `fovea.layers.linear_methods.AUTO_IN_PLACE_LAYERS` where the checkpoint holds its weights in `dtype`, else
     "none" (converted weights are copies anyway, which run fastest packed). README "Weights that run from the
     checkpoint's pages" has the speed of each. Applies to every worker process; an AMX host packs for its AMX
     kernel whatever this says."""
+    huge_pages: str = "auto"
+    """Which packed weights are asked onto 2 MiB pages: "language_model" (the language model's and lm_head's, which
+    decode streams every token: fewer TLB misses) or "none" (every layer on ordinary pages). "auto": "none" on a VM
+    whose host takes back the memory the guest frees (a virtio balloon with free page reporting), where a fresh
+    2 MiB page faults to the host on its first write (there "none" starts about twice as fast and decodes 0-12%
+    slower at 1 request, README "Weights that run from the checkpoint's pages"), "language_model" elsewhere. The
+    encoders' layers always use ordinary pages. Applies to every worker process; the engine logs the choice."""
     quantization: str | None = None
     """None: the checkpoint as it is (int8 if its config.json has a compressed-tensors quantization_config).
     "int8": the language model's linear layers quantized at load to int8 per output channel (weight-only); the
@@ -126,6 +135,9 @@ class EngineConfig:
         if self.in_place_weights not in _IN_PLACE_POLICIES:
             raise ValueError(f"in_place_weights={self.in_place_weights!r} is not supported; choose one of "
                              f"{', '.join(_IN_PLACE_POLICIES)}")
+        if self.huge_pages not in _HUGE_PAGE_POLICIES:
+            raise ValueError(f"huge_pages={self.huge_pages!r} is not supported; choose one of "
+                             f"{', '.join(_HUGE_PAGE_POLICIES)}")
         if self.quantization is not None and self.quantization not in _QUANTIZATION_METHODS:
             raise ValueError(f"quantization={self.quantization!r} is not supported; choose one of "
                              f"{', '.join(_QUANTIZATION_METHODS)} or leave it unset (None)")

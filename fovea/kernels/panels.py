@@ -9,6 +9,9 @@ memory, which is what lets both kernels stream the weights at close to the memor
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -22,17 +25,41 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
+VIRTIO_DEVICES = "/sys/bus/virtio/devices"
+_VIRTIO_BALLOON = 5  # virtio device id of the memory balloon
+_BALLOON_F_REPORTING = 5  # its feature bit: free page reporting
+
+
+@functools.lru_cache(maxsize=4)
+def host_reclaims_free_memory(devices: str = VIRTIO_DEVICES) -> bool:
+    """Whether this machine is a VM whose host takes back the memory the guest frees: a virtio memory balloon that
+    negotiated free page reporting (`devices`/*/device is 0x0005 and bit 5 of its `features` string, one character
+    per bit from bit 0, is "1"). There the guest reports free blocks of 2 MiB and more, the host discards them, and
+    the first write into such a block faults to the host: every fresh 2 MiB page costs that (measured here: 2.3-3
+    CPU-s per GB), while 4 KiB pages mostly come from smaller free runs the host still backs (0.5-0.6 CPU-s per GB).
+    False where there is no such device (bare metal, other hypervisors) or sysfs cannot be read."""
+    for device in sorted(Path(devices).glob("*")):
+        try:
+            kind = int((device / "device").read_text().strip(), 16)
+            features = (device / "features").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == _VIRTIO_BALLOON and len(features) > _BALLOON_F_REPORTING and features[_BALLOON_F_REPORTING] == "1":
+            return True
+    return False
+
+
 def empty_packed(out_features: int, in_features: int, dtype: torch.dtype, huge_pages: bool = True) -> torch.Tensor:
     """An unwritten [N'/32, K'/32, 2, 16, 16, 2] tensor for `pack_weight(..., out=)`, asked to live on 2 MiB pages
     (see `pack_weight`) before anything is written into it, unless `huge_pages` is False.
 
     Why not always: on a VM whose host takes free memory back (this project's machines: Firecracker with free
-    page reporting of blocks of 2 MiB and more), a 2 MiB page always comes from such a block and its first write
-    faults to the host (measured: ~2-2.5 CPU-s per GB written, against ~0.5 for 4 KiB pages taken from the
-    smaller free runs the host still backs). Decode streams the language model's weights, so those keep 2 MiB
-    pages; an encoder runs its weights over hundreds of rows at once (compute-bound: ViT-g's fc1/fc2 at 257 rows
-    ran as fast from 4 KiB pages), so its layers are loaded with huge_pages=False
-    (`fovea.models.weights.load_model`)."""
+    page reporting of blocks of 2 MiB and more: `host_reclaims_free_memory`), a 2 MiB page always comes from such
+    a block and its first write faults to the host (measured: ~2-3 CPU-s per GB written, against ~0.5 for 4 KiB
+    pages taken from the smaller free runs the host still backs). An encoder runs its weights over hundreds of rows
+    at once (compute-bound: ViT-g's fc1/fc2 at 257 rows ran as fast from 4 KiB pages), so its layers are always
+    loaded with huge_pages=False; the language model's, which decode streams, per
+    `fovea.models.weights.HUGE_PAGE_LAYERS` (`EngineConfig.huge_pages`)."""
     packed = torch.empty(padded(out_features) // BLOCK, padded(in_features) // BLOCK, 2, 16, 16, 2, dtype=dtype)
     module = extension()
     if module is not None and huge_pages:

@@ -87,11 +87,12 @@ class LinearBase(nn.Module):
         self.params_dtype = dtype or torch.get_default_dtype()
         self.method = method or DenseLinearMethod()
         self.is_prepared = False  # see prepare_linear_layer
-        # a packed copy of the weights on 2 MiB pages (decode streams them); an encoder's layers are loaded without
-        # (`fovea.kernels.panels.empty_packed` says why; `fovea.models.weights.load_model` sets it)
+        # a packed copy of the weights on 2 MiB pages (decode streams them); `fovea.models.weights.place_layers` sets
+        # it at load: never for an encoder's layers, per HUGE_PAGE_LAYERS for the language model's
+        # (`fovea.kernels.panels.empty_packed` says why)
         self.huge_pages = True
         # part of the language model or its lm_head (`fovea.linear_methods.IN_PLACE_LAYERS` reads it); False for an
-        # encoder's layers (set with huge_pages by `fovea.models.weights.encoder_layers_on_small_pages`)
+        # encoder's layers (`fovea.models.weights.place_layers`)
         self.is_language_model = True
         self.method.create_weights(self, in_features, out_features, bias, self.params_dtype, _initialize_weights)
 

@@ -243,13 +243,15 @@ class BF16RowsLinearMethod(LinearMethod):
         return f"{self.name}({where})"
 
 
-IN_PLACE_POLICIES = ("language_model", "all", "none")
+IN_PLACE_POLICIES = ("language_model", "encoders", "all", "none")
 IN_PLACE_LAYERS = "none"
 """Which CPU bfloat16 layers run from the checkpoint's pages (`BF16RowsLinearMethod`) on a host without AMX:
 "language_model": the language model's and `lm_head`'s (what a model's `language_model_modules` /
 `lm_head_module` name, every layer of a model that names none; `LinearBase.is_language_model`), which decode
 streams every token and which are most of the bytes; the encoders' layers (vision tower, Q-Former, projector)
-keep the panel kernel, which runs their many-row steps from 4 KiB pages as fast. "all": every layer. "none":
+keep the panel kernel, which runs their many-row steps from 4 KiB pages as fast. "encoders": the other way round
+(the encoders' layers from the file, the language model packed: loading then writes only the language model's
+panels). "all": every layer. "none":
 every layer packs its panels (`BF16LinearMethod`, the method before in-place weights). Read when a layer's
 method is chosen (at load); `in_place_layers(...)` switches it for a block: the engine's load runs inside
 `in_place_layers(EngineConfig.in_place_weights)` (in every worker process), so this module value is the policy of
@@ -286,8 +288,8 @@ def _check_policy(policy: str, what: str) -> None:
 def runs_in_place(layer: nn.Module) -> bool:
     """Whether `IN_PLACE_LAYERS` names this layer."""
     _check_policy(IN_PLACE_LAYERS, f"IN_PLACE_LAYERS = {IN_PLACE_LAYERS!r}")
-    return IN_PLACE_LAYERS == "all" or (IN_PLACE_LAYERS == "language_model"
-                                        and getattr(layer, "is_language_model", True))
+    in_lm = getattr(layer, "is_language_model", True)
+    return IN_PLACE_LAYERS == "all" or IN_PLACE_LAYERS == ("language_model" if in_lm else "encoders")
 
 
 def rows_linear_supports(weight: torch.Tensor) -> bool:

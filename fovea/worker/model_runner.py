@@ -36,7 +36,8 @@ from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_output_rows
-from fovea.models.weights import file_backed_tensors, in_place_policy, load_model
+from fovea.models.weights import (file_backed_tensors, huge_page_layers, huge_page_policy, in_place_policy,
+                                  load_model)
 from fovea.outputs import ModelRunnerOutput
 from fovea.sampling_params import SamplingParams
 from fovea.worker import encoder_decoder
@@ -99,7 +100,10 @@ class ModelRunner:
         policy, why = in_place_policy(config.in_place_weights, config.model, self.dtype)
         logger.info("in-place weights: %r (%s)", policy, why)
         self.in_place_weights = policy
-        with in_place_layers(policy):  # read as each layer's method is chosen
+        self.huge_pages, why = huge_page_policy(config.huge_pages)
+        logger.info("packed weights on 2 MiB pages: %r (%s)", self.huge_pages, why)
+        # read as each layer's method and pages are chosen
+        with in_place_layers(policy), huge_page_layers(self.huge_pages):
             self.model, self.num_prepacked_linears = load_model(
                 model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
         # weights that run from the checkpoint's page cache (fovea.layers.linear_methods.BF16RowsLinearMethod):

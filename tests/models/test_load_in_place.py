@@ -148,15 +148,17 @@ def test_the_language_model_runs_from_the_file_and_the_encoders_pack(checkpoints
 
 def test_every_policy_names_its_layers(checkpoints):
     model_dir = checkpoints["blip2"]
-    for policy, expected in (("none", set()), ("language_model", {True}), ("all", {True, False})):
+    for policy, expected in (("none", set()), ("language_model", {True}), ("encoders", {False}),
+                             ("all", {True, False})):
         model = load(model_dir, policy)
         runs = {layer.is_language_model for layer in linear_layers(model).values()
                 if isinstance(layer.method, BF16RowsLinearMethod)}
         assert runs == expected, policy  # "all": the vision tower's and projector's bfloat16 layers too
         assert_state_dict_is_the_file(model, model_dir)
-        if policy == "all":
+        if policy in ("encoders", "all"):
             assert_layers_agree(model, load(model_dir, "none"))
-    with pytest.raises(ValueError, match="in-place layer policy 'encoder'; allowed: 'language_model', 'all', 'none'"):
+    with pytest.raises(ValueError, match="in-place layer policy 'encoder'; allowed: 'language_model', 'encoders', "
+                                         "'all', 'none'"):
         with in_place_layers("encoder"):
             pass
 
@@ -322,11 +324,32 @@ def test_the_engine_option_names_what_is_allowed(checkpoints):
     from fovea import LLM
 
     with pytest.raises(ValueError, match="in_place_weights=.encoder. is not supported; choose one of auto, none, "
-                                         "language_model, all"):
+                                         "language_model, encoders, all"):
         LLM(str(checkpoints["qwen2"]), in_place_weights="encoder")
 
 
-@pytest.mark.parametrize("auto", ["language_model", "all", AUTO_IN_PLACE_LAYERS])
+@pytest.mark.parametrize("huge_pages", ["language_model", "none", "auto"])
+def test_the_huge_pages_option_reaches_the_load(checkpoints, huge_pages):
+    """`EngineConfig.huge_pages` chooses the language model's packed weights' pages where the model is loaded
+    (`fovea.models.weights.place_layers`; the encoders' layers never get them); "auto" as this machine's host
+    decides (`fovea.models.weights.huge_page_policy`)."""
+    from fovea import LLM
+    from fovea.kernels.panels import host_reclaims_free_memory
+
+    llm = LLM(str(checkpoints["blip2"]), max_model_len=64, num_kv_blocks=8, in_place_weights="none",
+              huge_pages=huge_pages)
+    runner = llm.llm_engine.runner
+    expected = {"auto": "none" if host_reclaims_free_memory() else "language_model"}.get(huge_pages, huge_pages)
+    assert runner.huge_pages == expected
+    layers = linear_layers(runner.model)
+    lm = {layer.huge_pages for layer in layers.values() if layer.is_language_model}
+    assert lm == {expected == "language_model"}
+    assert {layer.huge_pages for layer in layers.values() if not layer.is_language_model} == {False}
+    with pytest.raises(ValueError, match="huge_pages='all' is not supported; choose one of auto, language_model, none"):
+        LLM(str(checkpoints["blip2"]), huge_pages="all")
+
+
+@pytest.mark.parametrize("auto", sorted({"language_model", "encoders", "all", AUTO_IN_PLACE_LAYERS}))
 @pytest.mark.parametrize("name,dtype,in_file", [("blip2", "bfloat16", True), ("blip2_f32", "bfloat16", False),
                                                 ("blip2", "float32", False)])
 def test_auto_runs_in_place_where_the_file_holds_the_served_dtype(checkpoints, name, dtype, in_file, auto,
@@ -342,7 +365,7 @@ def test_auto_runs_in_place_where_the_file_holds_the_served_dtype(checkpoints, n
     assert runner.in_place_weights == expected
     rows = {layer.is_language_model for layer in linear_layers(runner.model).values()
             if isinstance(layer.method, BF16RowsLinearMethod)}
-    assert rows == {"none": set(), "language_model": {True}, "all": {True, False}}[expected]
+    assert rows == {"none": set(), "language_model": {True}, "encoders": {False}, "all": {True, False}}[expected]
     assert (runner.file_backed_weight_bytes > 0) == (expected != "none")
 
 

@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file
 from torch import nn
 
-from fovea.layers.linear import LinearBase, PackedLinear, onednn_linear_available
+from fovea.layers.linear import Linear, LinearBase, PackedLinear, onednn_linear_available
 from fovea.models import weights
 from fovea.models.registry import resolve_model_class
 from fovea.models.weights import build_model, load_model, load_weights
@@ -128,12 +128,13 @@ import torch, transformers
 from fovea.layers.linear import LinearBase
 from fovea.layers.linear_methods import PanelLinearMethod, in_place_layers
 from fovea.models.registry import resolve_model_class
-from fovea.models.weights import load_model
+from fovea.models.weights import huge_page_layers, load_model
 from tests.memory_maps import advised_huge
 
-ckpt = sys.argv[1]
+ckpt, policy = sys.argv[1:3]
 config = transformers.AutoConfig.from_pretrained(ckpt)
-with in_place_layers("none"):  # every layer packs its panels (the float32 file is converted anyway)
+# every layer packs its panels (the float32 file is converted anyway)
+with in_place_layers("none"), huge_page_layers(policy):
     model, _ = load_model(resolve_model_class(config.architectures), config, ckpt, torch.bfloat16)
 layers = {name: m for name, m in model.named_modules() if isinstance(m, LinearBase)}
 packed = {name: m.packed_weight for name, m in layers.items() if isinstance(m.method, PanelLinearMethod)}
@@ -145,25 +146,76 @@ print(json.dumps({"huge_pages": {name: m.huge_pages for name, m in layers.items(
 """
 
 
-def test_the_language_model_packs_onto_huge_pages_and_the_encoders_do_not(tmp_path):
-    """Decode streams the language model's packed weights (2 MiB pages); the vision tower and the projector run
-    over many rows at once and load onto ordinary pages, whose first write costs less on a VM whose host takes
-    free memory back (`fovea.kernels.panels.empty_packed`). In a fresh process: in a long one, the allocator may
-    hand out memory from a range an earlier allocation had advised."""
+@pytest.mark.parametrize("policy", ["language_model", "none"])
+def test_the_language_model_packs_onto_the_pages_asked_for_and_the_encoders_onto_small_ones(tmp_path, policy):
+    """Decode streams the language model's packed weights: 2 MiB pages under "language_model" (`fovea.models.
+    weights.HUGE_PAGE_LAYERS`), ordinary ones under "none"; the vision tower and the projector run over many rows
+    at once and always load onto ordinary pages, whose first write costs less on a VM whose host takes free memory
+    back (`fovea.kernels.panels.empty_packed`). In a fresh process: in a long one, the allocator may hand out memory
+    from a range an earlier allocation had advised."""
     import json
     import subprocess
     import sys
 
     # wide enough that each packed weight spans a whole 2 MiB page (4 MiB of bfloat16)
     ckpt = build_tiny_blip2(tmp_path / "wide", vision_hidden=1024, text_hidden=1024, num_layers=1)
-    result = subprocess.run([sys.executable, "-c", _HUGE_PAGES_CHILD, str(ckpt)], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", _HUGE_PAGES_CHILD, str(ckpt), policy], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
+    huge_lm = policy == "language_model"
     for name, huge in seen["huge_pages"].items():
-        assert huge == name.startswith(("language_model.model.", "language_model.lm_head")), name
+        assert huge == (huge_lm and name.startswith(("language_model.model.", "language_model.lm_head"))), name
     if not seen["advised"]:
         pytest.skip("this CPU runs no panel-packed bfloat16 kernel (neither AVX-512 BF16 nor AMX)")
     assert min(seen["nbytes"].values()) >= 4 << 20
     assert seen["advised"] == {"vision_model.encoder.layers.0.mlp.fc1": False,  # ordinary pages
-                               "language_model.model.decoder.layers.0.fc1": True,
-                               "language_model.model.decoder.layers.0.self_attn.qkv_proj": True}  # shard by shard
+                               "language_model.model.decoder.layers.0.fc1": huge_lm,
+                               "language_model.model.decoder.layers.0.self_attn.qkv_proj": huge_lm}  # shard by shard
+
+
+@pytest.mark.parametrize("reclaims", [True, False])
+def test_auto_asks_for_huge_pages_unless_the_host_takes_freed_memory_back(monkeypatch, reclaims):
+    from fovea.kernels import panels
+
+    monkeypatch.setattr(panels, "host_reclaims_free_memory", lambda: reclaims)
+    auto = "none" if reclaims else "language_model"
+    assert weights.huge_page_policy("auto")[0] == auto
+    for policy in weights.HUGE_PAGE_POLICIES:
+        model = nn.ModuleDict({"language_model": Linear(8, 8), "vision": Linear(8, 8)})
+        model.language_model_modules = ["language_model"]
+        with weights.huge_page_layers(policy):
+            weights.place_layers(model)
+        resolved = auto if policy == "auto" else policy
+        assert weights.huge_page_policy(policy)[0] == resolved
+        assert model["language_model"].huge_pages == (resolved == "language_model"), policy
+        assert model["language_model"].is_language_model
+        assert not model["vision"].huge_pages and not model["vision"].is_language_model
+    unnamed = nn.Sequential(Linear(8, 8))  # a model that names no language model: every layer counts as one
+    with weights.huge_page_layers("language_model"):
+        weights.place_layers(unnamed)
+    assert unnamed[0].huge_pages and unnamed[0].is_language_model
+    with pytest.raises(ValueError, match="huge page policy 'all'; allowed: 'auto', 'language_model', 'none'"):
+        with weights.huge_page_layers("all"):
+            pass
+
+
+def test_a_balloon_with_free_page_reporting_is_a_host_that_takes_freed_memory_back(tmp_path):
+    """Read from sysfs files as the kernel writes them (`features`: one character per feature bit, bit 0 first;
+    free page reporting is bit 5 of the balloon, device 0x0005)."""
+    from fovea.kernels.panels import host_reclaims_free_memory
+
+    def machine(name: str, devices: dict[str, tuple[str, str]]) -> str:
+        for device, (kind, features) in devices.items():
+            (tmp_path / name / device).mkdir(parents=True)
+            (tmp_path / name / device / "device").write_text(kind + "\n")
+            (tmp_path / name / device / "features").write_text(features + "\n")
+        return str(tmp_path / name)
+
+    reporting = "01100101" + "0" * 24
+    assert host_reclaims_free_memory(machine("balloon", {"virtio0": ("0x0005", reporting),
+                                                         "virtio1": ("0x0002", "0" * 32)}))
+    assert not host_reclaims_free_memory(machine("no_reporting", {"virtio0": ("0x0005", "0110000" + "0" * 25)}))
+    assert not host_reclaims_free_memory(machine("block_only", {"virtio1": ("0x0002", reporting)}))
+    assert not host_reclaims_free_memory(machine("unreadable", {"virtio0": ("balloon", reporting)}))
+    assert not host_reclaims_free_memory(str(tmp_path / "no_virtio_bus"))
