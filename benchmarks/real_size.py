@@ -62,7 +62,10 @@ def run_engine(python: str, engine: str, model_dir: Path, args) -> dict:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    for line in reversed(result.stdout.strip().splitlines()):  # the child's JSON; an engine may print after it
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"error": f"no result line in the child's output: {result.stdout.strip()[-300:]!r}"}
 
 
 def cpu_name() -> str:

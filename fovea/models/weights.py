@@ -378,8 +378,9 @@ HUGE_PAGE_LAYERS = "auto"
 "none" on a VM whose host takes back the memory the guest frees (`fovea.kernels.panels.host_reclaims_free_memory`),
 where a fresh 2 MiB page faults to the host on its first write and most 4 KiB pages do not; "language_model"
 elsewhere. Measured on such a VM (BLIP-2 OPT-2.7b, bfloat16, AMD EPYC, 2 threads, session 16, README "Weights
-that run from the checkpoint's pages"): the engine started in 6.6 s against 13.5 (transformers 3.9), and decoded
-at 0.88-1.01x (1 request) and 0.92-1.14x (8 requests) of the 2 MiB pages' speed (four one-process A/B runs).
+that run from the checkpoint's pages"): the start was faster on 4 KiB pages in 5 of 6 pairs (6.6 s against 13.5
+in one, transformers 3.9; how fast depends on what memory the host still backs), and decode ran at 0.88-1.01x
+(1 request) and 0.92-1.14x (8 requests) of the 2 MiB pages' speed (four one-process A/B runs).
 `huge_page_layers(...)` switches it for a block; the engine's load runs inside
 `huge_page_layers(EngineConfig.huge_pages)` in every worker process."""
 
