@@ -4,7 +4,9 @@ pages (`EngineConfig.huge_pages`), on one model, in ONE process, alternating.
     FOVEA_BENCH_CACHE=/work/bench-cache flock /work/bigmem.lock python benchmarks/in_place_ab.py \
         [--model blip2-opt-2.7b | DIR] [--policies none all] [--huge-pages auto auto] [--rounds 5] [--threads 2]
 
-`--policies none none --huge-pages language_model none` compares the page sizes. Which engine loads first matters
+`--policies none none --huge-pages language_model none` compares the page sizes; `--packed-cache off DIR` the
+packed weights in the process's memory against the same panels mapped from the packed weights cache's files
+(`EngineConfig.packed_weights_cache`; DIR filled by an earlier run, or packed into by this one). Which engine loads first matters
 on a VM (the second one's memory comes from what the host had taken back and backs anew): swap the two and take
 both runs.
 
@@ -19,6 +21,7 @@ request, and those of 8 requests decoding together. Each line prints the median 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -39,6 +42,12 @@ def main() -> None:
                         help="in_place_weights of engine A and B")
     parser.add_argument("--huge-pages", nargs=2, default=["auto", "auto"], metavar=("A", "B"),
                         help="huge_pages of engine A and B")
+    parser.add_argument("--packed-cache", nargs=2, default=["off", "off"], metavar=("A", "B"),
+                        help="packed_weights_cache of engine A and B: off, or a directory (packed into at the "
+                             "first start, mapped from at later ones)")
+    parser.add_argument("--drop-page-cache", action="store_true",
+                        help="after loading, drop the page cache's clean unmapped pages (root): the checkpoint's "
+                             "7.5 GB beside two engines' weights leave the machine short of memory")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per engine per round")
     parser.add_argument("--threads", type=int, default=2)
@@ -46,6 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from fovea import LLM, SamplingParams
+    from fovea.worker.model_runner import available_memory_bytes
 
     model_dir = args.model
     if model_dir == "blip2-opt-2.7b":
@@ -53,17 +63,26 @@ def main() -> None:
         model_dir = str(blip2_opt_2_7b())
     print(machine_description())
     engines = {}
-    names = [f"{policy}/{pages}" for policy, pages in zip(args.policies, args.huge_pages)]
+    names = [f"{policy}/{pages}" + ("" if cache == "off" else f"/cache:{Path(cache).name}")
+             for policy, pages, cache in zip(args.policies, args.huge_pages, args.packed_cache)]
     if names[0] == names[1]:
-        parser.error("engines A and B are the same; give --policies or --huge-pages that differ")
-    for name, policy, pages in zip(names, args.policies, args.huge_pages):
+        parser.error("engines A and B are the same; give --policies, --huge-pages or --packed-cache that differ")
+    for name, policy, pages, cache in zip(names, args.policies, args.huge_pages, args.packed_cache):
         start = time.perf_counter()
         llm = LLM(model_dir, dtype="bfloat16", max_model_len=args.max_model_len, max_num_seqs=8,
                   num_threads=args.threads, kv_cache_memory_bytes=1 << 30, in_place_weights=policy,
-                  huge_pages=pages)
+                  huge_pages=pages, packed_weights_cache=cache)
         engines[name] = llm.llm_engine
+        runner = llm.llm_engine.runner
         print(f"loaded {name!r} in {time.perf_counter() - start:.1f} s (side by side: not a load figure): "
-              f"in place {llm.llm_engine.runner.in_place_weights!r}, huge pages {llm.llm_engine.runner.huge_pages!r}")
+              f"in place {runner.in_place_weights!r}, huge pages {runner.huge_pages!r}, packed weights cache "
+              f"{runner.packed_cache.summary() if runner.packed_cache is not None else 'off'}")
+
+    if args.drop_page_cache:  # the checkpoint's pages, read at load: two engines and them may not fit in memory
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        print("dropped the page cache's unmapped pages (the checkpoint's); MemAvailable now "
+              f"{available_memory_bytes() / 1e9:.1f} GB")
 
     counter = iter(range(1 << 30))
     seeds = iter(range(100, 1 << 30))

@@ -23,7 +23,9 @@ The vLLM child uses the same code as fovea's (`LLM(...)`, `llm_engine.add_reques
 `--in-place none language_model all` runs fovea once per `EngineConfig.in_place_weights` value (which
 layers run from the checkpoint's pages instead of packed panels), each a column `fovea[policy]`; `--huge-pages
 language_model none` once per `EngineConfig.huge_pages` value (a column `fovea[pages=value]`; with --in-place,
-once per pair).
+once per pair); `--packed-cache cold warm` once per state of fovea's packed weights cache (`fovea.models.packed_cache`,
+under FOVEA_CACHE_DIR): `cold` empties it first (the first start of a checkpoint), `warm` finds what the run
+before packed (every later start), `off` packs in memory.
 """
 from __future__ import annotations
 
@@ -58,7 +60,12 @@ def run_engine(python: str, engine: str, model_dir: Path, args) -> dict:
     cmd = [python, str(CHILD), engine, str(model_dir), "--threads", str(args.threads),
            "--decode-tokens", str(args.decode_tokens), "--batch-decode-tokens", str(args.batch_decode_tokens)]
     for option in options.rstrip("]").split():
-        cmd += ["--huge-pages", option.removeprefix("pages=")] if option.startswith("pages=") else ["--in-place", option]
+        if option.startswith("pages="):
+            cmd += ["--huge-pages", option.removeprefix("pages=")]
+        elif option.startswith("cache="):
+            cmd += ["--packed-cache", option.removeprefix("cache=")]
+        else:
+            cmd += ["--in-place", option]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
@@ -102,6 +109,9 @@ def main() -> None:
                         help="run fovea once per EngineConfig.in_place_weights value")
     parser.add_argument("--huge-pages", nargs="+", choices=["auto", "language_model", "none"],
                         help="run fovea once per EngineConfig.huge_pages value")
+    parser.add_argument("--packed-cache", nargs="+", choices=["cold", "warm", "off"],
+                        help="run fovea once per packed weights cache state, in this order: cold (the cache "
+                             "directory emptied first), warm (as the run before left it), off")
     args = parser.parse_args()
 
     model_dir = checkpoint(args.model)
@@ -111,10 +121,12 @@ def main() -> None:
             while f.read(1 << 26):
                 pass
     engines = list(dict.fromkeys(args.engines + args.peers))
-    if (args.in_place or args.huge_pages) and "fovea" in engines:
+    if (args.in_place or args.huge_pages or args.packed_cache) and "fovea" in engines:
         at = engines.index("fovea")
-        engines[at:at + 1] = [f"fovea[{' '.join(filter(None, (policy, pages and f'pages={pages}')))}]"
-                              for policy in args.in_place or [None] for pages in args.huge_pages or [None]]
+        engines[at:at + 1] = [
+            f"fovea[{' '.join(filter(None, (policy, pages and f'pages={pages}', cache and f'cache={cache}')))}]"
+            for policy in args.in_place or [None] for pages in args.huge_pages or [None]
+            for cache in args.packed_cache or [None]]
     results: dict[str, dict] = {}
     for engine in engines:
         if engine == "vllm":
@@ -136,6 +148,12 @@ def main() -> None:
               lambda r: f"{r['weights_s']:.1f} ({r['weights_cpu_s']:.1f})"))
     print(row("peak memory added while loading", results,
               lambda r: f"{r['load_peak_bytes'] / gb:.2f} GB ({r['load_peak_bytes'] / file_bytes:.2f}x the file)"))
+    if any("packed_cache" in r for r in results.values()):
+        print(row("packed weights cache: layers mapped / packed into it", results,
+                  lambda r: "{mapped} ({mapped_gb:.1f} GB) / {written} ({written_gb:.1f} GB)".format(
+                      **r["packed_cache"]) if "packed_cache" in r else "off"))
+    print(row("mapped 2 MiB at a time at the end: anonymous / file pages", results,
+              lambda r: "{anon:.2f} / {file:.2f} GB".format(**r["huge_mapped_gb"])))
     print(row("TTFT, one request", results, lambda r: f"{r['ttft_s']:.2f} s"))
     print(row("decode, 1 request", results, lambda r: f"{r['decode_1_tok_s']:.2f} tok/s"))
     print(row("decode, 8 requests", results, lambda r: f"{r['decode_8_tok_s']:.1f} tok/s"))

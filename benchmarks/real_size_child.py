@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,13 @@ def run_llm_api(engine: str, model_dir: str, is_multimodal: bool, args) -> tuple
             extra["in_place_weights"] = args.in_place
         if args.huge_pages is not None:  # which packed weights go on 2 MiB pages
             extra["huge_pages"] = args.huge_pages
+        if args.packed_cache is not None:  # off; cold: an emptied cache directory; warm: as the last run left it
+            from fovea.models.packed_cache import default_root
+
+            root = default_root()
+            if args.packed_cache == "cold":
+                shutil.rmtree(root, ignore_errors=True)
+            extra["packed_weights_cache"] = "off" if args.packed_cache == "off" else str(root)
         load_model = model_runner.load_model
 
         def timed_load_model(*a, **k):  # the weights alone, apart from the engine's profiling pass
@@ -151,6 +159,8 @@ def main() -> None:
     parser.add_argument("--in-place", choices=["language_model", "encoders", "all", "none"],
                         help="fovea's IN_PLACE_LAYERS (default: the module's)")
     parser.add_argument("--huge-pages", choices=["auto", "language_model", "none"])
+    parser.add_argument("--packed-cache", choices=["cold", "warm", "off"],
+                        help="fovea's packed weights cache under FOVEA_CACHE_DIR (default: EngineConfig's)")
     args = parser.parse_args()
     import torch
 
@@ -168,6 +178,11 @@ def main() -> None:
     figures = {"load_s": time.perf_counter() - wall, "load_cpu_s": time.process_time() - cpu,
                "load_peak_bytes": status_bytes("VmHWM") - before, "loaded_bytes": status_bytes("VmRSS") - before,
                **LOAD_WEIGHTS}
+    cache = getattr(getattr(engine, "llm_engine", None), "runner", None)
+    cache = getattr(cache, "packed_cache", None) if args.engine == "fovea" else None
+    if cache is not None:  # fovea's packed weights cache: layers mapped from it / packed into it
+        figures["packed_cache"] = {"mapped": cache.num_mapped, "mapped_gb": cache.bytes_mapped / 1e9,
+                                   "written": cache.num_written, "written_gb": cache.bytes_written / 1e9}
 
     # every request below has its own image and prompt (seeds 1.. are distinct draws)
     generate(requests(is_multimodal, 1, seed=1), 2)  # warm-up
@@ -180,6 +195,10 @@ def main() -> None:
     many = decode_figures(generate(requests(is_multimodal, NUM_BATCH, seed=4), args.batch_decode_tokens), start)
     figures["decode_8_tok_s"] = many["tok_s"]
     figures["process_peak_bytes"] = status_bytes("VmHWM")
+    with open("/proc/self/smaps_rollup") as f:  # how the weights are mapped: 2 MiB at a time or 4 KiB
+        rollup = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[-1:] == ["kB"]}
+    figures["huge_mapped_gb"] = {"anon": rollup.get("AnonHugePages", 0) / 1e9,
+                                 "file": rollup.get("FilePmdMapped", 0) / 1e9}
     figures["version"] = __import__(args.engine).__version__ if args.engine != "fovea" else "this tree"
     print(json.dumps(figures))
 

@@ -98,11 +98,20 @@ class EngineConfig:
     kernel whatever this says."""
     huge_pages: str = "auto"
     """Which packed weights are asked onto 2 MiB pages: "language_model" (the language model's and lm_head's, which
-    decode streams every token: fewer TLB misses) or "none" (every layer on ordinary pages). "auto": "none" on a VM
-    whose host takes back the memory the guest frees (a virtio balloon with free page reporting), where a fresh
-    2 MiB page faults to the host on its first write (there "none" starts about twice as fast and decodes 0-12%
-    slower at 1 request, README "Weights that run from the checkpoint's pages"), "language_model" elsewhere. The
-    encoders' layers always use ordinary pages. Applies to every worker process; the engine logs the choice."""
+    decode streams every token: fewer TLB misses) or "none" (every layer on ordinary pages). "auto":
+    "language_model" where the packed weights cache is on (`packed_weights_cache`: only a checkpoint's first start
+    writes the pages) or the host is ordinary; "none" on a VM whose host takes back the memory the guest frees (a
+    virtio balloon with free page reporting) when the cache is off, where a fresh 2 MiB page faults to the host on
+    its first write (there "none" starts about twice as fast and decodes 0-12% slower at 1 request, README "Weights
+    that run from the checkpoint's pages"). The encoders' layers always use ordinary pages. Applies to every worker
+    process; the engine logs the choice."""
+    packed_weights_cache: str = "auto"
+    """Where the packed weights of each checkpoint are kept between starts (`fovea.models.packed_cache`): the
+    first start packs each bfloat16 panel layer into a file there and runs from its pages; every later start of
+    the same checkpoint maps the files instead of packing (BLIP-2 OPT-2.7b: README "Packed weights kept between
+    starts"). "auto": `$FOVEA_CACHE_DIR/packed-weights`, else `~/.cache/fovea/packed-weights`; "off": pack in
+    memory at every start; any other value is the directory. An entry takes about the language model's size on
+    disk and is deleted once its checkpoint is gone or changed."""
     quantization: str | None = None
     """None: the checkpoint as it is (int8 if its config.json has a compressed-tensors quantization_config).
     "int8": the language model's linear layers quantized at load to int8 per output channel (weight-only); the
@@ -135,6 +144,8 @@ class EngineConfig:
         if self.in_place_weights not in _IN_PLACE_POLICIES:
             raise ValueError(f"in_place_weights={self.in_place_weights!r} is not supported; choose one of "
                              f"{', '.join(_IN_PLACE_POLICIES)}")
+        if not self.packed_weights_cache:
+            raise ValueError("packed_weights_cache='' is not supported; choose 'auto', 'off' or a directory")
         if self.huge_pages not in _HUGE_PAGE_POLICIES:
             raise ValueError(f"huge_pages={self.huge_pages!r} is not supported; choose one of "
                              f"{', '.join(_HUGE_PAGE_POLICIES)}")

@@ -49,6 +49,11 @@ def host_reclaims_free_memory(devices: str = VIRTIO_DEVICES) -> bool:
     return False
 
 
+def packed_shape(out_features: int, in_features: int) -> tuple[int, ...]:
+    """The packed tensor's shape for a [out_features, in_features] weight."""
+    return padded(out_features) // BLOCK, padded(in_features) // BLOCK, 2, 16, 16, 2
+
+
 def empty_packed(out_features: int, in_features: int, dtype: torch.dtype, huge_pages: bool = True) -> torch.Tensor:
     """An unwritten [N'/32, K'/32, 2, 16, 16, 2] tensor for `pack_weight(..., out=)`, asked to live on 2 MiB pages
     (see `pack_weight`) before anything is written into it, unless `huge_pages` is False.
@@ -60,7 +65,7 @@ def empty_packed(out_features: int, in_features: int, dtype: torch.dtype, huge_p
     at once (compute-bound: ViT-g's fc1/fc2 at 257 rows ran as fast from 4 KiB pages), so its layers are always
     loaded with huge_pages=False; the language model's, which decode streams, per
     `fovea.models.weights.HUGE_PAGE_LAYERS` (`EngineConfig.huge_pages`)."""
-    packed = torch.empty(padded(out_features) // BLOCK, padded(in_features) // BLOCK, 2, 16, 16, 2, dtype=dtype)
+    packed = torch.empty(packed_shape(out_features, in_features), dtype=dtype)
     module = extension()
     if module is not None and huge_pages:
         module.advise_huge_pages(packed)
@@ -89,7 +94,7 @@ def pack_weight(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     if out is None and weight.device.type != "cpu":
         return reference_pack(weight)
     packed = empty_packed(n, k, weight.dtype) if out is None else out
-    if tuple(packed.shape) != (padded(n) // BLOCK, padded(k) // BLOCK, 2, 16, 16, 2) or packed.dtype != weight.dtype:
+    if tuple(packed.shape) != packed_shape(n, k) or packed.dtype != weight.dtype:
         raise ValueError(f"packed panels {list(packed.shape)} ({packed.dtype}) do not fit a {[n, k]} weight "
                          f"({weight.dtype})")
     module = extension()

@@ -136,9 +136,41 @@ class PanelLinearMethod(PackedLinearMethod):
         layer.panel_bias = None if layer.bias is None else layer.bias.detach().float()
         packed = vars(layer).pop("packed_by_shard", None)
         if packed is None:
-            out = panels.empty_packed(layer.out_features, layer.in_features, weight.dtype, layer.huge_pages)
-            packed = self.pack_panels(weight, out)
+            packed = self._cached_panels(layer, weight.dtype)
+        if packed is None:
+            packed = self.pack_panels(weight, self._new_panels(layer, weight.dtype))
+        pending = vars(layer).pop("pending_panels", None)
+        return packed if pending is None else pending.commit()
+
+    @staticmethod
+    def _cached_panels(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+        """The layer's panels mapped from the packed weights cache (`fovea.models.packed_cache`), if it holds them
+        (`layer.panel_cache`: set by `fovea.models.weights.load_model` where the cache is on)."""
+        entry = vars(layer).get("panel_cache")
+        if entry is None:
+            return None
+        cache, name = entry
+        path = cache.path(name, (layer.out_features, layer.in_features), dtype, _tp_of(layer))
+        shape = panels.packed_shape(layer.out_features, layer.in_features)
+        packed = cache.lookup(path, shape, dtype, layer.huge_pages)
+        if packed is not None:
+            layer.panels_from_cache = True
         return packed
+
+    @staticmethod
+    def _new_panels(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+        """Unwritten panels for the layer: a new file of the packed weights cache where it is on (the layer's
+        `pending_panels` until `pack` commits it), else memory of the process's own."""
+        entry = vars(layer).get("panel_cache")
+        if entry is not None:
+            cache, name = entry
+            path = cache.path(name, (layer.out_features, layer.in_features), dtype, _tp_of(layer))
+            pending = cache.create(path, panels.packed_shape(layer.out_features, layer.in_features), dtype,
+                                   layer.huge_pages)
+            if pending is not None:
+                layer.pending_panels = pending
+                return pending.tensor
+        return panels.empty_packed(layer.out_features, layer.in_features, dtype, layer.huge_pages)
 
     def packs_shards(self, layer: nn.Module) -> bool:
         """Whether `pack_shard` can take the stacked layer's projections one by one: each but the last starts a
@@ -153,8 +185,12 @@ class PanelLinearMethod(PackedLinearMethod):
         fresh memory, ~1.4 CPU-s, before the repack read it again); `pack` finds the panels filled."""
         packed = vars(layer).get("packed_by_shard")
         if packed is None:
-            packed = layer.packed_by_shard = panels.empty_packed(layer.out_features, layer.in_features,
-                                                                 layer.weight.dtype, layer.huge_pages)
+            packed = self._cached_panels(layer, layer.weight.dtype)
+            if packed is None:
+                packed = self._new_panels(layer, layer.weight.dtype)
+            layer.packed_by_shard = packed
+        if vars(layer).get("panels_from_cache"):
+            return  # the cache's file holds every projection already: nothing of this one is read
         first = first_row // panels.BLOCK
         rows = panels.padded(loaded.shape[0]) // panels.BLOCK
         panels.pack_weight(loaded.to(packed.dtype), out=packed[first:first + rows])
@@ -164,6 +200,15 @@ class PanelLinearMethod(PackedLinearMethod):
 
     def unpack(self, packed: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         return panels.unpack_weight(packed, layer.out_features, layer.in_features)
+
+    def describe(self, layer: nn.Module) -> str:
+        packed = vars(layer).get("packed_weight")
+        return f"{self.name}(cache)" if packed is not None and lies_in_a_file(packed) else self.name
+
+
+def _tp_of(layer: nn.Module) -> tuple[int, int]:
+    """(rank, ranks) of a tensor-parallel layer's slice; (0, 1) for a replicated layer."""
+    return getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1)
 
 
 class AMXLinearMethod(PanelLinearMethod):

@@ -59,6 +59,13 @@ def lies_in_a_file(tensor: torch.Tensor) -> bool:
     return any(base <= ptr < base + len(mapping) for base, mapping in list(_MAPPINGS.items()))
 
 
+def track_mapping(mapping: mmap.mmap, base_ptr: int) -> None:
+    """Count another file mapping (e.g. `fovea.models.packed_cache`'s) in `lies_in_a_file`, while it lives:
+    weights that run from a file's pages are kept out of the KV cache's budget and mapped in after loading
+    (`fovea.worker.model_runner`), wherever the file comes from."""
+    _MAPPINGS[base_ptr] = mapping
+
+
 def _map(f) -> tuple[mmap.mmap, bool]:
     """The file mapped copy-on-write, else (strict overcommit refusing the commit charge) read-only."""
     try:

@@ -35,6 +35,7 @@ from fovea.layers.linear import (LinearBase, copy_checked, no_weight_init, packi
 from fovea.kernels import panels
 from fovea.layers import linear_methods
 from fovea.models.interfaces import check_tensor_parallel
+from fovea.models.packed_cache import PackedWeightsCache
 from fovea.models.quantization import prepare_quantization
 from fovea.models.safetensors_mmap import SafetensorsFile, lies_in_a_file
 
@@ -397,27 +398,34 @@ def huge_page_layers(policy: str) -> Iterator[None]:
         HUGE_PAGE_LAYERS = previous
 
 
-def huge_page_policy(requested: str) -> tuple[str, str]:
-    """What `requested` ("auto", "language_model" or "none") puts on 2 MiB pages on this machine, and why."""
+def huge_page_policy(requested: str, cached: bool = False) -> tuple[str, str]:
+    """What `requested` ("auto", "language_model" or "none") puts on 2 MiB pages on this machine, and why.
+    `cached`: the packed weights go into the packed weights cache's files (`fovea.models.packed_cache`), whose
+    pages outlive the process: "auto" then asks for 2 MiB pages wherever, since only a checkpoint's first start
+    writes them (and every later start maps them, 2 MiB at a time)."""
     if requested not in HUGE_PAGE_POLICIES:
         raise ValueError(f"huge page policy {requested!r}; allowed: {', '.join(map(repr, HUGE_PAGE_POLICIES))}")
     if requested != "auto":
         return requested, "asked for"
+    if cached:
+        return "language_model", ("auto: the packed weights cache keeps them between starts, so only the first "
+                                  "start writes its 2 MiB pages")
     if panels.host_reclaims_free_memory():
         return "none", ("auto: this VM's host takes back the memory it frees (virtio balloon free page reporting), "
                         "so fresh 2 MiB pages fault to it on their first write")
     return "language_model", "auto: fresh 2 MiB pages are ordinary memory here"
 
 
-def place_layers(model: nn.Module) -> None:
+def place_layers(model: nn.Module, cached: bool = False) -> None:
     """Marks each linear layer as the language model's or not, and chooses its packed weights' pages. The layers
     outside a model's language model and `lm_head` (the vision tower, the Q-Former, the projector: what
     `language_model_modules` / `lm_head_module` leave out) get `is_language_model = False`, which
     `fovea.layers.linear_methods.IN_PLACE_LAYERS = "language_model"` reads, and ordinary pages: decode never reads
     them, and their first write costs far less on this project's VMs (`fovea.kernels.panels.empty_packed`). The
-    language model's layers get 2 MiB pages where `huge_page_policy(HUGE_PAGE_LAYERS)` says "language_model". A model that does not say which modules are its language model counts every layer as its
-    language model's."""
-    lm_huge = huge_page_policy(HUGE_PAGE_LAYERS)[0] == "language_model"
+    language model's layers get 2 MiB pages where `huge_page_policy(HUGE_PAGE_LAYERS, cached)` says
+    "language_model" (`cached`: their panels go into the packed weights cache). A model that does not say which
+    modules are its language model counts every layer as its language model's."""
+    lm_huge = huge_page_policy(HUGE_PAGE_LAYERS, cached)[0] == "language_model"
     prefixes = getattr(model, "language_model_modules", None)
     lm_prefixes = tuple(prefix + "." for prefix in prefixes) if prefixes is not None else None
     head = getattr(model, "lm_head_module", None)
@@ -430,14 +438,21 @@ def place_layers(model: nn.Module) -> None:
 
 
 def load_model(model_cls: type[nn.Module], hf_config, model_dir: str | Path, dtype: torch.dtype,
-               quantization: str | None = None, quantize_lm_head: bool = False) -> tuple[nn.Module, int]:
+               quantization: str | None = None, quantize_lm_head: bool = False,
+               packed_cache: PackedWeightsCache | None = None) -> tuple[nn.Module, int]:
     """`build_model`, then fill it from `model_dir` strictly (see `load_weights`), each linear layer's method
     chosen and its weights repacked as soon as they are filled, so that loading holds about one copy of the
     weights, never two. Which layers run int8 (`quantization`, or the checkpoint's own quantization_config) is
-    decided before loading (`fovea.models.quantization`). Returns the model and how many of its linear layers
-    run a packed or int8 method."""
+    decided before loading (`fovea.models.quantization`). `packed_cache`: the checkpoint's entry of the packed
+    weights cache (`fovea.models.packed_cache`), which panel layers map their weights from where it holds them
+    and pack them into where not. Returns the model and how many of its linear layers run a packed or int8
+    method."""
     model = build_model(model_cls, hf_config, dtype)
-    place_layers(model)
+    place_layers(model, cached=packed_cache is not None)
+    if packed_cache is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, LinearBase):
+                module.panel_cache = (packed_cache, name)
     adapt = getattr(model, "adapt_to_checkpoint", None)
     if adapt is not None:  # e.g. T5: an lm_head of its own, or the token table's, as the file has it
         adapt(checkpoint_tensor_names(model_dir))

@@ -36,6 +36,7 @@ from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_output_rows
+from fovea.models.packed_cache import PackedWeightsCache, resolve_root
 from fovea.models.weights import (file_backed_tensors, huge_page_layers, huge_page_policy, in_place_policy,
                                   load_model)
 from fovea.outputs import ModelRunnerOutput
@@ -100,12 +101,17 @@ class ModelRunner:
         policy, why = in_place_policy(config.in_place_weights, config.model, self.dtype)
         logger.info("in-place weights: %r (%s)", policy, why)
         self.in_place_weights = policy
-        self.huge_pages, why = huge_page_policy(config.huge_pages)
+        root = resolve_root(config.packed_weights_cache)
+        self.packed_cache = None if root is None else PackedWeightsCache.open(root, config.model, self.dtype)
+        self.huge_pages, why = huge_page_policy(config.huge_pages, cached=self.packed_cache is not None)
         logger.info("packed weights on 2 MiB pages: %r (%s)", self.huge_pages, why)
         # read as each layer's method and pages are chosen
         with in_place_layers(policy), huge_page_layers(self.huge_pages):
             self.model, self.num_prepacked_linears = load_model(
-                model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head)
+                model_cls, hf_config, config.model, self.dtype, config.quantization, config.quantize_lm_head,
+                packed_cache=self.packed_cache)
+        if self.packed_cache is not None:
+            logger.info("packed weights cache: %s", self.packed_cache.summary())
         # weights that run from the checkpoint's page cache (fovea.layers.linear_methods.BF16RowsLinearMethod):
         # mapped in now, and kept out of the KV cache's budget (determine_num_kv_blocks)
         in_place = file_backed_tensors(self.model)

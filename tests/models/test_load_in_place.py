@@ -337,9 +337,14 @@ def test_the_huge_pages_option_reaches_the_load(checkpoints, huge_pages):
     from fovea.kernels.panels import host_reclaims_free_memory
 
     llm = LLM(str(checkpoints["blip2"]), max_model_len=64, num_kv_blocks=8, in_place_weights="none",
-              huge_pages=huge_pages)
+              huge_pages=huge_pages, packed_weights_cache="off")
     runner = llm.llm_engine.runner
     expected = {"auto": "none" if host_reclaims_free_memory() else "language_model"}.get(huge_pages, huge_pages)
+    if huge_pages == "auto":  # the packed weights cache (on by default) writes the 2 MiB pages once: taken anyway
+        cached = LLM(str(checkpoints["blip2"]), max_model_len=64, num_kv_blocks=8, in_place_weights="none")
+        assert cached.llm_engine.runner.packed_cache is not None
+        assert cached.llm_engine.runner.huge_pages == "language_model"
+        del cached
     assert runner.huge_pages == expected
     layers = linear_layers(runner.model)
     lm = {layer.huge_pages for layer in layers.values() if layer.is_language_model}
@@ -360,7 +365,8 @@ def test_auto_runs_in_place_where_the_file_holds_the_served_dtype(checkpoints, n
 
     monkeypatch.setattr(linear_methods, "AUTO_IN_PLACE_LAYERS", auto)
     expected = auto if in_file else "none"
-    llm = LLM(str(checkpoints[name]), dtype=dtype, max_model_len=64, num_kv_blocks=8)
+    # the packed weights cache off: its mapped panels would count as file-backed weights too
+    llm = LLM(str(checkpoints[name]), dtype=dtype, max_model_len=64, num_kv_blocks=8, packed_weights_cache="off")
     runner = llm.llm_engine.runner
     assert runner.in_place_weights == expected
     rows = {layer.is_language_model for layer in linear_layers(runner.model).values()

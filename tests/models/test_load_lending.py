@@ -131,39 +131,50 @@ from fovea.models.registry import resolve_model_class
 from fovea.models.weights import huge_page_layers, load_model
 from tests.memory_maps import advised_huge
 
-ckpt, policy = sys.argv[1:3]
+ckpt, policy, cache_dir = sys.argv[1:4]
 config = transformers.AutoConfig.from_pretrained(ckpt)
+cache = None
+if cache_dir != "off":  # the panels packed into the packed weights cache's files, and run from them
+    from fovea.models.packed_cache import PackedWeightsCache
+    cache = PackedWeightsCache.open(cache_dir, ckpt, torch.bfloat16)
 # every layer packs its panels (the float32 file is converted anyway)
 with in_place_layers("none"), huge_page_layers(policy):
-    model, _ = load_model(resolve_model_class(config.architectures), config, ckpt, torch.bfloat16)
+    model, _ = load_model(resolve_model_class(config.architectures), config, ckpt, torch.bfloat16,
+                          packed_cache=cache)
 layers = {name: m for name, m in model.named_modules() if isinstance(m, LinearBase)}
 packed = {name: m.packed_weight for name, m in layers.items() if isinstance(m.method, PanelLinearMethod)}
 names = ["vision_model.encoder.layers.0.mlp.fc1", "language_model.model.decoder.layers.0.fc1",
          "language_model.model.decoder.layers.0.self_attn.qkv_proj"]
+from fovea.models.safetensors_mmap import lies_in_a_file
 print(json.dumps({"huge_pages": {name: m.huge_pages for name, m in layers.items()},
+                  "in_cache": sorted({lies_in_a_file(t) for t in packed.values()}),
                   "advised": {name: advised_huge(packed[name]) for name in names if name in packed},
                   "nbytes": {name: packed[name].nbytes for name in names if name in packed}}))
 """
 
 
-@pytest.mark.parametrize("policy", ["language_model", "none"])
-def test_the_language_model_packs_onto_the_pages_asked_for_and_the_encoders_onto_small_ones(tmp_path, policy):
+@pytest.mark.parametrize("policy,cached", [("language_model", False), ("none", False), ("auto", True),
+                                           ("none", True)])
+def test_the_language_model_packs_onto_the_pages_asked_for_and_the_encoders_onto_small_ones(tmp_path, policy,
+                                                                                           cached):
     """Decode streams the language model's packed weights: 2 MiB pages under "language_model" (`fovea.models.
     weights.HUGE_PAGE_LAYERS`), ordinary ones under "none"; the vision tower and the projector run over many rows
     at once and always load onto ordinary pages, whose first write costs less on a VM whose host takes free memory
     back (`fovea.kernels.panels.empty_packed`). In a fresh process: in a long one, the allocator may hand out memory
-    from a range an earlier allocation had advised."""
+    from a range an earlier allocation had advised. The same for the packed weights cache's file mappings, where
+    "auto" means 2 MiB pages for the language model on any host (`huge_page_policy(..., cached=True)`)."""
     import json
     import subprocess
     import sys
 
     # wide enough that each packed weight spans a whole 2 MiB page (4 MiB of bfloat16)
     ckpt = build_tiny_blip2(tmp_path / "wide", vision_hidden=1024, text_hidden=1024, num_layers=1)
-    result = subprocess.run([sys.executable, "-c", _HUGE_PAGES_CHILD, str(ckpt), policy], capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, "-c", _HUGE_PAGES_CHILD, str(ckpt), policy,
+                             str(tmp_path / "cache") if cached else "off"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
-    huge_lm = policy == "language_model"
+    huge_lm = policy == "language_model" or (policy == "auto" and cached)
+    assert seen["in_cache"] == [cached]
     for name, huge in seen["huge_pages"].items():
         assert huge == (huge_lm and name.startswith(("language_model.model.", "language_model.lm_head"))), name
     if not seen["advised"]:
@@ -181,6 +192,9 @@ def test_auto_asks_for_huge_pages_unless_the_host_takes_freed_memory_back(monkey
     monkeypatch.setattr(panels, "host_reclaims_free_memory", lambda: reclaims)
     auto = "none" if reclaims else "language_model"
     assert weights.huge_page_policy("auto")[0] == auto
+    # the packed weights cache writes its 2 MiB pages once, whatever the host: every later start maps them
+    assert weights.huge_page_policy("auto", cached=True)[0] == "language_model"
+    assert weights.huge_page_policy("none", cached=True)[0] == "none"
     for policy in weights.HUGE_PAGE_POLICIES:
         model = nn.ModuleDict({"language_model": Linear(8, 8), "vision": Linear(8, 8)})
         model.language_model_modules = ["language_model"]

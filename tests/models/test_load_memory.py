@@ -22,7 +22,7 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from fovea.kernels import rows_linear
+from fovea.kernels import bf16_linear, rows_linear
 from fovea.kernels.runtime import cpu_has_amx
 from fovea.layers.linear import onednn_linear_available
 from tests.oracle.tokenizer import build_tokenizer
@@ -67,7 +67,17 @@ with open("/proc/self/clear_refs", "w") as f:
 before = status_bytes("VmRSS")
 anon_before = status_bytes("RssAnon")
 file_backed = 0
-if sys.argv[2] == "engine":
+if sys.argv[2].startswith("cache"):  # every layer packs its panels, into the packed weights cache's files
+    fovea.layers.linear_methods.IN_PLACE_LAYERS = "none"
+    from fovea.models.packed_cache import FLUSHER, PackedWeightsCache
+    from fovea.models.weights import file_backed_bytes
+    cache = PackedWeightsCache.open(sys.argv[3], model_dir, torch.bfloat16)
+    model, num_packed = load_model(model_cls, config, model_dir, torch.bfloat16, packed_cache=cache)
+    FLUSHER.drain()
+    file_backed = file_backed_bytes(model)
+    assert (cache.num_mapped, cache.num_written) == ((num_packed, 0) if sys.argv[2] == "cache_warm" else
+                                                     (0, num_packed)), cache.summary()
+elif sys.argv[2] == "engine":
     from fovea import LLM
     llm = LLM(model_dir, dtype="bfloat16", max_model_len=256, num_threads=2)
     num_packed = llm.llm_engine.runner.num_prepacked_linears
@@ -102,9 +112,9 @@ def checkpoint(tmp_path_factory) -> Path:
     return out
 
 
-def run_child(checkpoint: Path, mode: str) -> dict:
+def run_child(checkpoint: Path, mode: str, *extra: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), mode],
+    result = subprocess.run([sys.executable, "-c", _CHILD, str(checkpoint), mode, *extra],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -135,3 +145,21 @@ def test_loading_in_place_copies_next_to_nothing(checkpoint):
     assert figures["file_backed"] >= 0.9 * file_bytes  # every linear layer; the token embedding is copied
     assert figures["anon_growth"] < MAX_IN_PLACE_GROWTH * file_bytes, figures
     assert figures["peak"] - figures["before"] < MAX_IN_PLACE_GROWTH * file_bytes, figures
+
+
+def test_the_packed_weights_cache_holds_one_copy_and_a_warm_start_copies_nothing(checkpoint, tmp_path):
+    """`fovea.models.packed_cache`: the first load packs every layer into the cache's files (their page-cache
+    pages are the weights, each layer's shared mapping of them dropped once packed: the resident set stays
+    within 1.15x the file); the next load maps them and writes next to nothing (the token embedding, biases), as
+    the in-place load."""
+    if not (bf16_linear.available() or cpu_has_amx()):
+        pytest.skip("the panel kernels need a CPU with AVX-512 BF16 or AMX")
+    file_bytes = (checkpoint / "model.safetensors").stat().st_size
+    cold = run_child(checkpoint, "cache_cold", str(tmp_path))
+    assert cold["num_packed"] > 0
+    assert cold["peak"] - cold["before"] <= MAX_GROWTH * file_bytes, cold
+    assert cold["file_backed"] >= 0.9 * file_bytes  # every linear layer; the token embedding is not one
+    warm = run_child(checkpoint, "cache_warm", str(tmp_path))
+    assert warm["file_backed"] == cold["file_backed"]
+    assert warm["anon_growth"] < MAX_IN_PLACE_GROWTH * file_bytes, warm
+    assert warm["peak"] - warm["before"] < MAX_IN_PLACE_GROWTH * file_bytes, warm
