@@ -78,6 +78,19 @@ def resolve_root(requested: str | None) -> Path | None:
     return Path(requested).expanduser()
 
 
+def open_cache(requested: str | None, model_dir: str | Path, dtype: torch.dtype) -> "PackedWeightsCache | None":
+    """The checkpoint's entry of the cache `requested` names (`resolve_root`), or None where it is off or its
+    directory cannot be made or written (a warning: the engine then packs in memory, as with "off")."""
+    root = resolve_root(requested)
+    if root is None:
+        return None
+    try:
+        return PackedWeightsCache.open(root, model_dir, dtype)
+    except OSError as e:
+        logger.warning("packed weights cache: cannot use %s (%s); packing in memory instead", root, e)
+        return None
+
+
 def _checkpoint_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 

@@ -36,7 +36,7 @@ from fovea.lora.layers import lora_context
 from fovea.lora.manager import LoRAManager
 from fovea.lora.request import LoRARequest
 from fovea.models.interfaces import is_encoder_decoder, supports_output_rows
-from fovea.models.packed_cache import PackedWeightsCache, resolve_root
+from fovea.models.packed_cache import open_cache
 from fovea.models.weights import (file_backed_tensors, huge_page_layers, huge_page_policy, in_place_policy,
                                   load_model)
 from fovea.outputs import ModelRunnerOutput
@@ -101,8 +101,7 @@ class ModelRunner:
         policy, why = in_place_policy(config.in_place_weights, config.model, self.dtype)
         logger.info("in-place weights: %r (%s)", policy, why)
         self.in_place_weights = policy
-        root = resolve_root(config.packed_weights_cache)
-        self.packed_cache = None if root is None else PackedWeightsCache.open(root, config.model, self.dtype)
+        self.packed_cache = open_cache(config.packed_weights_cache, config.model, self.dtype)
         self.huge_pages, why = huge_page_policy(config.huge_pages, cached=self.packed_cache is not None)
         logger.info("packed weights on 2 MiB pages: %r (%s)", self.huge_pages, why)
         # read as each layer's method and pages are chosen

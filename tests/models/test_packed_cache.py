@@ -219,6 +219,22 @@ def test_the_engine_option(checkpoints, tmp_path):
         LLM(model_dir, packed_weights_cache="")
 
 
+def test_a_cache_directory_that_cannot_be_made_packs_in_memory(checkpoints, tmp_path, caplog):
+    from fovea import LLM, SamplingParams
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with caplog.at_level("WARNING", logger="fovea.models.packed_cache"):
+        llm = LLM(str(checkpoints["qwen2"]), dtype="bfloat16", max_model_len=64, num_kv_blocks=16,
+                  in_place_weights="none", packed_weights_cache=str(blocker / "cache"))
+    runner = llm.llm_engine.runner
+    assert runner.packed_cache is None and runner.file_backed_weight_bytes == 0
+    assert any(f"cannot use {blocker / 'cache'}" in r.getMessage() and "packing in memory instead" in r.getMessage()
+               for r in caplog.records)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    assert len(llm.generate(["one two"], params, use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
 def test_auto_is_under_fovea_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("FOVEA_CACHE_DIR", str(tmp_path))
     assert packed_cache.resolve_root("auto") == tmp_path / "packed-weights"
