@@ -36,6 +36,7 @@ import atexit
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import queue
@@ -232,9 +233,7 @@ class PackedWeightsCache:
 
     def lookup(self, path: Path, shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool) -> torch.Tensor | None:
         """The panels in `path` (copy-on-write), or None where there is no complete file of exactly their size."""
-        numel = 1
-        for dim in shape:
-            numel *= dim
+        numel = math.prod(shape)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -252,9 +251,7 @@ class PackedWeightsCache:
     def create(self, path: Path, shape: tuple[int, ...], dtype: torch.dtype, huge_pages: bool) -> PendingPanels | None:
         """A new file for `path`'s panels under a temporary name, mapped shared and writable; None (and one
         warning) where the disk has no room for it or the directory cannot be written."""
-        numel = 1
-        for dim in shape:
-            numel *= dim
+        numel = math.prod(shape)
         nbytes = numel * dtype.itemsize
         tmp = path.with_name(f"{path.name}{_TMP}{os.getpid()}-{threading.get_ident()}")
         try:
