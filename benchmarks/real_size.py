@@ -25,7 +25,9 @@ layers run from the checkpoint's pages instead of packed panels), each a column 
 language_model none` once per `EngineConfig.huge_pages` value (a column `fovea[pages=value]`; with --in-place,
 once per pair); `--packed-cache cold warm` once per state of fovea's packed weights cache (`fovea.models.packed_cache`,
 under FOVEA_CACHE_DIR): `cold` empties it first (the first start of a checkpoint), `warm` finds what the run
-before packed (every later start), `off` packs in memory.
+before packed (every later start), `off` packs in memory. Before any engine runs, the checkpoint's files are read
+once into the page cache, and so are the files of fovea's packed weights cache entry for it where one exists: no
+engine's load measures the disk.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +76,30 @@ def run_engine(python: str, engine: str, model_dir: Path, args) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     return {"error": f"no result line in the child's output: {result.stdout.strip()[-300:]!r}"}
+
+
+def warm_packed_cache(model_dir: Path) -> None:
+    """fovea's packed weights cache entry of this checkpoint (what a later start maps instead of packing), where an
+    earlier run left one, brought into the page cache as an engine that wrote it leaves it: each file's pages
+    dropped first (posix_fadvise DONTNEED: a plain read() brings a file back in small folios, which the kernel then
+    maps 4 KiB at a time, and which stay so until evicted), then mapped with MADV_HUGEPAGE and populated, so the
+    read-ahead takes 2 MiB folios, as `fovea.models.packed_cache` maps the language model's files."""
+    import mmap
+
+    import torch
+
+    from fovea.models.packed_cache import checkpoint_key, default_root
+    from fovea.worker.memory import make_resident
+
+    entry = default_root() / checkpoint_key(model_dir, torch.bfloat16)
+    for path in sorted(entry.glob("*.panels")):
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                make_resident([torch.frombuffer(mapping, dtype=torch.uint8)])
 
 
 def cpu_name() -> str:
@@ -116,10 +143,12 @@ def main() -> None:
 
     model_dir = checkpoint(args.model)
     file_bytes = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    for path in sorted(model_dir.glob("*.safetensors")):  # warm the page cache: no engine measures the disk
+    # warm the page cache: no engine measures the disk
+    for path in sorted(model_dir.glob("*.safetensors")):
         with open(path, "rb") as f:
             while f.read(1 << 26):
                 pass
+    warm_packed_cache(model_dir)
     engines = list(dict.fromkeys(args.engines + args.peers))
     if (args.in_place or args.huge_pages or args.packed_cache) and "fovea" in engines:
         at = engines.index("fovea")
