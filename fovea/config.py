@@ -108,10 +108,11 @@ class EngineConfig:
     packed_weights_cache: str = "auto"
     """Where the packed weights of each checkpoint are kept between starts (`fovea.models.packed_cache`): the
     first start packs each bfloat16 panel layer into a file there and runs from its pages; every later start of
-    the same checkpoint maps the files instead of packing (BLIP-2 OPT-2.7b: README "Packed weights kept between
-    starts"). "auto": `$FOVEA_CACHE_DIR/packed-weights`, else `~/.cache/fovea/packed-weights`; "off": pack in
-    memory at every start; any other value is the directory. An entry takes about the language model's size on
-    disk and is deleted once its checkpoint is gone or changed."""
+    the same checkpoint maps the files instead of packing (BLIP-2 OPT-2.7b: 2.1 s instead of 9 s, transformers
+    2.2; README "Weights that run from the checkpoint's pages", session 17). "auto": `$FOVEA_CACHE_DIR/packed-weights`,
+    else `$XDG_CACHE_HOME/fovea/packed-weights`, else `~/.cache/fovea/packed-weights`; "off": pack in memory at every
+    start; any other value is the directory (one that cannot be made or written: a warning, and packing in memory).
+    An entry takes about the packed layers' size on disk and is deleted once its checkpoint is gone or changed."""
     quantization: str | None = None
     """None: the checkpoint as it is (int8 if its config.json has a compressed-tensors quantization_config).
     "int8": the language model's linear layers quantized at load to int8 per output channel (weight-only); the
