@@ -13,7 +13,9 @@ safetensors file's name, size, modification time and inode, the dtype and `LAYOU
 layer, `<layer name>.<out>x<in>.<dtype>.tp<rank>of<size>.panels`, holding exactly the packed tensor's bytes, and
 `meta.json` (which checkpoint). A checkpoint rewritten (new size, time or inode) gets a new key; an entry whose
 checkpoint is gone or changed is deleted the next time any checkpoint opens the cache, as are files a process
-that died left half written.
+that died left half written. The key is the files' metadata, not their content (hashing a 7.5 GB checkpoint would
+cost more than packing it): a checkpoint rewritten in place with the same size, modification time and inode would
+be served from panels of the old weights (`packed_weights_cache="off"`, or deleting the entry, avoids it).
 
 A file is packed under a temporary name through a shared mapping (space reserved first: a full disk means the
 layer is packed in memory as before, with one warning), then the layer maps it copy-on-write (a write into a
