@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,11 @@ from fovea import kernels
 from fovea.kernels import amx_linear, bf16_linear, panels, rows_linear
 from fovea.kernels.runtime import cpu_has_amx
 from fovea.models.safetensors_mmap import lies_in_a_file
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fovea.models.packed_cache import PackedWeightsCache
 
 
 class LinearMethod:
@@ -139,37 +145,37 @@ class PanelLinearMethod(PackedLinearMethod):
             packed = self._cached_panels(layer, weight.dtype)
         if packed is None:
             packed = self.pack_panels(weight, self._new_panels(layer, weight.dtype))
+        vars(layer).pop("panels_from_cache", None)
         pending = vars(layer).pop("pending_panels", None)
         return packed if pending is None else pending.commit()
 
     @staticmethod
-    def _cached_panels(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
-        """The layer's panels mapped from the packed weights cache (`fovea.models.packed_cache`), if it holds them
-        (`layer.panel_cache`: set by `fovea.models.weights.load_model` where the cache is on)."""
+    def _cache_file(layer: nn.Module, dtype: torch.dtype) -> tuple[PackedWeightsCache, Path, tuple[int, ...]] | None:
+        """(cache, file, packed shape) of the layer's panels in the packed weights cache (`fovea.models.
+        packed_cache`), where it is on for the layer (`layer.panel_cache`: set by `fovea.models.weights.load_model`)."""
         entry = vars(layer).get("panel_cache")
         if entry is None:
             return None
         cache, name = entry
         path = cache.path(name, (layer.out_features, layer.in_features), dtype, _tp_of(layer))
-        shape = panels.packed_shape(layer.out_features, layer.in_features)
-        packed = cache.lookup(path, shape, dtype, layer.huge_pages)
+        return cache, path, panels.packed_shape(layer.out_features, layer.in_features)
+
+    def _cached_panels(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+        """The layer's panels mapped from the packed weights cache, if it holds them."""
+        file = self._cache_file(layer, dtype)
+        packed = None if file is None else file[0].lookup(file[1], file[2], dtype, layer.huge_pages)
         if packed is not None:
             layer.panels_from_cache = True
         return packed
 
-    @staticmethod
-    def _new_panels(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    def _new_panels(self, layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         """Unwritten panels for the layer: a new file of the packed weights cache where it is on (the layer's
         `pending_panels` until `pack` commits it), else memory of the process's own."""
-        entry = vars(layer).get("panel_cache")
-        if entry is not None:
-            cache, name = entry
-            path = cache.path(name, (layer.out_features, layer.in_features), dtype, _tp_of(layer))
-            pending = cache.create(path, panels.packed_shape(layer.out_features, layer.in_features), dtype,
-                                   layer.huge_pages)
-            if pending is not None:
-                layer.pending_panels = pending
-                return pending.tensor
+        file = self._cache_file(layer, dtype)
+        pending = None if file is None else file[0].create(file[1], file[2], dtype, layer.huge_pages)
+        if pending is not None:
+            layer.pending_panels = pending
+            return pending.tensor
         return panels.empty_packed(layer.out_features, layer.in_features, dtype, layer.huge_pages)
 
     def packs_shards(self, layer: nn.Module) -> bool:

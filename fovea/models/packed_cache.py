@@ -35,6 +35,7 @@ on any x86 host); oneDNN's opaque layout and the int8 codes are packed in memory
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -51,6 +52,7 @@ from pathlib import Path
 import torch
 
 from fovea.models.safetensors_mmap import track_mapping
+from fovea.models.weights import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +96,11 @@ def open_cache(requested: str | None, model_dir: str | Path, dtype: torch.dtype)
         return None
 
 
-def _checkpoint_files(model_dir: Path) -> list[Path]:
-    return sorted(model_dir.glob("*.safetensors"))
-
-
 def checkpoint_key(model_dir: str | Path, dtype: torch.dtype) -> str:
     """The digest naming a checkpoint's entry (see the module docstring)."""
     model_dir = Path(model_dir).resolve()
     files = []
-    for path in _checkpoint_files(model_dir):
+    for path in safetensors_files(model_dir):  # the files the loader reads (ValueError where it would refuse)
         st = path.stat()
         files.append([path.name, st.st_size, st.st_mtime_ns, st.st_ino])
     blob = json.dumps({"layout": LAYOUT_VERSION, "dir": str(model_dir), "files": files, "dtype": str(dtype)})
@@ -158,19 +156,11 @@ class _Flusher:
                 os.rename(tmp, final)
             except OSError as e:
                 logger.warning("packed weights cache: could not keep %s (%s)", final.name, e)
-                with _suppress():
+                with contextlib.suppress(OSError):
                     tmp.unlink()
             finally:
                 os.close(fd)
                 self._queue.task_done()
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 FLUSHER = _Flusher()
@@ -205,7 +195,6 @@ class PackedWeightsCache:
     """The entry of one checkpoint (`open`): `lookup` maps a layer's panels from it, `create` starts a new file."""
 
     directory: Path
-    model_dir: Path
     num_mapped: int = 0
     bytes_mapped: int = 0
     num_written: int = 0
@@ -226,7 +215,7 @@ class PackedWeightsCache:
             tmp = directory / f"meta.json{_TMP}{os.getpid()}"
             tmp.write_text(json.dumps({"model": str(model_dir), "dtype": str(dtype), "layout": LAYOUT_VERSION}))
             tmp.rename(meta)
-        return cls(directory, model_dir)
+        return cls(directory)
 
     def path(self, layer_name: str, shape: tuple[int, int], dtype: torch.dtype, tp: tuple[int, int]) -> Path:
         out_features, in_features = shape
@@ -266,7 +255,7 @@ class PackedWeightsCache:
             tensor = _map_tensor(fd, numel, dtype, mmap.ACCESS_WRITE, huge_pages).view(shape)
         except OSError as e:
             os.close(fd)
-            with _suppress():
+            with contextlib.suppress(OSError):
                 tmp.unlink()
             self._warn(f"no room for {nbytes / 1e6:.0f} MB in {self.directory} ({e})")
             return None
@@ -286,6 +275,21 @@ def _is_key(name: str) -> bool:
     return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
 
 
+def _is_stale(entry: Path) -> bool:
+    """Whether the checkpoint `entry/meta.json` names is gone or has changed (its key is no longer the entry's
+    name). An entry without a readable meta.json is not: another process may be making it now."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        model_dir = Path(meta["model"])
+        dtype = getattr(torch, str(meta["dtype"]).removeprefix("torch."))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    try:
+        return not model_dir.is_dir() or checkpoint_key(model_dir, dtype) != entry.name
+    except (OSError, ValueError):  # its files are gone, or the loader would refuse them
+        return True
+
+
 def prune(root: Path, keep: str | None = None) -> list[Path]:
     """Delete the entries under `root` whose checkpoint is gone or has changed since (its key differs), and the
     temporary files of processes no longer alive. Only directories named as entries are (32 hex digits, with a
@@ -296,22 +300,14 @@ def prune(root: Path, keep: str | None = None) -> list[Path]:
             continue
         if not _is_key(entry.name):
             continue  # not an entry of ours: never touched
-        if entry.name != keep:
-            try:
-                meta = json.loads((entry / "meta.json").read_text())
-                model_dir = Path(meta["model"])
-                dtype = getattr(torch, str(meta["dtype"]).removeprefix("torch."))
-                stale = not model_dir.is_dir() or checkpoint_key(model_dir, dtype) != entry.name
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                stale = False  # no readable meta.json yet: another process may be making the entry now
-            if stale:
-                shutil.rmtree(entry, ignore_errors=True)
-                deleted.append(entry)
-                continue
+        if entry.name != keep and _is_stale(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+            deleted.append(entry)
+            continue
         for tmp in entry.glob(f"*{_TMP}*"):
             pid = tmp.name.rsplit(_TMP, 1)[1].split("-")[0]
             if pid.isdigit() and not _process_alive(int(pid)):
-                with _suppress():
+                with contextlib.suppress(OSError):
                     tmp.unlink()
                     deleted.append(tmp)
     return deleted

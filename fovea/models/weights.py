@@ -24,6 +24,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,9 +36,11 @@ from fovea.layers.linear import (LinearBase, copy_checked, no_weight_init, packi
 from fovea.kernels import panels
 from fovea.layers import linear_methods
 from fovea.models.interfaces import check_tensor_parallel
-from fovea.models.packed_cache import PackedWeightsCache
 from fovea.models.quantization import prepare_quantization
 from fovea.models.safetensors_mmap import SafetensorsFile, lies_in_a_file
+
+if TYPE_CHECKING:  # packed_cache reads the checkpoint's files through this module
+    from fovea.models.packed_cache import PackedWeightsCache
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
